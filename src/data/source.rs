@@ -1,0 +1,422 @@
+//! Reading data into Polars DataFrames: local files and globs (parquet, jsonl/ndjson, json, csv,
+//! tsv, plain text), nested JSON records (SQuAD), and Hub datasets through a local mirror folder
+//! (`<mirror>/<org>/<name>/...` or a `mirror.toml` index) or the hub cache.
+
+use anyhow::{anyhow, bail, Context, Result};
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::recipe::{Recipe, SourceSpec};
+
+/// How to read a file, beyond what its extension says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadOptions {
+    /// `parquet`, `jsonl`/`ndjson`, `json`, `csv`, `tsv`, `text` (the whole file is one `text` row)
+    /// or `paragraphs` (one `text` row per blank-line-separated paragraph); default: the extension.
+    pub file_type: Option<String>,
+    /// csv/tsv: the field delimiter (one character; default `,`, or tab for tsv).
+    pub delimiter: Option<String>,
+    /// csv/tsv: the quote character (default `"`; empty for none).
+    pub quote: Option<String>,
+    /// csv/tsv: `utf8` (invalid bytes are an error) or `utf8-lossy` (replaced).
+    pub encoding: Option<String>,
+    /// csv/tsv: whether the first line names the columns (else column_1, column_2, ...).
+    pub has_header: bool,
+    /// json: the path of nested record arrays to flatten (SQuAD: `data/paragraphs/qas`); each
+    /// record gets the fields of its parents.
+    pub records: Option<String>,
+    /// Columns renamed after reading (old = new).
+    pub rename: BTreeMap<String, String>,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self {
+            file_type: None,
+            delimiter: None,
+            quote: None,
+            encoding: None,
+            has_header: true,
+            records: None,
+            rename: BTreeMap::new(),
+        }
+    }
+}
+
+/// The files of a dataset and how to read them.
+#[derive(Debug, Clone)]
+pub struct DatasetFiles {
+    pub files: Vec<PathBuf>,
+    pub options: ReadOptions,
+}
+
+/// The frame of one file, with the file for messages.
+pub struct SourceFrame {
+    pub file: PathBuf,
+    pub frame: DataFrame,
+}
+
+/// The mirror folder: the recipe's `[data] mirror`, else FEINSCHLIFF_MIRROR.
+pub fn mirror_dir(configured: Option<PathBuf>) -> Option<PathBuf> {
+    configured.or_else(|| std::env::var_os("FEINSCHLIFF_MIRROR").map(PathBuf::from))
+}
+
+/// Reads every file of a recipe source.
+pub fn read(recipe: &Recipe, spec: &SourceSpec) -> Result<Vec<SourceFrame>> {
+    let options = spec.read_options();
+    let resolved = if let Some(hub) = &spec.hub {
+        let mirror = mirror_dir(recipe.data.mirror.as_ref().map(|m| recipe.resolve(m)));
+        let split = spec.split.as_deref().unwrap_or("train");
+        hub_files(
+            hub,
+            spec.config.as_deref(),
+            split,
+            spec.revision.as_deref(),
+            mirror.as_deref(),
+            options,
+        )?
+    } else {
+        let pattern = spec.path.as_deref().context("source without path")?;
+        let files = expand(&recipe.resolve(pattern)).map_err(|e| {
+            anyhow!(
+                "recipe {}: data source `{pattern}`: {e}",
+                recipe.source.display()
+            )
+        })?;
+        DatasetFiles { files, options }
+    };
+    resolved
+        .files
+        .into_iter()
+        .map(|file| {
+            Ok(SourceFrame {
+                frame: read_file(&file, &resolved.options)?,
+                file,
+            })
+        })
+        .collect()
+}
+
+/// A path, or the sorted files a glob matches.
+pub fn expand(full: &Path) -> Result<Vec<PathBuf>> {
+    let full_str = full.to_string_lossy().to_string();
+    if !full_str.contains(['*', '?', '[']) {
+        if !full.exists() {
+            bail!(
+                "{} does not exist (relative paths are read from the recipe's or suite's folder)",
+                full.display()
+            );
+        }
+        return Ok(vec![full.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = glob::glob(&full_str)
+        .map_err(|e| anyhow!("bad glob `{full_str}`: {e}"))?
+        .filter_map(Result::ok)
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("glob `{full_str}` matches no file");
+    }
+    Ok(files)
+}
+
+/// The files of split `split` (and `config`) of Hub dataset `repo_id`: from the mirror when it
+/// has them, else from the Hub's parquet conversion (cache first; HF_HUB_OFFLINE keeps to it).
+pub fn hub_files(
+    repo_id: &str,
+    config: Option<&str>,
+    split: &str,
+    revision: Option<&str>,
+    mirror: Option<&Path>,
+    options: ReadOptions,
+) -> Result<DatasetFiles> {
+    let (org, name) = crate::hub::split_repo_id(repo_id)?;
+    if let Some(mirror) = mirror {
+        if let Some(found) = mirror_index(mirror, repo_id, config, split)? {
+            return Ok(found);
+        }
+        let root = mirror.join(org).join(name);
+        if root.is_dir() {
+            let files = split_files(&root, Some(config.unwrap_or("default")), split)?;
+            if files.is_empty() {
+                bail!(
+                    "mirror {} has no files for split `{split}`{}; expected e.g. {}/{split}.jsonl or {}/{}/{split}/*.parquet",
+                    root.display(),
+                    config.map(|c| format!(" of config `{c}`")).unwrap_or_default(),
+                    root.display(),
+                    root.display(),
+                    config.unwrap_or("default")
+                );
+            }
+            return Ok(DatasetFiles { files, options });
+        }
+        if crate::hub::offline() {
+            bail!("dataset {repo_id} is not in the mirror {} (no {} and no entry in its mirror.toml) and HF_HUB_OFFLINE is set", mirror.display(), root.display());
+        }
+    }
+    let config = config.unwrap_or("default");
+    let dir = crate::hub::dataset_snapshot(repo_id, config, split, revision)?;
+    let files = split_files(&dir, Some(config), split)?;
+    if files.is_empty() {
+        bail!("dataset {repo_id} has no files for config `{config}`, split `{split}`");
+    }
+    Ok(DatasetFiles { files, options })
+}
+
+/// One entry of a mirror's `mirror.toml`: the local files (and how to read them into the Hub
+/// dataset's columns) that stand for a dataset split.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorEntry {
+    repo: String,
+    #[serde(default)]
+    config: Option<String>,
+    split: String,
+    /// Paths relative to the mirror folder.
+    files: Vec<String>,
+    #[serde(default)]
+    read: ReadOptions,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorIndex {
+    #[serde(default)]
+    dataset: Vec<MirrorEntry>,
+}
+
+/// What `<mirror>/mirror.toml` maps a dataset split to, if it lists it; listed files that do not
+/// exist are an error naming them.
+fn mirror_index(
+    mirror: &Path,
+    repo_id: &str,
+    config: Option<&str>,
+    split: &str,
+) -> Result<Option<DatasetFiles>> {
+    let index = mirror.join("mirror.toml");
+    if !index.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let parsed: MirrorIndex =
+        toml::from_str(&text).map_err(|e| anyhow!("mirror index {}: {e}", index.display()))?;
+    let Some(entry) = parsed.dataset.into_iter().find(|d| {
+        d.repo == repo_id && d.split == split && (config.is_none() || d.config.as_deref() == config)
+    }) else {
+        return Ok(None);
+    };
+    let files: Vec<PathBuf> = entry.files.iter().map(|f| mirror.join(f)).collect();
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        bail!(
+            "mirror index {} maps {repo_id} split `{split}` to {}, which does not exist",
+            index.display(),
+            missing.display()
+        );
+    }
+    Ok(Some(DatasetFiles {
+        files,
+        options: entry.read,
+    }))
+}
+
+/// Data file extensions the readers know.
+const DATA_EXTENSIONS: &[&str] = &["parquet", "jsonl", "ndjson", "json", "csv", "tsv"];
+
+/// The files of a split in a dataset folder, trying the layouts datasets use, first match wins:
+/// `<config>/<split>/*`, `<config>/<split>.*`, `<config>/<split>-*`, `<split>/*`, `<split>.*`,
+/// `<split>-*`, `data/<split>-*`, `data/<split>.*`.
+pub fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    let mut patterns = Vec::new();
+    if let Some(c) = config {
+        patterns.extend([
+            format!("{c}/{split}/*"),
+            format!("{c}/{split}.*"),
+            format!("{c}/{split}-*"),
+        ]);
+    }
+    patterns.extend([
+        format!("{split}/*"),
+        format!("{split}.*"),
+        format!("{split}-*"),
+        format!("data/{split}-*"),
+        format!("data/{split}.*"),
+    ]);
+    for p in patterns {
+        let full = root.join(&p);
+        let mut files: Vec<PathBuf> = glob::glob(&full.to_string_lossy())
+            .with_context(|| format!("bad pattern {p}"))?
+            .filter_map(Result::ok)
+            .filter(|f| {
+                f.is_file()
+                    && f.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| DATA_EXTENSIONS.contains(&e))
+            })
+            .collect();
+        if !files.is_empty() {
+            files.sort();
+            return Ok(files);
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Reads one file with the reader its type calls for, then renames columns.
+pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
+    let kind = match &options.file_type {
+        Some(t) => t.to_lowercase(),
+        None => path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_lowercase(),
+    };
+    let open =
+        || std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
+    let mut df = match kind.as_str() {
+        _ if options.records.is_some() => nested_records(path, options.records.as_deref().unwrap_or_default())?,
+        // Schemas are inferred from every row: a field that only late rows have must not vanish.
+        "jsonl" | "ndjson" => read_json(open()?, JsonFormat::JsonLines).map_err(|e| explain(path, e))?,
+        "json" => read_json(open()?, JsonFormat::Json).map_err(|e| explain(path, e))?,
+        "parquet" => ParquetReader::new(open()?).finish().map_err(|e| explain(path, e))?,
+        "csv" | "tsv" => read_csv(path, options, kind == "tsv")?,
+        "text" | "paragraphs" => {
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {} as UTF-8 text: {e}", path.display()))?;
+            let rows: Vec<String> = if kind == "text" {
+                vec![text]
+            } else {
+                text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect()
+            };
+            df!("text" => rows)?
+        }
+        other => bail!(
+            "{}: unsupported file type `{other}`; use .parquet, .jsonl, .ndjson, .json, .csv or .tsv (or set file_type)",
+            path.display()
+        ),
+    };
+    for (old, new) in &options.rename {
+        df.rename(old, new.as_str().into()).map_err(|_| {
+            anyhow!(
+                "{}: cannot rename column `{old}`: it does not exist",
+                path.display()
+            )
+        })?;
+    }
+    Ok(df)
+}
+
+/// JSON or JSON lines, with the schema inferred from every row (a field only late rows have must
+/// not vanish).
+fn read_json<R: polars::io::mmap::MmapBytesReader>(
+    reader: R,
+    format: JsonFormat,
+) -> PolarsResult<DataFrame> {
+    JsonReader::new(reader)
+        .with_json_format(format)
+        .infer_schema_len(None)
+        .finish()
+}
+
+fn read_csv(path: &Path, options: &ReadOptions, tsv: bool) -> Result<DataFrame> {
+    let one_byte = |key: &str, v: &str| -> Result<Option<u8>> {
+        match v.as_bytes() {
+            [] => Ok(None),
+            [b] => Ok(Some(*b)),
+            _ if v == "\\t" => Ok(Some(b'\t')),
+            _ => bail!(
+                "{}: `{key}` must be a single ASCII character, got `{v}`",
+                path.display()
+            ),
+        }
+    };
+    let delimiter = match &options.delimiter {
+        Some(d) => one_byte("delimiter", d)?.context("`delimiter` must not be empty")?,
+        None if tsv => b'\t',
+        None => b',',
+    };
+    let quote = match &options.quote {
+        Some(q) => one_byte("quote", q)?,
+        None => Some(b'"'),
+    };
+    let encoding = match options.encoding.as_deref() {
+        None | Some("utf8") | Some("utf-8") => CsvEncoding::Utf8,
+        Some("utf8-lossy") => CsvEncoding::LossyUtf8,
+        Some(other) => bail!(
+            "{}: encoding `{other}` is not supported; use \"utf8\" or \"utf8-lossy\"",
+            path.display()
+        ),
+    };
+    CsvReadOptions::default()
+        .with_has_header(options.has_header)
+        .with_infer_schema_length(Some(10_000))
+        .map_parse_options(|p| {
+            p.with_separator(delimiter)
+                .with_quote_char(quote)
+                .with_encoding(encoding)
+        })
+        .try_into_reader_with_file_path(Some(path.to_path_buf()))
+        .and_then(|r| r.finish())
+        .map_err(|e| explain(path, e))
+}
+
+/// A JSON document whose records sit in nested arrays, flattened to one row per record.
+fn nested_records(path: &Path, records: &str) -> Result<DataFrame> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let root: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let steps: Vec<&str> = records.split('/').filter(|s| !s.is_empty()).collect();
+    let mut rows = Vec::new();
+    flatten_records(&root, &steps, &serde_json::Map::new(), &mut rows);
+    if rows.is_empty() {
+        bail!("{}: no records at `{records}`", path.display());
+    }
+    let mut lines = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut lines, &r)?;
+        lines.push(b'\n');
+    }
+    read_json(std::io::Cursor::new(lines), JsonFormat::JsonLines).map_err(|e| explain(path, e))
+}
+
+/// Walks `steps` (keys holding arrays) down from `node`, giving each record its parents' fields.
+fn flatten_records(
+    node: &serde_json::Value,
+    steps: &[&str],
+    inherited: &serde_json::Map<String, serde_json::Value>,
+    out: &mut Vec<serde_json::Value>,
+) {
+    let mut fields = inherited.clone();
+    if let serde_json::Value::Object(map) = node {
+        for (k, v) in map {
+            if steps.first() != Some(&k.as_str()) {
+                fields.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    match steps.split_first() {
+        None => out.push(serde_json::Value::Object(fields)),
+        Some((key, rest)) => {
+            if let Some(serde_json::Value::Array(items)) = node.get(*key) {
+                for item in items {
+                    flatten_records(item, rest, &fields, out);
+                }
+            }
+        }
+    }
+}
+
+/// A reader error with the file named and, for encoding problems, the fix.
+fn explain(path: &Path, e: PolarsError) -> anyhow::Error {
+    let msg = e.to_string();
+    if msg.to_lowercase().contains("utf") {
+        anyhow!("{} is not valid UTF-8 ({msg}); re-encode it as UTF-8, or for csv set encoding = \"utf8-lossy\" on the source", path.display())
+    } else {
+        anyhow!("cannot read {}: {msg}", path.display())
+    }
+}

@@ -1,0 +1,307 @@
+//! Evaluation suites in TOML: tasks are configuration (dataset, prompt templates, metrics), the
+//! harness is code. Loading checks every task and names the file, task and key on errors.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A suite file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suite {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Longest input given to the model (default: the model's max_position_embeddings).
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Hub datasets are read from `<mirror>/<org>/<name>/...` when set (or FEINSCHLIFF_MIRROR).
+    #[serde(default)]
+    pub mirror: Option<String>,
+    #[serde(rename = "task")]
+    pub tasks: Vec<TaskConfig>,
+    #[serde(default, rename = "gate")]
+    pub gates: Vec<Gate>,
+    /// The suite file's folder, against which relative paths are read.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+
+/// What a task measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Pick the choice with the highest log-likelihood: acc, acc_norm.
+    MultipleChoice,
+    /// Greedy generation until a stop string: exact_match, f1.
+    Generate,
+    /// Rolling-window log-likelihood of documents: word_perplexity, byte_perplexity, bits_per_byte.
+    Perplexity,
+}
+
+/// Where a task's rows come from: a local file, or a Hub dataset (through the mirror or cache).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRef {
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub hub: Option<String>,
+    #[serde(default)]
+    pub config: Option<String>,
+    #[serde(default)]
+    pub split: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// How to read the file (delimiter, has_header, file_type, records, rename, ...).
+    #[serde(default)]
+    pub read: crate::data::source::ReadOptions,
+}
+
+/// One task of a suite.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    pub kind: TaskKind,
+    pub dataset: DatasetRef,
+    /// The dataset's license as its source states it; reports flag non-commercial ones.
+    pub license: String,
+    #[serde(default)]
+    pub non_commercial: bool,
+    /// Template of the context (the prompt); a document template for perplexity.
+    pub context: String,
+    /// Multiple choice: a template per choice (`["{{ mc_answer1 }}", ...]`) or one template that
+    /// renders a JSON list (`"{{ choices | tojson }}"`).
+    #[serde(default)]
+    pub choices: Option<Choices>,
+    /// Template of the gold answer: a choice index or choice text (multiple choice), the reference
+    /// text or a JSON list of references (generate).
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default = "default_target_delimiter")]
+    pub target_delimiter: String,
+    #[serde(default = "default_fewshot_delimiter")]
+    pub fewshot_delimiter: String,
+    #[serde(default)]
+    pub num_fewshot: usize,
+    /// Where few-shot examples come from (default: the task's own rows, never the scored one).
+    #[serde(default)]
+    pub fewshot_dataset: Option<DatasetRef>,
+    #[serde(default = "default_fewshot_seed")]
+    pub fewshot_seed: u64,
+    /// Text put before every prompt (lm-eval's description).
+    #[serde(default)]
+    pub description: String,
+    /// Send the prompt as a user message through the model's chat template (lm-eval's
+    /// --apply_chat_template), for chat-tuned models and adapters.
+    #[serde(default)]
+    pub apply_chat_template: bool,
+    /// Generate: stop strings.
+    #[serde(default = "default_until")]
+    pub until: Vec<String>,
+    /// Generate: most new tokens.
+    #[serde(default = "default_max_gen_toks")]
+    pub max_gen_toks: usize,
+    /// Metrics to report (defaults per kind).
+    #[serde(default)]
+    pub metrics: Vec<String>,
+    #[serde(default = "default_version")]
+    pub version: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Choices {
+    Each(Vec<String>),
+    List(String),
+}
+
+fn default_target_delimiter() -> String {
+    " ".into()
+}
+fn default_fewshot_delimiter() -> String {
+    "\n\n".into()
+}
+fn default_fewshot_seed() -> u64 {
+    1234
+}
+fn default_until() -> Vec<String> {
+    vec!["\n\n".into()]
+}
+fn default_max_gen_toks() -> usize {
+    64
+}
+fn default_version() -> f64 {
+    1.0
+}
+
+/// A bound on one task's metric: an absolute minimum and/or a maximum drop against a baseline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    pub task: String,
+    pub metric: String,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// Largest allowed drop below the baseline (for lower-is-better metrics: largest rise).
+    #[serde(default)]
+    pub max_drop: Option<f64>,
+}
+
+impl TaskKind {
+    pub fn metrics(self) -> &'static [&'static str] {
+        match self {
+            TaskKind::MultipleChoice => &["acc", "acc_norm"],
+            TaskKind::Generate => &["exact_match", "f1"],
+            TaskKind::Perplexity => &["word_perplexity", "byte_perplexity", "bits_per_byte"],
+        }
+    }
+}
+
+/// Whether a larger value of `metric` is better.
+pub fn higher_is_better(metric: &str) -> bool {
+    !matches!(
+        metric,
+        "word_perplexity" | "byte_perplexity" | "bits_per_byte" | "perplexity"
+    )
+}
+
+impl TaskConfig {
+    /// The metrics this task reports.
+    pub fn metric_names(&self) -> Vec<String> {
+        if self.metrics.is_empty() {
+            self.kind.metrics().iter().map(|s| s.to_string()).collect()
+        } else {
+            self.metrics.clone()
+        }
+    }
+}
+
+impl Suite {
+    /// Reads and checks a suite file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read suite {}", path.display()))?;
+        let mut suite: Suite =
+            toml::from_str(&text).map_err(|e| anyhow!("suite {}: {e}", path.display()))?;
+        suite.source = path.to_path_buf();
+        suite.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        suite.validate()?;
+        Ok(suite)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let at = |task: &str, msg: String| {
+            anyhow!("suite {}: task `{task}`: {msg}", self.source.display())
+        };
+        if self.tasks.is_empty() {
+            bail!("suite {}: has no [[task]]", self.source.display());
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tasks {
+            if !names.insert(&t.name) {
+                return Err(at(&t.name, "the name is used twice".into()));
+            }
+            if t.dataset.path.is_some() == t.dataset.hub.is_some() {
+                return Err(at(
+                    &t.name,
+                    "dataset must set exactly one of `path` and `hub`".into(),
+                ));
+            }
+            let allowed = t.kind.metrics();
+            if let Some(m) = t.metrics.iter().find(|m| !allowed.contains(&m.as_str())) {
+                return Err(at(
+                    &t.name,
+                    format!(
+                        "metric `{m}` is not one of {} for kind {:?}",
+                        allowed.join(", "),
+                        t.kind
+                    ),
+                ));
+            }
+            match t.kind {
+                TaskKind::MultipleChoice => {
+                    if t.choices.is_none() || t.target.is_none() {
+                        return Err(at(
+                            &t.name,
+                            "multiple_choice needs `choices` and `target`".into(),
+                        ));
+                    }
+                }
+                TaskKind::Generate => {
+                    if t.target.is_none() {
+                        return Err(at(&t.name, "generate needs `target`".into()));
+                    }
+                }
+                TaskKind::Perplexity => {}
+            }
+            let mut env = minijinja::Environment::new();
+            let mut templates = vec![("context", t.context.clone())];
+            templates.extend(t.target.clone().map(|x| ("target", x)));
+            match &t.choices {
+                Some(Choices::Each(list)) => {
+                    templates.extend(list.iter().map(|c| ("choices", c.clone())))
+                }
+                Some(Choices::List(s)) => templates.push(("choices", s.clone())),
+                None => {}
+            }
+            for (key, source) in templates {
+                env.add_template_owned("check", source)
+                    .map_err(|e| at(&t.name, format!("`{key}` is not a valid template: {e}")))?;
+            }
+        }
+        for g in &self.gates {
+            let Some(task) = self.tasks.iter().find(|t| t.name == g.task) else {
+                bail!(
+                    "suite {}: gate names unknown task `{}`",
+                    self.source.display(),
+                    g.task
+                );
+            };
+            if !task.metric_names().contains(&g.metric) {
+                bail!(
+                    "suite {}: gate on `{}` names metric `{}`, which the task does not report ({})",
+                    self.source.display(),
+                    g.task,
+                    g.metric,
+                    task.metric_names().join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps only the named tasks (`--tasks a,b`); an unknown name is an error.
+    pub fn select(&mut self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        for n in names {
+            if !self.tasks.iter().any(|t| &t.name == n) {
+                bail!(
+                    "suite {} has no task `{n}`; it has: {}",
+                    self.source.display(),
+                    self.tasks
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        self.tasks.retain(|t| names.contains(&t.name));
+        self.gates.retain(|g| names.contains(&g.task));
+        Ok(())
+    }
+}

@@ -1,0 +1,14 @@
+//! Feinschliff: adapt open LLMs to a domain and to German with LoRA, prove it with evaluations,
+//! publish the result. Stages flow one way: recipe → data → model + LoRA → train (→ eval → export).
+
+pub mod bench;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod export;
+pub mod fsutil;
+pub mod hub;
+pub mod model;
+pub mod pipeline;
+pub mod recipe;
+pub mod train;

@@ -1,0 +1,311 @@
+//! The `feinschliff` command line: parses arguments and calls one entry point per command.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use feinschliff::model::new::Size;
+
+#[derive(Parser)]
+#[command(
+    name = "feinschliff",
+    version,
+    about = "LoRA fine-tuning of open LLMs, driven by a TOML recipe"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune with LoRA as the recipe says; writes a PEFT adapter.
+    Train {
+        recipe: PathBuf,
+        /// Override a recipe value, e.g. --set train.lr=1e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create or inspect checkpoints.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Score a model (and adapter) on an evaluation suite; exits non-zero when a gate fails.
+    Eval {
+        /// Base model folder (Hugging Face layout) or Hub repo id.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        suite: PathBuf,
+        /// Only these tasks (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// At most N documents per task.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        /// A results.json to compare against (max_drop gates, deltas in report.md).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write base + adapter as one full model (`--merge`), or copy an adapter with its model card.
+    Export {
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Merge the adapter into the base weights.
+        #[arg(long)]
+        merge: bool,
+        /// Base model (default: the adapter's base_model_name_or_path).
+        #[arg(long)]
+        base: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Weights dtype of the merged model (default: the base checkpoint's).
+        #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+        dtype: Option<String>,
+        /// Largest safetensors shard, e.g. 5GB, 500MB.
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Look at what the recipe's data becomes.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Measure speed and memory.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a random-initialised checkpoint in Hugging Face layout (deterministic for a seed).
+    New {
+        #[arg(long, value_parser = ["llama", "mistral", "qwen2"])]
+        arch: String,
+        #[arg(long, value_enum, default_value = "tiny")]
+        size: Size,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show family, shapes, parameter count and dtype; optionally write the logits of a text.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Text whose logits are written with --logits-out.
+        #[arg(long, requires = "logits_out")]
+        text: Option<String>,
+        /// safetensors file for `logits` [seq, vocab] and `input_ids`.
+        #[arg(long, requires = "text")]
+        logits_out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Rows read and dropped, token lengths, truncation, packing, and rendered samples with the
+    /// trained part marked.
+    Inspect {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Rendered samples to show.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// LoRA train step (r16 on all 7 projections, batch 4 x 256): tokens/s, step time, peak RSS.
+    Train {
+        #[arg(long, default_value = "llama", value_parser = ["llama", "mistral", "qwen2"])]
+        arch: String,
+        #[arg(long, value_enum, default_value = "tiny")]
+        size: Size,
+        /// Timed steps (after one warm-up step); default 20 for tiny, 3 for smol.
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train {
+            recipe,
+            overrides,
+            force,
+        } => {
+            let recipe = feinschliff::recipe::Recipe::load(&recipe, &overrides)?;
+            let s = feinschliff::pipeline::run(&recipe, force)?;
+            let val = s
+                .val_loss
+                .map(|v| format!(", validation loss {v:.4}"))
+                .unwrap_or_default();
+            println!(
+                "trained {} steps: loss {:.4} -> {:.4}{val}, {:.0} tokens/s; adapter in {}",
+                s.steps,
+                s.first_loss,
+                s.last_loss,
+                s.tokens_per_s,
+                s.output.display()
+            );
+        }
+        Command::Model {
+            command:
+                ModelCommand::New {
+                    arch,
+                    size,
+                    seed,
+                    out,
+                    force,
+                },
+        } => {
+            feinschliff::model::new::create(&arch, size, seed, &out, force)?;
+            println!(
+                "wrote {arch} {size:?} checkpoint (seed {seed}) to {}",
+                out.display()
+            );
+        }
+        Command::Model {
+            command:
+                ModelCommand::Inspect {
+                    dir,
+                    adapter,
+                    text,
+                    logits_out,
+                },
+        } => {
+            let model = feinschliff::model::inspect::load(&dir, adapter.as_deref())?;
+            print!("{}", feinschliff::model::inspect::summary(&model)?);
+            if let (Some(text), Some(out)) = (text, logits_out) {
+                feinschliff::model::inspect::write_logits(&model, &text, &out)?;
+                println!("logits written to {}", out.display());
+            }
+        }
+        Command::Eval {
+            model,
+            adapter,
+            suite,
+            tasks,
+            limit,
+            out,
+            baseline,
+            device,
+            force,
+        } => {
+            let opts = feinschliff::eval::EvalOptions {
+                model,
+                adapter,
+                suite,
+                tasks,
+                limit,
+                out,
+                baseline,
+                device,
+                force,
+            };
+            let outcome = feinschliff::eval::run(&opts)?;
+            println!("reports in {}", outcome.out.display());
+            let failures = outcome.failures();
+            if !failures.is_empty() {
+                anyhow::bail!("{}", failures.join("\n"));
+            }
+        }
+        Command::Export {
+            adapter,
+            merge,
+            base,
+            out,
+            dtype,
+            max_shard_size,
+            force,
+        } => {
+            let dtype = dtype.map(|d| match d.as_str() {
+                "bf16" => candle_core::DType::BF16,
+                "f16" => candle_core::DType::F16,
+                _ => candle_core::DType::F32,
+            });
+            let max_shard_bytes = feinschliff::export::merged::parse_size(&max_shard_size)?;
+            let opts = feinschliff::export::MergeOptions {
+                adapter,
+                base,
+                out,
+                dtype,
+                max_shard_bytes,
+                force,
+            };
+            let written = if merge {
+                feinschliff::export::merge(&opts)?
+            } else {
+                feinschliff::export::copy_adapter(&opts)?
+            };
+            println!("wrote {}", written.display());
+        }
+        Command::Data {
+            command:
+                DataCommand::Inspect {
+                    recipe,
+                    overrides,
+                    samples,
+                },
+        } => {
+            let recipe = feinschliff::recipe::Recipe::load(&recipe, &overrides)?;
+            print!("{}", feinschliff::data::inspect::run(&recipe, samples)?);
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    arch,
+                    size,
+                    steps,
+                    device,
+                },
+        } => {
+            let device = feinschliff::device::open(&device)?;
+            let steps = steps.unwrap_or(if size == Size::Tiny { 20 } else { 3 });
+            println!(
+                "{}",
+                feinschliff::bench::train(&arch, size, steps, &device)?
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! PEFT's on-disk adapter format: `adapter_config.json` and `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::lora::{LoraAdapter, LoraConfig, TargetModules};
+use super::weights::save_safetensors;
+use super::{CausalLm, Model};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The PEFT state-dict key of a module's LoRA matrix (`part` is `lora_A` or `lora_B`).
+pub fn peft_key(module: &str, part: &str) -> String {
+    format!("base_model.model.{module}.{part}.weight")
+}
+
+/// adapter_config.json as PEFT writes it for a plain LoRA adapter.
+pub fn config_json(config: &LoraConfig, target_modules: &[String], base_model: &str) -> Value {
+    json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": config.r,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": target_modules,
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": config.use_rslora,
+    })
+}
+
+/// Writes the model's adapters into `dir` (which must exist).
+pub fn save(model: &Model, base_model: &str, dir: &Path) -> Result<()> {
+    let config = model
+        .lora
+        .as_ref()
+        .context("the model has no LoRA adapters to save")?;
+    let tensors: Vec<(String, Tensor)> = model
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
+    let json = config_json(config, &model.adapted_module_names(), base_model);
+    crate::fsutil::write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
+}
+
+/// An adapter read from disk: its config and the base model it names.
+pub struct LoadedAdapter {
+    pub config: LoraConfig,
+    pub base_model_name_or_path: Option<String>,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// Keys that change the maths of the adapter; anything but their neutral value is refused.
+const REFUSED: &[(&str, &str)] = &[
+    ("use_dora", "DoRA adapters are not supported"),
+    (
+        "fan_in_fan_out",
+        "fan_in_fan_out (Conv1D-style weights) is not supported",
+    ),
+    (
+        "layers_to_transform",
+        "adapters on a subset of layers are not supported",
+    ),
+    (
+        "rank_pattern",
+        "per-module ranks (rank_pattern) are not supported",
+    ),
+    (
+        "alpha_pattern",
+        "per-module alphas (alpha_pattern) are not supported",
+    ),
+    (
+        "modules_to_save",
+        "fully trained extra modules (modules_to_save) are not supported",
+    ),
+];
+
+/// Reads a PEFT LoRA adapter folder (made by Feinschliff, PEFT, Axolotl, Unsloth, ...).
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read adapter config {}", config_path.display()))?;
+    let raw: Map<String, Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JSON object", config_path.display()))?;
+    let ctx = || format!("in adapter config {}", config_path.display());
+    let peft_type = raw
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("LORA");
+    if peft_type != "LORA" {
+        bail!(
+            "{}: peft_type `{peft_type}` is not supported (only LORA)",
+            ctx()
+        );
+    }
+    for (key, why) in REFUSED {
+        let neutral = match raw.get(*key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+            Some(Value::Object(o)) => o.is_empty(),
+            Some(Value::Array(a)) => a.is_empty(),
+            _ => false,
+        };
+        if !neutral {
+            bail!("{}: {why} (`{key}` = {})", ctx(), raw[*key]);
+        }
+    }
+    if let Some(bias) = raw.get("bias").and_then(Value::as_str) {
+        if bias != "none" {
+            bail!("{}: bias `{bias}` is not supported (only \"none\")", ctx());
+        }
+    }
+    let r = raw
+        .get("r")
+        .and_then(Value::as_u64)
+        .with_context(|| format!("{}: `r` is missing", ctx()))? as usize;
+    let alpha = raw.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let target_modules: TargetModules = serde_json::from_value(
+        raw.get("target_modules")
+            .cloned()
+            .with_context(|| format!("{}: `target_modules` is missing", ctx()))?,
+    )
+    .with_context(|| {
+        format!(
+            "{}: `target_modules` must be a list of names or a string",
+            ctx()
+        )
+    })?;
+    let config = LoraConfig {
+        r,
+        alpha,
+        dropout: raw
+            .get("lora_dropout")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        target_modules,
+        use_rslora: raw
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    let weights_path = dir.join(WEIGHTS_FILE);
+    if !weights_path.exists() {
+        bail!(
+            "{} is missing (only safetensors adapters are supported)",
+            weights_path.display()
+        );
+    }
+    let tensors = candle_core::safetensors::load(&weights_path, device)
+        .with_context(|| format!("cannot read {}", weights_path.display()))?;
+    // Some tools keep the adapter name in the key (`lora_A.default.weight`); PEFT's saved form drops it.
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.replace(".lora_A.default.", ".lora_A.")
+                    .replace(".lora_B.default.", ".lora_B."),
+                v,
+            )
+        })
+        .collect();
+    Ok(LoadedAdapter {
+        config,
+        base_model_name_or_path: raw
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        tensors,
+    })
+}
+
+impl LoadedAdapter {
+    /// Attaches the adapter's A/B to `lm`, checking that every targeted layer has both with the right
+    /// shapes; returns the adapter's config.
+    pub fn apply(self, lm: &mut CausalLm) -> Result<LoraConfig> {
+        let mut tensors = self.tensors;
+        let config = self.config;
+        let mut attached = 0;
+        let master = super::decoder::accumulation_dtype(lm.dtype());
+        for (i, (name, linear)) in lm.linears_mut().into_iter().enumerate() {
+            let (ka, kb) = (peft_key(&name, "lora_A"), peft_key(&name, "lora_B"));
+            match (tensors.remove(&ka), tensors.remove(&kb)) {
+                (Some(a), Some(b)) => {
+                    let want_a = [config.r, linear.in_features()];
+                    let want_b = [linear.out_features(), config.r];
+                    if a.dims() != want_a || b.dims() != want_b {
+                        bail!(
+                            "adapter tensor shapes for {name} are A {:?}, B {:?}; the base model needs A {want_a:?}, B {want_b:?}: the adapter was made for another base model",
+                            a.dims(),
+                            b.dims()
+                        );
+                    }
+                    linear.lora = Some(LoraAdapter::from_tensors(&config, a, b, master, i as u64)?);
+                    attached += 1;
+                }
+                (None, None) => {}
+                _ => bail!("adapter has only one of {ka} and {kb}"),
+            }
+        }
+        if let Some(extra) = tensors.keys().next() {
+            bail!("adapter tensor `{extra}` matches no layer of the base model: the adapter was made for another base model (or targets unsupported modules)");
+        }
+        if attached == 0 {
+            bail!("the adapter holds no LoRA tensors");
+        }
+        Ok(config)
+    }
+}

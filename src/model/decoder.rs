@@ -1,0 +1,346 @@
+//! The shared decoder of all supported families: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+//! Written with differentiable candle ops only, so LoRA gradients flow through every layer.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::ModelConfig;
+use super::linear::{frozen_matmul, Linear};
+use super::rope::{self, Rope};
+use super::weights::Weights;
+
+/// Where each token sits: its position id and the sample it belongs to (packed rows hold several).
+#[derive(Debug, Clone)]
+pub struct TokenLayout {
+    pub batch: usize,
+    pub seq: usize,
+    /// [batch * seq] position ids, restarting at 0 for each sample.
+    pub position_ids: Vec<u32>,
+    /// [batch * seq] sample ids; attention never crosses from one sample to another.
+    pub segment_ids: Vec<u32>,
+}
+
+impl TokenLayout {
+    /// One sample per row, positions 0..seq.
+    pub fn causal(batch: usize, seq: usize) -> Self {
+        let position_ids = (0..batch).flat_map(|_| 0..seq as u32).collect();
+        Self {
+            batch,
+            seq,
+            position_ids,
+            segment_ids: vec![0; batch * seq],
+        }
+    }
+
+    /// The additive attention mask [batch, 1, seq, seq]: causal, within a sample, inside the window.
+    fn mask(&self, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
+        let (b, t) = (self.batch, self.seq);
+        let mut mask = vec![0f32; b * t * t];
+        for row in 0..b {
+            let seg = &self.segment_ids[row * t..(row + 1) * t];
+            for i in 0..t {
+                for j in 0..t {
+                    let visible =
+                        j <= i && seg[i] == seg[j] && sliding_window.is_none_or(|w| i - j < w);
+                    if !visible {
+                        mask[(row * t + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(mask, (b, 1, t, t), device)?)
+    }
+}
+
+/// Per-forward tensors shared by all layers.
+struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    step: Option<u64>,
+}
+
+/// The dtype reductions (norms, softmax, logits) run in: f32, or f64 for an f64 model.
+pub fn accumulation_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Root-mean-square layer norm, computed in f32 as transformers does.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(accumulation_dtype(dtype))?;
+        let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.q_proj.forward(x, ctx.step)?, h)?;
+        let k = split(self.k_proj.forward(x, ctx.step)?, kvh)?;
+        let v = split(self.v_proj.forward(x, ctx.step)?, kvh)?;
+        let q = rope::apply(&q, &ctx.cos, &ctx.sin)?;
+        let k = rope::apply(&k, &ctx.cos, &ctx.sin)?;
+        // Grouped-query attention without copying K/V: the query heads that share a K/V head
+        // are stacked along the sequence axis.
+        let rep = h / kvh;
+        let q = q.reshape((b, kvh, rep * t, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, t))?;
+        let acc = accumulation_dtype(scores.dtype());
+        let scores = (scores.to_dtype(acc)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = scores.broadcast_add(&ctx.mask.to_dtype(acc)?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        let out = probs.reshape((b, kvh, rep * t, t))?.matmul(&v)?;
+        let out = out
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&out, ctx.step)
+    }
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, step: Option<u64>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, step)?;
+        let up = self.up_proj.forward(x, step)?;
+        self.down_proj.forward(&(gate.silu()? * up)?, step)
+    }
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        let out = (&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.step)?)?;
+        Ok(out)
+    }
+}
+
+/// A decoder-only causal language model with an LM head.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// None when the head is tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    rope: Rope,
+    device: Device,
+}
+
+impl CausalLm {
+    /// Builds the model from checkpoint tensors with transformers' names.
+    pub fn load(config: ModelConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (hid, inter) = (c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias {
+                Some(weights.get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Linear::new(w, b))
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: weights.get(&format!("{name}.weight"), &[hid])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, hid, c.qkv_bias)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kvd, hid, c.qkv_bias)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kvd, hid, c.qkv_bias)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hid, qd, c.o_bias)?,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hid, c.mlp_bias)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hid, c.mlp_bias)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), hid, inter, c.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, hid])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(weights.get("lm_head.weight", &[c.vocab_size, hid])?)
+        };
+        Ok(Self {
+            rope: Rope::new(c),
+            norm: norm("model.norm")?,
+            embed_tokens,
+            layers,
+            lm_head,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the base weights (activations run in it).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Final hidden states [batch, seq, hidden] for token ids [batch, seq].
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        step: Option<u64>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let (cos, sin) = self.rope.tables(&layout.position_ids, b, t, &self.device)?;
+        let ctx = Context {
+            cos,
+            sin,
+            mask: layout.mask(self.config.sliding_window, &self.device)?,
+            step,
+        };
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?)
+    }
+
+    /// Logits [batch, seq, vocab] in the accumulation dtype (f32 unless the model is f64).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        step: Option<u64>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self.hidden_states(input_ids, layout, step)?;
+        let logits = self.logits(&h.reshape((b * t, self.config.hidden_size))?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Every linear layer with its full module name (`model.layers.0.self_attn.q_proj`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            let all = [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ];
+            out.extend(
+                all.into_iter()
+                    .zip(MODULE_PATHS)
+                    .map(|(lin, p)| (format!("model.layers.{i}.{p}"), lin)),
+            );
+        }
+        out
+    }
+
+    /// Every linear layer with its full module name, mutable (to attach or replace adapters).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            let all = [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ];
+            out.extend(
+                all.into_iter()
+                    .zip(MODULE_PATHS)
+                    .map(|(lin, p)| (format!("model.layers.{i}.{p}"), lin)),
+            );
+        }
+        out
+    }
+}
+
+/// Paths of a layer's projections below `model.layers.N`, in the order [`CausalLm::linears`] lists them.
+const MODULE_PATHS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];

@@ -1,0 +1,23 @@
+//! Mistral: the Llama decoder with an optional sliding attention window and explicit head_dim.
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::Family;
+use crate::model::config::{opt_usize, parse_common, ModelConfig};
+
+pub struct Mistral;
+
+impl Family for Mistral {
+    fn model_type(&self) -> &'static str {
+        "mistral"
+    }
+    fn architecture(&self) -> &'static str {
+        "MistralForCausalLM"
+    }
+    fn parse(&self, raw: &Value) -> Result<ModelConfig> {
+        let mut c = parse_common(raw, self.model_type())?;
+        c.sliding_window = opt_usize(raw, "sliding_window")?;
+        Ok(c)
+    }
+}

@@ -1,0 +1,39 @@
+//! Model families: each file says how its config.json differs from the shared Llama-style decoder.
+//! Adding a family is one new file plus one line in [`by_model_type`].
+
+mod llama;
+mod mistral;
+mod qwen2;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use super::config::ModelConfig;
+
+/// What a family contributes: reading its config.json, and the names it is written under.
+pub trait Family: Sync {
+    /// `model_type` in config.json.
+    fn model_type(&self) -> &'static str;
+    /// `architectures[0]` in config.json for a causal LM.
+    fn architecture(&self) -> &'static str;
+    /// Parses config.json into the shared config, setting this family's flags.
+    fn parse(&self, raw: &Value) -> Result<ModelConfig>;
+}
+
+const FAMILIES: &[&dyn Family] = &[&llama::Llama, &mistral::Mistral, &qwen2::Qwen2];
+
+/// The family for a config.json `model_type`.
+pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
+    match FAMILIES.iter().find(|f| f.model_type() == model_type) {
+        Some(f) => Ok(*f),
+        None => bail!(
+            "model_type `{model_type}` is not supported; supported: {}",
+            supported().join(", ")
+        ),
+    }
+}
+
+/// The `model_type`s Feinschliff can load.
+pub fn supported() -> Vec<&'static str> {
+    FAMILIES.iter().map(|f| f.model_type()).collect()
+}

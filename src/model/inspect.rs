@@ -1,0 +1,113 @@
+//! `feinschliff model inspect`: what a checkpoint is (family, shapes, parameters, dtype), and
+//! optionally the f32 logits of a text for comparison with other tools.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::{weights, Model, TokenLayout};
+
+/// A human-readable summary of the model (and adapter, when attached).
+pub fn summary(model: &Model) -> Result<String> {
+    let c = &model.lm.config;
+    let stored = weights::Weights::open(&model.dir, DType::F32, &Device::Cpu)?
+        .stored_dtype()
+        .map(|d| format!("{d:?}").to_lowercase())
+        .unwrap_or_else(|| "unknown".into());
+    let mut s = String::new();
+    writeln!(s, "model        {}", model.dir.display())?;
+    writeln!(s, "family       {}", c.model_type)?;
+    writeln!(s, "layers       {}", c.num_hidden_layers)?;
+    writeln!(
+        s,
+        "hidden       {} (intermediate {})",
+        c.hidden_size, c.intermediate_size
+    )?;
+    writeln!(
+        s,
+        "heads        {} query, {} key/value, head_dim {}",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    )?;
+    writeln!(
+        s,
+        "vocab        {} (tokenizer {})",
+        c.vocab_size,
+        model.tokenizer.vocab_size()
+    )?;
+    writeln!(
+        s,
+        "embeddings   {}",
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "untied"
+        }
+    )?;
+    writeln!(
+        s,
+        "rope         theta {} scaling {:?}",
+        c.rope_theta, c.rope_scaling
+    )?;
+    if let Some(w) = c.sliding_window {
+        writeln!(s, "window       {w}")?;
+    }
+    writeln!(s, "parameters   {}", c.parameter_count())?;
+    writeln!(s, "dtype        {stored} (stored)")?;
+    writeln!(
+        s,
+        "chat         {}",
+        if model.tokenizer.chat_template.is_some() {
+            "template present"
+        } else {
+            "no template"
+        }
+    )?;
+    if let Some(l) = &model.lora {
+        writeln!(
+            s,
+            "adapter      LoRA r {} alpha {} {}on {}; {} trainable parameters",
+            l.r,
+            l.alpha,
+            if l.use_rslora { "(rsLoRA) " } else { "" },
+            model.adapted_module_names().join(","),
+            model.trainable_parameter_count()
+        )?;
+    }
+    Ok(s)
+}
+
+/// Loads `dir` (plus an adapter) on the CPU in f32.
+pub fn load(dir: &Path, adapter_dir: Option<&Path>) -> Result<Model> {
+    let device = Device::Cpu;
+    let mut model = Model::load(dir, None, &device)?;
+    if let Some(a) = adapter_dir {
+        model.load_adapter(a)?;
+    }
+    Ok(model)
+}
+
+/// Logits [seq, vocab] of `text` tokenized without special tokens, with its input ids.
+pub fn logits_of(model: &Model, text: &str) -> Result<(Tensor, Tensor)> {
+    let ids = model.tokenizer.encode(text)?;
+    anyhow::ensure!(!ids.is_empty(), "the text tokenizes to no tokens");
+    let n = ids.len();
+    let input = Tensor::from_vec(ids.clone(), (1, n), model.lm.device())?;
+    let logits = model
+        .lm
+        .forward(&input, &TokenLayout::causal(1, n), None)?
+        .squeeze(0)?;
+    let ids = Tensor::from_vec(
+        ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
+    Ok((logits, ids))
+}
+
+/// Writes `logits` and `input_ids` of `text` to a safetensors file.
+pub fn write_logits(model: &Model, text: &str, out: &Path) -> Result<()> {
+    let (logits, ids) = logits_of(model, text)?;
+    weights::save_safetensors(&[("logits".into(), logits), ("input_ids".into(), ids)], out)
+        .with_context(|| format!("cannot write logits to {}", out.display()))
+}

@@ -1,0 +1,230 @@
+//! LoRA with PEFT's exact semantics: y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r),
+//! A kaiming-uniform(a=√5), B zero; target matching as PEFT does it.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::decoder::CausalLm;
+
+/// The projections of the shared decoder that LoRA can target ("all-linear" means all of them).
+pub const LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which linear layers get adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names matched by suffix, as PEFT does (`q_proj` matches `model.layers.3.self_attn.q_proj`).
+    Names(Vec<String>),
+    /// `"all-linear"`, or a regular expression that must match the whole module name.
+    Pattern(String),
+}
+
+impl TargetModules {
+    /// Whether the module with this full name (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn matches(&self, full_name: &str) -> Result<bool> {
+        Ok(match self {
+            TargetModules::Names(names) => names
+                .iter()
+                .any(|n| full_name == n || full_name.ends_with(&format!(".{n}"))),
+            TargetModules::Pattern(p) if p == "all-linear" => true,
+            TargetModules::Pattern(p) => {
+                let re = regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                    anyhow::anyhow!("target_modules pattern `{p}` is not a valid regex: {e}")
+                })?;
+                re.is_match(full_name)
+            }
+        })
+    }
+
+    /// The short names of the modules this selects among `available`, for adapter_config.json.
+    pub fn resolve(&self, available: &[String]) -> Result<Vec<String>> {
+        if let TargetModules::Names(names) = self {
+            for n in names {
+                if !available
+                    .iter()
+                    .any(|a| a == n || a.ends_with(&format!(".{n}")))
+                {
+                    bail!(
+                        "target_modules entry `{n}` matches no linear layer of this model; choose from {} or \"all-linear\"",
+                        LINEAR_MODULES.join(", ")
+                    );
+                }
+            }
+        }
+        let mut short: Vec<String> = Vec::new();
+        for full in available {
+            if self.matches(full)? {
+                let s = full.rsplit('.').next().unwrap_or(full).to_string();
+                if !short.contains(&s) {
+                    short.push(s);
+                }
+            }
+        }
+        if short.is_empty() {
+            bail!("target_modules {self:?} matches no linear layer of this model");
+        }
+        short.sort();
+        Ok(short)
+    }
+}
+
+/// The hyper-parameters of a LoRA adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// The factor s in y = W·x + s·B·A·x.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// The trainable low-rank pair attached to one frozen projection.
+pub struct LoraAdapter {
+    /// A: [r, in_features].
+    pub a: Var,
+    /// B: [out_features, r].
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+    /// Seeds this module's dropout masks together with the step, so a resumed run draws the same masks.
+    pub dropout_seed: u64,
+}
+
+impl LoraAdapter {
+    /// PEFT's default initialisation: A ~ U(-1/√in, 1/√in) (kaiming-uniform with a=√5), B = 0.
+    pub fn init(
+        config: &LoraConfig,
+        in_features: usize,
+        out_features: usize,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a: Vec<f32> = (0..config.r * in_features)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = Tensor::from_vec(a, (config.r, in_features), device)?;
+        let b = Tensor::zeros((out_features, config.r), DType::F32, device)?;
+        Self::from_tensors(config, a, b, DType::F32, rng.random())
+    }
+
+    /// An adapter from given A and B (e.g. loaded from a file), held in `dtype`.
+    pub fn from_tensors(
+        config: &LoraConfig,
+        a: Tensor,
+        b: Tensor,
+        dtype: DType,
+        dropout_seed: u64,
+    ) -> Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(&a.to_dtype(dtype)?)?,
+            b: Var::from_tensor(&b.to_dtype(dtype)?)?,
+            scale: config.scale(),
+            dropout: config.dropout,
+            dropout_seed,
+        })
+    }
+
+    /// s·B·A·dropout(x) for x of shape [n, in]; `step` is Some during training (dropout active).
+    pub fn forward(&self, x: &Tensor, step: Option<u64>) -> Result<Tensor> {
+        let x = x.to_dtype(self.a.dtype())?;
+        let x = match step {
+            Some(step) if self.dropout > 0.0 => self.dropout_mask(&x, step)?,
+            _ => x,
+        };
+        let h = x.matmul(&self.a.as_tensor().t()?)?;
+        let h = h.matmul(&self.b.as_tensor().t()?)?;
+        Ok(h.affine(self.scale, 0.0)?)
+    }
+
+    /// Inverted dropout with a mask drawn from (module seed, step): deterministic and resumable.
+    fn dropout_mask(&self, x: &Tensor, step: u64) -> Result<Tensor> {
+        let keep = 1.0 - self.dropout;
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.dropout_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        Ok(x.mul(&mask)?)
+    }
+
+    /// The dense update s·B·A of shape [out, in], for merging into W.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok(self
+            .b
+            .as_tensor()
+            .matmul(self.a.as_tensor())?
+            .affine(self.scale, 0.0)?)
+    }
+}
+
+/// Attaches freshly initialised adapters to the layers of `lm` that `config` targets.
+pub fn attach(lm: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<()> {
+    if config.r == 0 {
+        bail!("lora r must be at least 1");
+    }
+    let names: Vec<String> = lm.linears().into_iter().map(|(n, _)| n).collect();
+    config.target_modules.resolve(&names)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let device = lm.device().clone();
+    // Master weights in f32 whatever the base dtype (f64 only for an f64 model, e.g. gradient checks).
+    let master = super::decoder::accumulation_dtype(lm.dtype());
+    for (name, linear) in lm.linears_mut() {
+        if config.target_modules.matches(&name)? {
+            let (i, o) = (linear.in_features(), linear.out_features());
+            let mut adapter = LoraAdapter::init(config, i, o, &mut rng, &device)?;
+            if master == DType::F64 {
+                adapter = LoraAdapter::from_tensors(
+                    config,
+                    adapter.a.as_tensor().clone(),
+                    adapter.b.as_tensor().clone(),
+                    master,
+                    adapter.dropout_seed,
+                )?;
+            }
+            linear.lora = Some(adapter);
+        }
+    }
+    Ok(())
+}
+
+/// The adapters' variables with their PEFT names, in layer order (A before B).
+pub fn trainable(lm: &CausalLm) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (name, linear) in lm.linears() {
+        if let Some(l) = &linear.lora {
+            out.push((super::adapter::peft_key(&name, "lora_A"), l.a.clone()));
+            out.push((super::adapter::peft_key(&name, "lora_B"), l.b.clone()));
+        }
+    }
+    out
+}

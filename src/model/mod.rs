@@ -1,0 +1,109 @@
+//! The model stage: a Hugging Face checkpoint (config, weights, tokenizer) loaded into the shared
+//! decoder, with LoRA adapters attached, saved and loaded in PEFT's format.
+
+pub mod adapter;
+pub mod config;
+pub mod decoder;
+pub mod families;
+pub mod inspect;
+pub mod linear;
+pub mod lora;
+pub mod new;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Var};
+use std::path::{Path, PathBuf};
+
+pub use config::ModelConfig;
+pub use decoder::{CausalLm, TokenLayout};
+pub use lora::{LoraConfig, TargetModules};
+pub use tokenizer::ModelTokenizer;
+
+/// The local folder of a base model: `base` as a folder (already resolved to `path`), or as a Hub
+/// repo id fetched through the cache.
+pub fn locate(base: &str, path: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if crate::hub::looks_like_repo_id(base, path) {
+        return crate::hub::model_snapshot(base, revision);
+    }
+    bail!(
+        "model folder {} does not exist (and `{base}` is not a Hub repo id of the form org/name)",
+        path.display()
+    )
+}
+
+/// A loaded checkpoint: the network, its tokenizer, and the LoRA config when adapters are attached.
+pub struct Model {
+    pub dir: PathBuf,
+    pub lm: CausalLm,
+    pub tokenizer: ModelTokenizer,
+    pub lora: Option<LoraConfig>,
+}
+
+impl Model {
+    /// Loads the checkpoint in `dir`; `dtype` None keeps f32 compute (weights converted on load).
+    pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("model folder {} does not exist", dir.display());
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = weights::Weights::open(dir, dtype.unwrap_or(DType::F32), device)?;
+        let lm = CausalLm::load(config, &weights, device).with_context(|| {
+            format!(
+                "cannot build the {} model from {}",
+                "checkpoint",
+                dir.display()
+            )
+        })?;
+        let tokenizer = ModelTokenizer::from_dir(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            lm,
+            tokenizer,
+            lora: None,
+        })
+    }
+
+    /// Attaches freshly initialised adapters (PEFT init) to the targeted layers; `seed` fixes A.
+    pub fn attach_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<()> {
+        lora::attach(&mut self.lm, config, seed)?;
+        self.lora = Some(config.clone());
+        Ok(())
+    }
+
+    /// Loads a PEFT adapter folder onto the model.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let config = adapter::load(dir, self.lm.device())?.apply(&mut self.lm)?;
+        self.lora = Some(config);
+        Ok(())
+    }
+
+    /// The trainable tensors with their PEFT names (`base_model.model.<module>.lora_A.weight`).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        lora::trainable(&self.lm)
+    }
+
+    /// The short module names that carry adapters (`q_proj`, ...), sorted.
+    pub fn adapted_module_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lm
+            .linears()
+            .into_iter()
+            .filter(|(_, l)| l.lora.is_some())
+            .filter_map(|(n, _)| n.rsplit('.').next().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Number of trainable LoRA parameters.
+    pub fn trainable_parameter_count(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}

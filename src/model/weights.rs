@@ -1,0 +1,227 @@
+//! Reading checkpoint tensors from `model.safetensors` or a sharded `model.safetensors.index.json`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The tensors of one checkpoint, converted to `dtype` on `device` when read.
+pub struct Weights {
+    files: Vec<PathBuf>,
+    source: Source,
+    dtype: DType,
+    device: Device,
+}
+
+/// Where the tensors live: memory-mapped files, or tensors already in memory (benchmarks).
+enum Source {
+    Mapped(MmapedSafetensors),
+    Memory(HashMap<String, Tensor>),
+}
+
+impl Weights {
+    /// Opens the safetensors files of the checkpoint in `dir`.
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are mapped read-only; Feinschliff never writes a checkpoint it has open.
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }
+            .with_context(|| format!("cannot read safetensors in {}", dir.display()))?;
+        Ok(Self {
+            files,
+            source: Source::Mapped(tensors),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Weights held in memory, e.g. a random checkpoint that is never written to disk.
+    pub fn from_tensors(tensors: Vec<(String, Tensor)>, dtype: DType, device: &Device) -> Self {
+        let map = tensors.into_iter().collect();
+        Self {
+            files: vec![PathBuf::from("<memory>")],
+            source: Source::Memory(map),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The checkpoint's files, for messages.
+    pub fn describe(&self) -> String {
+        self.files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The dtype the first tensor is stored in (the checkpoint's dtype).
+    pub fn stored_dtype(&self) -> Option<DType> {
+        match &self.source {
+            Source::Mapped(m) => m
+                .tensors()
+                .first()
+                .and_then(|(_, v)| DType::try_from(v.dtype()).ok()),
+            Source::Memory(m) => m.values().next().map(Tensor::dtype),
+        }
+    }
+
+    /// The names of all tensors, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &self.source {
+            Source::Mapped(m) => m.tensors().into_iter().map(|(n, _)| n).collect(),
+            Source::Memory(m) => m.keys().cloned().collect(),
+        };
+        names.sort();
+        names
+    }
+
+    /// The stored shape of tensor `name`.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.source {
+            Source::Mapped(m) => m.get(name).ok().map(|v| v.shape().to_vec()),
+            Source::Memory(m) => m.get(name).map(|t| t.dims().to_vec()),
+        }
+    }
+
+    /// Whether the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Mapped(m) => m.get(name).is_ok(),
+            Source::Memory(m) => m.contains_key(name),
+        }
+    }
+
+    /// The tensor `name`, which must exist and have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.contains(name) {
+            bail!("checkpoint {} has no tensor `{name}`", self.describe());
+        }
+        let t = match &self.source {
+            Source::Mapped(m) => m
+                .load(name, &self.device)
+                .with_context(|| format!("cannot load tensor `{name}` from {}", self.describe()))?,
+            Source::Memory(m) => m[name].to_device(&self.device)?,
+        };
+        if t.dims() != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, the config expects {:?}",
+                self.describe(),
+                t.dims(),
+                shape
+            );
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// The tensor `name` if present (used for optional biases and tied heads).
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let mut files = Vec::new();
+        for shard in shards {
+            let path = dir.join(shard);
+            if !path.exists() {
+                bail!(
+                    "{} names shard {shard}, which does not exist",
+                    index.display()
+                );
+            }
+            files.push(path);
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{} has neither model.safetensors nor model.safetensors.index.json (only safetensors checkpoints are supported; convert .bin files with transformers' save_pretrained(safe_serialization=True))",
+        dir.display()
+    )
+}
+
+/// Writes tensors as a safetensors file with `{"format": "pt"}` metadata, as transformers writes them.
+/// The file appears under its final name only when complete.
+pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.contiguous()?;
+        let (dtype, bytes): (Dtype, Vec<u8>) = match t.dtype() {
+            DType::F32 => (
+                Dtype::F32,
+                t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                Dtype::BF16,
+                t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                Dtype::F16,
+                t.flatten_all()?
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                Dtype::I64,
+                t.flatten_all()?
+                    .to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U32 => (
+                Dtype::U32,
+                t.flatten_all()?
+                    .to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            other => bail!("cannot save tensor `{name}` of dtype {other:?}"),
+        };
+        buffers.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let bytes = safetensors::serialize(views, metadata)?;
+    crate::fsutil::write_atomic(path, &bytes)
+}

@@ -1,0 +1,64 @@
+//! Shared test helpers: tiny models made by the tool itself, in temporary folders.
+
+use candle_core::{DType, Device, Tensor};
+use feinschliff::model::new::{config_json, random_weights, Size};
+use feinschliff::model::weights::Weights;
+use feinschliff::model::{CausalLm, ModelConfig};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tiny llama checkpoint written once per test run by `model new` (seed 0).
+pub fn tiny_llama_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "feinschliff-test-tiny-llama-{}",
+            std::process::id()
+        ));
+        if !dir.exists() {
+            feinschliff::model::new::create("llama", Size::Tiny, 0, &dir, false)
+                .expect("model new");
+        }
+        dir
+    })
+}
+
+/// A tiny random model in memory, in `dtype`.
+pub fn tiny_lm(arch: &str, dtype: DType, seed: u64) -> CausalLm {
+    let shape = Size::Tiny.shape();
+    let config = ModelConfig::from_json(&config_json(arch, &shape, false).unwrap()).unwrap();
+    let weights = Weights::from_tensors(
+        random_weights(arch, &shape, false, seed).unwrap(),
+        dtype,
+        &Device::Cpu,
+    );
+    CausalLm::load(config, &weights, &Device::Cpu).unwrap()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Writes `text` to a file in a fresh temporary folder, returning both.
+pub fn write_temp(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}

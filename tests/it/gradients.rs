@@ -1,0 +1,134 @@
+//! LoRA gradients through the whole decoder equal central finite differences (f64 model).
+
+use candle_core::{DType, Device, Tensor, Var};
+use feinschliff::data::{Batch, Example, IGNORE_INDEX};
+use feinschliff::model::{lora, LoraConfig, TargetModules};
+use feinschliff::train::loss::summed_nll;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::common::tiny_lm;
+
+fn mean_loss(lm: &feinschliff::model::CausalLm, batch: &Batch) -> Tensor {
+    let (nll, n) = summed_nll(lm, batch, None).unwrap();
+    (nll / n as f64).unwrap()
+}
+
+fn set_element(var: &Var, index: usize, value: f64) {
+    let mut v = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    v[index] = value;
+    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+        .unwrap();
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    for arch in ["llama", "qwen2"] {
+        let mut lm = tiny_lm(arch, DType::F64, 7);
+        let config = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Pattern("all-linear".into()),
+            use_rslora: false,
+        };
+        lora::attach(&mut lm, &config, 3).unwrap();
+        let trainable = lora::trainable(&lm);
+        // Non-zero B, so that A's gradient is non-zero too.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (name, var) in &trainable {
+            if name.contains("lora_B") {
+                let v: Vec<f64> = (0..var.elem_count())
+                    .map(|_| rng.random_range(-0.5..0.5))
+                    .collect();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let examples: Vec<Example> = (0..2)
+            .map(|row| {
+                let ids: Vec<u32> = (0..9 + row).map(|_| rng.random_range(0..1000)).collect();
+                let labels = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| if i < 3 { IGNORE_INDEX } else { t as i64 })
+                    .collect();
+                Example::single(ids, labels)
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batch = Batch::pad(&refs, 0, &Device::Cpu).unwrap();
+
+        let grads = mean_loss(&lm, &batch).backward().unwrap();
+        let eps = 1e-5;
+        let mut checked = 0;
+        for (name, var) in trainable.iter().step_by(5) {
+            let analytic = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for index in [0, base.len() / 2, base.len() - 1] {
+                set_element(var, index, base[index] + eps);
+                let plus = mean_loss(&lm, &batch).to_scalar::<f64>().unwrap();
+                set_element(var, index, base[index] - eps);
+                let minus = mean_loss(&lm, &batch).to_scalar::<f64>().unwrap();
+                set_element(var, index, base[index]);
+                let numeric = (plus - minus) / (2.0 * eps);
+                let err = (numeric - analytic[index]).abs();
+                assert!(
+                    err <= 1e-6 + 1e-4 * numeric.abs(),
+                    "{arch} {name}[{index}]: analytic {} vs numeric {numeric}",
+                    analytic[index]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 12, "only {checked} gradient entries checked");
+    }
+}
+
+#[test]
+fn only_lora_parameters_receive_gradients() {
+    let mut lm = tiny_lm("llama", DType::F32, 1);
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        use_rslora: false,
+    };
+    lora::attach(&mut lm, &config, 0).unwrap();
+    let trainable = lora::trainable(&lm);
+    assert_eq!(trainable.len(), 2 * 2 * lm.config.num_hidden_layers);
+    assert!(trainable
+        .iter()
+        .all(|(n, _)| n.contains("q_proj") || n.contains("v_proj")));
+    let ex = Example::single(vec![5, 6, 7, 8], vec![5, 6, 7, 8]);
+    let batch = Batch::pad(&[&ex], 0, &Device::Cpu).unwrap();
+    let grads = mean_loss(&lm, &batch).backward().unwrap();
+    let (_, first) = lm.linears().into_iter().next().unwrap();
+    assert!(
+        grads.get(&first.weight).is_none(),
+        "a frozen base weight received a gradient"
+    );
+    for (name, var) in &trainable {
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "{name} has no gradient"
+        );
+    }
+}

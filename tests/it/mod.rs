@@ -1,0 +1,10 @@
+//! Integration tests, one file per concern.
+
+mod adapter;
+mod cli;
+mod common;
+mod data;
+mod gradients;
+mod parity;
+mod recipe;
+mod training;

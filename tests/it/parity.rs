@@ -1,0 +1,92 @@
+//! Logits equal transformers' (and PEFT's, with an adapter) on committed tiny checkpoints.
+//! Fixtures: tests/fixtures/parity, made by tests/fixtures/make_parity_fixtures.py.
+
+use candle_core::{DType, Device, Tensor};
+use feinschliff::model::decoder::{CausalLm, TokenLayout};
+use feinschliff::model::weights::Weights;
+use feinschliff::model::{adapter, ModelConfig};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::common::{max_abs_diff, repo};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn case_dir(case: &str) -> PathBuf {
+    repo().join("tests/fixtures/parity").join(case)
+}
+
+fn golden(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(case_dir(case).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn load_lm(case: &str) -> CausalLm {
+    let dir = case_dir(case);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&dir, DType::F32, &Device::Cpu).unwrap();
+    CausalLm::load(config, &weights, &Device::Cpu).unwrap()
+}
+
+fn logits(lm: &CausalLm, ids: &Tensor) -> Tensor {
+    let ids = ids.to_dtype(DType::U32).unwrap();
+    let (b, t) = ids.dims2().unwrap();
+    lm.forward(&ids, &TokenLayout::causal(b, t), None).unwrap()
+}
+
+fn check_base(case: &str) {
+    let g = golden(case);
+    let lm = load_lm(case);
+    let diff = max_abs_diff(&logits(&lm, &g["input_ids"]), &g["logits"]);
+    assert!(
+        diff <= TOLERANCE,
+        "{case}: max |diff| {diff} against transformers"
+    );
+}
+
+fn check_adapted(case: &str) {
+    let g = golden(case);
+    let mut lm = load_lm(case);
+    adapter::load(&case_dir(case).join("adapter"), &Device::Cpu)
+        .unwrap()
+        .apply(&mut lm)
+        .unwrap();
+    let diff = max_abs_diff(&logits(&lm, &g["input_ids"]), &g["adapted_logits"]);
+    assert!(diff <= TOLERANCE, "{case}: max |diff| {diff} against PEFT");
+    // The adapter must matter, or the comparison proves nothing.
+    assert!(max_abs_diff(&g["logits"], &g["adapted_logits"]) > 1e-3);
+}
+
+#[test]
+fn llama3_with_rope_scaling_matches_transformers() {
+    check_base("llama3");
+}
+
+#[test]
+fn llama2_tied_matches_transformers() {
+    check_base("llama2_tied");
+}
+
+#[test]
+fn llama_stored_in_bf16_matches_transformers() {
+    check_base("llama_bf16");
+}
+
+#[test]
+fn mistral_with_sliding_window_matches_transformers() {
+    check_base("mistral");
+}
+
+#[test]
+fn qwen2_with_biases_matches_transformers() {
+    check_base("qwen2");
+}
+
+#[test]
+fn peft_adapter_on_llama3_matches_peft() {
+    check_adapted("llama3");
+}
+
+#[test]
+fn peft_rslora_all_linear_adapter_on_qwen2_matches_peft() {
+    check_adapted("qwen2");
+}

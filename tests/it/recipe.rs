@@ -1,0 +1,137 @@
+//! Recipe errors name the file, line and key and say what is allowed; overrides apply.
+
+use feinschliff::recipe::{Recipe, Schedule};
+
+use super::common::write_temp;
+
+const GOOD: &str = r#"
+[model]
+base = "model"
+
+[lora]
+r = 4
+alpha = 8
+
+[[data.train]]
+path = "train.jsonl"
+
+[train]
+lr = 1e-3
+max_steps = 3
+
+[output]
+dir = "out"
+"#;
+
+#[test]
+fn a_valid_recipe_loads_with_defaults() {
+    let (_dir, path) = write_temp("r.toml", GOOD);
+    let r = Recipe::load(&path, &[]).unwrap();
+    assert_eq!(r.lora.r, 4);
+    assert_eq!(r.train.lr, 1e-3);
+    assert_eq!(r.train.lr_schedule, Schedule::Cosine);
+    assert_eq!(r.data.max_seq_len, 512);
+    assert_eq!(
+        r.resolve("train.jsonl"),
+        path.parent().unwrap().join("train.jsonl")
+    );
+}
+
+#[test]
+fn unknown_key_names_file_line_and_allowed_keys() {
+    let (_dir, path) = write_temp(
+        "bad.toml",
+        &GOOD.replace("lr = 1e-3", "learning_rate = 1e-3"),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(err.contains("bad.toml"), "{err}");
+    assert!(err.contains("line 13"), "{err}");
+    assert!(err.contains("unknown field `learning_rate`"), "{err}");
+    assert!(err.contains("`lr`"), "should list allowed keys: {err}");
+}
+
+#[test]
+fn bad_value_names_section_key_and_line() {
+    let (_dir, path) = write_temp("r.toml", &GOOD.replace("r = 4", "r = 0"));
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("line 6") && err.contains("[lora] r") && err.contains("at least 1"),
+        "{err}"
+    );
+
+    let (_dir, path) = write_temp("r.toml", &GOOD.replace("lr = 1e-3", "lr = \"fast\""));
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("line 13") && err.contains("invalid type"),
+        "{err}"
+    );
+
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "max_steps = 3",
+            "max_steps = 3\nlr_schedule = \"exponential\"",
+        ),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("exponential") && err.contains("cosine"),
+        "{err}"
+    );
+
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace("max_steps = 3", "max_steps = 3\ndevice = \"tpu\""),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("[train] device") && err.contains("cuda:N"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_section_is_named() {
+    let (_dir, path) = write_temp("r.toml", "[model]\nbase = \"m\"\n[output]\ndir = \"o\"\n");
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(err.contains("missing field `data`"), "{err}");
+}
+
+#[test]
+fn set_overrides_values_and_rejects_unknown_keys() {
+    let (_dir, path) = write_temp("r.toml", GOOD);
+    let r = Recipe::load(
+        &path,
+        &[
+            "train.lr=5e-5".into(),
+            "lora.target_modules=[\"q_proj\"]".into(),
+            "output.dir=elsewhere".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.train.lr, 5e-5);
+    assert_eq!(r.output.dir, "elsewhere");
+    assert_eq!(
+        r.lora.target_modules,
+        feinschliff::model::TargetModules::Names(vec!["q_proj".into()])
+    );
+    let err = format!(
+        "{:#}",
+        Recipe::load(&path, &["train.lrr=1".into()]).unwrap_err()
+    );
+    assert!(err.contains("--set") && err.contains("lrr"), "{err}");
+    let err = format!(
+        "{:#}",
+        Recipe::load(&path, &["train.lr".into()]).unwrap_err()
+    );
+    assert!(err.contains("section.key=value"), "{err}");
+}
+
+#[test]
+fn resolved_recipe_round_trips() {
+    let (_dir, path) = write_temp("r.toml", GOOD);
+    let r = Recipe::load(&path, &[]).unwrap();
+    let (_d2, again) = write_temp("again.toml", &r.to_toml().unwrap());
+    let r2 = Recipe::load(&again, &[]).unwrap();
+    assert_eq!(r2.to_toml().unwrap(), r.to_toml().unwrap());
+}

@@ -1,0 +1,191 @@
+//! End-to-end training on a tiny model made by the tool: loss falls, runs repeat bit for bit,
+//! output folders are never half-written or overwritten.
+
+use std::path::Path;
+
+use super::common::tiny_llama_dir;
+
+/// A small prompt/completion set with learnable structure.
+fn write_dataset(dir: &Path) {
+    let cities = [
+        "Berlin", "Hamburg", "München", "Köln", "Leipzig", "Dresden", "Bremen", "Kiel",
+    ];
+    let mut lines = String::new();
+    for round in 0..6 {
+        for (i, c) in cities.iter().enumerate() {
+            let prompt = format!("Frage {round}-{i}: Wo liegt das Kundenzentrum in {c}?\nAntwort:");
+            let completion = format!(" Das Kundenzentrum in {c} liegt am Marktplatz {}.", i + 1);
+            lines.push_str(
+                &serde_json::json!({"prompt": prompt, "completion": completion}).to_string(),
+            );
+            lines.push('\n');
+        }
+    }
+    std::fs::write(dir.join("train.jsonl"), lines).unwrap();
+}
+
+fn write_recipe(dir: &Path) -> std::path::PathBuf {
+    let recipe = format!(
+        r#"
+[model]
+base = "{}"
+
+[lora]
+r = 8
+alpha = 16
+dropout = 0.1
+
+[data]
+format = "completion"
+max_seq_len = 64
+validation_fraction = 0.1
+
+[[data.train]]
+path = "train.jsonl"
+
+[train]
+batch_size = 4
+gradient_accumulation = 2
+lr = 1e-2
+warmup_steps = 2
+max_steps = 25
+eval_every = 10
+seed = 3
+device = "cpu"
+
+[output]
+dir = "out"
+"#,
+        tiny_llama_dir().display()
+    );
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, recipe).unwrap();
+    path
+}
+
+/// Trains with the recipe above, `overrides` applied as --set does.
+fn run(
+    dir: &Path,
+    overrides: &[&str],
+    force: bool,
+) -> anyhow::Result<feinschliff::train::TrainSummary> {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let recipe = feinschliff::recipe::Recipe::load(&write_recipe(dir), &overrides)?;
+    feinschliff::train::run(&recipe, force)
+}
+
+#[test]
+fn loss_falls_and_metrics_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path());
+    let summary = run(dir.path(), &[], false).unwrap();
+    let out = dir.path().join("out");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.resolved.toml",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 25);
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+    ] {
+        assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
+    }
+    assert_eq!(
+        lines[0]["lr"], 0.0,
+        "warm-up starts at 0 as transformers does"
+    );
+    assert!(lines[9].get("val_loss").is_some() && lines[24].get("val_loss").is_some());
+    let mean = |s: &[serde_json::Value]| {
+        s.iter().map(|l| l["loss"].as_f64().unwrap()).sum::<f64>() / s.len() as f64
+    };
+    let (first, last) = (mean(&lines[..5]), mean(&lines[20..]));
+    assert!(last < 0.8 * first, "loss did not fall: {first} -> {last}");
+    assert!(summary.val_loss.unwrap() < lines[9]["val_loss"].as_f64().unwrap() + 0.5);
+}
+
+#[test]
+fn same_seed_gives_byte_identical_adapters() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for d in [&a, &b] {
+        write_dataset(d.path());
+        run(d.path(), &["train.max_steps=6"], false)
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let read = |d: &tempfile::TempDir| {
+        std::fs::read(d.path().join("out/adapter_model.safetensors")).unwrap()
+    };
+    assert_eq!(read(&a), read(&b));
+    let other = tempfile::tempdir().unwrap();
+    write_dataset(other.path());
+    run(other.path(), &["train.max_steps=6", "train.seed=4"], false)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_ne!(
+        read(&a),
+        read(&other),
+        "a different seed should give a different adapter"
+    );
+}
+
+#[test]
+fn existing_output_is_not_overwritten_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let err = format!(
+        "{:#}",
+        run(dir.path(), &["train.max_steps=2"], false).unwrap_err()
+    );
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    run(dir.path(), &["train.max_steps=2"], true).unwrap();
+    assert!(!out.join("keep.txt").exists() && out.join("adapter_model.safetensors").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging folders left behind");
+}
+
+#[test]
+fn bad_data_is_reported_with_file_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("train.jsonl"),
+        "{\"promt\": \"a\", \"completion\": \"b\"}\n",
+    )
+    .unwrap();
+    let err = format!("{:#}", run(dir.path(), &[], false).unwrap_err());
+    assert!(
+        err.contains("train.jsonl")
+            && err.contains("no column `prompt`")
+            && err.contains("did you mean `promt`"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists());
+}

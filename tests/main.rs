@@ -1,0 +1,3 @@
+//! All integration tests in one binary (one link of the heavy dependencies).
+
+mod it;
