@@ -1,5 +1,6 @@
-//! `feinschliff bench train`: tokens/s, step time and peak memory of the real LoRA train step on a
-//! random model of a named shape (LoRA r16, alpha 32, all seven projections, batch 4 × 256).
+//! `feinschliff bench`: tokens/s, step time and peak memory on a random model of a named shape —
+//! `train`: the real LoRA train step (r16, alpha 32, all seven projections, batch 4 × 256);
+//! `score`: forward scoring without gradients as the eval harness runs it (batch 8 × 256).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -17,6 +18,7 @@ use crate::train::step::optimizer_step;
 /// The measured figures.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
+    pub what: &'static str,
     pub arch: String,
     pub size: Size,
     pub batch: usize,
@@ -35,20 +37,65 @@ impl std::fmt::Display for BenchReport {
             .unwrap_or_else(|| "n/a".into());
         write!(
             f,
-            "bench train {} {:?}: batch {} x {}, {} steps, {:.3} s/step, {:.0} tokens/s, peak RSS {rss}",
+            "bench {} {} {:?}: batch {} x {}, {} steps, {:.3} s/step, {:.0} tokens/s, peak RSS {rss}",
+            self.what,
             self.arch, self.size, self.batch, self.seq, self.steps, self.step_seconds, self.tokens_per_s
         )
     }
 }
 
-/// Times `steps` LoRA train steps (after one warm-up step) on a random `arch` model of `size`.
-pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<BenchReport> {
+/// A random `arch` model of `size` on `device`.
+fn random_model(arch: &str, size: Size, device: &Device) -> Result<CausalLm> {
     let shape = size.shape();
     let tie = size == Size::Smol;
     let config = ModelConfig::from_json(&config_json(arch, &shape, tie)?)?;
     let weights = Weights::from_tensors(random_weights(arch, &shape, tie, 0)?, DType::F32, device);
-    let mut lm = CausalLm::load(config, &weights, device)?;
-    drop(weights);
+    CausalLm::load(config, &weights, device)
+}
+
+/// A batch of random tokens, all of them targets.
+fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Result<Batch> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
+    let labels = ids.iter().map(|&i| i as i64).collect();
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (batch, seq), device)?,
+        labels,
+        layout: TokenLayout::causal(batch, seq),
+        target_tokens: batch * (seq - 1),
+        tokens: batch * seq,
+    })
+}
+
+/// Times `steps` forward scoring passes (after one warm-up pass), no gradients.
+pub fn score(arch: &str, size: Size, steps: usize, device: &Device) -> Result<BenchReport> {
+    let lm = random_model(arch, size, device)?;
+    let (batch, seq) = (8, 256);
+    let b = random_batch(batch, seq, size.shape().vocab, device)?;
+    crate::train::loss::summed_nll(&lm, &b, None)?;
+    let started = Instant::now();
+    for _ in 0..steps {
+        crate::train::loss::summed_nll(&lm, &b, None)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        what: "score",
+        arch: arch.to_string(),
+        size,
+        batch,
+        seq,
+        steps,
+        step_seconds: elapsed / steps as f64,
+        tokens_per_s: (batch * seq * steps) as f64 / elapsed,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Times `steps` LoRA train steps (after one warm-up step) on a random `arch` model of `size`.
+pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<BenchReport> {
+    let mut lm = random_model(arch, size, device)?;
     let lora_config = LoraConfig {
         r: 16,
         alpha: 32.0,
@@ -68,21 +115,7 @@ pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<Be
     };
     let mut optimizer = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params)?;
     let (batch, seq) = (4, 256);
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| rng.random_range(0..shape.vocab as u32))
-        .collect();
-    let labels = ids.iter().map(|&i| i as i64).collect();
-    let make = || -> Result<Batch> {
-        Ok(Batch {
-            input_ids: Tensor::from_vec(ids.clone(), (batch, seq), device)?,
-            labels,
-            layout: TokenLayout::causal(batch, seq),
-            target_tokens: batch * (seq - 1),
-            tokens: batch * seq,
-        })
-    };
-    let batches = [make()?];
+    let batches = [random_batch(batch, seq, size.shape().vocab, device)?];
     optimizer_step(&lm, &trainable, &mut optimizer, &batches, 1e-4, 1.0, 0)?;
     let started = Instant::now();
     for step in 0..steps {
@@ -98,6 +131,7 @@ pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<Be
     }
     let elapsed = started.elapsed().as_secs_f64();
     Ok(BenchReport {
+        what: "train",
         arch: arch.to_string(),
         size,
         batch,

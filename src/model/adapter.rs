@@ -96,6 +96,26 @@ const REFUSED: &[(&str, &str)] = &[
     ),
 ];
 
+/// Keys of adapter_config.json that Feinschliff reads or that carry no maths (metadata).
+const UNDERSTOOD: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_rslora",
+    "bias",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+];
+
 /// Reads a PEFT LoRA adapter folder (made by Feinschliff, PEFT, Axolotl, Unsloth, ...).
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     let config_path = dir.join(CONFIG_FILE);
@@ -123,6 +143,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
         };
         if !neutral {
             bail!("{}: {why} (`{key}` = {})", ctx(), raw[*key]);
+        }
+    }
+    for (key, value) in &raw {
+        let neutral = matches!(value, Value::Null | Value::Bool(false))
+            || value.as_object().is_some_and(|o| o.is_empty())
+            || value.as_array().is_some_and(|a| a.is_empty());
+        if !UNDERSTOOD.contains(&key.as_str()) && !REFUSED.iter().any(|(k, _)| k == key) && !neutral
+        {
+            tracing::warn!(
+                "{}: key `{key}` = {value} is not used by Feinschliff and was ignored",
+                config_path.display()
+            );
         }
     }
     if let Some(bias) = raw.get("bias").and_then(Value::as_str) {

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod cross_entropy;
 pub mod decoder;
 pub mod families;
 pub mod inspect;

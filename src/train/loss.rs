@@ -1,7 +1,7 @@
 //! Causal-LM cross-entropy: position i predicts token i+1; labels equal to -100 take no loss.
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::model::CausalLm;
@@ -30,8 +30,7 @@ pub fn summed_nll(model: &CausalLm, batch: &Batch, step: Option<u64>) -> Result<
     let n = rows.len();
     let picked = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
     let logits = model.logits(&picked)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    let nll = log_probs.gather(&targets, 1)?.sum_all()?.neg()?;
+    let targets = Tensor::from_vec(targets, n, device)?;
+    let nll = crate::model::cross_entropy::token_nll(&logits, &targets)?.sum_all()?;
     Ok((nll, n))
 }
