@@ -4,6 +4,7 @@ mod adapter;
 mod cli;
 mod common;
 mod data;
+mod eval;
 mod gradients;
 mod parity;
 mod recipe;

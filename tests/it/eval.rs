@@ -1,0 +1,303 @@
+//! The evaluation harness: suites, scoring semantics, reports, gates; the German suite on the
+//! shared benchmark data when ../shared is present.
+
+use feinschliff::eval::metrics::{exact_match, f1, mean_stderr, normalize_answer};
+use feinschliff::eval::scorer::Scorer;
+use feinschliff::eval::suite::Suite;
+use feinschliff::eval::{self, EvalOptions};
+use feinschliff::model::Model;
+use std::path::{Path, PathBuf};
+
+use super::common::{repo, tiny_llama_dir, write_temp};
+
+fn options(suite: &Path, out: &Path) -> EvalOptions {
+    EvalOptions {
+        model: tiny_llama_dir().display().to_string(),
+        adapter: None,
+        suite: suite.to_path_buf(),
+        tasks: vec![],
+        limit: Some(4),
+        out: out.to_path_buf(),
+        baseline: None,
+        device: "cpu".into(),
+        force: false,
+    }
+}
+
+/// A small suite over files in `dir`: one task of each kind, plus `extra` TOML.
+fn small_suite(dir: &Path, extra: &str) -> PathBuf {
+    std::fs::write(
+        dir.join("mc.jsonl"),
+        "{\"q\": \"Wo liegt Berlin?\", \"choices\": [\"in Deutschland\", \"in Frankreich\"], \"label\": 0}\n{\"q\": \"Was ist 2+2?\", \"choices\": [\"drei\", \"vier\", \"fünf\"], \"label\": 1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("gen.jsonl"),
+        "{\"q\": \"Hauptstadt?\", \"a\": [\"Berlin\", \"die Stadt Berlin\"]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ppl.jsonl"),
+        "{\"text\": \"Der Zähler steht im Keller. Bitte lesen Sie ihn einmal im Jahr ab.\"}\n",
+    )
+    .unwrap();
+    let suite = format!(
+        r#"name = "small"
+max_length = 16
+
+[[task]]
+name = "mc"
+kind = "multiple_choice"
+dataset = {{ path = "mc.jsonl" }}
+license = "CC0-1.0"
+context = "Frage: {{{{ q }}}}\nAntwort:"
+choices = "{{{{ choices | tojson }}}}"
+target = "{{{{ label }}}}"
+
+[[task]]
+name = "gen"
+kind = "generate"
+dataset = {{ path = "gen.jsonl" }}
+license = "CC BY-NC 4.0"
+non_commercial = true
+context = "{{{{ q }}}}"
+target = "{{{{ a | tojson }}}}"
+until = ["\n"]
+max_gen_toks = 4
+
+[[task]]
+name = "ppl"
+kind = "perplexity"
+dataset = {{ path = "ppl.jsonl" }}
+license = "CC0-1.0"
+context = "{{{{ text }}}}"
+{extra}"#
+    );
+    let path = dir.join("suite.toml");
+    std::fs::write(&path, suite).unwrap();
+    path
+}
+
+#[test]
+fn reports_follow_lm_eval_schema_and_flag_licenses() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = small_suite(dir.path(), "");
+    let out = dir.path().join("out");
+    let outcome = eval::run(&options(&suite, &out)).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(outcome.failures().is_empty());
+    for f in [
+        "results.json",
+        "samples_mc.jsonl",
+        "samples_gen.jsonl",
+        "samples_ppl.jsonl",
+        "report.md",
+        "junit.xml",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let mc = &results["results"]["mc"];
+    for key in [
+        "acc,none",
+        "acc_stderr,none",
+        "acc_norm,none",
+        "acc_norm_stderr,none",
+    ] {
+        assert!(mc[key].is_number(), "{key} missing: {mc}");
+    }
+    assert!(
+        results["results"]["ppl"]["word_perplexity,none"]
+            .as_f64()
+            .unwrap()
+            > 1.0
+    );
+    assert_eq!(
+        results["results"]["ppl"]["word_perplexity_stderr,none"],
+        "N/A"
+    );
+    assert_eq!(results["n-samples"]["mc"]["effective"], 2);
+    assert_eq!(results["licenses"]["gen"]["non_commercial"], true);
+    assert_eq!(results["higher_is_better"]["ppl"]["bits_per_byte"], false);
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("samples_mc.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["loglikelihoods"].as_array().unwrap().len(), 2);
+    assert_eq!(first["context"], "Frage: Wo liegt Berlin?\nAntwort:");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| mc | acc |") && md.contains("Non-commercial data:** gen"),
+        "{md}"
+    );
+    let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+    assert!(
+        junit.contains("<testsuite name=\"small\"") && junit.contains("failures=\"0\""),
+        "{junit}"
+    );
+}
+
+#[test]
+fn gates_fail_with_task_metric_value_and_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = small_suite(dir.path(), "\n[[gate]]\ntask = \"mc\"\nmetric = \"acc\"\nmin = 1.5\n\n[[gate]]\ntask = \"ppl\"\nmetric = \"word_perplexity\"\nmax_drop = 0.0\n");
+    let out = dir.path().join("out");
+    let outcome = eval::run(&options(&suite, &out)).unwrap();
+    let failures = outcome.failures();
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("mc acc") && f.contains("below the minimum 1.5")),
+        "{failures:?}"
+    );
+    assert!(
+        failures.iter().any(|f| f.contains("needs a baseline")),
+        "{failures:?}"
+    );
+    assert!(std::fs::read_to_string(out.join("junit.xml"))
+        .unwrap()
+        .contains("<failure message="));
+    // Against a baseline that was better, max_drop fails; against itself it passes.
+    let mut base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let ppl = base["results"]["ppl"]["word_perplexity,none"]
+        .as_f64()
+        .unwrap();
+    std::fs::write(dir.path().join("same.json"), base.to_string()).unwrap();
+    base["results"]["ppl"]["word_perplexity,none"] = serde_json::json!(ppl / 2.0);
+    std::fs::write(dir.path().join("better.json"), base.to_string()).unwrap();
+    let mut opts = options(&suite, &dir.path().join("out2"));
+    opts.baseline = Some(dir.path().join("better.json"));
+    let f = eval::run(&opts).unwrap();
+    assert!(
+        f.failures()
+            .iter()
+            .any(|m| m.contains("ppl word_perplexity") && m.contains("worse than the baseline")),
+        "{:?}",
+        f.failures()
+    );
+    let mut opts = options(&suite, &dir.path().join("out3"));
+    opts.baseline = Some(dir.path().join("same.json"));
+    let f = eval::run(&opts).unwrap();
+    assert!(
+        !f.failures().iter().any(|m| m.contains("ppl")),
+        "{:?}",
+        f.failures()
+    );
+    // The CLI exits non-zero with the message.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args([
+            "eval",
+            "--model",
+            tiny_llama_dir().to_str().unwrap(),
+            "--suite",
+            suite.to_str().unwrap(),
+            "--tasks",
+            "mc",
+            "--out",
+        ])
+        .arg(dir.path().join("out4"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("below the minimum 1.5"));
+}
+
+#[test]
+fn malformed_suites_are_named() {
+    let cases = [
+        ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"multiple_choice\"\ndataset = { path = \"d.jsonl\" }\nlicense = \"x\"\ncontext = \"c\"\n", "needs `choices` and `target`"),
+        ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"perplexity\"\ndataset = { path = \"d.jsonl\" }\nlicense = \"x\"\ncontext = \"c\"\nmetrics = [\"acc\"]\n", "metric `acc` is not one of"),
+        ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"perplexity\"\ndataset = { path = \"d.jsonl\" }\nlicense = \"x\"\ncontext = \"{{ oops\"\n", "not a valid template"),
+        ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"perplexity\"\ndataset = { path = \"d.jsonl\" }\nlicense = \"x\"\ncontext = \"c\"\n[[gate]]\ntask = \"b\"\nmetric = \"acc\"\n", "unknown task `b`"),
+        ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"sorting\"\n", "unknown variant `sorting`"),
+        ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"perplexity\"\ndataset = { path = \"d.jsonl\" }\ncontext = \"c\"\n", "missing field `license`"),
+    ];
+    for (text, want) in cases {
+        let (_d, path) = write_temp("suite.toml", text);
+        let err = format!("{:#}", Suite::load(&path).unwrap_err());
+        assert!(
+            err.contains("suite.toml") && err.contains(want),
+            "{want}: {err}"
+        );
+    }
+}
+
+#[test]
+fn scorer_splits_and_windows_like_lm_eval() {
+    let model = Model::load(tiny_llama_dir(), None, &candle_core::Device::Cpu).unwrap();
+    let scorer = Scorer::new(&model, Some(8), 4);
+    // Trailing whitespace of the context moves to the continuation.
+    let r = scorer.encode_pair("Antwort: ", "Ja").unwrap();
+    assert_eq!(r.context, model.tokenizer.encode("Antwort:").unwrap());
+    let whole = model.tokenizer.encode("Antwort: Ja").unwrap();
+    assert_eq!([r.context.clone(), r.continuation.clone()].concat(), whole);
+    // Rolling windows predict every token exactly once, never with more than max_length inputs.
+    let tokens: Vec<u32> = (10..40).collect();
+    let windows = scorer.rolling_windows(&tokens);
+    let predicted: Vec<u32> = windows
+        .iter()
+        .flat_map(|w| w.continuation.clone())
+        .collect();
+    assert_eq!(predicted, tokens);
+    assert!(windows
+        .iter()
+        .all(|w| w.context.len() + w.continuation.len() <= 9));
+    assert_eq!(windows[0].context, vec![model.tokenizer.eos_id().unwrap()]);
+}
+
+#[test]
+fn answer_normalisation_is_german_aware() {
+    assert_eq!(normalize_answer("Die Stadt Berlin!"), "stadt berlin");
+    assert_eq!(exact_match("der Marktplatz", &["Marktplatz".into()]), 1.0);
+    assert!(
+        (f1("am Marktplatz 3", &["Marktplatz 3 in Lindenau".into()])
+            - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5))
+            .abs()
+            < 1e-12
+    );
+    assert!((mean_stderr(&[1.0, 0.0, 1.0, 0.0]) - (1.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-12);
+}
+
+/// The shipped German suite on the benchmark copies in ../shared (skipped without them).
+#[test]
+fn german_suite_runs_on_the_shared_benchmarks() {
+    if !repo().join("../shared/benchmarks").exists() {
+        println!("skipped: ../shared/benchmarks is not present beside the repository");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(&repo().join("evals/german.toml"), &dir.path().join("out"));
+    opts.limit = Some(3);
+    let outcome = eval::run(&opts).unwrap_or_else(|e| panic!("{e:#}"));
+    let suite = Suite::load(&repo().join("evals/german.toml")).unwrap();
+    for task in &suite.tasks {
+        assert!(
+            outcome.scores.contains_key(&task.name),
+            "{} produced no score",
+            task.name
+        );
+        assert!(dir
+            .path()
+            .join(format!("out/samples_{}.jsonl", task.name))
+            .exists());
+    }
+    let md = std::fs::read_to_string(dir.path().join("out/report.md")).unwrap();
+    assert!(
+        md.contains("Non-commercial data:**") && md.contains("xnli_de"),
+        "{md}"
+    );
+}
+
+#[test]
+fn domain_suite_runs_on_the_shipped_heldout_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(&repo().join("evals/domain.toml"), &dir.path().join("out"));
+    opts.limit = Some(2);
+    let outcome = eval::run(&opts).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(outcome.scores.len(), 3);
+}
