@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fsutil::{write_atomic, StagedDir};
 use crate::model::weights::{save_safetensors, Weights};
-use crate::model::{adapter, Model};
+use crate::model::{adapter, CausalLm, ModelConfig};
 
 /// What to merge and how to write it.
 pub struct MergeOptions {
@@ -45,8 +45,12 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
         ),
     };
     let base_dir = crate::model::locate(&base_name, Path::new(&base_name), None)?;
-    let mut model = Model::load(&base_dir, None, &device)?;
     let stored = Weights::open(&base_dir, DType::F32, &device)?;
+    let mut lm = CausalLm::load(
+        ModelConfig::from_file(&base_dir.join("config.json"))?,
+        &stored,
+        &device,
+    )?;
     let dtype = match opts.dtype {
         Some(d) => d,
         None => stored.stored_dtype().unwrap_or(DType::F32),
@@ -54,9 +58,8 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         bail!("cannot export in {dtype:?}; use f32, bf16 or f16");
     }
-    model.lora = Some(loaded.apply(&mut model.lm)?);
-    let deltas: BTreeMap<String, Tensor> = model
-        .lm
+    loaded.apply(&mut lm)?;
+    let deltas: BTreeMap<String, Tensor> = lm
         .linears()
         .into_iter()
         .filter_map(|(name, l)| l.lora.as_ref().map(|a| (format!("{name}.weight"), a)))
@@ -181,8 +184,13 @@ pub fn copy_adapter(opts: &MergeOptions) -> Result<PathBuf> {
         .unwrap_or_default();
     if !base_name.is_empty() {
         let base_dir = crate::model::locate(&base_name, Path::new(&base_name), None)?;
-        let mut model = Model::load(&base_dir, None, &Device::Cpu)?;
-        loaded.apply(&mut model.lm)?;
+        let weights = Weights::open(&base_dir, DType::F32, &Device::Cpu)?;
+        let mut lm = CausalLm::load(
+            ModelConfig::from_file(&base_dir.join("config.json"))?,
+            &weights,
+            &Device::Cpu,
+        )?;
+        loaded.apply(&mut lm)?;
     }
     let staged = StagedDir::create(&opts.out, opts.force)?;
     for f in [
