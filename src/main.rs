@@ -85,6 +85,9 @@ enum Command {
         /// Largest safetensors shard, e.g. 5GB, 500MB.
         #[arg(long, default_value = "5GB")]
         max_shard_size: String,
+        /// Accept a --base whose name differs from the adapter's base_model_name_or_path.
+        #[arg(long)]
+        any_base: bool,
         #[arg(long)]
         force: bool,
     },
@@ -280,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
             max_shard_size,
+            any_base,
             force,
         } => {
             let dtype = dtype.map(|d| match d.as_str() {
@@ -294,6 +298,7 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 dtype,
                 max_shard_bytes,
+                any_base,
                 force,
             };
             let written = if merge {

@@ -20,6 +20,8 @@ pub struct MergeOptions {
     pub dtype: Option<DType>,
     /// Largest shard in bytes.
     pub max_shard_bytes: u64,
+    /// Accept a base whose name differs from the adapter's base_model_name_or_path.
+    pub any_base: bool,
     pub force: bool,
 }
 
@@ -36,14 +38,13 @@ const COPIED: &[&str] = &[
 pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
     let device = Device::Cpu;
     let loaded = adapter::load(&opts.adapter, &device)?;
-    let base_name = match (&opts.base, &loaded.base_model_name_or_path) {
-        (Some(b), _) => b.clone(),
-        (None, Some(b)) => b.clone(),
-        (None, None) => bail!(
-            "{} names no base model (base_model_name_or_path); pass --base",
-            opts.adapter.display()
-        ),
-    };
+    let base_name =
+        choose_base(opts, loaded.base_model_name_or_path.as_deref())?.with_context(|| {
+            format!(
+                "{} names no base model (base_model_name_or_path); pass --base",
+                opts.adapter.display()
+            )
+        })?;
     let base_dir = crate::model::locate(&base_name, Path::new(&base_name), None)?;
     let stored = Weights::open(&base_dir, DType::F32, &device)?;
     let mut lm = CausalLm::load(
@@ -103,6 +104,26 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
         super::card::CardInput::gather(&opts.adapter, &base_name, super::card::Kind::Merged)?;
     write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
     staged.commit()
+}
+
+/// The base to use: `--base`, else the adapter's; a `--base` whose name differs from the one the
+/// adapter was trained on is refused unless `any_base` (the same model may live in another folder).
+fn choose_base(opts: &MergeOptions, adapter_base: Option<&str>) -> Result<Option<String>> {
+    let name = |s: &str| {
+        s.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(s)
+            .to_lowercase()
+    };
+    match (&opts.base, adapter_base) {
+        (Some(given), Some(trained)) if !opts.any_base && name(given) != name(trained) => bail!(
+            "{} was trained on `{trained}`, but the base given is `{given}`: an adapter only fits the model it was trained on; pass --any-base if this is the same model under another name",
+            opts.adapter.display()
+        ),
+        (Some(given), _) => Ok(Some(given.clone())),
+        (None, trained) => Ok(trained.map(str::to_string)),
+    }
 }
 
 fn stored_shape(weights: &Weights, name: &str) -> Result<Vec<usize>> {
@@ -177,11 +198,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Copies an adapter folder (config and weights) with a model card, checking it loads on its base.
 pub fn copy_adapter(opts: &MergeOptions) -> Result<PathBuf> {
     let loaded = adapter::load(&opts.adapter, &Device::Cpu)?;
-    let base_name = opts
-        .base
-        .clone()
-        .or(loaded.base_model_name_or_path.clone())
-        .unwrap_or_default();
+    let base_name =
+        choose_base(opts, loaded.base_model_name_or_path.as_deref())?.unwrap_or_default();
     if !base_name.is_empty() {
         let base_dir = crate::model::locate(&base_name, Path::new(&base_name), None)?;
         let weights = Weights::open(&base_dir, DType::F32, &Device::Cpu)?;

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod data;
 mod eval;
+mod export;
 mod gradients;
 mod parity;
 mod recipe;

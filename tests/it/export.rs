@@ -1,0 +1,255 @@
+//! Export: merged checkpoints equal base + adapter (PEFT's golden logits), sharding, dtypes, model
+//! cards, refused inputs; a recipe that trains, evaluates and writes its card.
+
+use candle_core::{DType, Device, Tensor};
+use feinschliff::export::{self, MergeOptions};
+use feinschliff::model::weights::Weights;
+use feinschliff::model::{CausalLm, ModelConfig, TokenLayout};
+use std::path::Path;
+
+use super::common::{max_abs_diff, repo, tiny_llama_dir};
+
+fn fixture(case: &str) -> std::path::PathBuf {
+    repo().join("tests/fixtures/parity").join(case)
+}
+
+fn options(adapter: &Path, base: &Path, out: &Path) -> MergeOptions {
+    MergeOptions {
+        adapter: adapter.to_path_buf(),
+        base: Some(base.display().to_string()),
+        out: out.to_path_buf(),
+        dtype: None,
+        max_shard_bytes: 5_000_000_000,
+        any_base: false,
+        force: false,
+    }
+}
+
+fn logits_of(dir: &Path, ids: &Tensor) -> Tensor {
+    let weights = Weights::open(dir, DType::F32, &Device::Cpu).unwrap();
+    let lm = CausalLm::load(
+        ModelConfig::from_file(&dir.join("config.json")).unwrap(),
+        &weights,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = ids.to_dtype(DType::U32).unwrap();
+    let (b, t) = ids.dims2().unwrap();
+    lm.forward(&ids, &TokenLayout::causal(b, t), None).unwrap()
+}
+
+#[test]
+fn merged_export_equals_peft_adapted_logits() {
+    let golden =
+        candle_core::safetensors::load(fixture("llama3").join("golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    export::merge(&options(
+        &fixture("llama3").join("adapter"),
+        &fixture("llama3"),
+        &out,
+    ))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let diff = max_abs_diff(
+        &logits_of(&out, &golden["input_ids"]),
+        &golden["adapted_logits"],
+    );
+    assert!(diff <= 1e-4, "merged vs PEFT: {diff}");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("library_name: transformers") && card.contains("base_model:merge:"),
+        "{card}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "float32");
+    // The qwen2 rsLoRA adapter on tied embeddings, sharded into small files.
+    let mut opts = options(
+        &fixture("qwen2").join("adapter"),
+        &fixture("qwen2"),
+        &dir.path().join("sharded"),
+    );
+    opts.max_shard_bytes = 40_000;
+    export::merge(&opts).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("sharded/model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(shards.len() > 2, "{shards:?}");
+    let golden =
+        candle_core::safetensors::load(fixture("qwen2").join("golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let diff = max_abs_diff(
+        &logits_of(&dir.path().join("sharded"), &golden["input_ids"]),
+        &golden["adapted_logits"],
+    );
+    assert!(diff <= 1e-4, "sharded qwen2 merge vs PEFT: {diff}");
+}
+
+#[test]
+fn merged_export_in_bf16_is_written_as_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(
+        &fixture("llama3").join("adapter"),
+        &fixture("llama3"),
+        &dir.path().join("bf16"),
+    );
+    opts.dtype = Some(DType::BF16);
+    export::merge(&opts).unwrap();
+    let weights = Weights::open(&dir.path().join("bf16"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(weights.stored_dtype(), Some(DType::BF16));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("bf16/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let golden =
+        candle_core::safetensors::load(fixture("llama3").join("golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let diff = max_abs_diff(
+        &logits_of(&dir.path().join("bf16"), &golden["input_ids"]),
+        &golden["adapted_logits"],
+    );
+    assert!(diff < 0.1, "bf16 merge far from f32: {diff}");
+}
+
+#[test]
+fn export_refuses_bad_input_and_keeps_existing_output() {
+    let dir = tempfile::tempdir().unwrap();
+    // An adapter made for another base (qwen2 adapter on the llama3 base): refused by name, and
+    // by shape when the names are overridden but the shapes differ.
+    let err = format!(
+        "{:#}",
+        export::merge(&options(
+            &fixture("qwen2").join("adapter"),
+            &fixture("llama3"),
+            &dir.path().join("x")
+        ))
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("was trained on `fixtures/qwen2`") && err.contains("--any-base"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x").exists());
+    let mut any = options(
+        &fixture("llama3").join("adapter"),
+        tiny_llama_dir(),
+        &dir.path().join("x"),
+    );
+    any.any_base = true;
+    let err = format!("{:#}", export::merge(&any).unwrap_err());
+    assert!(err.contains("another base model"), "{err}");
+    assert!(!dir.path().join("x").exists());
+    // An existing output folder.
+    let out = dir.path().join("existing");
+    std::fs::create_dir(&out).unwrap();
+    let err = format!(
+        "{:#}",
+        export::merge(&options(
+            &fixture("llama3").join("adapter"),
+            &fixture("llama3"),
+            &out
+        ))
+        .unwrap_err()
+    );
+    assert!(err.contains("already exists"), "{err}");
+    // DoRA changes the maths: refused with the reason.
+    let dora = dir.path().join("dora");
+    std::fs::create_dir(&dora).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama3").join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["use_dora"] = serde_json::json!(true);
+    std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        fixture("llama3").join("adapter/adapter_model.safetensors"),
+        dora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        export::merge(&options(&dora, &fixture("llama3"), &dir.path().join("y"))).unwrap_err()
+    );
+    assert!(err.contains("DoRA"), "{err}");
+    assert!(feinschliff::export::merged::parse_size("5GB").unwrap() == 5_000_000_000);
+    assert!(feinschliff::export::merged::parse_size("five").is_err());
+}
+
+#[test]
+fn recipe_trains_evaluates_and_writes_a_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rows = String::new();
+    for i in 0..24 {
+        rows.push_str(&serde_json::json!({"instruction": format!("Frage {i}: Wann ist das Kundenzentrum offen?"), "output": format!("Montag bis Freitag, Antwort {i}.")}).to_string());
+        rows.push('\n');
+    }
+    std::fs::write(d.join("train.jsonl"), rows).unwrap();
+    std::fs::write(
+        d.join("ppl.jsonl"),
+        "{\"text\": \"Das Kundenzentrum ist Montag bis Freitag offen.\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("suite.toml"),
+        "name = \"domain\"\n[[task]]\nname = \"ppl\"\nkind = \"perplexity\"\ndataset = { path = \"ppl.jsonl\" }\nlicense = \"CC0-1.0\"\ncontext = \"{{ text }}\"\n\n[[gate]]\ntask = \"ppl\"\nmetric = \"word_perplexity\"\nmax_drop = 1000000.0\n",
+    )
+    .unwrap();
+    let recipe = format!(
+        "[model]\nbase = \"{}\"\n\n[data]\nformat = \"instruction\"\n\n[[data.train]]\npath = \"train.jsonl\"\nlicense = \"CC BY-NC 4.0\"\nnon_commercial = true\n\n[train]\nmax_steps = 4\nlr = 1e-2\ndevice = \"cpu\"\n\n[eval]\nsuites = [\"suite.toml\"]\n\n[output]\ndir = \"out\"\nlicense = \"apache-2.0\"\nlanguage = [\"de\"]\n",
+        tiny_llama_dir().display()
+    );
+    std::fs::write(d.join("recipe.toml"), recipe).unwrap();
+    let r = feinschliff::recipe::Recipe::load(&d.join("recipe.toml"), &[]).unwrap();
+    feinschliff::pipeline::run(&r, false).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = d.join("out");
+    for f in [
+        "eval/domain/results.json",
+        "eval/domain/base_results.json",
+        "eval/domain/report.md",
+        "README.md",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for want in [
+        "library_name: peft",
+        "base_model: \"",
+        "- base_model:adapter:",
+        "- lora",
+        "language:\n- de",
+        "license: \"apache-2.0\"",
+        "model-index:",
+        "type: word_perplexity",
+        "⚠ non-commercial",
+        "| ppl | word_perplexity |",
+    ] {
+        assert!(card.contains(want), "card lacks `{want}`:\n{card}");
+    }
+    // A gate that cannot pass fails the run after the reports and the card are written.
+    let failing = r.clone();
+    let mut failing = failing;
+    failing.output.dir = "out2".into();
+    let suite = std::fs::read_to_string(d.join("suite.toml"))
+        .unwrap()
+        .replace("max_drop = 1000000.0", "max = 1.0");
+    std::fs::write(d.join("suite.toml"), suite).unwrap();
+    let err = format!(
+        "{:#}",
+        feinschliff::pipeline::run(&failing, false).unwrap_err()
+    );
+    assert!(
+        err.contains("ppl word_perplexity") && err.contains("above the maximum 1"),
+        "{err}"
+    );
+    assert!(d.join("out2/eval/domain/junit.xml").exists());
+}
