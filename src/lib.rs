@@ -10,5 +10,6 @@ pub mod fsutil;
 pub mod hub;
 pub mod model;
 pub mod pipeline;
+pub mod publish;
 pub mod recipe;
 pub mod train;

@@ -91,6 +91,24 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Upload an adapter or merged model folder to the Hugging Face Hub in one commit.
+    Publish {
+        dir: PathBuf,
+        /// Target repository, `org/name`.
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        private: bool,
+        /// Branch to commit to (created when missing).
+        #[arg(long)]
+        revision: Option<String>,
+        /// Open a pull request instead of committing to the branch.
+        #[arg(long)]
+        create_pr: bool,
+        /// List what would be uploaded, upload nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Look at what the recipe's data becomes.
     Data {
         #[command(subcommand)]
@@ -307,6 +325,40 @@ fn run(cli: Cli) -> Result<()> {
                 feinschliff::export::copy_adapter(&opts)?
             };
             println!("wrote {}", written.display());
+        }
+        Command::Publish {
+            dir,
+            repo,
+            private,
+            revision,
+            create_pr,
+            dry_run,
+        } => {
+            let opts = feinschliff::publish::PublishOptions {
+                dir,
+                repo,
+                private,
+                revision,
+                create_pr,
+                dry_run,
+            };
+            let outcome = feinschliff::publish::run(&opts)?;
+            for (path, size) in &outcome.files {
+                println!("{size:>12}  {path}");
+            }
+            if opts.dry_run {
+                println!(
+                    "dry run: {} files would be uploaded to {} (\"{}\")",
+                    outcome.files.len(),
+                    opts.repo,
+                    outcome.commit_message
+                );
+            } else {
+                println!("uploaded {} files to {}", outcome.files.len(), opts.repo);
+                if let Some(url) = outcome.pr_url.or(outcome.commit_url) {
+                    println!("{url}");
+                }
+            }
         }
         Command::Data {
             command:

@@ -20,6 +20,12 @@ pub struct Recipe {
     /// Evaluations after training (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalSection>,
+    /// A merged full model written after training and evaluation (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportSection>,
+    /// Upload to the Hugging Face Hub once every gate passed (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishSection>,
     /// The folder relative paths in the recipe are resolved against (the recipe file's folder).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -356,6 +362,43 @@ pub struct EvalSection {
     pub compare_base: bool,
 }
 
+/// `[export]`: base + adapter merged into one full model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// Merge the adapter into the base weights (the only export besides the adapter itself).
+    #[serde(default = "yes")]
+    pub merge: bool,
+    /// Weights dtype of the merged model (default: the base checkpoint's).
+    #[serde(default)]
+    pub dtype: Option<Precision>,
+    /// Where the merged model goes.
+    pub out: String,
+    /// Largest safetensors shard (e.g. "5GB").
+    #[serde(default = "default_shard_size")]
+    pub max_shard_size: String,
+}
+
+fn default_shard_size() -> String {
+    "5GB".into()
+}
+
+/// `[publish]`: the Hub repository the result is uploaded to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSection {
+    /// `org/name`.
+    pub repo: String,
+    #[serde(default)]
+    pub private: bool,
+    /// Branch to commit to; default main.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Open a pull request instead of committing directly.
+    #[serde(default)]
+    pub create_pr: bool,
+}
+
 /// `[output]`: where the adapter and the run's records go.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -582,6 +625,17 @@ impl Recipe {
                         ),
                     ));
                 }
+            }
+        }
+        if let Some(p) = &self.publish {
+            crate::hub::split_repo_id(&p.repo)
+                .map_err(|e| fail("publish", "repo", e.to_string()))?;
+        }
+        if let Some(e) = &self.export {
+            crate::export::merged::parse_size(&e.max_shard_size)
+                .map_err(|err| fail("export", "max_shard_size", err.to_string()))?;
+            if e.out.trim().is_empty() {
+                return Err(fail("export", "out", "must name a folder".into()));
             }
         }
         if self.output.dir.trim().is_empty() {

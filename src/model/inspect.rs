@@ -77,10 +77,11 @@ pub fn summary(model: &Model) -> Result<String> {
     Ok(s)
 }
 
-/// Loads `dir` (plus an adapter) on the CPU in f32.
+/// Loads `dir` (a folder or Hub repo id, plus an adapter) on the CPU in f32.
 pub fn load(dir: &Path, adapter_dir: Option<&Path>) -> Result<Model> {
     let device = Device::Cpu;
-    let mut model = Model::load(dir, None, &device)?;
+    let dir = super::locate(&dir.to_string_lossy(), dir, None)?;
+    let mut model = Model::load(&dir, None, &device)?;
     if let Some(a) = adapter_dir {
         model.load_adapter(a)?;
     }

@@ -7,6 +7,8 @@ mod data;
 mod eval;
 mod export;
 mod gradients;
+mod hub_server;
 mod parity;
+mod publish;
 mod recipe;
 mod training;
