@@ -8,6 +8,7 @@ mod eval;
 mod export;
 mod gradients;
 mod hub_server;
+mod lm_eval_parity;
 mod parity;
 mod publish;
 mod recipe;
