@@ -76,6 +76,10 @@ pub struct LoraSection {
     pub dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
+    /// Continue training an existing PEFT adapter (made by Feinschliff, PEFT, Axolotl, Unsloth, ...)
+    /// instead of starting from PEFT's initialisation; its r, alpha and targets are used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for LoraSection {
@@ -86,6 +90,7 @@ impl Default for LoraSection {
             dropout: 0.05,
             target_modules: TargetModules::Pattern("all-linear".into()),
             use_rslora: false,
+            init_from: None,
         }
     }
 }
@@ -636,6 +641,16 @@ impl Recipe {
                 .map_err(|err| fail("export", "max_shard_size", err.to_string()))?;
             if e.out.trim().is_empty() {
                 return Err(fail("export", "out", "must name a folder".into()));
+            }
+        }
+        if let Some(a) = &l.init_from {
+            let path = self.resolve(a);
+            if !path.join(crate::model::adapter::CONFIG_FILE).exists() {
+                return Err(fail(
+                    "lora",
+                    "init_from",
+                    format!("{} holds no adapter_config.json", path.display()),
+                ));
             }
         }
         if self.output.dir.trim().is_empty() {

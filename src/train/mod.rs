@@ -46,7 +46,18 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     let out = StagedDir::create(&recipe.resolve(&recipe.output.dir), force)?;
 
     let mut model = Model::load(&base, Some(recipe.model.dtype.dtype()), &device)?;
-    model.attach_lora(&recipe.lora.to_config(), t.seed)?;
+    match &recipe.lora.init_from {
+        Some(dir) => {
+            model.load_adapter(&recipe.resolve(dir))?;
+            let loaded = model.lora.as_ref().map(|l| (l.r, l.alpha));
+            if loaded != Some((recipe.lora.r, recipe.lora.alpha)) {
+                tracing::warn!(
+                    "continuing adapter {dir}: its r and alpha {loaded:?} are used, not [lora]'s"
+                );
+            }
+        }
+        None => model.attach_lora(&recipe.lora.to_config(), t.seed)?,
+    }
     tracing::info!(
         "model {} ({}, {} parameters) on {}, dtype {:?}; LoRA r {} on {} ({} trainable parameters)",
         base.display(),
@@ -54,7 +65,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         model.lm.config.parameter_count(),
         crate::device::describe(&device),
         recipe.model.dtype,
-        recipe.lora.r,
+        model.lora.as_ref().map(|l| l.r).unwrap_or(recipe.lora.r),
         model.adapted_module_names().join(","),
         model.trainable_parameter_count()
     );

@@ -116,3 +116,25 @@ fn unknown_model_type_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn missing_tensor_names_the_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tiny_llama_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let mut tensors = candle_core::safetensors::load(
+        tiny_llama_dir().join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    tensors.remove("model.layers.1.mlp.down_proj.weight");
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let out = feinschliff(&["model", "inspect", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.safetensors") && err.contains("model.layers.1.mlp.down_proj.weight"),
+        "{err}"
+    );
+}

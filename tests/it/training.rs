@@ -189,3 +189,85 @@ fn bad_data_is_reported_with_file_and_column() {
     );
     assert!(!dir.path().join("out").exists());
 }
+
+#[test]
+fn training_continues_an_existing_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path());
+    run(
+        dir.path(),
+        &["train.max_steps=3", "output.dir=first"],
+        false,
+    )
+    .unwrap();
+    let first = dir.path().join("first");
+    run(
+        dir.path(),
+        &[
+            "train.max_steps=3",
+            "output.dir=second",
+            &format!("lora.init_from={}", first.display()),
+        ],
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let read = |d: &str| {
+        candle_core::safetensors::load(
+            dir.path().join(d).join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (read("first"), read("second"));
+    assert_eq!(a.len(), b.len());
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let moved = super::common::max_abs_diff(&a[key], &b[key]);
+    assert!(moved > 0.0, "continued training did not change the adapter");
+    let err = format!(
+        "{:#}",
+        run(dir.path(), &["lora.init_from=nowhere"], false).unwrap_err()
+    );
+    assert!(
+        err.contains("[lora] init_from") && err.contains("adapter_config.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bf16_training_follows_the_f32_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path());
+    let curve = |dtype: &str, out: &str| -> Vec<f64> {
+        run(
+            dir.path(),
+            &[
+                "train.max_steps=12",
+                "lora.dropout=0.0",
+                &format!("model.dtype={dtype}"),
+                &format!("output.dir={out}"),
+            ],
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        std::fs::read_to_string(dir.path().join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let f32_curve = curve("f32", "f32");
+    let bf16_curve = curve("bf16", "bf16");
+    // bf16 rounds weights and activations to 8 bits of mantissa: the curves agree to a few percent.
+    for (step, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
+        assert!(
+            (a - b).abs() <= 0.05 * a,
+            "step {}: f32 {a} vs bf16 {b}",
+            step + 1
+        );
+    }
+    assert!(bf16_curve.last() < bf16_curve.first());
+}
