@@ -44,12 +44,23 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-/// A random `arch` model of `size` on `device`.
-fn random_model(arch: &str, size: Size, device: &Device) -> Result<CausalLm> {
+/// What to measure: the shape, batch and compute dtype.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub arch: String,
+    pub size: Size,
+    pub batch: usize,
+    pub seq: usize,
+    pub dtype: DType,
+    pub steps: usize,
+}
+
+/// A random `arch` model of `size` on `device`, its frozen weights in `dtype`.
+fn random_model(arch: &str, size: Size, dtype: DType, device: &Device) -> Result<CausalLm> {
     let shape = size.shape();
-    let tie = size == Size::Smol;
+    let tie = size.tied();
     let config = ModelConfig::from_json(&config_json(arch, &shape, tie)?)?;
-    let weights = Weights::from_tensors(random_weights(arch, &shape, tie, 0)?, DType::F32, device);
+    let weights = Weights::from_tensors(random_weights(arch, &shape, tie, 0)?, dtype, device);
     CausalLm::load(config, &weights, device)
 }
 
@@ -70,32 +81,34 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Resu
 }
 
 /// Times `steps` forward scoring passes (after one warm-up pass), no gradients.
-pub fn score(arch: &str, size: Size, steps: usize, device: &Device) -> Result<BenchReport> {
-    let lm = random_model(arch, size, device)?;
-    let (batch, seq) = (8, 256);
-    let b = random_batch(batch, seq, size.shape().vocab, device)?;
+pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
+    let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
+    let b = random_batch(spec.batch, spec.seq, spec.size.shape().vocab, device)?;
     crate::train::loss::summed_nll(&lm, &b, None)?;
     let started = Instant::now();
-    for _ in 0..steps {
+    for _ in 0..spec.steps {
         crate::train::loss::summed_nll(&lm, &b, None)?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(BenchReport {
-        what: "score",
-        arch: arch.to_string(),
-        size,
-        batch,
-        seq,
-        steps,
-        step_seconds: elapsed / steps as f64,
-        tokens_per_s: (batch * seq * steps) as f64 / elapsed,
+    Ok(report("score", spec, started.elapsed().as_secs_f64()))
+}
+
+fn report(what: &'static str, spec: &BenchSpec, elapsed: f64) -> BenchReport {
+    BenchReport {
+        what,
+        arch: spec.arch.clone(),
+        size: spec.size,
+        batch: spec.batch,
+        seq: spec.seq,
+        steps: spec.steps,
+        step_seconds: elapsed / spec.steps as f64,
+        tokens_per_s: (spec.batch * spec.seq * spec.steps) as f64 / elapsed,
         peak_rss_bytes: peak_rss_bytes(),
-    })
+    }
 }
 
 /// Times `steps` LoRA train steps (after one warm-up step) on a random `arch` model of `size`.
-pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<BenchReport> {
-    let mut lm = random_model(arch, size, device)?;
+pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
+    let mut lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
     let lora_config = LoraConfig {
         r: 16,
         alpha: 32.0,
@@ -114,11 +127,15 @@ pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<Be
         weight_decay: 0.0,
     };
     let mut optimizer = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params)?;
-    let (batch, seq) = (4, 256);
-    let batches = [random_batch(batch, seq, size.shape().vocab, device)?];
+    let batches = [random_batch(
+        spec.batch,
+        spec.seq,
+        spec.size.shape().vocab,
+        device,
+    )?];
     optimizer_step(&lm, &trainable, &mut optimizer, &batches, 1e-4, 1.0, 0)?;
     let started = Instant::now();
-    for step in 0..steps {
+    for step in 0..spec.steps {
         optimizer_step(
             &lm,
             &trainable,
@@ -129,18 +146,7 @@ pub fn train(arch: &str, size: Size, steps: usize, device: &Device) -> Result<Be
             step as u64 + 1,
         )?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(BenchReport {
-        what: "train",
-        arch: arch.to_string(),
-        size,
-        batch,
-        seq,
-        steps,
-        step_seconds: elapsed / steps as f64,
-        tokens_per_s: (batch * seq * steps) as f64 / elapsed,
-        peak_rss_bytes: peak_rss_bytes(),
-    })
+    Ok(report("train", spec, started.elapsed().as_secs_f64()))
 }
 
 /// The process's peak resident set size (VmHWM), where /proc tells it.
@@ -149,4 +155,93 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// What the data benchmark measured.
+#[derive(Debug, Clone)]
+pub struct DataBenchReport {
+    pub rows: usize,
+    pub seconds: f64,
+    pub samples: usize,
+    pub packed_rows: usize,
+    pub packing_efficiency: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for DataBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rss = self
+            .peak_rss_bytes
+            .map(|b| format!("{:.2} GB", b as f64 / 1e9))
+            .unwrap_or_else(|| "n/a".into());
+        write!(
+            f,
+            "bench data: {} chat rows loaded, rendered, tokenized and packed in {:.1} s = {:.0} rows/s; {} samples in {} rows of 512 tokens ({:.1} % filled), peak RSS {rss}",
+            self.rows,
+            self.seconds,
+            self.rows as f64 / self.seconds,
+            self.samples,
+            self.packed_rows,
+            100.0 * self.packing_efficiency
+        )
+    }
+}
+
+/// Times `data::prepare` (jsonl load with Polars, chat template, tokenization, masks, packing) on a
+/// synthetic set of `rows` multi-turn German support chats, with the tokenizer of `model_dir`.
+pub fn data(model_dir: &std::path::Path, rows: usize) -> Result<DataBenchReport> {
+    use std::io::Write;
+    let dir = tempfile_dir()?;
+    let topics = [
+        "Abschlag",
+        "Zählerstand",
+        "Umzug",
+        "Glasfaser",
+        "Ladekarte",
+        "Störung",
+        "Tarifwechsel",
+        "Rechnung",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join("chats.jsonl"))?);
+    for i in 0..rows {
+        let turns = 1 + i % 3;
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "Sie sind der Kundenservice der Stadtwerke Lindenau."}),
+        ];
+        for t in 0..turns {
+            let topic = topics[rng.random_range(0..topics.len())];
+            messages.push(serde_json::json!({"role": "user", "content": format!("Anfrage {i}-{t}: Ich habe eine Frage zu meinem {topic}. Was muss ich tun?")}));
+            messages.push(serde_json::json!({"role": "assistant", "content": format!("Gern helfe ich Ihnen beim Thema {topic}. Im Portal „Mein Lindenau“ finden Sie unter Vertrag alle Schritte; Vorgang {}.", rng.random_range(1000..9999))}));
+        }
+        serde_json::to_writer(&mut file, &serde_json::json!({ "messages": messages }))?;
+        file.write_all(b"\n")?;
+    }
+    file.flush()?;
+    let recipe_text = format!(
+        "[model]\nbase = \"{}\"\n[data]\nformat = \"chat\"\npacking = true\nmax_seq_len = 512\nvalidation_fraction = 0.01\n[[data.train]]\npath = \"chats.jsonl\"\n[output]\ndir = \"out\"\n",
+        model_dir.canonicalize()?.display()
+    );
+    std::fs::write(dir.join("recipe.toml"), recipe_text)?;
+    let recipe = crate::recipe::Recipe::load(&dir.join("recipe.toml"), &[])?;
+    let tokenizer = crate::model::ModelTokenizer::from_dir(model_dir)?;
+    let started = Instant::now();
+    let prepared = crate::data::prepare(&recipe, &tokenizer)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(DataBenchReport {
+        rows,
+        seconds,
+        samples: prepared.report.train_samples + prepared.report.validation_samples,
+        packed_rows: prepared.train.len(),
+        packing_efficiency: prepared.report.packing_efficiency.unwrap_or(0.0),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// A fresh folder under the system temp dir for benchmark inputs.
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("feinschliff-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

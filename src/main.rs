@@ -167,30 +167,69 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// LoRA train step (r16 on all 7 projections, batch 4 x 256): tokens/s, step time, peak RSS.
+    /// LoRA train step (r16 on all 7 projections; default batch 4 x 256): tokens/s, step time, peak RSS.
     Train {
-        #[arg(long, default_value = "llama", value_parser = ["llama", "mistral", "qwen2"])]
-        arch: String,
-        #[arg(long, value_enum, default_value = "tiny")]
-        size: Size,
-        /// Timed steps (after one warm-up step); default 20 for tiny, 3 for smol.
-        #[arg(long)]
-        steps: Option<usize>,
-        #[arg(long, default_value = "auto")]
-        device: String,
+        #[command(flatten)]
+        shape: BenchArgs,
     },
-    /// Forward scoring without gradients (batch 8 x 256), as the eval harness runs it: tokens/s, peak RSS.
+    /// Data pipeline (Polars load, chat template, tokenize, mask, pack) on synthetic chats: rows/s.
+    Data {
+        /// Model whose tokenizer and chat template are used (e.g. one made by `model new`).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+    },
+    /// Forward scoring without gradients (default batch 8 x 256), as the eval harness runs it.
     Score {
-        #[arg(long, default_value = "llama", value_parser = ["llama", "mistral", "qwen2"])]
-        arch: String,
-        #[arg(long, value_enum, default_value = "tiny")]
-        size: Size,
-        /// Timed passes (after one warm-up pass); default 20 for tiny, 3 for smol.
-        #[arg(long)]
-        steps: Option<usize>,
-        #[arg(long, default_value = "auto")]
-        device: String,
+        #[command(flatten)]
+        shape: BenchArgs,
     },
+}
+
+/// The model shape, batch and dtype a benchmark runs.
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "llama", value_parser = ["llama", "mistral", "qwen2"])]
+    arch: String,
+    #[arg(long, value_enum, default_value = "tiny")]
+    size: Size,
+    /// Sequences per batch (default: 4 for train, 8 for score).
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Compute dtype of the frozen weights.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    dtype: String,
+    /// Timed steps (after one warm-up); default 20 for tiny, 3 otherwise.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+impl BenchArgs {
+    fn spec(&self, default_batch: usize) -> feinschliff::bench::BenchSpec {
+        feinschliff::bench::BenchSpec {
+            arch: self.arch.clone(),
+            size: self.size,
+            batch: self.batch.unwrap_or(default_batch),
+            seq: self.seq,
+            dtype: dtype_of(&self.dtype),
+            steps: self
+                .steps
+                .unwrap_or(if self.size == Size::Tiny { 20 } else { 3 }),
+        }
+    }
+}
+
+fn dtype_of(name: &str) -> candle_core::DType {
+    match name {
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        _ => candle_core::DType::F32,
+    }
 }
 
 fn main() {
@@ -304,11 +343,7 @@ fn run(cli: Cli) -> Result<()> {
             any_base,
             force,
         } => {
-            let dtype = dtype.map(|d| match d.as_str() {
-                "bf16" => candle_core::DType::BF16,
-                "f16" => candle_core::DType::F16,
-                _ => candle_core::DType::F32,
-            });
+            let dtype = dtype.as_deref().map(dtype_of);
             let max_shard_bytes = feinschliff::export::merged::parse_size(&max_shard_size)?;
             let opts = feinschliff::export::MergeOptions {
                 adapter,
@@ -372,36 +407,21 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", feinschliff::data::inspect::run(&recipe, samples)?);
         }
         Command::Bench {
-            command:
-                BenchCommand::Train {
-                    arch,
-                    size,
-                    steps,
-                    device,
-                },
+            command: BenchCommand::Train { shape },
         } => {
-            let device = feinschliff::device::open(&device)?;
-            let steps = steps.unwrap_or(if size == Size::Tiny { 20 } else { 3 });
-            println!(
-                "{}",
-                feinschliff::bench::train(&arch, size, steps, &device)?
-            );
+            let device = feinschliff::device::open(&shape.device)?;
+            println!("{}", feinschliff::bench::train(&shape.spec(4), &device)?);
         }
         Command::Bench {
-            command:
-                BenchCommand::Score {
-                    arch,
-                    size,
-                    steps,
-                    device,
-                },
+            command: BenchCommand::Data { model, rows },
         } => {
-            let device = feinschliff::device::open(&device)?;
-            let steps = steps.unwrap_or(if size == Size::Tiny { 20 } else { 3 });
-            println!(
-                "{}",
-                feinschliff::bench::score(&arch, size, steps, &device)?
-            );
+            println!("{}", feinschliff::bench::data(&model, rows)?);
+        }
+        Command::Bench {
+            command: BenchCommand::Score { shape },
+        } => {
+            let device = feinschliff::device::open(&shape.device)?;
+            println!("{}", feinschliff::bench::score(&shape.spec(8), &device)?);
         }
     }
     Ok(())

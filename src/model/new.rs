@@ -21,6 +21,9 @@ pub enum Size {
     Tiny,
     /// The SmolLM2-135M shape: hidden 576, 30 layers, 9 heads (3 KV), vocabulary 49152, tied.
     Smol,
+    /// The Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads (8 KV), vocabulary 128256, tied.
+    #[value(name = "llama-1b")]
+    Llama1b,
 }
 
 /// Decoder shape of a named size.
@@ -57,7 +60,21 @@ impl Size {
                 kv_heads: 3,
                 vocab: 49152,
             },
+            Size::Llama1b => Shape {
+                init_std: 0.02,
+                hidden: 2048,
+                intermediate: 8192,
+                layers: 16,
+                heads: 32,
+                kv_heads: 8,
+                vocab: 128_256,
+            },
         }
+    }
+
+    /// Whether the shape ties the LM head to the embeddings (as the models it copies do).
+    pub fn tied(self) -> bool {
+        self != Size::Tiny
     }
 }
 
@@ -263,7 +280,7 @@ pub fn create(arch: &str, size: Size, seed: u64, out: &Path, force: bool) -> Res
     // A small corpus may yield fewer merges than asked: the embedding keeps the full size,
     // as many released models pad their vocabulary.
     shape.vocab = shape.vocab.max(trained);
-    let tie = arch == "qwen2" || size == Size::Smol;
+    let tie = arch == "qwen2" || size.tied();
     let staged = StagedDir::create(out, force)?;
     let dir = staged.path();
     let config = config_json(arch, &shape, tie)?;
