@@ -26,11 +26,11 @@ if [ "$print_env" = 0 ]; then
     base="${lib%%.so.*}.so"
     [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
   done
-  # Linking needs libcuda.so; on a build machine without a driver a stub stands in (the real
-  # driver is loaded at run time).
+  # Linking needs libcuda.so; on a build machine without a driver a stub stands in, exporting every
+  # driver-API name cuda.h mentions (the real driver, libcuda.so.1, is loaded at run time).
   if ! ldconfig -p | grep -q 'libcuda.so.1'; then
     mkdir -p "$dir/stub"
-    echo 'void cuInit(void) {}' > "$dir/stub/stub.c"
+    grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\b' "$cuda/include/cuda.h" | sort -u | sed 's/.*/void &(void) {}/' > "$dir/stub/stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$dir/stub/libcuda.so" "$dir/stub/stub.c"
   fi
   echo "CUDA toolchain in $dir; now run: eval \"\$($0 --env $dir)\" && cargo build --release --features cuda" >&2

@@ -31,10 +31,7 @@ pub struct BenchReport {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rss = self
-            .peak_rss_bytes
-            .map(|b| format!("{:.2} GB", b as f64 / 1e9))
-            .unwrap_or_else(|| "n/a".into());
+        let rss = format_rss(self.peak_rss_bytes);
         write!(
             f,
             "bench {} {} {:?}: batch {} x {}, {} steps, {:.3} s/step, {:.0} tokens/s, peak RSS {rss}",
@@ -149,6 +146,13 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     Ok(report("train", spec, started.elapsed().as_secs_f64()))
 }
 
+/// Peak RSS for a report line.
+fn format_rss(bytes: Option<u64>) -> String {
+    bytes
+        .map(|b| format!("{:.2} GB", b as f64 / 1e9))
+        .unwrap_or_else(|| "n/a".into())
+}
+
 /// The process's peak resident set size (VmHWM), where /proc tells it.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -170,10 +174,7 @@ pub struct DataBenchReport {
 
 impl std::fmt::Display for DataBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rss = self
-            .peak_rss_bytes
-            .map(|b| format!("{:.2} GB", b as f64 / 1e9))
-            .unwrap_or_else(|| "n/a".into());
+        let rss = format_rss(self.peak_rss_bytes);
         write!(
             f,
             "bench data: {} chat rows loaded, rendered, tokenized and packed in {:.1} s = {:.0} rows/s; {} samples in {} rows of 512 tokens ({:.1} % filled), peak RSS {rss}",

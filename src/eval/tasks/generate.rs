@@ -4,10 +4,9 @@
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use serde_json::json;
-use std::collections::BTreeMap;
 
 use super::{Doc, Prompter, TaskResult, Templates};
-use crate::eval::metrics::{exact_match, f1, mean, mean_stderr};
+use crate::eval::metrics::{exact_match, f1};
 use crate::eval::scorer::Scorer;
 use crate::eval::suite::{Suite, TaskConfig};
 
@@ -41,18 +40,11 @@ pub fn run(
             "exact_match": em[i], "f1": f[i],
         }));
     }
-    let mut metrics = BTreeMap::new();
-    let wanted = task.metric_names();
-    for (name, values) in [("exact_match", &em), ("f1", &f)] {
-        if wanted.iter().any(|m| m == name) {
-            metrics.insert(name.to_string(), (mean(values), Some(mean_stderr(values))));
-        }
-    }
-    Ok(TaskResult {
-        name: task.name.clone(),
-        metrics,
+    Ok(TaskResult::from_means(
+        task,
+        [("exact_match", &em), ("f1", &f)],
         samples,
         n_original,
-        n_effective: docs.len(),
-    })
+        docs.len(),
+    ))
 }

@@ -33,6 +33,40 @@ pub struct TaskResult {
     pub n_effective: usize,
 }
 
+impl TaskResult {
+    /// A result whose metrics are per-document means with their standard errors; only the
+    /// metrics the task asks for are kept.
+    pub fn from_means(
+        task: &TaskConfig,
+        per_doc: [(&str, &Vec<f64>); 2],
+        samples: Vec<Value>,
+        n_original: usize,
+        n_effective: usize,
+    ) -> Self {
+        let wanted = task.metric_names();
+        let metrics = per_doc
+            .into_iter()
+            .filter(|(name, _)| wanted.iter().any(|m| m == name))
+            .map(|(name, values)| {
+                (
+                    name.to_string(),
+                    (
+                        super::metrics::mean(values),
+                        Some(super::metrics::mean_stderr(values)),
+                    ),
+                )
+            })
+            .collect();
+        Self {
+            name: task.name.clone(),
+            metrics,
+            samples,
+            n_original,
+            n_effective,
+        }
+    }
+}
+
 /// The rows of a dataset reference as JSON, read with the data stage's readers.
 pub fn load_docs(suite: &Suite, dataset: &DatasetRef) -> Result<Vec<Doc>> {
     use crate::data::source;

@@ -4,10 +4,9 @@
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use serde_json::json;
-use std::collections::BTreeMap;
 
 use super::{gold_index, Doc, Prompter, TaskResult, Templates};
-use crate::eval::metrics::{argmax, mean, mean_stderr};
+use crate::eval::metrics::argmax;
 use crate::eval::scorer::Scorer;
 use crate::eval::suite::{Suite, TaskConfig};
 
@@ -70,18 +69,11 @@ pub fn run(
             "acc_norm": acc_norm[i],
         }));
     }
-    let mut metrics = BTreeMap::new();
-    let wanted = task.metric_names();
-    for (name, values) in [("acc", &acc), ("acc_norm", &acc_norm)] {
-        if wanted.iter().any(|m| m == name) {
-            metrics.insert(name.to_string(), (mean(values), Some(mean_stderr(values))));
-        }
-    }
-    Ok(TaskResult {
-        name: task.name.clone(),
-        metrics,
+    Ok(TaskResult::from_means(
+        task,
+        [("acc", &acc), ("acc_norm", &acc_norm)],
         samples,
         n_original,
-        n_effective: docs.len(),
-    })
+        docs.len(),
+    ))
 }
