@@ -50,6 +50,7 @@ pub struct BenchSpec {
     pub seq: usize,
     pub dtype: DType,
     pub steps: usize,
+    pub gradient_checkpointing: bool,
 }
 
 /// A random `arch` model of `size` on `device`, its frozen weights in `dtype`.
@@ -106,6 +107,7 @@ fn report(what: &'static str, spec: &BenchSpec, elapsed: f64) -> BenchReport {
 /// Times `steps` LoRA train steps (after one warm-up step) on a random `arch` model of `size`.
 pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     let mut lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
+    lm.gradient_checkpointing = spec.gradient_checkpointing;
     let lora_config = LoraConfig {
         r: 16,
         alpha: 32.0,

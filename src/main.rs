@@ -207,6 +207,9 @@ struct BenchArgs {
     steps: Option<usize>,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Recompute layer activations in the backward pass (train only).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 impl BenchArgs {
@@ -220,6 +223,7 @@ impl BenchArgs {
             steps: self
                 .steps
                 .unwrap_or(if self.size == Size::Tiny { 20 } else { 3 }),
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 }

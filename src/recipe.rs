@@ -329,6 +329,8 @@ pub struct TrainSection {
     pub eval_every: usize,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
+    /// Recompute each layer's activations in the backward pass: less memory, ~1/3 more compute.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainSection {
@@ -349,6 +351,7 @@ impl Default for TrainSection {
             seed: 42,
             eval_every: 0,
             device: "auto".into(),
+            gradient_checkpointing: false,
         }
     }
 }

@@ -4,8 +4,10 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
+use super::checkpoint;
 use super::config::ModelConfig;
 use super::linear::{frozen_matmul, Linear};
+use super::lora::Pass;
 use super::rope::{self, Rope};
 use super::weights::Weights;
 
@@ -53,11 +55,12 @@ impl TokenLayout {
 }
 
 /// Per-forward tensors shared by all layers.
-struct Context {
+#[derive(Clone)]
+pub(crate) struct Context {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
-    step: Option<u64>,
+    pub(crate) pass: Pass,
 }
 
 /// The dtype reductions (norms, softmax, logits) run in: f32, or f64 for an f64 model.
@@ -70,6 +73,7 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 }
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
+#[derive(Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
     eps: f64,
@@ -85,6 +89,7 @@ impl RmsNorm {
     }
 }
 
+#[derive(Clone)]
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -102,9 +107,9 @@ impl Attention {
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(self.q_proj.forward(x, ctx.step)?, h)?;
-        let k = split(self.k_proj.forward(x, ctx.step)?, kvh)?;
-        let v = split(self.v_proj.forward(x, ctx.step)?, kvh)?;
+        let q = split(self.q_proj.forward(x, ctx.pass)?, h)?;
+        let k = split(self.k_proj.forward(x, ctx.pass)?, kvh)?;
+        let v = split(self.v_proj.forward(x, ctx.pass)?, kvh)?;
         let q = rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = rope::apply(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
@@ -121,10 +126,11 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        self.o_proj.forward(&out, ctx.step)
+        self.o_proj.forward(&out, ctx.pass)
     }
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
@@ -132,13 +138,14 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, step: Option<u64>) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, step)?;
-        let up = self.up_proj.forward(x, step)?;
-        self.down_proj.forward(&(gate.silu()? * up)?, step)
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, pass)?;
+        let up = self.up_proj.forward(x, pass)?;
+        self.down_proj.forward(&(gate.silu()? * up)?, pass)
     }
 }
 
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
@@ -147,14 +154,14 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
         let h = (x + self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
         let out = (&h
             + self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.step)?)?;
+                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.pass)?)?;
         Ok(out)
     }
 }
@@ -167,6 +174,10 @@ pub struct CausalLm {
     pub norm: RmsNorm,
     /// None when the head is tied to the embeddings.
     pub lm_head: Option<Tensor>,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    pub gradient_checkpointing: bool,
+    /// Adapter gradients computed inside checkpointed layers' backward passes.
+    checkpoint_grads: checkpoint::SideGrads,
     rope: Rope,
     device: Device,
 }
@@ -229,6 +240,8 @@ impl CausalLm {
             embed_tokens,
             layers,
             lm_head,
+            gradient_checkpointing: false,
+            checkpoint_grads: Default::default(),
             device: device.clone(),
             config,
         })
@@ -256,16 +269,28 @@ impl CausalLm {
             cos,
             sin,
             mask: layout.mask(self.config.sliding_window, &self.device)?,
-            step,
+            pass: Pass::new(step),
         };
         let mut x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
+        let checkpointing = self.gradient_checkpointing && step.is_some();
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx)?;
+            x = if checkpointing {
+                checkpoint::forward(layer, &x, &ctx, &self.checkpoint_grads)?
+            } else {
+                layer.forward(&x, &ctx)?
+            };
         }
         self.norm.forward(&x)
+    }
+
+    /// The adapter gradients that checkpointed layers computed since the last call, by variable.
+    pub fn take_checkpoint_grads(
+        &self,
+    ) -> std::collections::HashMap<candle_core::TensorId, Tensor> {
+        checkpoint::take(&self.checkpoint_grads)
     }
 
     /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden].

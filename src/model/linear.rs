@@ -8,9 +8,10 @@ use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::lora::LoraAdapter;
+use super::lora::{LoraAdapter, Pass};
 
 /// One linear layer of the base model; the base weight never trains.
+#[derive(Clone)]
 pub struct Linear {
     /// [out_features, in_features], as stored in the checkpoint.
     pub weight: Tensor,
@@ -35,8 +36,8 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// Applies the layer to x of shape [..., in]; `step` is Some while training (LoRA dropout on).
-    pub fn forward(&self, x: &Tensor, step: Option<u64>) -> Result<Tensor> {
+    /// Applies the layer to x of shape [..., in].
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let in_features = out_dims.pop().unwrap_or(0);
         let x2 = x.reshape(((), in_features))?;
@@ -45,7 +46,7 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x2, step)?.to_dtype(x.dtype())?)?;
+            y = (y + lora.forward(&x2, pass)?.to_dtype(x.dtype())?)?;
         }
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)

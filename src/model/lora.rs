@@ -100,7 +100,23 @@ impl LoraConfig {
     }
 }
 
+/// How a forward pass runs: the training step (LoRA dropout on) or None (evaluation), and whether
+/// the adapters join the autograd graph (off for the first pass of a checkpointed layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub step: Option<u64>,
+    pub track: bool,
+}
+
+impl Pass {
+    /// A pass that records gradients to the adapters; `step` None disables dropout.
+    pub fn new(step: Option<u64>) -> Self {
+        Self { step, track: true }
+    }
+}
+
 /// The trainable low-rank pair attached to one frozen projection.
+#[derive(Clone)]
 pub struct LoraAdapter {
     /// A: [r, in_features].
     pub a: Var,
@@ -147,15 +163,20 @@ impl LoraAdapter {
         })
     }
 
-    /// s·B·A·dropout(x) for x of shape [n, in]; `step` is Some during training (dropout active).
-    pub fn forward(&self, x: &Tensor, step: Option<u64>) -> Result<Tensor> {
+    /// s·B·A·dropout(x) for x of shape [n, in]; dropout is active when the pass has a step.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let x = x.to_dtype(self.a.dtype())?;
-        let x = match step {
+        let x = match pass.step {
             Some(step) if self.dropout > 0.0 => self.dropout_mask(&x, step)?,
             _ => x,
         };
-        let h = x.matmul(&self.a.as_tensor().t()?)?;
-        let h = h.matmul(&self.b.as_tensor().t()?)?;
+        let (a, b) = if pass.track {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let h = x.matmul(&a.t()?)?;
+        let h = h.matmul(&b.t()?)?;
         Ok(h.affine(self.scale, 0.0)?)
     }
 
@@ -173,7 +194,7 @@ impl LoraAdapter {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(x.mul(&mask)?)
     }
 

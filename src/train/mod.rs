@@ -70,6 +70,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         model.trainable_parameter_count()
     );
 
+    model.lm.gradient_checkpointing = t.gradient_checkpointing;
     let data = data::prepare(recipe, &model.tokenizer)?;
     let r = &data.report;
     tracing::info!(
@@ -202,7 +203,10 @@ pub fn validation_loss(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = Batch::pad(&refs, pad, model.lm.device())?;
         let (nll, n) = loss::summed_nll(&model.lm, &batch, None)?;
-        sum += nll.detach().to_scalar::<f32>()? as f64;
+        sum += nll
+            .detach()
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         count += n;
     }
     Ok(sum / count.max(1) as f64)

@@ -33,16 +33,33 @@ pub fn optimizer_step(
     let targets: usize = batches.iter().map(|b| b.target_tokens).sum();
     let mut grads: Vec<Option<Tensor>> = vec![None; trainable.len()];
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
+    let mut side = std::collections::HashMap::new();
     for batch in batches {
         tokens += batch.tokens;
         let (nll, _) = summed_nll(lm, batch, Some(step))?;
         let loss = (nll / targets.max(1) as f64)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
+        loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let store = loss.backward()?;
+        for (id, g) in lm.take_checkpoint_grads() {
+            let sum = match side.remove(&id) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            side.insert(id, sum);
+        }
         for (slot, (_, var)) in grads.iter_mut().zip(trainable) {
             *slot = match (slot.take(), store.get(var.as_tensor()).cloned()) {
                 (Some(a), Some(b)) => Some((a + b)?),
                 (a, b) => a.or(b),
+            };
+        }
+    }
+    // Checkpointed layers hand their adapters' gradients over on the side.
+    for (slot, (_, var)) in grads.iter_mut().zip(trainable) {
+        if let Some(g) = side.remove(&var.id()) {
+            *slot = match slot.take() {
+                Some(a) => Some((a + g)?),
+                None => Some(g),
             };
         }
     }

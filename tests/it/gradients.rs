@@ -132,3 +132,83 @@ fn only_lora_parameters_receive_gradients() {
         );
     }
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients() {
+    use feinschliff::train::optim::{AdamW, AdamWParams};
+    let make = |checkpointing: bool| {
+        let mut lm = tiny_lm("qwen2", DType::F64, 5);
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            target_modules: TargetModules::Pattern("all-linear".into()),
+            use_rslora: false,
+        };
+        lora::attach(&mut lm, &config, 9).unwrap();
+        for (i, (_, var)) in lora::trainable(&lm).iter().enumerate() {
+            if i % 2 == 1 {
+                var.set(&(var.as_tensor().ones_like().unwrap() * 0.01).unwrap())
+                    .unwrap();
+            }
+        }
+        lm.gradient_checkpointing = checkpointing;
+        lm
+    };
+    let examples: Vec<Example> = (0..3)
+        .map(|k| {
+            let ids: Vec<u32> = (0..6 + k)
+                .map(|i| (i * 37 + k * 11) as u32 % 1000)
+                .collect();
+            Example::single(ids.clone(), ids.iter().map(|&t| t as i64).collect())
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let batches = [
+        Batch::pad(&refs[..2], 0, &Device::Cpu).unwrap(),
+        Batch::pad(&refs[2..], 0, &Device::Cpu).unwrap(),
+    ];
+    let params = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut outcomes = Vec::new();
+    for checkpointing in [false, true] {
+        let lm = make(checkpointing);
+        let trainable = lora::trainable(&lm);
+        let mut opt =
+            AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
+        let o = feinschliff::train::step::optimizer_step(
+            &lm, &trainable, &mut opt, &batches, 1e-2, 0.0, 3,
+        )
+        .unwrap();
+        let values: Vec<Vec<f64>> = trainable
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        outcomes.push((o.loss, o.grad_norm, values));
+    }
+    let (plain, ckpt) = (&outcomes[0], &outcomes[1]);
+    assert!(
+        (plain.0 - ckpt.0).abs() < 1e-12,
+        "loss {} vs {}",
+        plain.0,
+        ckpt.0
+    );
+    assert!(
+        plain.1 > 0.0 && (plain.1 - ckpt.1).abs() < 1e-10 * plain.1,
+        "grad norm {} vs {}",
+        plain.1,
+        ckpt.1
+    );
+    for (a, b) in plain.2.iter().zip(&ckpt.2) {
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() < 1e-12,
+                "parameter after the step: {x} vs {y}"
+            );
+        }
+    }
+}
