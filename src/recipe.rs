@@ -1,7 +1,7 @@
 //! The TOML recipe: schema, defaults, `--set` overrides and validation with messages that name the
 //! file, line and key. Every later stage receives the resolved [`Recipe`].
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -698,17 +698,4 @@ fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
         }
     }
     None
-}
-
-/// Refuses recipe paths that do not exist, naming the key.
-pub fn require_exists(recipe: &Recipe, section: &str, key: &str, path: &Path) -> Result<()> {
-    if !path.exists() {
-        bail!(
-            "recipe {}: [{section}] {key}: {} does not exist (relative paths are read from the recipe's folder {})",
-            recipe.source.display(),
-            path.display(),
-            recipe.base_dir.display()
-        );
-    }
-    Ok(())
 }

@@ -113,15 +113,6 @@ impl Weights {
         }
         Ok(t.to_dtype(self.dtype)?)
     }
-
-    /// The tensor `name` if present (used for optional biases and tied heads).
-    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.contains(name) {
-            self.get(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }
 
 /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
