@@ -193,3 +193,57 @@ fn hub_models_resolve_from_the_cache_offline() {
         "{err}"
     );
 }
+
+#[test]
+fn hub_datasets_resolve_from_the_cache_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let repo = cache.join("datasets--acme--support");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    // The Hub's parquet conversion lives under the ref refs/convert/parquet.
+    std::fs::create_dir_all(repo.join("refs/refs/convert")).unwrap();
+    std::fs::write(repo.join("refs/refs/convert/parquet"), commit).unwrap();
+    let split = repo.join("snapshots").join(commit).join("default/train");
+    std::fs::create_dir_all(&split).unwrap();
+    std::fs::write(
+        split.join("0000.jsonl"),
+        "{\"text\": \"Aus dem Cache.\"}\n{\"text\": \"Zweite Zeile.\"}\n",
+    )
+    .unwrap();
+    let recipe = format!(
+        "[model]\nbase = \"{}\"\n[data]\nformat = \"text\"\nvalidation_fraction = 0.0\n[[data.train]]\nhub = \"acme/support\"\nsplit = \"train\"\n[output]\ndir = \"out\"\n",
+        tiny_llama_dir().display()
+    );
+    std::fs::write(dir.path().join("r.toml"), recipe).unwrap();
+    let inspect = |repo_id: &str| {
+        std::fs::write(
+            dir.path().join("r.toml"),
+            std::fs::read_to_string(dir.path().join("r.toml"))
+                .unwrap()
+                .replace("acme/support", repo_id),
+        )
+        .unwrap();
+        feinschliff()
+            .args(["data", "inspect"])
+            .arg(dir.path().join("r.toml"))
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("FEINSCHLIFF_MIRROR")
+            .output()
+            .unwrap()
+    };
+    let o = inspect("acme/support");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("2 rows read"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = inspect("acme/missing");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("acme/missing") && err.contains("HF_HUB_OFFLINE") && err.contains("mirror"),
+        "{err}"
+    );
+}
