@@ -59,7 +59,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         None => model.attach_lora(&recipe.lora.to_config(), t.seed)?,
     }
     tracing::info!(
-        "model {} ({}, {} parameters) on {}, dtype {:?}; LoRA r {} on {} ({} trainable parameters)",
+        "model {} ({}, {} parameters) on {}; frozen base in {:?}, LoRA weights, gradients, AdamW state, norms, softmax and loss in f32; LoRA r {} on {} ({} trainable parameters)",
         base.display(),
         model.lm.config.model_type,
         model.lm.config.parameter_count(),
