@@ -66,7 +66,8 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     Ok(summary)
 }
 
-/// Scores the base and the adapted model on every suite; returns the failed gates' messages.
+/// Scores the base and then the adapted model on every suite (the base weights are loaded once);
+/// returns the failed gates' messages.
 fn evaluate(
     recipe: &Recipe,
     section: &EvalSection,
@@ -74,41 +75,47 @@ fn evaluate(
     base_dir: &Path,
 ) -> Result<Vec<String>> {
     let device = crate::device::open(&recipe.train.device)?;
+    let suites = section
+        .suites
+        .iter()
+        .map(|p| Suite::load(&recipe.resolve(p)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut model = Model::load(base_dir, Some(recipe.model.dtype.dtype()), &device)?;
+    let max_positions = model.lm.config.max_position_embeddings;
+    let info = |suite: &Suite, adapter: Option<&'static str>| report::RunInfo {
+        model: &recipe.model.base,
+        adapter,
+        limit: section.limit,
+        max_length: suite.max_length.unwrap_or(max_positions),
+        batch_size: suite.batch_size,
+    };
+    let mut base = Vec::with_capacity(suites.len());
+    for suite in suites.iter().filter(|_| section.compare_base) {
+        tracing::info!("suite {}: base model", suite.name);
+        let results = eval::evaluate(&model, suite, section.limit)?;
+        base.push(report::results_json(suite, &results, &info(suite, None)));
+    }
+    model.load_adapter(&summary.output)?;
     let mut failures = Vec::new();
-    for path in &section.suites {
-        let suite = Suite::load(&recipe.resolve(path))?;
-        let mut model = Model::load(base_dir, Some(recipe.model.dtype.dtype()), &device)?;
-        let max_length = suite
-            .max_length
-            .unwrap_or(model.lm.config.max_position_embeddings);
-        let info = |adapter: Option<&'static str>| report::RunInfo {
-            model: &recipe.model.base,
-            adapter,
-            limit: section.limit,
-            max_length,
-            batch_size: suite.batch_size,
-        };
-        let staged = StagedDir::create(&summary.output.join("eval").join(&suite.name), true)?;
-        let base_scores = if section.compare_base {
-            tracing::info!("suite {}: base model", suite.name);
-            let results = eval::evaluate(&model, &suite, section.limit)?;
-            let json = report::results_json(&suite, &results, &info(None));
-            crate::fsutil::write_atomic(
-                &staged.path().join("base_results.json"),
-                serde_json::to_string_pretty(&json)?.as_bytes(),
-            )?;
-            Some(report::scores_of(&json))
-        } else {
-            None
-        };
-        model.load_adapter(&summary.output)?;
+    for (k, suite) in suites.iter().enumerate() {
         tracing::info!("suite {}: adapted model", suite.name);
-        let results = eval::evaluate(&model, &suite, section.limit)?;
+        let results = eval::evaluate(&model, suite, section.limit)?;
+        let staged = StagedDir::create(&summary.output.join("eval").join(&suite.name), true)?;
+        let base_scores = match base.get(k) {
+            Some(json) => {
+                crate::fsutil::write_atomic(
+                    &staged.path().join("base_results.json"),
+                    serde_json::to_string_pretty(json)?.as_bytes(),
+                )?;
+                Some(report::scores_of(json))
+            }
+            None => None,
+        };
         let gates = eval::write_reports(
             staged.path(),
-            &suite,
+            suite,
             &results,
-            &info(Some(".")),
+            &info(suite, Some(".")),
             base_scores.as_ref(),
         )?;
         failures.extend(gates.into_iter().filter_map(|g| g.failure));

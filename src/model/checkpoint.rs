@@ -52,20 +52,12 @@ pub fn take(grads: &SideGrads) -> HashMap<TensorId, Tensor> {
 
 /// The adapter variables of a layer.
 fn adapters(layer: &DecoderLayer) -> Vec<Var> {
-    let (a, m) = (&layer.self_attn, &layer.mlp);
-    [
-        &a.q_proj,
-        &a.k_proj,
-        &a.v_proj,
-        &a.o_proj,
-        &m.gate_proj,
-        &m.up_proj,
-        &m.down_proj,
-    ]
-    .into_iter()
-    .filter_map(|l| l.lora.as_ref())
-    .flat_map(|l| [l.a.clone(), l.b.clone()])
-    .collect()
+    layer
+        .projections()
+        .into_iter()
+        .filter_map(|l| l.lora.as_ref())
+        .flat_map(|l| [l.a.clone(), l.b.clone()])
+        .collect()
 }
 
 struct Checkpoint {

@@ -154,6 +154,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer's seven projections, in the order of [`MODULE_PATHS`].
+    pub fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
         let h = (x + self
             .self_attn
@@ -316,16 +330,7 @@ impl CausalLm {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            let all = [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ];
+            let all = l.projections();
             out.extend(
                 all.into_iter()
                     .zip(MODULE_PATHS)
