@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
 use crate::data::Batch;
+use crate::device::{gb, peak_rss_bytes, MemoryPeak, PeakMemory};
 use crate::model::new::{config_json, random_weights, Size};
 use crate::model::weights::Weights;
 use crate::model::{lora, CausalLm, LoraConfig, ModelConfig, TargetModules, TokenLayout};
@@ -21,22 +22,37 @@ pub struct BenchReport {
     pub what: &'static str,
     pub arch: String,
     pub size: Size,
+    pub dtype: DType,
     pub batch: usize,
     pub seq: usize,
     pub steps: usize,
     pub step_seconds: f64,
     pub tokens_per_s: f64,
-    pub peak_rss_bytes: Option<u64>,
+    /// Peak memory from model load to the last step.
+    pub peak: Option<MemoryPeak>,
+    /// The device, as the run log names it.
+    pub device: String,
 }
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rss = format_rss(self.peak_rss_bytes);
+        let peak = self
+            .peak
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "peak memory n/a".into());
         write!(
             f,
-            "bench {} {} {:?}: batch {} x {}, {} steps, {:.3} s/step, {:.0} tokens/s, peak RSS {rss}",
+            "bench {} {} {:?} {:?} on {}: batch {} x {}, {} steps, {:.3} s/step, {:.0} tokens/s, {peak}",
             self.what,
-            self.arch, self.size, self.batch, self.seq, self.steps, self.step_seconds, self.tokens_per_s
+            self.arch,
+            self.size,
+            self.dtype,
+            self.device,
+            self.batch,
+            self.seq,
+            self.steps,
+            self.step_seconds,
+            self.tokens_per_s
         )
     }
 }
@@ -80,6 +96,7 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Resu
 
 /// Times `steps` forward scoring passes (after one warm-up pass), no gradients.
 pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
+    let memory = PeakMemory::watch(device);
     let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
     let b = random_batch(spec.batch, spec.seq, spec.size.shape().vocab, device)?;
     crate::train::loss::summed_nll(&lm, &b, None)?;
@@ -87,25 +104,36 @@ pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     for _ in 0..spec.steps {
         crate::train::loss::summed_nll(&lm, &b, None)?;
     }
-    Ok(report("score", spec, started.elapsed().as_secs_f64()))
+    device.synchronize()?;
+    Ok(report("score", spec, started, memory, device))
 }
 
-fn report(what: &'static str, spec: &BenchSpec, elapsed: f64) -> BenchReport {
+fn report(
+    what: &'static str,
+    spec: &BenchSpec,
+    started: Instant,
+    memory: PeakMemory,
+    device: &Device,
+) -> BenchReport {
+    let elapsed = started.elapsed().as_secs_f64();
     BenchReport {
         what,
         arch: spec.arch.clone(),
         size: spec.size,
+        dtype: spec.dtype,
         batch: spec.batch,
         seq: spec.seq,
         steps: spec.steps,
         step_seconds: elapsed / spec.steps as f64,
         tokens_per_s: (spec.batch * spec.seq * spec.steps) as f64 / elapsed,
-        peak_rss_bytes: peak_rss_bytes(),
+        peak: memory.finish(),
+        device: crate::device::describe(device),
     }
 }
 
 /// Times `steps` LoRA train steps (after one warm-up step) on a random `arch` model of `size`.
 pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
+    let memory = PeakMemory::watch(device);
     let mut lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
     lm.gradient_checkpointing = spec.gradient_checkpointing;
     let lora_config = LoraConfig {
@@ -145,22 +173,8 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
             step as u64 + 1,
         )?;
     }
-    Ok(report("train", spec, started.elapsed().as_secs_f64()))
-}
-
-/// Peak RSS for a report line.
-fn format_rss(bytes: Option<u64>) -> String {
-    bytes
-        .map(|b| format!("{:.2} GB", b as f64 / 1e9))
-        .unwrap_or_else(|| "n/a".into())
-}
-
-/// The process's peak resident set size (VmHWM), where /proc tells it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    device.synchronize()?;
+    Ok(report("train", spec, started, memory, device))
 }
 
 /// What the data benchmark measured.
@@ -176,7 +190,7 @@ pub struct DataBenchReport {
 
 impl std::fmt::Display for DataBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rss = format_rss(self.peak_rss_bytes);
+        let rss = self.peak_rss_bytes.map(gb).unwrap_or_else(|| "n/a".into());
         write!(
             f,
             "bench data: {} chat rows loaded, rendered, tokenized and packed in {:.1} s = {:.0} rows/s; {} samples in {} rows of 512 tokens ({:.1} % filled), peak RSS {rss}",

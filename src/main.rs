@@ -88,6 +88,9 @@ enum Command {
         /// Accept a --base whose name differs from the adapter's base_model_name_or_path.
         #[arg(long)]
         any_base: bool,
+        /// Where to compute the merge: auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
         #[arg(long)]
         force: bool,
     },
@@ -267,8 +270,9 @@ fn run(cli: Cli) -> Result<()> {
                 .val_loss
                 .map(|v| format!(", validation loss {v:.4}"))
                 .unwrap_or_default();
+            let peak = s.peak_memory.map(|p| format!(", {p}")).unwrap_or_default();
             println!(
-                "trained {} steps: loss {:.4} -> {:.4}{val}, {:.0} tokens/s; adapter in {}",
+                "trained {} steps: loss {:.4} -> {:.4}{val}, {:.0} tokens/s{peak}; adapter in {}",
                 s.steps,
                 s.first_loss,
                 s.last_loss,
@@ -345,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             max_shard_size,
             any_base,
+            device,
             force,
         } => {
             let dtype = dtype.as_deref().map(dtype_of);
@@ -356,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
                 dtype,
                 max_shard_bytes,
                 any_base,
+                device,
                 force,
             };
             let written = if merge {

@@ -48,6 +48,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
             dtype: e.dtype.map(|d| d.dtype()),
             max_shard_bytes: crate::export::merged::parse_size(&e.max_shard_size)?,
             any_base: true,
+            device: recipe.train.device.clone(),
             force,
         })?;
         tracing::info!("merged model in {}", result_dir.display());

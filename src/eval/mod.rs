@@ -108,12 +108,17 @@ pub fn run(opts: &EvalOptions) -> Result<EvalOutcome> {
         .transpose()?;
     let staged = StagedDir::create(&opts.out, opts.force)?;
     let device = crate::device::open(&opts.device)?;
+    let memory = crate::device::PeakMemory::watch(&device);
+    tracing::info!("evaluating on {}", crate::device::describe(&device));
     let dir = crate::model::locate(&opts.model, Path::new(&opts.model), None)?;
     let mut model = Model::load(&dir, None, &device)?;
     if let Some(a) = &opts.adapter {
         model.load_adapter(a)?;
     }
     let results = evaluate(&model, &suite, opts.limit)?;
+    if let Some(peak) = memory.finish() {
+        tracing::info!("{peak}");
+    }
     let adapter = opts.adapter.as_ref().map(|a| a.display().to_string());
     let info = RunInfo {
         model: &opts.model,

@@ -22,6 +22,8 @@ pub struct MergeOptions {
     pub max_shard_bytes: u64,
     /// Accept a base whose name differs from the adapter's base_model_name_or_path.
     pub any_base: bool,
+    /// Where the merge is computed: `auto`, `cpu` or `cuda:N`.
+    pub device: String,
     pub force: bool,
 }
 
@@ -36,7 +38,7 @@ const COPIED: &[&str] = &[
 
 /// Writes base + adapter as one full model.
 pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
-    let device = Device::Cpu;
+    let device = crate::device::open(&opts.device)?;
     let loaded = adapter::load(&opts.adapter, &device)?;
     let base_name =
         choose_base(opts, loaded.base_model_name_or_path.as_deref())?.with_context(|| {
@@ -66,8 +68,14 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
         .filter_map(|(name, l)| l.lora.as_ref().map(|a| (format!("{name}.weight"), a)))
         .map(|(name, a)| Ok((name, a.delta_weight()?)))
         .collect::<Result<_>>()?;
-
+    drop(lm);
+    tracing::info!(
+        "merging {} adapted projections on {}",
+        deltas.len(),
+        crate::device::describe(&device)
+    );
     let staged = StagedDir::create(&opts.out, opts.force)?;
+    // Each merged tensor leaves the device once it is cast, so a GPU holds the base and one tensor.
     let mut tensors = Vec::new();
     for name in stored.names() {
         let t = stored.get(&name, &stored_shape(&stored, &name)?)?;
@@ -75,7 +83,7 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
             Some(d) => (t + d)?,
             None => t,
         };
-        tensors.push((name, t.to_dtype(dtype)?));
+        tensors.push((name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?));
     }
     write_shards(staged.path(), tensors, opts.max_shard_bytes)?;
     let mut config: serde_json::Value =

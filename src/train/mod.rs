@@ -31,12 +31,15 @@ pub struct TrainSummary {
     pub last_loss: f64,
     pub val_loss: Option<f64>,
     pub tokens_per_s: f64,
+    /// Peak memory of the run on its device (GPU memory, or the process's RSS on the CPU).
+    pub peak_memory: Option<crate::device::MemoryPeak>,
 }
 
 /// Runs the recipe's training and writes the adapter, the resolved recipe and metrics.jsonl.
 pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     let t = &recipe.train;
     let device = crate::device::open(&t.device)?;
+    let memory = crate::device::PeakMemory::watch(&device);
     let base = crate::model::locate(
         &recipe.model.base,
         &recipe.resolve(&recipe.model.base),
@@ -165,6 +168,10 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     }
     bar.finish();
     let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let peak_memory = memory.finish();
+    if let Some(peak) = peak_memory {
+        tracing::info!("{peak} on {}", crate::device::describe(&device));
+    }
 
     adapter::save(&model, &base_model_name(recipe, &base), out.path())?;
     log.finish()?;
@@ -176,6 +183,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         last_loss,
         val_loss,
         tokens_per_s,
+        peak_memory,
     })
 }
 

@@ -20,6 +20,7 @@ fn options(adapter: &Path, base: &Path, out: &Path) -> MergeOptions {
         out: out.to_path_buf(),
         dtype: None,
         max_shard_bytes: 5_000_000_000,
+        device: "cpu".into(),
         any_base: false,
         force: false,
     }
