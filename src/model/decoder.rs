@@ -9,6 +9,7 @@ use super::config::ModelConfig;
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::rope::{self, Rope};
+use super::sdpa;
 use super::weights::Weights;
 
 /// Where each token sits: its position id and the sample it belongs to (packed rows hold several).
@@ -34,7 +35,7 @@ impl TokenLayout {
         }
     }
 
-    /// The additive attention mask [batch, 1, seq, seq]: causal, within a sample, inside the window.
+    /// The additive attention mask [batch, 1, seq, seq] (f32): causal, within a sample, inside the window.
     fn mask(&self, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
         let (b, t) = (self.batch, self.seq);
         let mut mask = vec![0f32; b * t * t];
@@ -113,15 +114,9 @@ impl Attention {
         let q = rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = rope::apply(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
-        // are stacked along the sequence axis.
-        let rep = h / kvh;
-        let q = q.reshape((b, kvh, rep * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, t))?;
-        let acc = accumulation_dtype(scores.dtype());
-        let scores = (scores.to_dtype(acc)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = scores.broadcast_add(&ctx.mask.to_dtype(acc)?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-        let out = probs.reshape((b, kvh, rep * t, t))?.matmul(&v)?;
+        // are stacked along the rows.
+        let q = q.reshape((b, kvh, (h / kvh) * t, d))?;
+        let out = sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?;
         let out = out
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
@@ -282,7 +277,9 @@ impl CausalLm {
         let ctx = Context {
             cos,
             sin,
-            mask: layout.mask(self.config.sliding_window, &self.device)?,
+            mask: layout
+                .mask(self.config.sliding_window, &self.device)?
+                .to_dtype(accumulation_dtype(self.dtype()))?,
             pass: Pass::new(step),
         };
         let mut x = self

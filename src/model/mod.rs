@@ -12,6 +12,7 @@ pub mod linear;
 pub mod lora;
 pub mod new;
 pub mod rope;
+pub mod sdpa;
 pub mod tokenizer;
 pub mod weights;
 

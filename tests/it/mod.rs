@@ -1,6 +1,7 @@
 //! Integration tests, one file per concern.
 
 mod adapter;
+mod attention;
 mod cli;
 mod common;
 mod data;

@@ -1,0 +1,268 @@
+//! Scaled dot-product attention that holds the scores of only one block of query rows at a time,
+//! in the forward and in the backward pass (FlashAttention's scheme, in plain candle ops).
+//!
+//! Eager attention keeps several [batch, heads, seq, seq] tensors per layer alive for the backward
+//! pass (scores, their f32 copy, the softmax's intermediates, the probabilities). Here the forward
+//! runs outside the graph and keeps nothing; a custom op re-attaches the output, and its backward
+//! recomputes each block's probabilities from Q, K and the mask. Grouped-query heads share their
+//! K/V head without copies: the query heads of a group are stacked along the rows.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::Mutex;
+
+/// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
+const BLOCK_BYTES: usize = 64 << 20;
+
+/// Query positions per block for `batch` × `heads` × `seq`: all of them when the scores fit.
+pub fn block_rows(batch: usize, heads: usize, seq: usize) -> usize {
+    let per_position = (batch * heads * seq * 4).max(1);
+    let max_rows = (BLOCK_BYTES / per_position).clamp(1, seq.max(1));
+    seq.div_ceil(seq.div_ceil(max_rows).max(1))
+}
+
+/// softmax(Q·Kᵀ/√d + mask)·V in blocks of `block` query positions.
+///
+/// q: [batch, kv_heads, groups·seq, d], the `groups` query heads that share a K/V head stacked
+/// along the rows; k, v: [batch, kv_heads, seq, d]; mask: [batch, 1, seq, seq], additive, in the
+/// dtype the softmax runs in (f32; f64 for f64 models). Returns [batch, kv_heads, groups·seq, d].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    block: usize,
+) -> Result<Tensor> {
+    let shape = Shapes::of(q, k, block)?;
+    let out = shape.forward(&q.detach(), &k.detach(), &v.detach(), mask)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        BlockwiseAttention {
+            shape,
+            mask: mask.clone(),
+            out: Mutex::new(Some(out)),
+        },
+    )
+}
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Shapes {
+    batch: usize,
+    kv_heads: usize,
+    groups: usize,
+    seq: usize,
+    block: usize,
+}
+
+impl Shapes {
+    fn of(q: &Tensor, k: &Tensor, block: usize) -> Result<Self> {
+        let (batch, kv_heads, seq, _) = k.dims4()?;
+        let rows = q.dim(2)?;
+        if seq == 0 || rows % seq != 0 {
+            candle_core::bail!("attention: {rows} query rows do not fit {seq} key positions");
+        }
+        Ok(Self {
+            batch,
+            kv_heads,
+            groups: rows / seq,
+            seq,
+            block: block.clamp(1, seq),
+        })
+    }
+
+    /// The start and length of each block of query positions.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.seq)
+            .step_by(self.block)
+            .map(move |start| (start, self.block.min(self.seq - start)))
+    }
+
+    /// The rows of x [batch, kv_heads, groups·seq, n] at positions start..start+len.
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        if len == self.seq {
+            return Ok(x.clone());
+        }
+        let n = x.dim(3)?;
+        let (b, h, g) = (self.batch, self.kv_heads, self.groups);
+        x.reshape((b, h, g, self.seq, n))?
+            .narrow(3, start, len)?
+            .reshape((b, h, g * len, n))
+    }
+
+    /// Puts blocks of rows back together (the inverse of [`Shapes::rows`]).
+    fn join(&self, mut blocks: Vec<Tensor>) -> Result<Tensor> {
+        if blocks.len() == 1 {
+            if let Some(only) = blocks.pop() {
+                return Ok(only);
+            }
+        }
+        let (b, h, g) = (self.batch, self.kv_heads, self.groups);
+        let parts = blocks
+            .iter()
+            .map(|x| {
+                let (rows, n) = (x.dim(2)?, x.dim(3)?);
+                x.reshape((b, h, g, rows / g, n))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = parts.first().map(|p| p.dim(4)).transpose()?.unwrap_or(0);
+        Tensor::cat(&parts, 3)?.reshape((b, h, g * self.seq, n))
+    }
+
+    /// The attention probabilities of one block, [batch, kv_heads, groups·len, seq], in the mask's dtype.
+    fn probs(
+        &self,
+        q_rows: &Tensor,
+        k: &Tensor,
+        mask: &Tensor,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let (b, h, g, t) = (self.batch, self.kv_heads, self.groups, self.seq);
+        let scale = 1.0 / (k.dim(3)? as f64).sqrt();
+        let scores = q_rows.matmul(&k.t()?)?.reshape((b, h * g, len, t))?;
+        let scores = (scores.to_dtype(mask.dtype())? * scale)?
+            .broadcast_add(&mask.narrow(2, start, len)?)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h, g * len, t))
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let blocks = self
+            .blocks()
+            .map(|(start, len)| {
+                let p = self.probs(&self.rows(q, start, len)?, k, mask, start, len)?;
+                p.to_dtype(v.dtype())?.matmul(v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.join(blocks)
+    }
+
+    /// Gradients of q, k and v for the output gradient `grad`; dK and dV sum over blocks in the
+    /// softmax dtype.
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let acc = mask.dtype();
+        let scale = 1.0 / (k.dim(3)? as f64).sqrt();
+        let (mut dq, mut dk, mut dv) = (
+            Vec::new(),
+            k.zeros_like()?.to_dtype(acc)?,
+            v.zeros_like()?.to_dtype(acc)?,
+        );
+        for (start, len) in self.blocks() {
+            let q_rows = self.rows(q, start, len)?;
+            let grad_rows = self.rows(grad, start, len)?;
+            let p = self.probs(&q_rows, k, mask, start, len)?;
+            dv = (dv
+                + p.to_dtype(v.dtype())?
+                    .t()?
+                    .matmul(&grad_rows)?
+                    .to_dtype(acc)?)?;
+            let dp = grad_rows.matmul(&v.t()?)?.to_dtype(acc)?;
+            let row_dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+            let ds = ((p * dp.broadcast_sub(&row_dot)?)? * scale)?.to_dtype(q.dtype())?;
+            dq.push(ds.matmul(k)?);
+            dk = (dk + ds.t()?.matmul(&q_rows)?.to_dtype(acc)?)?;
+        }
+        Ok((
+            self.join(dq)?,
+            dk.to_dtype(k.dtype())?,
+            dv.to_dtype(v.dtype())?,
+        ))
+    }
+}
+
+/// Re-attaches the output computed outside the graph to q, k and v; its backward recomputes.
+struct BlockwiseAttention {
+    shape: Shapes,
+    mask: Tensor,
+    /// The output, handed over once to the forward (which must return a storage of its own).
+    out: Mutex<Option<Tensor>>,
+}
+
+impl BlockwiseAttention {
+    fn take_output(&self) -> Result<Tensor> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention output lock poisoned".into()))?
+            .take();
+        let out =
+            out.ok_or_else(|| candle_core::Error::Msg("attention output taken twice".into()))?;
+        out.contiguous()
+    }
+}
+
+/// A copy of a contiguous tensor's storage, for a custom op's forward.
+macro_rules! owned_storage {
+    ($tensor:expr, $variant:ident) => {{
+        let tensor = $tensor;
+        let (storage, layout) = tensor.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::$variant(s), Some((0, _))) => {
+                Ok((s.try_clone(layout)?, layout.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg(
+                "attention output is not a fresh contiguous tensor on the expected device".into(),
+            )),
+        }
+    }};
+}
+
+impl CustomOp3 for BlockwiseAttention {
+    fn name(&self) -> &'static str {
+        "blockwise-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _q: &CpuStorage,
+        _lq: &Layout,
+        _k: &CpuStorage,
+        _lk: &Layout,
+        _v: &CpuStorage,
+        _lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        owned_storage!(self.take_output()?, Cpu)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _q: &candle_core::CudaStorage,
+        _lq: &Layout,
+        _k: &candle_core::CudaStorage,
+        _lk: &Layout,
+        _v: &candle_core::CudaStorage,
+        _lv: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        owned_storage!(self.take_output()?, Cuda)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.shape.backward(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            &self.mask,
+            &grad.detach(),
+        )?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}

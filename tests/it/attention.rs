@@ -1,0 +1,129 @@
+//! Blockwise attention equals eager attention (scores, softmax, weighted sum, built from
+//! differentiable ops and differentiated by candle) in its output and in the gradients of Q, K, V,
+//! for grouped-query heads, a packed mask and blocks that do not divide the sequence.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use feinschliff::model::sdpa;
+
+/// [batch, 1, seq, seq]: causal, with row 0 packed as two samples (positions 0..3 and 3..seq).
+fn packed_causal_mask(batch: usize, seq: usize) -> Tensor {
+    let mut mask = vec![0f64; batch * seq * seq];
+    for row in 0..batch {
+        let segment = |i: usize| usize::from(row == 0 && i >= 3);
+        for i in 0..seq {
+            for j in 0..seq {
+                if j > i || segment(i) != segment(j) {
+                    mask[(row * seq + i) * seq + j] = f64::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(mask, (batch, 1, seq, seq), &Device::Cpu).unwrap()
+}
+
+/// softmax(Q·Kᵀ/√d + mask)·V with K/V repeated for each query head of a group.
+fn eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Tensor {
+    let (b, kvh, t, d) = k.dims4().unwrap();
+    let q = q.reshape((b, kvh * groups, t, d)).unwrap();
+    let repeat = |x: &Tensor| {
+        x.unsqueeze(2)
+            .unwrap()
+            .repeat((1, 1, groups, 1, 1))
+            .unwrap()
+            .reshape((b, kvh * groups, t, d))
+            .unwrap()
+    };
+    let scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask).unwrap(), D::Minus1).unwrap();
+    probs
+        .matmul(&repeat(v))
+        .unwrap()
+        .reshape((b, kvh, groups * t, d))
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn blockwise_attention_equals_eager_attention_and_its_gradients() {
+    let (b, kvh, groups, t, d) = (2, 2, 3, 8, 4);
+    let dev = Device::Cpu;
+    let q = Var::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let k = Var::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let v = Var::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let weights = Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let mask = packed_causal_mask(b, t);
+
+    let reference = eager(&q, &k, &v, &mask, groups);
+    let ref_grads = (&reference * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for block in [8, 3, 1] {
+        let out = sdpa::attention(&q, &k, &v, &mask, block).unwrap();
+        assert!(
+            max_diff(&out, &reference) < 1e-12,
+            "block {block}: output differs"
+        );
+        let grads = (&out * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let got = grads.get(var).expect("gradient");
+            let want = ref_grads.get(var).expect("reference gradient");
+            let diff = max_diff(got, want);
+            assert!(diff < 1e-12, "block {block}: d{name} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn blockwise_attention_in_bf16_stays_close_to_f32() {
+    let (b, kvh, groups, t, d) = (1, 2, 2, 16, 8);
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let mask = packed_causal_mask(b, t).to_dtype(DType::F32).unwrap();
+    let full = sdpa::attention(&q, &k, &v, &mask, t).unwrap();
+    let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+    let half = sdpa::attention(&bf(&q), &bf(&k), &bf(&v), &mask, 5)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let diff = max_diff(
+        &full.to_dtype(DType::F64).unwrap(),
+        &half.to_dtype(DType::F64).unwrap(),
+    );
+    assert!(diff < 0.05, "bf16 attention differs from f32 by {diff}");
+}
+
+#[test]
+fn blocks_hold_a_bounded_number_of_scores() {
+    // Small problems run in one block; large ones split the positions evenly.
+    assert_eq!(sdpa::block_rows(4, 9, 256), 256);
+    let rows = sdpa::block_rows(8, 32, 4096);
+    assert!((1..4096).contains(&rows));
+    assert!(8 * 32 * 4096 * rows * 4 <= 64 << 20);
+    assert_eq!(
+        4096 % rows,
+        0,
+        "4096 positions split into even blocks of {rows}"
+    );
+}
