@@ -1,8 +1,8 @@
 //! A frozen base projection (y = x·Wᵀ + b) with an optional LoRA adapter.
 //!
 //! candle's matmul backward always computes the weight gradient, even for a frozen weight; for a
-//! LoRA step that is a third of the work wasted. [`frozen_matmul`] computes the product outside the
-//! graph and re-attaches it through a custom op whose backward returns only the input gradient.
+//! LoRA step that is a third of the work wasted. [`frozen_matmul`] is a custom op that runs the
+//! backend's matmul forward and whose backward returns only the input gradient.
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
@@ -55,21 +55,29 @@ impl Linear {
 
 /// x·Wᵀ for x [n, in] and a frozen W [out, in]; gradients flow to x only.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(&weight.t()?)?;
     if !x.track_op() {
-        return Ok(y);
+        return Ok(x.matmul(&weight.t()?)?);
     }
-    Ok(x.apply_op2(
-        &y,
-        InputGradOnly {
-            weight: weight.clone(),
-        },
-    )?)
+    Ok(x.apply_op2(weight, InputGradOnly)?)
 }
 
-/// Forward: passes the precomputed product through. Backward: dL/dx = dL/dy · W, nothing for W.
-struct InputGradOnly {
-    weight: Tensor,
+/// Forward: x·Wᵀ with the backend's matmul. Backward: dL/dx = dL/dy · W, nothing for W.
+struct InputGradOnly;
+
+/// x [n, in] times the transposed W [out, in] with the backend's matmul.
+fn matmul_transposed<S: BackendStorage>(
+    x: &S,
+    lx: &Layout,
+    w: &S,
+    lw: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (n, k) = lx.shape().dims2()?;
+    let (out, k_w) = lw.shape().dims2()?;
+    if k != k_w {
+        candle_core::bail!("frozen linear: input has {k} features, the weight expects {k_w}");
+    }
+    let y = x.matmul(w, (1, n, out, k), lx, &lw.transpose(0, 1)?)?;
+    Ok((y, Shape::from((n, out))))
 }
 
 impl CustomOp2 for InputGradOnly {
@@ -79,32 +87,32 @@ impl CustomOp2 for InputGradOnly {
 
     fn cpu_fwd(
         &self,
-        _x: &CpuStorage,
-        _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
+        matmul_transposed(x, lx, w, lw)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _x: &candle_core::CudaStorage,
-        _lx: &Layout,
-        y: &candle_core::CudaStorage,
-        ly: &Layout,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
+        matmul_transposed(x, lx, w, lw)
     }
 
     fn bwd(
         &self,
         _x: &Tensor,
-        _y: &Tensor,
+        weight: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.weight)?), None))
+        Ok((Some(grad.matmul(weight)?), None))
     }
 }
