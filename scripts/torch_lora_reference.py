@@ -3,7 +3,8 @@ projections, random tokens, AdamW) on a random Llama of a given shape, timed the
 
     python3 scripts/torch_lora_reference.py --shape smol --batch 8 --seq 512 --dtype bf16 --device cuda
 
-Prints one line: tokens/s, step time and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: RSS).
+Prints one line: tokens/s, step time and peak memory (GPU: torch.cuda.max_memory_allocated and
+max_memory_reserved, the latter comparable to Feinschliff's device-wide figure; CPU: RSS).
 Needs torch, transformers and peft (installed on the GPU machines; for CPU use any venv).
 """
 import argparse
@@ -59,7 +60,8 @@ def main():
         step()
     if a.device.startswith("cuda"):
         torch.cuda.synchronize()
-        peak = f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB GPU"
+        peak = (f"GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated, "
+                f"{torch.cuda.max_memory_reserved() / 1e9:.2f} GB reserved")
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB RSS"
     dt = (time.time() - t) / a.steps
