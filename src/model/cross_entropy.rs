@@ -1,155 +1,130 @@
-//! Fused cross-entropy over the vocabulary: the negative log-likelihood of one target per row,
-//! computed row by row, with a backward that writes softmax − one-hot in one pass. Composing it
-//! from log_softmax and gather allocates several [rows, vocab] temporaries per step, which at a
-//! 49k vocabulary dominated the step time.
+//! The LM head's cross-entropy: the negative log-likelihood of each row's target token, computed
+//! in blocks of rows so that only one block's logits [rows, vocab] exist at a time. At a 128k
+//! vocabulary the full logits of an 8 × 512 batch are 2 GB in f32, and a composed log-softmax
+//! keeps several such tensors for its backward. Here, as in Liger's fused linear cross-entropy, the
+//! forward pass also computes each row's gradient direction softmax·W − W[target] (a [rows, hidden]
+//! tensor), so the backward is one multiplication and nothing of vocabulary size outlives a block.
+//! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype.
 
-use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
-use num_traits::Float;
-use rayon::prelude::*;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-/// −log softmax(logits)[target] for logits [n, vocab] (f32 or f64) and targets [n] (u32): [n].
-pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() {
-        return Ok(logits
-            .contiguous()?
-            .apply_op2(&targets.contiguous()?, Nll)?);
+use super::decoder::accumulation_dtype;
+use super::precomputed::Precomputed;
+
+/// Bytes of logits (in f32) that one block may hold; blocks split the rows evenly.
+const BLOCK_BYTES: usize = 256 << 20;
+
+/// Rows per block for `rows` targets over a vocabulary of `vocab`: all of them when they fit.
+pub fn block_rows(rows: usize, vocab: usize) -> usize {
+    let max_rows = (BLOCK_BYTES / (vocab * 4).max(1)).clamp(1, rows.max(1));
+    rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1)
+}
+
+/// −log softmax(h·Wᵀ)[target] for hidden states h [n, hidden], the LM head W [vocab, hidden] and
+/// targets [n] (u32), in blocks of `block` rows: [n], in f32 (f64 for an f64 model).
+/// Gradients flow to h only; the head is frozen.
+pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize) -> Result<Tensor> {
+    let rows = hidden.dim(0)?;
+    let acc = accumulation_dtype(hidden.dtype());
+    let with_grad = hidden.track_op();
+    let (mut nll, mut direction) = (Vec::new(), Vec::new());
+    for start in (0..rows).step_by(block.max(1)) {
+        let len = block.max(1).min(rows - start);
+        let (n, d) = block_loss(
+            &hidden.detach().narrow(0, start, len)?,
+            head,
+            &targets.narrow(0, start, len)?,
+            acc,
+            with_grad,
+        )?;
+        nll.push(n);
+        direction.extend(d);
     }
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    Ok(log_probs
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?
-        .neg()?)
+    let nll = Tensor::cat(&nll, 0)?;
+    if !with_grad {
+        return Ok(nll);
+    }
+    hidden.apply_op3(
+        head,
+        targets,
+        HeadNll {
+            direction: Tensor::cat(&direction, 0)?,
+            nll: Precomputed::new(nll),
+        },
+    )
 }
 
-/// The rows of a contiguous storage as a slice of `T`.
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross-entropy needs contiguous inputs".into()))?;
-    Ok(&s.as_slice::<T>()?[start..end])
+/// One block's losses [len] and, `with_grad`, their gradient directions softmax·W − W[target]
+/// [len, hidden] (dL/dh of a row is its loss gradient times its direction).
+fn block_loss(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    acc: DType,
+    with_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let logits = hidden.matmul(&head.t()?)?.to_dtype(acc)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let exp = logits.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let target_logit = logits.gather(&targets.unsqueeze(1)?, 1)?;
+    let nll = ((sum.log()? + max)? - target_logit)?.squeeze(1)?;
+    if !with_grad {
+        return Ok((nll, None));
+    }
+    let probs = exp.broadcast_div(&sum)?.to_dtype(hidden.dtype())?;
+    let expected = probs.matmul(head)?.to_dtype(acc)?;
+    let direction = (expected - head.index_select(targets, 0)?.to_dtype(acc)?)?;
+    Ok((nll, Some(direction)))
 }
 
-/// Per row: log-sum-exp minus the target's logit.
-fn nll_rows<T: Float + Send + Sync>(logits: &[T], targets: &[u32], vocab: usize) -> Vec<T> {
-    logits
-        .par_chunks(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| log_sum_exp(row) - row[t as usize])
-        .collect()
+/// Re-attaches the per-row losses computed outside the graph to the hidden states.
+struct HeadNll {
+    /// softmax·W − W[target] per row, in the accumulation dtype.
+    direction: Tensor,
+    nll: Precomputed,
 }
 
-fn log_sum_exp<T: Float>(row: &[T]) -> T {
-    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-    let sum = row.iter().fold(T::zero(), |acc, &x| acc + (x - max).exp());
-    max + sum.ln()
-}
-
-/// grad · (softmax − one-hot(target)) per row.
-fn grad_rows<T: Float + Send + Sync>(
-    logits: &[T],
-    targets: &[u32],
-    grad: &[T],
-    vocab: usize,
-) -> Vec<T> {
-    let mut out = vec![T::zero(); logits.len()];
-    out.par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .zip(targets.par_iter().zip(grad.par_iter()))
-        .for_each(|((o, row), (&t, &g))| {
-            let lse = log_sum_exp(row);
-            for (o, &x) in o.iter_mut().zip(row) {
-                *o = g * (x - lse).exp();
-            }
-            o[t as usize] = o[t as usize] - g;
-        });
-    out
-}
-
-struct Nll;
-
-impl CustomOp2 for Nll {
+impl CustomOp3 for HeadNll {
     fn name(&self) -> &'static str {
-        "token-nll"
+        "lm-head-nll"
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, vocab) = l1.shape().dims2()?;
-        let targets = slice::<u32>(s2, l2)?;
-        check_targets(targets, n, vocab)?;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(nll_rows(slice::<f32>(s1, l1)?, targets, vocab)),
-            CpuStorage::F64(_) => CpuStorage::F64(nll_rows(slice::<f64>(s1, l1)?, targets, vocab)),
-            _ => candle_core::bail!("token-nll supports f32 and f64 logits"),
-        };
-        Ok((out, Shape::from(n)))
+        _h: &CpuStorage,
+        _lh: &Layout,
+        _w: &CpuStorage,
+        _lw: &Layout,
+        _t: &CpuStorage,
+        _lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.nll.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _h: &candle_core::CudaStorage,
+        _lh: &Layout,
+        _w: &candle_core::CudaStorage,
+        _lw: &Layout,
+        _t: &candle_core::CudaStorage,
+        _lt: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.nll.cuda()
     }
 
     fn bwd(
         &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
+        hidden: &Tensor,
+        _head: &Tensor,
+        _targets: &Tensor,
+        _nll: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &NllGrad)?;
-        Ok((Some(g), None))
-    }
-}
-
-fn check_targets(targets: &[u32], n: usize, vocab: usize) -> candle_core::Result<()> {
-    if targets.len() != n {
-        candle_core::bail!("token-nll: {n} rows but {} targets", targets.len());
-    }
-    if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("token-nll: target {t} is outside the vocabulary of {vocab}");
-    }
-    Ok(())
-}
-
-struct NllGrad;
-
-impl CustomOp3 for NllGrad {
-    fn name(&self) -> &'static str {
-        "token-nll-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, vocab) = l1.shape().dims2()?;
-        let targets = slice::<u32>(s2, l2)?;
-        check_targets(targets, n, vocab)?;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(grad_rows(
-                slice::<f32>(s1, l1)?,
-                targets,
-                slice::<f32>(s3, l3)?,
-                vocab,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(grad_rows(
-                slice::<f64>(s1, l1)?,
-                targets,
-                slice::<f64>(s3, l3)?,
-                vocab,
-            )),
-            _ => candle_core::bail!("token-nll supports f32 and f64 logits"),
-        };
-        Ok((out, l1.shape().clone()))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(self.direction.dtype())?.unsqueeze(1)?;
+        let dh = self.direction.broadcast_mul(&g)?.to_dtype(hidden.dtype())?;
+        Ok((Some(dh), None, None))
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::checkpoint;
 use super::config::ModelConfig;
+use super::cross_entropy;
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::rope::{self, Rope};
@@ -308,6 +309,14 @@ impl CausalLm {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?)
+    }
+
+    /// −log p(target) [n] (f32, or f64 for an f64 model) for hidden states [n, hidden] and target
+    /// ids [n]; the logits exist one block of rows at a time.
+    pub fn target_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let block = cross_entropy::block_rows(hidden.dim(0)?, self.config.vocab_size);
+        Ok(cross_entropy::head_nll(hidden, head, targets, block)?)
     }
 
     /// Logits [batch, seq, vocab] in the accumulation dtype (f32 unless the model is f64).

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod linear;
 pub mod lora;
 pub mod new;
+mod precomputed;
 pub mod rope;
 pub mod sdpa;
 pub mod tokenizer;

@@ -7,9 +7,9 @@
 //! recomputes each block's probabilities from Q, K and the mask. Grouped-query heads share their
 //! K/V head without copies: the query heads of a group are stacked along the rows.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+use super::precomputed::Precomputed;
 
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
 const BLOCK_BYTES: usize = 64 << 20;
@@ -44,7 +44,7 @@ pub fn attention(
         BlockwiseAttention {
             shape,
             mask: mask.clone(),
-            out: Mutex::new(Some(out)),
+            out: Precomputed::new(out),
         },
     )
 }
@@ -185,37 +185,7 @@ impl Shapes {
 struct BlockwiseAttention {
     shape: Shapes,
     mask: Tensor,
-    /// The output, handed over once to the forward (which must return a storage of its own).
-    out: Mutex<Option<Tensor>>,
-}
-
-impl BlockwiseAttention {
-    fn take_output(&self) -> Result<Tensor> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention output lock poisoned".into()))?
-            .take();
-        let out =
-            out.ok_or_else(|| candle_core::Error::Msg("attention output taken twice".into()))?;
-        out.contiguous()
-    }
-}
-
-/// A copy of a contiguous tensor's storage, for a custom op's forward.
-macro_rules! owned_storage {
-    ($tensor:expr, $variant:ident) => {{
-        let tensor = $tensor;
-        let (storage, layout) = tensor.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (Storage::$variant(s), Some((0, _))) => {
-                Ok((s.try_clone(layout)?, layout.shape().clone()))
-            }
-            _ => Err(candle_core::Error::Msg(
-                "attention output is not a fresh contiguous tensor on the expected device".into(),
-            )),
-        }
-    }};
+    out: Precomputed,
 }
 
 impl CustomOp3 for BlockwiseAttention {
@@ -232,7 +202,7 @@ impl CustomOp3 for BlockwiseAttention {
         _v: &CpuStorage,
         _lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        owned_storage!(self.take_output()?, Cpu)
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -245,7 +215,7 @@ impl CustomOp3 for BlockwiseAttention {
         _v: &candle_core::CudaStorage,
         _lv: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        owned_storage!(self.take_output()?, Cuda)
+        self.out.cuda()
     }
 
     fn bwd(
@@ -261,7 +231,7 @@ impl CustomOp3 for BlockwiseAttention {
             &k.detach(),
             &v.detach(),
             &self.mask,
-            &grad.detach(),
+            &grad.detach().contiguous()?,
         )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }

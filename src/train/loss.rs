@@ -29,8 +29,7 @@ pub fn summed_nll(model: &CausalLm, batch: &Batch, step: Option<u64>) -> Result<
     let hidden = hidden.reshape((b * t, model.config.hidden_size))?;
     let n = rows.len();
     let picked = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-    let logits = model.logits(&picked)?;
     let targets = Tensor::from_vec(targets, n, device)?;
-    let nll = crate::model::cross_entropy::token_nll(&logits, &targets)?.sum_all()?;
+    let nll = model.target_nll(&picked, &targets)?.sum_all()?;
     Ok((nll, n))
 }

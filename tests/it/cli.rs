@@ -138,3 +138,38 @@ fn missing_tensor_names_the_file_and_tensor() {
         "{err}"
     );
 }
+
+#[test]
+fn train_names_device_memory_and_peak_and_refuses_an_absent_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = |device: &str, out: &str| {
+        format!(
+            "[model]\nbase = \"{}\"\n[data]\nformat = \"instruction\"\nmax_seq_len = 64\n[[data.train]]\npath = \"{}\"\n[train]\nmax_steps = 2\nbatch_size = 2\ndevice = \"{device}\"\n[output]\ndir = \"{out}\"\n",
+            tiny_llama_dir().display(),
+            super::common::repo()
+                .join("datasets/support-faq/faq.parquet")
+                .display()
+        )
+    };
+    let path = dir.path().join("r.toml");
+
+    std::fs::write(&path, recipe("cuda:0", "gpu-out")).unwrap();
+    let out = feinschliff(&["train", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(not(feature = "cuda")) {
+        assert!(!out.status.success());
+        assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
+        assert!(!dir.path().join("gpu-out").exists(), "a failed run left output");
+    }
+
+    std::fs::write(&path, recipe("cpu", "cpu-out")).unwrap();
+    let out = feinschliff(&["train", path.to_str().unwrap()]);
+    let (log, stdout) = (
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("on cpu (") && log.contains(" GB free RAM)"), "{log}");
+    assert!(log.contains("frozen base in F32"), "{log}");
+    assert!(stdout.contains("peak RSS"), "{stdout}");
+}

@@ -8,6 +8,7 @@ mod data;
 mod eval;
 mod export;
 mod gradients;
+mod head_loss;
 mod hub_server;
 mod lm_eval_parity;
 mod parity;

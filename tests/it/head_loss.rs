@@ -1,0 +1,83 @@
+//! The LM head's blockwise cross-entropy equals log-softmax + gather differentiated by candle, in
+//! the per-row losses and in the hidden states' gradient, for any block size.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use feinschliff::model::cross_entropy;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn blockwise_head_loss_equals_log_softmax_and_its_gradient() {
+    let (rows, hidden, vocab) = (7, 5, 11);
+    let dev = Device::Cpu;
+    let h = Var::randn(0f64, 1.0, (rows, hidden), &dev).unwrap();
+    let head = Tensor::randn(0f64, 1.0, (vocab, hidden), &dev).unwrap();
+    let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1, 9], &dev).unwrap();
+    let weights = Tensor::randn(0f64, 1.0, rows, &dev).unwrap();
+
+    let log_probs =
+        candle_nn::ops::log_softmax(&h.matmul(&head.t().unwrap()).unwrap(), D::Minus1).unwrap();
+    let reference = log_probs
+        .gather(&targets.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .neg()
+        .unwrap();
+    let ref_grad = (&reference * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let ref_grad = ref_grad.get(&h).unwrap();
+    for block in [7, 3, 1] {
+        let nll = cross_entropy::head_nll(&h, &head, &targets, block).unwrap();
+        assert!(
+            max_diff(&nll, &reference) < 1e-12,
+            "block {block}: losses differ"
+        );
+        let grads = (&nll * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let diff = max_diff(grads.get(&h).unwrap(), ref_grad);
+        assert!(diff < 1e-12, "block {block}: gradient differs by {diff}");
+        assert!(grads.get(&head).is_none(), "the frozen head got a gradient");
+    }
+}
+
+#[test]
+fn bf16_head_loss_is_computed_in_f32() {
+    let dev = Device::Cpu;
+    let h = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+    let head = Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap();
+    let targets = Tensor::new(&[1u32, 2, 3, 49], &dev).unwrap();
+    let full = cross_entropy::head_nll(&h, &head, &targets, 4).unwrap();
+    let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+    let half = cross_entropy::head_nll(&bf(&h), &bf(&head), &targets, 3).unwrap();
+    assert_eq!(half.dtype(), DType::F32);
+    assert!(max_diff(&full, &half) < 0.1);
+}
+
+#[test]
+fn head_blocks_hold_a_bounded_number_of_logits() {
+    assert_eq!(cross_entropy::block_rows(1024, 49152), 1024);
+    let rows = cross_entropy::block_rows(4096, 128256);
+    assert!(rows < 4096 && rows * 128256 * 4 <= 256 << 20);
+}
