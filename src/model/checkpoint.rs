@@ -1,17 +1,17 @@
 //! Gradient checkpointing for decoder layers: the forward pass keeps only each layer's input and
 //! output; the backward pass recomputes the layer with the graph on and backpropagates through it.
-//! candle has no checkpoint primitive, so a custom op carries the layer: its forward passes the
-//! output (computed outside the graph) through, its backward recomputes and returns the input's
+//! candle has no checkpoint primitive, so a custom op carries the layer: its forward hands over the
+//! output (computed outside the graph), its backward recomputes and returns the input's
 //! gradient, and puts the adapters' gradients into a side store that the train step merges.
 
 use anyhow::Result;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::decoder::{Context, DecoderLayer};
 use super::lora::Pass;
+use super::precomputed::Precomputed;
 
 /// Adapter gradients by variable, filled during backward passes.
 pub type SideGrads = Arc<Mutex<HashMap<TensorId, Tensor>>>;
@@ -38,8 +38,9 @@ pub(crate) fn forward(
         layer: layer.clone(),
         ctx: ctx.clone(),
         grads: grads.clone(),
+        output: Precomputed::new(y),
     };
-    Ok(x.apply_op3_arc(&y, anchor.as_tensor(), std::sync::Arc::new(Box::new(op)))?)
+    Ok(x.apply_op2(anchor.as_tensor(), op)?)
 }
 
 /// Takes the gradients gathered so far.
@@ -64,9 +65,10 @@ struct Checkpoint {
     layer: DecoderLayer,
     ctx: Context,
     grads: SideGrads,
+    output: Precomputed,
 }
 
-impl CustomOp3 for Checkpoint {
+impl CustomOp2 for Checkpoint {
     fn name(&self) -> &'static str {
         "checkpointed-layer"
     }
@@ -75,12 +77,10 @@ impl CustomOp3 for Checkpoint {
         &self,
         _x: &CpuStorage,
         _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
         _a: &CpuStorage,
         _la: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
+        self.output.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -88,22 +88,19 @@ impl CustomOp3 for Checkpoint {
         &self,
         _x: &candle_core::CudaStorage,
         _lx: &Layout,
-        y: &candle_core::CudaStorage,
-        ly: &Layout,
         _a: &candle_core::CudaStorage,
         _la: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
+        self.output.cuda()
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        _y: &Tensor,
         _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let input = Var::from_tensor(&x.detach())?;
         let out = self
             .layer
@@ -130,6 +127,6 @@ impl CustomOp3 for Checkpoint {
         } else {
             None
         };
-        Ok((grad_x, None, None))
+        Ok((grad_x, None))
     }
 }
