@@ -158,8 +158,14 @@ fn train_names_device_memory_and_peak_and_refuses_an_absent_gpu() {
     let err = String::from_utf8_lossy(&out.stderr);
     if cfg!(not(feature = "cuda")) {
         assert!(!out.status.success());
-        assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
-        assert!(!dir.path().join("gpu-out").exists(), "a failed run left output");
+        assert!(
+            err.contains("cuda:0") && err.contains("--features cuda"),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("gpu-out").exists(),
+            "a failed run left output"
+        );
     }
 
     std::fs::write(&path, recipe("cpu", "cpu-out")).unwrap();
@@ -169,7 +175,10 @@ fn train_names_device_memory_and_peak_and_refuses_an_absent_gpu() {
         String::from_utf8_lossy(&out.stdout),
     );
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("on cpu (") && log.contains(" GB free RAM)"), "{log}");
+    assert!(
+        log.contains("on cpu (") && log.contains(" GB free RAM)"),
+        "{log}"
+    );
     assert!(log.contains("frozen base in F32"), "{log}");
     assert!(stdout.contains("peak RSS"), "{stdout}");
 }
