@@ -2,6 +2,7 @@
 //! differentiable ops and differentiated by candle) in its output and in the gradients of Q, K, V,
 //! for grouped-query heads, a packed mask and blocks that do not divide the sequence.
 
+use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
 use feinschliff::model::sdpa;
 
@@ -42,19 +43,6 @@ fn eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Te
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 #[test]
 fn blockwise_attention_equals_eager_attention_and_its_gradients() {
     let (b, kvh, groups, t, d) = (2, 2, 3, 8, 4);
@@ -75,7 +63,7 @@ fn blockwise_attention_equals_eager_attention_and_its_gradients() {
     for block in [8, 3, 1] {
         let out = sdpa::attention(&q, &k, &v, &mask, block).unwrap();
         assert!(
-            max_diff(&out, &reference) < 1e-12,
+            max_abs_diff(&out, &reference) < 1e-12,
             "block {block}: output differs"
         );
         let grads = (&out * &weights)
@@ -87,7 +75,7 @@ fn blockwise_attention_equals_eager_attention_and_its_gradients() {
         for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
             let got = grads.get(var).expect("gradient");
             let want = ref_grads.get(var).expect("reference gradient");
-            let diff = max_diff(got, want);
+            let diff = max_abs_diff(got, want);
             assert!(diff < 1e-12, "block {block}: d{name} differs by {diff}");
         }
     }
@@ -107,7 +95,7 @@ fn blockwise_attention_in_bf16_stays_close_to_f32() {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    let diff = max_diff(
+    let diff = max_abs_diff(
         &full.to_dtype(DType::F64).unwrap(),
         &half.to_dtype(DType::F64).unwrap(),
     );

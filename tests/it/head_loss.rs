@@ -1,23 +1,9 @@
 //! The LM head's blockwise cross-entropy equals log-softmax + gather differentiated by candle, in
 //! the per-row losses and in the hidden states' gradient, for any block size.
 
+use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
 use feinschliff::model::cross_entropy;
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 #[test]
 fn blockwise_head_loss_equals_log_softmax_and_its_gradient() {
@@ -47,7 +33,7 @@ fn blockwise_head_loss_equals_log_softmax_and_its_gradient() {
     for block in [7, 3, 1] {
         let nll = cross_entropy::head_nll(&h, &head, &targets, block).unwrap();
         assert!(
-            max_diff(&nll, &reference) < 1e-12,
+            max_abs_diff(&nll, &reference) < 1e-12,
             "block {block}: losses differ"
         );
         let grads = (&nll * &weights)
@@ -56,7 +42,7 @@ fn blockwise_head_loss_equals_log_softmax_and_its_gradient() {
             .unwrap()
             .backward()
             .unwrap();
-        let diff = max_diff(grads.get(&h).unwrap(), ref_grad);
+        let diff = max_abs_diff(grads.get(&h).unwrap(), ref_grad);
         assert!(diff < 1e-12, "block {block}: gradient differs by {diff}");
         assert!(grads.get(&head).is_none(), "the frozen head got a gradient");
     }
@@ -72,7 +58,7 @@ fn bf16_head_loss_is_computed_in_f32() {
     let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
     let half = cross_entropy::head_nll(&bf(&h), &bf(&head), &targets, 3).unwrap();
     assert_eq!(half.dtype(), DType::F32);
-    assert!(max_diff(&full, &half) < 0.1);
+    assert!(max_abs_diff(&full, &half) < 0.1);
 }
 
 #[test]

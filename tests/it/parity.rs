@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use super::common::{max_abs_diff, repo};
 
-const TOLERANCE: f32 = 1e-4;
+const TOLERANCE: f64 = 1e-4;
 
 fn case_dir(case: &str) -> PathBuf {
     repo().join("tests/fixtures/parity").join(case)
