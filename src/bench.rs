@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::data::Batch;
 use crate::device::{gb, peak_rss_bytes, MemoryPeak, PeakMemory};
-use crate::model::new::{config_json, random_weights, Size};
+use crate::model::new::{config_json, weight_specs, Init, Size};
 use crate::model::weights::Weights;
 use crate::model::{lora, CausalLm, LoraConfig, ModelConfig, TargetModules, TokenLayout};
 use crate::train::optim::{AdamW, AdamWParams};
@@ -69,13 +69,28 @@ pub struct BenchSpec {
     pub gradient_checkpointing: bool,
 }
 
-/// A random `arch` model of `size` on `device`, its frozen weights in `dtype`.
+/// A random `arch` model of `size` on `device`, its frozen weights in `dtype`, drawn on the device
+/// itself (a 1B model's weights take a minute to draw on one CPU core, a moment on a GPU).
 fn random_model(arch: &str, size: Size, dtype: DType, device: &Device) -> Result<CausalLm> {
     let shape = size.shape();
     let tie = size.tied();
     let config = ModelConfig::from_json(&config_json(arch, &shape, tie)?)?;
-    let weights = Weights::from_tensors(random_weights(arch, &shape, tie, 0)?, dtype, device);
-    CausalLm::load(config, &weights, device)
+    let tensors = weight_specs(arch, &shape, tie)?
+        .into_iter()
+        .map(|(name, dims, init)| {
+            let t = match init {
+                Init::Normal => Tensor::randn(0f32, shape.init_std, dims, device)?,
+                Init::Zeros => Tensor::zeros(dims, DType::F32, device)?,
+                Init::Ones => Tensor::ones(dims, DType::F32, device)?,
+            };
+            Ok((name, t.to_dtype(dtype)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    CausalLm::load(
+        config,
+        &Weights::from_tensors(tensors, dtype, device),
+        device,
+    )
 }
 
 /// A batch of random tokens, all of them targets.

@@ -3,7 +3,7 @@
 //! Deterministic for a seed; used by the tests and the quickstart.
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -132,22 +132,22 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
     Ok(c)
 }
 
-/// Random weights as transformers initialises them: N(0, initializer_range) matrices, unit norms,
-/// zero biases.
-pub fn random_weights(
+/// How transformers initialises a tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// N(0, initializer_range)
+    Normal,
+    Zeros,
+    Ones,
+}
+
+/// Every tensor of an `arch` checkpoint of `shape`: name, dims and initialisation, in checkpoint order.
+pub fn weight_specs(
     arch: &str,
     shape: &Shape,
     tie: bool,
-    seed: u64,
-) -> Result<Vec<(String, Tensor)>> {
+) -> Result<Vec<(String, Vec<usize>, Init)>> {
     let config = super::ModelConfig::from_json(&config_json(arch, shape, tie)?)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, shape.init_std).map_err(|e| anyhow!("{e}"))?;
-    let dev = Device::Cpu;
-    let mut matrix = |rows: usize, cols: usize| -> Result<Tensor> {
-        let v: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
-        Ok(Tensor::from_vec(v, (rows, cols), &dev)?)
-    };
     let (h, i, v) = (
         config.hidden_size,
         config.intermediate_size,
@@ -157,7 +157,11 @@ pub fn random_weights(
         config.num_attention_heads * config.head_dim,
         config.num_key_value_heads * config.head_dim,
     );
-    let mut out = vec![("model.embed_tokens.weight".to_string(), matrix(v, h)?)];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, h],
+        Init::Normal,
+    )];
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (name, rows, cols) in [
@@ -169,34 +173,53 @@ pub fn random_weights(
             ("mlp.up_proj", i, h),
             ("mlp.down_proj", h, i),
         ] {
-            out.push((format!("{p}.{name}.weight"), matrix(rows, cols)?));
+            out.push((format!("{p}.{name}.weight"), vec![rows, cols], Init::Normal));
             let has_bias = config.qkv_bias
                 && matches!(
                     name,
                     "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
                 );
             if has_bias {
-                out.push((
-                    format!("{p}.{name}.bias"),
-                    Tensor::zeros(rows, candle_core::DType::F32, &dev)?,
-                ));
+                out.push((format!("{p}.{name}.bias"), vec![rows], Init::Zeros));
             }
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            out.push((
-                format!("{p}.{norm}.weight"),
-                Tensor::ones(h, candle_core::DType::F32, &dev)?,
-            ));
+            out.push((format!("{p}.{norm}.weight"), vec![h], Init::Ones));
         }
     }
-    out.push((
-        "model.norm.weight".to_string(),
-        Tensor::ones(h, candle_core::DType::F32, &dev)?,
-    ));
+    out.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
     if !tie {
-        out.push(("lm_head.weight".to_string(), matrix(v, h)?));
+        out.push(("lm_head.weight".to_string(), vec![v, h], Init::Normal));
     }
     Ok(out)
+}
+
+/// Random f32 weights as transformers initialises them, drawn in checkpoint order from one seeded
+/// stream (the same seed gives the same checkpoint on every machine).
+pub fn random_weights(
+    arch: &str,
+    shape: &Shape,
+    tie: bool,
+    seed: u64,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, shape.init_std).map_err(|e| anyhow!("{e}"))?;
+    let dev = Device::Cpu;
+    weight_specs(arch, shape, tie)?
+        .into_iter()
+        .map(|(name, dims, init)| {
+            let t = match init {
+                Init::Normal => {
+                    let n = dims.iter().product();
+                    let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+                    Tensor::from_vec(v, dims, &dev)?
+                }
+                Init::Zeros => Tensor::zeros(dims, DType::F32, &dev)?,
+                Init::Ones => Tensor::ones(dims, DType::F32, &dev)?,
+            };
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// Trains the byte-level BPE tokenizer on the German sample data.
