@@ -7,7 +7,7 @@ use candle_core::{Tensor, D};
 use indicatif::ProgressBar;
 
 use crate::data::Batch;
-use crate::model::{Model, TokenLayout};
+use crate::model::{cross_entropy, Model, TokenLayout};
 
 /// The log-likelihood of one continuation, and whether greedy decoding would produce it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,14 +150,24 @@ impl<'a> Scorer<'a> {
         let n = rows.len();
         let device = self.model.lm.device();
         let picked = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-        let logprobs = candle_nn::ops::log_softmax(&self.model.lm.logits(&picked)?, D::Minus1)?;
         let target_t = Tensor::from_vec(targets.clone(), (n, 1), device)?;
-        let lp: Vec<f32> = logprobs
-            .gather(&target_t, 1)?
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
-        let best: Vec<u32> = logprobs.argmax(D::Minus1)?.to_vec1()?;
+        // Rolling perplexity windows pick thousands of rows: their log-probabilities exist one
+        // block of rows at a time, as in training's loss.
+        let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);
+        let (mut lp, mut best) = (Vec::<f32>::with_capacity(n), Vec::<u32>::with_capacity(n));
+        for start in (0..n).step_by(block) {
+            let len = block.min(n - start);
+            let logits = self.model.lm.logits(&picked.narrow(0, start, len)?)?;
+            let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            lp.extend(
+                logprobs
+                    .gather(&target_t.narrow(0, start, len)?, 1)?
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+            best.extend(logprobs.argmax(D::Minus1)?.to_vec1::<u32>()?);
+        }
         let mut out = Vec::with_capacity(requests.len());
         let mut pos = 0;
         for r in requests {
