@@ -7,6 +7,8 @@ mod common;
 mod data;
 mod eval;
 mod export;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod gradients;
 mod head_loss;
 mod hub_server;

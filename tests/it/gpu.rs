@@ -1,0 +1,117 @@
+//! The CUDA build against the CPU (compiled with `--features cuda` only; where no GPU answers it
+//! prints why and passes): the same tiny model and adapter, trained three steps on each device, give
+//! the same losses, gradient norms and adapter weights — with and without gradient checkpointing —
+//! and a bf16 run on the GPU follows the f32 one.
+
+use candle_core::{DType, Device};
+use feinschliff::data::{Batch, Example};
+use feinschliff::model::new::{config_json, random_weights, Size};
+use feinschliff::model::weights::Weights;
+use feinschliff::model::{lora, CausalLm, LoraConfig, ModelConfig, TargetModules};
+use feinschliff::train::optim::{AdamW, AdamWParams};
+use feinschliff::train::step::optimizer_step;
+
+/// Losses, gradient norms and final adapter weights of three train steps on `device`.
+fn train_three_steps(
+    device: &Device,
+    dtype: DType,
+    checkpointing: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<Vec<f32>>) {
+    let shape = Size::Tiny.shape();
+    let config = ModelConfig::from_json(&config_json("qwen2", &shape, false).unwrap()).unwrap();
+    let weights = Weights::from_tensors(
+        random_weights("qwen2", &shape, false, 5).unwrap(),
+        dtype,
+        device,
+    );
+    let mut lm = CausalLm::load(config, &weights, device).unwrap();
+    let lora_config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        use_rslora: false,
+    };
+    lora::attach(&mut lm, &lora_config, 9).unwrap();
+    lm.gradient_checkpointing = checkpointing;
+    let examples: Vec<Example> = (0..4)
+        .map(|k| {
+            let ids: Vec<u32> = (0..40 + 7 * k)
+                .map(|i| (i * 37 + k * 11) as u32 % 1000)
+                .collect();
+            Example::single(ids.clone(), ids.iter().map(|&t| t as i64).collect())
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let batches = [
+        Batch::pad(&refs[..2], 0, device).unwrap(),
+        Batch::pad(&refs[2..], 0, device).unwrap(),
+    ];
+    let trainable = lora::trainable(&lm);
+    let params = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut opt = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    for step in 0..3 {
+        let o = optimizer_step(&lm, &trainable, &mut opt, &batches, 1e-2, 1.0, step).unwrap();
+        losses.push(o.loss);
+        norms.push(o.grad_norm);
+    }
+    let values = trainable
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    (losses, norms, values)
+}
+
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+#[test]
+fn cuda_training_matches_the_cpu() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no GPU answers ({e})");
+            return;
+        }
+    };
+    let (cpu_losses, cpu_norms, cpu_values) = train_three_steps(&Device::Cpu, DType::F32, false);
+    for checkpointing in [false, true] {
+        let (losses, norms, values) = train_three_steps(&gpu, DType::F32, checkpointing);
+        for (a, b) in losses
+            .iter()
+            .zip(&cpu_losses)
+            .chain(norms.iter().zip(&cpu_norms))
+        {
+            assert!(
+                relative(*a, *b) < 1e-4,
+                "checkpointing {checkpointing}: GPU {a} vs CPU {b}"
+            );
+        }
+        let worst = values
+            .iter()
+            .flatten()
+            .zip(cpu_values.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "adapter weights differ by {worst}");
+    }
+    let (bf16_losses, _, _) = train_three_steps(&gpu, DType::BF16, false);
+    for (a, b) in bf16_losses.iter().zip(&cpu_losses) {
+        assert!(relative(*a, *b) < 0.05, "bf16 loss {a} vs f32 {b}");
+    }
+}
