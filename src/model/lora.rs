@@ -181,21 +181,30 @@ impl LoraAdapter {
     }
 
     /// Inverted dropout with a mask drawn from (module seed, step): deterministic and resumable.
+    /// On the CPU the mask comes from ChaCha8 (the same on every machine); on a GPU from the
+    /// device's own generator reseeded with the same value (drawing a 1B model's masks on the CPU
+    /// and copying them over would cost seconds per step).
     fn dropout_mask(&self, x: &Tensor, step: u64) -> Result<Tensor> {
         let keep = 1.0 - self.dropout;
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(self.dropout_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        let seed = self.dropout_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mask = if x.device().is_cpu() {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mask: Vec<f32> = (0..x.elem_count())
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::from_vec(mask, x.shape(), x.device())?
+        } else {
+            x.device().set_seed(seed)?;
+            let uniform = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            (uniform.lt(keep)?.to_dtype(DType::F32)? * (1.0 / keep))?
+        };
+        Ok(x.mul(&mask.to_dtype(x.dtype())?)?)
     }
 
     /// The dense update s·B·A of shape [out, in], for merging into W.

@@ -1,7 +1,7 @@
 //! The CUDA build against the CPU (compiled with `--features cuda` only; where no GPU answers it
 //! prints why and passes): the same tiny model and adapter, trained three steps on each device, give
 //! the same losses, gradient norms and adapter weights — with and without gradient checkpointing —
-//! and a bf16 run on the GPU follows the f32 one.
+//! a bf16 run on the GPU follows the f32 one, and runs with dropout repeat exactly.
 
 use candle_core::{DType, Device};
 use feinschliff::data::{Batch, Example};
@@ -16,6 +16,7 @@ fn train_three_steps(
     device: &Device,
     dtype: DType,
     checkpointing: bool,
+    dropout: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<Vec<f32>>) {
     let shape = Size::Tiny.shape();
     let config = ModelConfig::from_json(&config_json("qwen2", &shape, false).unwrap()).unwrap();
@@ -28,7 +29,7 @@ fn train_three_steps(
     let lora_config = LoraConfig {
         r: 4,
         alpha: 8.0,
-        dropout: 0.0,
+        dropout,
         target_modules: TargetModules::Pattern("all-linear".into()),
         use_rslora: false,
     };
@@ -89,9 +90,10 @@ fn cuda_training_matches_the_cpu() {
             return;
         }
     };
-    let (cpu_losses, cpu_norms, cpu_values) = train_three_steps(&Device::Cpu, DType::F32, false);
+    let (cpu_losses, cpu_norms, cpu_values) =
+        train_three_steps(&Device::Cpu, DType::F32, false, 0.0);
     for checkpointing in [false, true] {
-        let (losses, norms, values) = train_three_steps(&gpu, DType::F32, checkpointing);
+        let (losses, norms, values) = train_three_steps(&gpu, DType::F32, checkpointing, 0.0);
         for (a, b) in losses
             .iter()
             .zip(&cpu_losses)
@@ -110,8 +112,13 @@ fn cuda_training_matches_the_cpu() {
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "adapter weights differ by {worst}");
     }
-    let (bf16_losses, _, _) = train_three_steps(&gpu, DType::BF16, false);
+    let (bf16_losses, _, _) = train_three_steps(&gpu, DType::BF16, false, 0.0);
     for (a, b) in bf16_losses.iter().zip(&cpu_losses) {
         assert!(relative(*a, *b) < 0.05, "bf16 loss {a} vs f32 {b}");
     }
+    // Dropout masks come from the GPU's generator, reseeded per module and step: a run repeats.
+    let first = train_three_steps(&gpu, DType::F32, false, 0.1);
+    let again = train_three_steps(&gpu, DType::F32, false, 0.1);
+    assert_eq!(first.0, again.0, "GPU dropout runs differ");
+    assert_ne!(first.0, cpu_losses, "dropout changed nothing");
 }
