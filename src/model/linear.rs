@@ -41,12 +41,12 @@ impl Linear {
         let mut out_dims = x.dims().to_vec();
         let in_features = out_dims.pop().unwrap_or(0);
         let x2 = x.reshape(((), in_features))?;
-        let mut y = frozen_matmul(&x2, &self.weight)?;
+        let mut y = match &self.lora {
+            Some(lora) => lora.apply(&x2, &self.weight, pass)?,
+            None => frozen_matmul(&x2, &self.weight)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
-        }
-        if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x2, pass)?.to_dtype(x.dtype())?)?;
         }
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)
@@ -65,7 +65,7 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 struct InputGradOnly;
 
 /// x [n, in] times the transposed W [out, in] with the backend's matmul.
-fn matmul_transposed<S: BackendStorage>(
+pub(crate) fn matmul_transposed<S: BackendStorage>(
     x: &S,
     lx: &Layout,
     w: &S,
@@ -113,6 +113,6 @@ impl CustomOp2 for InputGradOnly {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(weight)?), None))
+        Ok((Some(grad.detach().matmul(weight)?), None))
     }
 }

@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::decoder::CausalLm;
+use super::lora_linear::lora_linear;
 
 /// The projections of the shared decoder that LoRA can target ("all-linear" means all of them).
 pub const LINEAR_MODULES: [&str; 7] = [
@@ -163,27 +164,25 @@ impl LoraAdapter {
         })
     }
 
-    /// s·B·A·dropout(x) for x of shape [n, in]; dropout is active when the pass has a step.
-    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let x = x.to_dtype(self.a.dtype())?;
-        let x = match pass.step {
-            Some(step) if self.dropout > 0.0 => self.dropout_mask(&x, step)?,
-            _ => x,
+    /// x·Wᵀ + s·B·A·dropout(x) for x [n, in] and the frozen W of this adapter's projection, as one
+    /// op; dropout is active when the pass has a step.
+    pub fn apply(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> Result<Tensor> {
+        let mask = match pass.step {
+            Some(step) if self.dropout > 0.0 => Some(self.dropout_mask(x, step)?),
+            _ => None,
         };
         let (a, b) = if pass.track {
             (self.a.as_tensor().clone(), self.b.as_tensor().clone())
         } else {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         };
-        let h = x.matmul(&a.t()?)?;
-        let h = h.matmul(&b.t()?)?;
-        Ok(h.affine(self.scale, 0.0)?)
+        Ok(lora_linear(x, weight, &a, &b, self.scale, mask.as_ref())?)
     }
 
-    /// Inverted dropout with a mask drawn from (module seed, step): deterministic and resumable.
-    /// On the CPU the mask comes from ChaCha8 (the same on every machine); on a GPU from the
-    /// device's own generator reseeded with the same value (drawing a 1B model's masks on the CPU
-    /// and copying them over would cost seconds per step).
+    /// The inverted-dropout mask for x (0 or 1/keep, in the adapter's dtype), drawn from
+    /// (module seed, step): deterministic and resumable. On the CPU it comes from ChaCha8 (the
+    /// same on every machine); on a GPU from the device's own generator reseeded with the same
+    /// value (drawing a 1B model's masks on the CPU and copying them over would cost seconds per step).
     fn dropout_mask(&self, x: &Tensor, step: u64) -> Result<Tensor> {
         let keep = 1.0 - self.dropout;
         let seed = self.dropout_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -204,7 +203,7 @@ impl LoraAdapter {
             let uniform = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
             (uniform.lt(keep)?.to_dtype(DType::F32)? * (1.0 / keep))?
         };
-        Ok(x.mul(&mask.to_dtype(x.dtype())?)?)
+        Ok(mask.to_dtype(self.a.dtype())?)
     }
 
     /// The dense update s·B·A of shape [out, in], for merging into W.

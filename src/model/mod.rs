@@ -10,6 +10,7 @@ pub mod families;
 pub mod inspect;
 pub mod linear;
 pub mod lora;
+pub mod lora_linear;
 pub mod new;
 mod precomputed;
 pub mod rope;

@@ -13,6 +13,7 @@ mod gradients;
 mod head_loss;
 mod hub_server;
 mod lm_eval_parity;
+mod lora_linear;
 mod parity;
 mod publish;
 mod recipe;

@@ -1,0 +1,175 @@
+//! A frozen projection with its LoRA adapter as one op: y = x·Wᵀ + s·((x⊙M)·Aᵀ)·Bᵀ, with M the
+//! dropout mask (or none). Composed from candle ops, the adapter leaves three [tokens, out]
+//! intermediates per projection alive until the backward pass (W·x, B·A·x, its scaled copy); here
+//! the forward runs on the backend's storages and keeps only its inputs, and the backward
+//! recomputes the small [tokens, r] product. The adapter runs in its own dtype (f32 for a bf16 base).
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Mul};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::linear::matmul_transposed;
+
+/// x [n, in] through W [out, in] plus the adapter A [r, in], B [out, r] scaled by `scale`, with
+/// the dropout `mask` ([n, in], in the adapter's dtype) applied to the adapter's input.
+/// Gradients flow to x, A and B; W is frozen.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        weight: weight.clone(),
+        scale,
+        mask: mask.cloned(),
+    };
+    if x.track_op() || a.track_op() || b.track_op() {
+        x.apply_op3(a, b, op)
+    } else {
+        x.apply_op3_no_bwd(a, b, &op)
+    }
+}
+
+struct LoraLinear {
+    weight: Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+}
+
+/// The forward pass on one backend's storages.
+#[allow(clippy::too_many_arguments)]
+fn forward<S: BackendStorage>(
+    (x, lx): (&S, &Layout),
+    (w, lw): (&S, &Layout),
+    (a, la): (&S, &Layout),
+    (b, lb): (&S, &Layout),
+    mask: Option<(&S, &Layout)>,
+    scale: f64,
+) -> Result<(S, Shape)> {
+    let (base, shape) = matmul_transposed(x, lx, w, lw)?;
+    let lora_dtype = a.dtype();
+    let converted;
+    let (x_lora, lx_lora) = if x.dtype() == lora_dtype {
+        (x, lx.clone())
+    } else {
+        converted = x.to_dtype(lx, lora_dtype)?;
+        (&converted, Layout::contiguous(lx.shape()))
+    };
+    let dropped;
+    let (x_lora, lx_lora) = match mask {
+        Some((m, lm)) => {
+            dropped = x_lora.binary_impl::<Mul>(m, &lx_lora, lm)?;
+            (&dropped, Layout::contiguous(lx.shape()))
+        }
+        None => (x_lora, lx_lora),
+    };
+    let (xa, xa_shape) = matmul_transposed(x_lora, &lx_lora, a, la)?;
+    let (xab, out_shape) = matmul_transposed(&xa, &Layout::contiguous(xa_shape), b, lb)?;
+    let lout = Layout::contiguous(out_shape);
+    let mut delta = xab.affine(&lout, scale, 0.0)?;
+    if delta.dtype() != x.dtype() {
+        delta = delta.to_dtype(&lout, x.dtype())?;
+    }
+    let y = base.binary_impl::<Add>(&delta, &Layout::contiguous(shape.clone()), &lout)?;
+    Ok((y, shape))
+}
+
+/// The storage of `t` as `S`, with its layout, for passing to [`forward`].
+macro_rules! with_storages {
+    ($self:ident, $variant:ident, |$w:ident, $m:ident| $body:expr) => {{
+        let (w_guard, lw) = $self.weight.storage_and_layout();
+        let Storage::$variant(w_storage) = &*w_guard else {
+            candle_core::bail!("LoRA linear: the frozen weight is on another device");
+        };
+        let mask_guard = $self.mask.as_ref().map(|m| m.storage_and_layout());
+        let $m = match &mask_guard {
+            Some((g, lm)) => match &**g {
+                Storage::$variant(s) => Some((s, *lm)),
+                _ => candle_core::bail!("LoRA linear: the dropout mask is on another device"),
+            },
+            None => None,
+        };
+        let $w = (w_storage, lw);
+        $body
+    }};
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_storages!(self, Cpu, |w, m| forward(
+            (x, lx),
+            w,
+            (a, la),
+            (b, lb),
+            m,
+            self.scale
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        a: &candle_core::CudaStorage,
+        la: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        with_storages!(self, Cuda, |w, m| forward(
+            (x, lx),
+            w,
+            (a, la),
+            (b, lb),
+            m,
+            self.scale
+        ))
+    }
+
+    /// dx = g·W + ((s·g·B)·A)⊙M, dA = (s·g·B)ᵀ·(x⊙M), dB = s·gᵀ·((x⊙M)·Aᵀ).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached, so that the gradients carry no graph of their own into the optimizer.
+        let (a, b) = (a.detach(), b.detach());
+        let lora_dtype = a.dtype();
+        let mut x_lora = x.detach().to_dtype(lora_dtype)?;
+        if let Some(m) = &self.mask {
+            x_lora = x_lora.mul(m)?;
+        }
+        let g = grad.detach().to_dtype(lora_dtype)?;
+        let g_b = (g.matmul(&b)? * self.scale)?;
+        let da = g_b.t()?.matmul(&x_lora)?;
+        let db = (g.t()?.matmul(&x_lora.matmul(&a.t()?)?)? * self.scale)?;
+        let dx = if x.track_op() {
+            let mut dx_lora = g_b.matmul(&a)?;
+            if let Some(m) = &self.mask {
+                dx_lora = dx_lora.mul(m)?;
+            }
+            Some((grad.matmul(&self.weight)? + dx_lora.to_dtype(x.dtype())?)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
+    }
+}
