@@ -123,7 +123,10 @@ impl CustomOp3 for HeadNll {
         _nll: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.detach().to_dtype(self.direction.dtype())?.unsqueeze(1)?;
+        let g = grad
+            .detach()
+            .to_dtype(self.direction.dtype())?
+            .unsqueeze(1)?;
         let dh = self.direction.broadcast_mul(&g)?.to_dtype(hidden.dtype())?;
         Ok((Some(dh), None, None))
     }
