@@ -162,12 +162,7 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     };
     lora::attach(&mut lm, &lora_config, 0)?;
     let trainable = lora::trainable(&lm);
-    let params = AdamWParams {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let params = AdamWParams::default();
     let mut optimizer = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params)?;
     let batches = [random_batch(
         spec.batch,

@@ -7,7 +7,7 @@ use candle_core::{Tensor, D};
 use indicatif::ProgressBar;
 
 use crate::data::Batch;
-use crate::model::{cross_entropy, Model, TokenLayout};
+use crate::model::{blocks, cross_entropy, Model, TokenLayout};
 
 /// The log-likelihood of one continuation, and whether greedy decoding would produce it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -155,8 +155,7 @@ impl<'a> Scorer<'a> {
         // block of rows at a time, as in training's loss.
         let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);
         let (mut lp, mut best) = (Vec::<f32>::with_capacity(n), Vec::<u32>::with_capacity(n));
-        for start in (0..n).step_by(block) {
-            let len = block.min(n - start);
+        for (start, len) in blocks::ranges(n, block) {
             let logits = self.model.lm.logits(&picked.narrow(0, start, len)?)?;
             let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             lp.extend(

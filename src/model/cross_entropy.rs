@@ -8,6 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
+use super::blocks;
 use super::decoder::accumulation_dtype;
 use super::precomputed::Precomputed;
 
@@ -16,8 +17,7 @@ const BLOCK_BYTES: usize = 256 << 20;
 
 /// Rows per block for `rows` targets over a vocabulary of `vocab`: all of them when they fit.
 pub fn block_rows(rows: usize, vocab: usize) -> usize {
-    let max_rows = (BLOCK_BYTES / (vocab * 4).max(1)).clamp(1, rows.max(1));
-    rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1)
+    blocks::even_block(rows, vocab * 4, BLOCK_BYTES)
 }
 
 /// −log softmax(h·Wᵀ)[target] for hidden states h [n, hidden], the LM head W [vocab, hidden] and
@@ -28,8 +28,7 @@ pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize) 
     let acc = accumulation_dtype(hidden.dtype());
     let with_grad = hidden.track_op();
     let (mut nll, mut direction) = (Vec::new(), Vec::new());
-    for start in (0..rows).step_by(block.max(1)) {
-        let len = block.max(1).min(rows - start);
+    for (start, len) in blocks::ranges(rows, block) {
         let (n, d) = block_loss(
             &hidden.detach().narrow(0, start, len)?,
             head,

@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
+use super::blocks;
 use super::precomputed::Precomputed;
 
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
@@ -16,9 +17,7 @@ const BLOCK_BYTES: usize = 64 << 20;
 
 /// Query positions per block for `batch` × `heads` × `seq`: all of them when the scores fit.
 pub fn block_rows(batch: usize, heads: usize, seq: usize) -> usize {
-    let per_position = (batch * heads * seq * 4).max(1);
-    let max_rows = (BLOCK_BYTES / per_position).clamp(1, seq.max(1));
-    seq.div_ceil(seq.div_ceil(max_rows).max(1))
+    blocks::even_block(seq, batch * heads * seq * 4, BLOCK_BYTES)
 }
 
 /// softmax(Q·Kᵀ/√d + mask)·V in blocks of `block` query positions.
@@ -76,10 +75,8 @@ impl Shapes {
     }
 
     /// The start and length of each block of query positions.
-    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..self.seq)
-            .step_by(self.block)
-            .map(move |start| (start, self.block.min(self.seq - start)))
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        blocks::ranges(self.seq, self.block)
     }
 
     /// The rows of x [batch, kv_heads, groups·seq, n] at positions start..start+len.

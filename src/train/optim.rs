@@ -12,6 +12,18 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
+impl Default for AdamWParams {
+    /// PyTorch's betas and eps, without weight decay (as a recipe's `[train]` defaults).
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
 /// Optimizer state for a fixed list of variables.
 pub struct AdamW {
     params: AdamWParams,

@@ -77,13 +77,7 @@ fn adapter_save_load_round_trip_reproduces_logits() {
 #[test]
 fn fresh_adapter_follows_peft_init() {
     let mut lm = super::common::tiny_lm("mistral", DType::F32, 0);
-    let config = LoraConfig {
-        r: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        target_modules: TargetModules::Pattern("all-linear".into()),
-        use_rslora: false,
-    };
+    let config = super::common::all_linear_lora(8, 16.0, 0.0);
     let before = lm
         .forward(
             &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),

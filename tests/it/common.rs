@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use feinschliff::model::new::{config_json, random_weights, Size};
 use feinschliff::model::weights::Weights;
-use feinschliff::model::{CausalLm, ModelConfig};
+use feinschliff::model::{CausalLm, LoraConfig, ModelConfig, TargetModules};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -38,6 +38,17 @@ pub fn tiny_lm(arch: &str, dtype: DType, seed: u64) -> CausalLm {
         &Device::Cpu,
     );
     CausalLm::load(config, &weights, &Device::Cpu).unwrap()
+}
+
+/// A LoRA config on every projection, plain alpha/r scaling.
+pub fn all_linear_lora(r: usize, alpha: f64, dropout: f64) -> LoraConfig {
+    LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        use_rslora: false,
+    }
 }
 
 /// Largest absolute difference between two tensors of the same shape, computed in f64.

@@ -311,13 +311,7 @@ fn hf_template_features_work() {
 fn packed_loss_equals_unpacked_loss() {
     let model = Model::load(tiny_llama_dir(), None, &Device::Cpu).unwrap();
     let mut lm = model.lm;
-    let cfg = feinschliff::model::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        target_modules: feinschliff::model::TargetModules::Pattern("all-linear".into()),
-        use_rslora: false,
-    };
+    let cfg = super::common::all_linear_lora(4, 8.0, 0.0);
     feinschliff::model::lora::attach(&mut lm, &cfg, 1).unwrap();
     for (_, v) in feinschliff::model::lora::trainable(&lm) {
         v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())

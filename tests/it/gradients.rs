@@ -30,13 +30,7 @@ fn set_element(var: &Var, index: usize, value: f64) {
 fn lora_gradients_match_finite_differences() {
     for arch in ["llama", "qwen2"] {
         let mut lm = tiny_lm(arch, DType::F64, 7);
-        let config = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            target_modules: TargetModules::Pattern("all-linear".into()),
-            use_rslora: false,
-        };
+        let config = super::common::all_linear_lora(2, 4.0, 0.0);
         lora::attach(&mut lm, &config, 3).unwrap();
         let trainable = lora::trainable(&lm);
         // Non-zero B, so that A's gradient is non-zero too.
@@ -138,13 +132,7 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
     use feinschliff::train::optim::{AdamW, AdamWParams};
     let make = |checkpointing: bool| {
         let mut lm = tiny_lm("qwen2", DType::F64, 5);
-        let config = LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.1,
-            target_modules: TargetModules::Pattern("all-linear".into()),
-            use_rslora: false,
-        };
+        let config = super::common::all_linear_lora(4, 8.0, 0.1);
         lora::attach(&mut lm, &config, 9).unwrap();
         for (i, (_, var)) in lora::trainable(&lm).iter().enumerate() {
             if i % 2 == 1 {
@@ -169,10 +157,8 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
         Batch::pad(&refs[2..], 0, &Device::Cpu).unwrap(),
     ];
     let params = AdamWParams {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
         weight_decay: 0.01,
+        ..AdamWParams::default()
     };
     let mut outcomes = Vec::new();
     for checkpointing in [false, true] {
