@@ -1,6 +1,7 @@
 //! `feinschliff bench`: tokens/s, step time and peak memory on a random model of a named shape —
 //! `train`: the real LoRA train step (r16, alpha 32, all seven projections, batch 4 × 256);
-//! `score`: forward scoring without gradients as the eval harness runs it (batch 8 × 256).
+//! `score`: forward scoring without gradients as the eval harness runs it (batch 8 × 256);
+//! `generate`: greedy decoding with the KV cache (batch 1, a 32-token prompt, 128 new tokens).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -121,6 +122,28 @@ pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     }
     device.synchronize()?;
     Ok(report("score", spec, started, memory, device))
+}
+
+/// Times greedy generation of `new_tokens` tokens after prompts of `spec.seq` random tokens
+/// (after one short warm-up); tokens/s counts generated tokens of all rows.
+pub fn generate(spec: &BenchSpec, new_tokens: usize, device: &Device) -> Result<BenchReport> {
+    let memory = PeakMemory::watch(device);
+    let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
+    let vocab = spec.size.shape().vocab as u32;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let prompts: Vec<Vec<u32>> = (0..spec.batch)
+        .map(|_| (0..spec.seq).map(|_| rng.random_range(0..vocab)).collect())
+        .collect();
+    crate::model::generate::greedy(&lm, &mut prompts.clone(), 2, 0, |_, _| Ok(false))?;
+    let started = Instant::now();
+    crate::model::generate::greedy(&lm, &mut prompts.clone(), new_tokens, 0, |_, _| Ok(false))?;
+    device.synchronize()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut out = report("generate", spec, started, memory, device);
+    out.steps = new_tokens;
+    out.step_seconds = elapsed / new_tokens.max(1) as f64;
+    out.tokens_per_s = (spec.batch * new_tokens) as f64 / elapsed;
+    Ok(out)
 }
 
 fn report(

@@ -188,6 +188,14 @@ enum BenchCommand {
         #[command(flatten)]
         shape: BenchArgs,
     },
+    /// Greedy generation with the KV cache (default batch 1, prompt of --seq tokens): generated tokens/s.
+    Generate {
+        #[command(flatten)]
+        shape: BenchArgs,
+        /// Tokens generated per row.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+    },
 }
 
 /// The model shape, batch and dtype a benchmark runs.
@@ -197,9 +205,10 @@ struct BenchArgs {
     arch: String,
     #[arg(long, value_enum, default_value = "tiny")]
     size: Size,
-    /// Sequences per batch (default: 4 for train, 8 for score).
+    /// Sequences per batch (default: 4 for train, 8 for score, 1 for generate).
     #[arg(long)]
     batch: Option<usize>,
+    /// Tokens per sequence (generate: prompt tokens).
     #[arg(long, default_value_t = 256)]
     seq: usize,
     /// Compute dtype of the frozen weights.
@@ -432,6 +441,16 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let device = feinschliff::device::open(&shape.device)?;
             println!("{}", feinschliff::bench::score(&shape.spec(8), &device)?);
+        }
+        Command::Bench {
+            command: BenchCommand::Generate { shape, new_tokens },
+        } => {
+            let device = feinschliff::device::open(&shape.device)?;
+            let spec = shape.spec(1);
+            println!(
+                "{}",
+                feinschliff::bench::generate(&spec, new_tokens, &device)?
+            );
         }
     }
     Ok(())

@@ -1,19 +1,34 @@
 //! Batched scoring with lm-evaluation-harness's semantics: log-likelihood of a continuation given a
 //! context (split and truncated as lm-eval's HFLM does), rolling-window log-likelihood of whole
 //! documents, and greedy generation until stop strings.
+//!
+//! Requests that share their context (the choices of a multiple-choice question) read it once:
+//! the context runs into a KV cache, then every continuation runs against the cached context.
+//! Generation reads the prompt once and then one new token per step through the cache.
 
 use anyhow::Result;
 use candle_core::{Tensor, D};
 use indicatif::ProgressBar;
+use std::collections::HashMap;
 
 use crate::data::Batch;
-use crate::model::{blocks, cross_entropy, Model, TokenLayout};
+use crate::model::{blocks, cross_entropy, generate, Model};
 
 /// The log-likelihood of one continuation, and whether greedy decoding would produce it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Loglikelihood {
     pub logprob: f64,
     pub is_greedy: bool,
+}
+
+impl Loglikelihood {
+    /// The sum of per-token log-probabilities; greedy when every token was the argmax.
+    fn of(tokens: &[(f32, bool)]) -> Self {
+        Self {
+            logprob: tokens.iter().map(|&(lp, _)| lp as f64).sum(),
+            is_greedy: tokens.iter().all(|&(_, greedy)| greedy),
+        }
+    }
 }
 
 /// Scores requests against one model.
@@ -81,16 +96,13 @@ impl<'a> Scorer<'a> {
         self.loglikelihood_tokens(&requests, bar)
     }
 
-    /// Log-likelihoods of token requests, longest first in batches (results in request order).
+    /// Log-likelihoods of token requests (results in request order). Requests that share their
+    /// context and need no truncation read it once; the others run whole, longest first in batches.
     pub fn loglikelihood_tokens(
         &self,
         requests: &[TokenRequest],
         bar: &ProgressBar,
     ) -> Result<Vec<Loglikelihood>> {
-        let mut order: Vec<usize> = (0..requests.len()).collect();
-        order.sort_by_key(|&i| {
-            std::cmp::Reverse(requests[i].context.len() + requests[i].continuation.len())
-        });
         let mut out = vec![
             Loglikelihood {
                 logprob: 0.0,
@@ -98,6 +110,37 @@ impl<'a> Scorer<'a> {
             };
             requests.len()
         ];
+        let mut by_context: HashMap<&[u32], Vec<usize>> = HashMap::new();
+        let mut order = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            let fits = r.context.len() + r.continuation.len() <= self.max_length + 1;
+            if fits && !r.continuation.is_empty() {
+                by_context.entry(&r.context).or_default().push(i);
+            } else {
+                order.push(i);
+            }
+        }
+        let mut groups = Vec::new();
+        for members in by_context.into_values() {
+            if members.len() > 1 {
+                groups.push(members);
+            } else {
+                order.extend(members);
+            }
+        }
+        groups.sort_by_key(|g| (std::cmp::Reverse(requests[g[0]].context.len()), g[0]));
+        for chunk in groups.chunks(self.batch_size) {
+            for (i, r) in self.score_shared(chunk, requests)? {
+                out[i] = r;
+            }
+            bar.inc(chunk.iter().map(Vec::len).sum::<usize>() as u64);
+        }
+        order.sort_by_key(|&i| {
+            (
+                std::cmp::Reverse(requests[i].context.len() + requests[i].continuation.len()),
+                i,
+            )
+        });
         for chunk in order.chunks(self.batch_size) {
             let scored =
                 self.score_batch(&chunk.iter().map(|&i| &requests[i]).collect::<Vec<_>>())?;
@@ -147,34 +190,137 @@ impl<'a> Scorer<'a> {
                 targets.push(tok);
             }
         }
-        let n = rows.len();
-        let device = self.model.lm.device();
-        let picked = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-        let target_t = Tensor::from_vec(targets.clone(), (n, 1), device)?;
-        // Rolling perplexity windows pick thousands of rows: their log-probabilities exist one
-        // block of rows at a time, as in training's loss.
-        let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);
-        let (mut lp, mut best) = (Vec::<f32>::with_capacity(n), Vec::<u32>::with_capacity(n));
-        for (start, len) in blocks::ranges(n, block) {
-            let logits = self.model.lm.logits(&picked.narrow(0, start, len)?)?;
-            let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            lp.extend(
-                logprobs
-                    .gather(&target_t.narrow(0, start, len)?, 1)?
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
-            best.extend(logprobs.argmax(D::Minus1)?.to_vec1::<u32>()?);
-        }
+        let scored = self.score_rows(&hidden, rows, &targets)?;
         let mut out = Vec::with_capacity(requests.len());
         let mut pos = 0;
         for r in requests {
             let len = r.continuation.len();
-            let logprob = lp[pos..pos + len].iter().map(|&v| v as f64).sum();
-            let is_greedy = best[pos..pos + len] == targets[pos..pos + len];
-            out.push(Loglikelihood { logprob, is_greedy });
+            out.push(Loglikelihood::of(&scored[pos..pos + len]));
             pos += len;
+        }
+        Ok(out)
+    }
+
+    /// Groups of requests that share their context: each context runs once into a KV cache (the
+    /// groups' contexts batched together), the first continuation token of every request is
+    /// scored from the context's last position, and longer continuations then run against the
+    /// cached context, `batch_size` continuations at a time.
+    fn score_shared(
+        &self,
+        groups: &[Vec<usize>],
+        requests: &[TokenRequest],
+    ) -> Result<Vec<(usize, Loglikelihood)>> {
+        let lm = &self.model.lm;
+        let device = lm.device();
+        let pad = self.model.tokenizer.pad_id();
+        let contexts: Vec<&[u32]> = groups.iter().map(|g| &requests[g[0]].context[..]).collect();
+        let real: Vec<usize> = contexts.iter().map(|c| c.len()).collect();
+        let t = real.iter().copied().max().unwrap_or(1);
+        let longest_continuation = groups
+            .iter()
+            .flatten()
+            .map(|&i| requests[i].continuation.len())
+            .max()
+            .unwrap_or(1);
+        let mut ids = vec![pad; groups.len() * t];
+        for (k, c) in contexts.iter().enumerate() {
+            ids[k * t..k * t + c.len()].copy_from_slice(c);
+        }
+        let mut cache = lm.new_cache(groups.len(), t + longest_continuation);
+        let input = Tensor::from_vec(ids, (groups.len(), t), device)?;
+        let hidden = lm
+            .hidden_states_cached(&input, &real, &mut cache)?
+            .reshape((groups.len() * t, lm.config.hidden_size))?;
+        let (mut rows, mut firsts) = (Vec::new(), Vec::new());
+        for (k, g) in groups.iter().enumerate() {
+            for &i in g {
+                rows.push((k * t + real[k] - 1) as u32);
+                firsts.push(requests[i].continuation[0]);
+            }
+        }
+        let first = self.score_rows(&hidden, rows, &firsts)?;
+        let members: Vec<(usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(k, g)| g.iter().map(move |&i| (k, i)))
+            .collect();
+        let mut scored: HashMap<usize, Vec<(f32, bool)>> = members
+            .iter()
+            .zip(first)
+            .map(|(&(_, i), s)| (i, vec![s]))
+            .collect();
+        let longer: Vec<(usize, usize)> = members
+            .into_iter()
+            .filter(|&(_, i)| requests[i].continuation.len() > 1)
+            .collect();
+        for chunk in longer.chunks(self.batch_size) {
+            let mut rows_cache =
+                cache.select(&chunk.iter().map(|&(k, _)| k).collect::<Vec<_>>())?;
+            let inputs: Vec<&[u32]> = chunk
+                .iter()
+                .map(|&(_, i)| {
+                    let c = &requests[i].continuation;
+                    &c[..c.len() - 1]
+                })
+                .collect();
+            let real: Vec<usize> = inputs.iter().map(|c| c.len()).collect();
+            let tc = real.iter().copied().max().unwrap_or(1);
+            let mut ids = vec![pad; chunk.len() * tc];
+            for (j, c) in inputs.iter().enumerate() {
+                ids[j * tc..j * tc + c.len()].copy_from_slice(c);
+            }
+            let input = Tensor::from_vec(ids, (chunk.len(), tc), device)?;
+            let hidden = lm
+                .hidden_states_cached(&input, &real, &mut rows_cache)?
+                .reshape((chunk.len() * tc, lm.config.hidden_size))?;
+            let (mut rows, mut targets) = (Vec::new(), Vec::new());
+            for (j, &(_, i)) in chunk.iter().enumerate() {
+                for (p, &tok) in requests[i].continuation[1..].iter().enumerate() {
+                    rows.push((j * tc + p) as u32);
+                    targets.push(tok);
+                }
+            }
+            let mut rest = self.score_rows(&hidden, rows, &targets)?.into_iter();
+            for &(_, i) in chunk {
+                let entry = scored.entry(i).or_default();
+                entry.extend(rest.by_ref().take(requests[i].continuation.len() - 1));
+            }
+        }
+        Ok(scored
+            .into_iter()
+            .map(|(i, s)| (i, Loglikelihood::of(&s)))
+            .collect())
+    }
+
+    /// The log-probability of each target and whether it is the argmax, at the given `rows` of
+    /// `hidden` [n, hidden]. Rolling perplexity windows pick thousands of rows: their
+    /// log-probabilities exist one block of rows at a time, as in training's loss.
+    fn score_rows(
+        &self,
+        hidden: &Tensor,
+        rows: Vec<u32>,
+        targets: &[u32],
+    ) -> Result<Vec<(f32, bool)>> {
+        let n = rows.len();
+        let device = self.model.lm.device();
+        let picked = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+        let target_t = Tensor::from_vec(targets.to_vec(), (n, 1), device)?;
+        let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);
+        let mut out = Vec::with_capacity(n);
+        for (start, len) in blocks::ranges(n, block) {
+            let logits = self.model.lm.logits(&picked.narrow(0, start, len)?)?;
+            let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let lp = logprobs
+                .gather(&target_t.narrow(0, start, len)?, 1)?
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            let best = logprobs.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let wanted = &targets[start..start + len];
+            out.extend(
+                lp.into_iter()
+                    .zip(best.iter().zip(wanted).map(|(b, w)| b == w)),
+            );
         }
         Ok(out)
     }
@@ -238,22 +384,12 @@ impl<'a> Scorer<'a> {
                 seqs.push(ids);
             }
             let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
-            let mut done = vec![false; seqs.len()];
-            for _ in 0..max_tokens {
-                let active: Vec<usize> = (0..seqs.len()).filter(|&i| !done[i]).collect();
-                if active.is_empty() {
-                    break;
-                }
-                let next =
-                    self.next_tokens(&active.iter().map(|&i| &seqs[i]).collect::<Vec<_>>())?;
-                for (&i, tok) in active.iter().zip(next) {
-                    seqs[i].push(tok);
-                    let text = self.model.tokenizer.decode(&seqs[i][starts[i]..])?;
-                    if Some(tok) == eos || until.iter().any(|u| text.contains(u.as_str())) {
-                        done[i] = true;
-                    }
-                }
-            }
+            let pad = self.model.tokenizer.pad_id();
+            generate::greedy(&self.model.lm, &mut seqs, max_tokens, pad, |i, seq| {
+                let tok = seq[seq.len() - 1];
+                let text = self.model.tokenizer.decode(&seq[starts[i]..])?;
+                Ok(Some(tok) == eos || until.iter().any(|u| text.contains(u.as_str())))
+            })?;
             for (i, s) in seqs.iter().enumerate() {
                 let mut cont: &[u32] = &s[starts[i]..];
                 if let (Some(e), Some(last)) = (eos, cont.last()) {
@@ -272,35 +408,5 @@ impl<'a> Scorer<'a> {
             bar.inc(chunk.len() as u64);
         }
         Ok(outputs)
-    }
-
-    /// The argmax next token of each sequence.
-    fn next_tokens(&self, seqs: &[&Vec<u32>]) -> Result<Vec<u32>> {
-        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
-        let b = seqs.len();
-        let pad = self.model.tokenizer.pad_id();
-        let mut ids = vec![pad; b * t];
-        for (r, s) in seqs.iter().enumerate() {
-            ids[r * t..r * t + s.len()].copy_from_slice(s);
-        }
-        let device = self.model.lm.device();
-        let input = Tensor::from_vec(ids, (b, t), device)?;
-        let hidden = self
-            .model
-            .lm
-            .hidden_states(&input, &TokenLayout::causal(b, t), None)?
-            .reshape((b * t, ()))?;
-        let rows: Vec<u32> = seqs
-            .iter()
-            .enumerate()
-            .map(|(r, s)| (r * t + s.len() - 1) as u32)
-            .collect();
-        let picked = hidden.index_select(&Tensor::from_vec(rows, b, device)?, 0)?;
-        Ok(self
-            .model
-            .lm
-            .logits(&picked)?
-            .argmax(D::Minus1)?
-            .to_vec1()?)
     }
 }

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::checkpoint;
 use super::config::ModelConfig;
 use super::cross_entropy;
+use super::kv_cache::{KvCache, LayerKv};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::rope::{self, Rope};
@@ -103,7 +104,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
+    /// Attention over `x` [batch, seq, hidden]; with `past`, the new tokens also attend to the
+    /// cached keys and values, and their own are appended to the cache.
+    fn forward(&self, x: &Tensor, ctx: &Context, past: Option<&mut LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -117,7 +120,17 @@ impl Attention {
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
         // are stacked along the rows.
         let q = q.reshape((b, kvh, (h / kvh) * t, d))?;
-        let out = sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?;
+        let out = match past {
+            Some(past) if !past.is_empty() => {
+                let (k, v) = past.append(&k, &v)?;
+                sdpa::attention_after_past(&q, &k, &v, &ctx.mask)?
+            }
+            Some(past) => {
+                past.append(&k, &v)?;
+                sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?
+            }
+            None => sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?,
+        };
         let out = out
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
@@ -165,9 +178,18 @@ impl DecoderLayer {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
+        self.forward_with_past(x, ctx, None)
+    }
+
+    fn forward_with_past(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        past: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let h = (x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+            .forward(&self.input_layernorm.forward(x)?, ctx, past)?)?;
         let out = (&h
             + self
                 .mlp
@@ -274,19 +296,9 @@ impl CausalLm {
         step: Option<u64>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let (cos, sin) = self.rope.tables(&layout.position_ids, b, t, &self.device)?;
-        let ctx = Context {
-            cos,
-            sin,
-            mask: layout
-                .mask(self.config.sliding_window, &self.device)?
-                .to_dtype(accumulation_dtype(self.dtype()))?,
-            pass: Pass::new(step),
-        };
-        let mut x = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let mask = layout.mask(self.config.sliding_window, &self.device)?;
+        let ctx = self.context(&layout.position_ids, (b, t), mask, Pass::new(step))?;
+        let mut x = self.embed(input_ids)?;
         let checkpointing = self.gradient_checkpointing && step.is_some();
         for layer in &self.layers {
             x = if checkpointing {
@@ -296,6 +308,57 @@ impl CausalLm {
             };
         }
         self.norm.forward(&x)
+    }
+
+    /// Final hidden states [batch, seq, hidden] of new tokens [batch, seq] that follow what `cache`
+    /// holds (nothing at first), without gradients. Row r's first `real[r]` tokens are real, the
+    /// rest right padding; the new keys and values are appended to the cache.
+    pub fn hidden_states_cached(
+        &self,
+        input_ids: &Tensor,
+        real: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let step = cache.extend(real, t, self.config.sliding_window)?;
+        let mask = Tensor::from_vec(step.mask, (b, 1, t, cache.len()), &self.device)?;
+        let ctx = self.context(&step.position_ids, (b, t), mask, Pass::new(None))?;
+        let mut x = self.embed(input_ids)?;
+        for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
+            x = layer.forward_with_past(&x, &ctx, Some(past))?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// An empty cache for `batch` rows with room for `capacity` positions before it grows.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(self.layers.len(), batch, capacity)
+    }
+
+    /// The per-forward tables: RoPE at the given positions, the mask in the accumulation dtype.
+    fn context(
+        &self,
+        position_ids: &[u32],
+        (b, t): (usize, usize),
+        mask: Tensor,
+        pass: Pass,
+    ) -> Result<Context> {
+        let (cos, sin) = self.rope.tables(position_ids, b, t, &self.device)?;
+        Ok(Context {
+            cos,
+            sin,
+            mask: mask.to_dtype(accumulation_dtype(self.dtype()))?,
+            pass,
+        })
+    }
+
+    /// Token embeddings [batch, seq, hidden] of ids [batch, seq].
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// The adapter gradients that checkpointed layers computed since the last call, by variable.

@@ -2,13 +2,13 @@
 //!
 //! candle's matmul backward always computes the weight gradient, even for a frozen weight; for a
 //! LoRA step that is a third of the work wasted. [`frozen_matmul`] is a custom op that runs the
-//! backend's matmul forward and whose backward returns only the input gradient.
+//! fast product of [`super::matmul`] forward and whose backward returns only the input gradient.
 
 use anyhow::Result;
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::lora::{LoraAdapter, Pass};
+use super::matmul::{matmul, product_transposed};
 
 /// One linear layer of the base model; the base weight never trains.
 #[derive(Clone)]
@@ -56,29 +56,13 @@ impl Linear {
 /// x·Wᵀ for x [n, in] and a frozen W [out, in]; gradients flow to x only.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
-        return Ok(x.matmul(&weight.t()?)?);
+        return Ok(matmul(x, &weight.t()?)?);
     }
     Ok(x.apply_op2(weight, InputGradOnly)?)
 }
 
-/// Forward: x·Wᵀ with the backend's matmul. Backward: dL/dx = dL/dy · W, nothing for W.
+/// Forward: x·Wᵀ. Backward: dL/dx = dL/dy · W, nothing for W.
 struct InputGradOnly;
-
-/// x [n, in] times the transposed W [out, in] with the backend's matmul.
-pub(crate) fn matmul_transposed<S: BackendStorage>(
-    x: &S,
-    lx: &Layout,
-    w: &S,
-    lw: &Layout,
-) -> candle_core::Result<(S, Shape)> {
-    let (n, k) = lx.shape().dims2()?;
-    let (out, k_w) = lw.shape().dims2()?;
-    if k != k_w {
-        candle_core::bail!("frozen linear: input has {k} features, the weight expects {k_w}");
-    }
-    let y = x.matmul(w, (1, n, out, k), lx, &lw.transpose(0, 1)?)?;
-    Ok((y, Shape::from((n, out))))
-}
 
 impl CustomOp2 for InputGradOnly {
     fn name(&self) -> &'static str {
@@ -92,7 +76,7 @@ impl CustomOp2 for InputGradOnly {
         w: &CpuStorage,
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        matmul_transposed(x, lx, w, lw)
+        product_transposed(x, lx, w, lw)
     }
 
     #[cfg(feature = "cuda")]
@@ -103,7 +87,7 @@ impl CustomOp2 for InputGradOnly {
         w: &candle_core::CudaStorage,
         lw: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        matmul_transposed(x, lx, w, lw)
+        product_transposed(x, lx, w, lw)
     }
 
     fn bwd(
@@ -113,6 +97,6 @@ impl CustomOp2 for InputGradOnly {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.detach().matmul(weight)?), None))
+        Ok((Some(matmul(&grad.detach(), weight)?), None))
     }
 }

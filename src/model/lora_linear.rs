@@ -4,11 +4,10 @@
 //! the forward runs on the backend's storages and keeps only its inputs, and the backward
 //! recomputes the small [tokens, r] product. The adapter runs in its own dtype (f32 for a bf16 base).
 
-use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::linear::matmul_transposed;
+use super::matmul::{matmul, product_transposed, MatmulStorage};
 
 /// x [n, in] through W [out, in] plus the adapter A [r, in], B [out, r] scaled by `scale`, with
 /// the dropout `mask` ([n, in], in the adapter's dtype) applied to the adapter's input.
@@ -41,7 +40,7 @@ struct LoraLinear {
 
 /// The forward pass on one backend's storages.
 #[allow(clippy::too_many_arguments)]
-fn forward<S: BackendStorage>(
+fn forward<S: MatmulStorage>(
     (x, lx): (&S, &Layout),
     (w, lw): (&S, &Layout),
     (a, la): (&S, &Layout),
@@ -49,7 +48,7 @@ fn forward<S: BackendStorage>(
     mask: Option<(&S, &Layout)>,
     scale: f64,
 ) -> Result<(S, Shape)> {
-    let (base, shape) = matmul_transposed(x, lx, w, lw)?;
+    let (base, shape) = product_transposed(x, lx, w, lw)?;
     let lora_dtype = a.dtype();
     let converted;
     let (x_lora, lx_lora) = if x.dtype() == lora_dtype {
@@ -66,8 +65,8 @@ fn forward<S: BackendStorage>(
         }
         None => (x_lora, lx_lora),
     };
-    let (xa, xa_shape) = matmul_transposed(x_lora, &lx_lora, a, la)?;
-    let (xab, out_shape) = matmul_transposed(&xa, &Layout::contiguous(xa_shape), b, lb)?;
+    let (xa, xa_shape) = product_transposed(x_lora, &lx_lora, a, la)?;
+    let (xab, out_shape) = product_transposed(&xa, &Layout::contiguous(xa_shape), b, lb)?;
     let lout = Layout::contiguous(out_shape);
     let mut delta = xab.affine(&lout, scale, 0.0)?;
     if delta.dtype() != x.dtype() {
@@ -158,15 +157,15 @@ impl CustomOp3 for LoraLinear {
             x_lora = x_lora.mul(m)?;
         }
         let g = grad.detach().to_dtype(lora_dtype)?;
-        let g_b = (g.matmul(&b)? * self.scale)?;
-        let da = g_b.t()?.matmul(&x_lora)?;
-        let db = (g.t()?.matmul(&x_lora.matmul(&a.t()?)?)? * self.scale)?;
+        let g_b = (matmul(&g, &b)? * self.scale)?;
+        let da = matmul(&g_b.t()?, &x_lora)?;
+        let db = (matmul(&g.t()?, &matmul(&x_lora, &a.t()?)?)? * self.scale)?;
         let dx = if x.track_op() {
-            let mut dx_lora = g_b.matmul(&a)?;
+            let mut dx_lora = matmul(&g_b, &a)?;
             if let Some(m) = &self.mask {
                 dx_lora = dx_lora.mul(m)?;
             }
-            Some((grad.matmul(&self.weight)? + dx_lora.to_dtype(x.dtype())?)?)
+            Some((matmul(&grad.detach(), &self.weight)? + dx_lora.to_dtype(x.dtype())?)?)
         } else {
             None
         };

@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::blocks;
+use super::matmul::matmul;
 use super::precomputed::Precomputed;
 
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
@@ -46,6 +47,25 @@ pub fn attention(
             out: Precomputed::new(out),
         },
     )
+}
+
+/// Attention of new tokens to cached and new keys, without gradients: q [batch, kv_heads,
+/// groups·t, d] (t new positions), k, v [batch, kv_heads, slots, d], mask [batch, 1, t, slots]
+/// in the softmax dtype. The new tokens are few (one per step in generation), so their scores
+/// are computed at once. Returns [batch, kv_heads, groups·t, d].
+pub fn attention_after_past(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, kvh, slots, d) = k.dims4()?;
+    let (_, _, t, _) = mask.dims4()?;
+    let rows = q.dim(2)?;
+    if t == 0 || rows % t != 0 {
+        candle_core::bail!("attention: {rows} query rows do not fit {t} new positions");
+    }
+    let g = rows / t;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = matmul(q, &k.t()?)?.reshape((b, kvh * g, t, slots))?;
+    let scores = (scores.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
+    let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kvh, g * t, slots))?;
+    matmul(&p.to_dtype(v.dtype())?, v)
 }
 
 /// The sizes of one attention call.
@@ -121,7 +141,7 @@ impl Shapes {
     ) -> Result<Tensor> {
         let (b, h, g, t) = (self.batch, self.kv_heads, self.groups, self.seq);
         let scale = 1.0 / (k.dim(3)? as f64).sqrt();
-        let scores = q_rows.matmul(&k.t()?)?.reshape((b, h * g, len, t))?;
+        let scores = matmul(q_rows, &k.t()?)?.reshape((b, h * g, len, t))?;
         let scores = (scores.to_dtype(mask.dtype())? * scale)?
             .broadcast_add(&mask.narrow(2, start, len)?)?;
         candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h, g * len, t))
@@ -132,7 +152,7 @@ impl Shapes {
             .blocks()
             .map(|(start, len)| {
                 let p = self.probs(&self.rows(q, start, len)?, k, mask, start, len)?;
-                p.to_dtype(v.dtype())?.matmul(v)
+                matmul(&p.to_dtype(v.dtype())?, v)
             })
             .collect::<Result<Vec<_>>>()?;
         self.join(blocks)
@@ -159,16 +179,12 @@ impl Shapes {
             let q_rows = self.rows(q, start, len)?;
             let grad_rows = self.rows(grad, start, len)?;
             let p = self.probs(&q_rows, k, mask, start, len)?;
-            dv = (dv
-                + p.to_dtype(v.dtype())?
-                    .t()?
-                    .matmul(&grad_rows)?
-                    .to_dtype(acc)?)?;
-            let dp = grad_rows.matmul(&v.t()?)?.to_dtype(acc)?;
+            dv = (dv + matmul(&p.to_dtype(v.dtype())?.t()?, &grad_rows)?.to_dtype(acc)?)?;
+            let dp = matmul(&grad_rows, &v.t()?)?.to_dtype(acc)?;
             let row_dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
             let ds = ((p * dp.broadcast_sub(&row_dot)?)? * scale)?.to_dtype(q.dtype())?;
-            dq.push(ds.matmul(k)?);
-            dk = (dk + ds.t()?.matmul(&q_rows)?.to_dtype(acc)?)?;
+            dq.push(matmul(&ds, k)?);
+            dk = (dk + matmul(&ds.t()?, &q_rows)?.to_dtype(acc)?)?;
         }
         Ok((
             self.join(dq)?,

@@ -1,0 +1,60 @@
+//! Greedy decoding with a KV cache: the prompts run once, then one new token per row and step,
+//! so the cost grows linearly with the number of new tokens.
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+use super::CausalLm;
+
+/// Extends each sequence by its greedy next tokens until `stop(row, sequence)` says so or
+/// `max_tokens` were added. Rows are right-padded with `pad` (which never enters attention).
+pub fn greedy(
+    lm: &CausalLm,
+    seqs: &mut [Vec<u32>],
+    max_tokens: usize,
+    pad: u32,
+    mut stop: impl FnMut(usize, &[u32]) -> Result<bool>,
+) -> Result<()> {
+    if max_tokens == 0 || seqs.is_empty() {
+        return Ok(());
+    }
+    let device = lm.device();
+    let b = seqs.len();
+    let real: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    if real.contains(&0) {
+        anyhow::bail!("greedy decoding needs at least one prompt token per row");
+    }
+    let t = real.iter().copied().max().unwrap_or(1);
+    let mut ids = vec![pad; b * t];
+    for (r, s) in seqs.iter().enumerate() {
+        ids[r * t..r * t + s.len()].copy_from_slice(s);
+    }
+    let mut cache = lm.new_cache(b, t + max_tokens);
+    let hidden = lm
+        .hidden_states_cached(&Tensor::from_vec(ids, (b, t), device)?, &real, &mut cache)?
+        .reshape((b * t, lm.config.hidden_size))?;
+    let last: Vec<u32> = (0..b).map(|r| (r * t + real[r] - 1) as u32).collect();
+    let mut last = hidden.index_select(&Tensor::from_vec(last, b, device)?, 0)?;
+    let mut done = vec![false; b];
+    for step in 0..max_tokens {
+        let next: Vec<u32> = lm.logits(&last)?.argmax(D::Minus1)?.to_vec1()?;
+        let mut feed = Vec::with_capacity(b);
+        for (r, tok) in next.into_iter().enumerate() {
+            if done[r] {
+                feed.push((pad, 0));
+                continue;
+            }
+            seqs[r].push(tok);
+            done[r] = stop(r, &seqs[r])?;
+            feed.push((tok, usize::from(!done[r])));
+        }
+        if done.iter().all(|&d| d) || step + 1 == max_tokens {
+            break;
+        }
+        let (ids, real): (Vec<u32>, Vec<usize>) = feed.into_iter().unzip();
+        last = lm
+            .hidden_states_cached(&Tensor::from_vec(ids, (b, 1), device)?, &real, &mut cache)?
+            .reshape((b, lm.config.hidden_size))?;
+    }
+    Ok(())
+}

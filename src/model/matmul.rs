@@ -1,0 +1,340 @@
+//! Matrix products for the hot paths (projections, their backward, LoRA, attention, the LM head).
+//!
+//! On the CPU they run through faer's matmul (pure Rust, runtime-dispatched AVX2/AVX-512 kernels):
+//! about three times candle's CPU matmul on the shapes of a LoRA step. Operands may be strided
+//! (transposed views cost nothing). bf16 and f16 operands are widened to f32 — the left operand
+//! whole, the right one a panel of columns at a time — so the product accumulates in f32 and no
+//! full-size f32 copy of a frozen weight ever exists. On other devices the backend's matmul runs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use faer::{Accum, MatMut, MatRef, Par};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// a·b for a [..., m, k] and b [..., k, n] with equal leading dims; no gradient flows through it
+/// (use it on detached tensors; a tracked operand falls back to candle's differentiable matmul).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.track_op() || b.track_op() {
+        return a.matmul(b);
+    }
+    a.apply_op2_no_bwd(b, &Product)
+}
+
+/// Storages that can multiply: the CPU through faer, CUDA through the backend (cuBLAS).
+pub trait MatmulStorage: BackendStorage {
+    /// a [..., m, k] · b [..., k, n] → a contiguous [..., m, n].
+    fn product(&self, la: &Layout, b: &Self, lb: &Layout) -> Result<(Self, Shape)>;
+}
+
+impl MatmulStorage for CpuStorage {
+    fn product(&self, la: &Layout, b: &Self, lb: &Layout) -> Result<(Self, Shape)> {
+        cpu_product(self, la, b, lb)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl MatmulStorage for candle_core::CudaStorage {
+    fn product(&self, la: &Layout, b: &Self, lb: &Layout) -> Result<(Self, Shape)> {
+        let dims = ProductDims::of(la, lb)?;
+        let out = self.matmul(b, (dims.batch, dims.m, dims.n, dims.k), la, lb)?;
+        Ok((out, dims.out_shape))
+    }
+}
+
+/// a·b for an x [n, in] and a weight W [out, in]: x·Wᵀ, [n, out].
+pub fn product_transposed<S: MatmulStorage>(
+    x: &S,
+    lx: &Layout,
+    w: &S,
+    lw: &Layout,
+) -> Result<(S, Shape)> {
+    let (_, k) = lx.shape().dims2()?;
+    let (_, k_w) = lw.shape().dims2()?;
+    if k != k_w {
+        candle_core::bail!("linear: input has {k} features, the weight expects {k_w}");
+    }
+    x.product(lx, w, &lw.transpose(0, 1)?)
+}
+
+/// The op behind [`matmul`].
+struct Product;
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        a.product(la, b, lb)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        la: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        a.product(la, b, lb)
+    }
+}
+
+/// The sizes of one (batched) product and where each batch's operands start.
+struct ProductDims {
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    out_shape: Shape,
+    /// Offsets (in elements) of each batch's a and b, in batch order.
+    offsets: Vec<(usize, usize)>,
+    /// Row and column strides of a and b.
+    a_strides: (usize, usize),
+    b_strides: (usize, usize),
+}
+
+impl ProductDims {
+    fn of(la: &Layout, lb: &Layout) -> Result<Self> {
+        let (da, db) = (la.dims(), lb.dims());
+        let rank = da.len();
+        if rank < 2 || db.len() != rank || da[..rank - 2] != db[..rank - 2] {
+            candle_core::bail!("matmul: shapes {da:?} and {db:?} do not multiply");
+        }
+        let (m, k, n) = (da[rank - 2], da[rank - 1], db[rank - 1]);
+        if db[rank - 2] != k {
+            candle_core::bail!("matmul: shapes {da:?} and {db:?} do not multiply");
+        }
+        let (sa, sb) = (la.stride(), lb.stride());
+        let batch_dims = &da[..rank - 2];
+        let batch: usize = batch_dims.iter().product();
+        let mut offsets = Vec::with_capacity(batch);
+        let mut index = vec![0usize; batch_dims.len()];
+        for _ in 0..batch {
+            let oa: usize = index.iter().zip(sa).map(|(i, s)| i * s).sum();
+            let ob: usize = index.iter().zip(sb).map(|(i, s)| i * s).sum();
+            offsets.push((la.start_offset() + oa, lb.start_offset() + ob));
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < batch_dims[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        let mut out_dims = batch_dims.to_vec();
+        out_dims.extend([m, n]);
+        Ok(Self {
+            batch,
+            m,
+            k,
+            n,
+            out_shape: Shape::from(out_dims),
+            offsets,
+            a_strides: (sa[rank - 2], sa[rank - 1]),
+            b_strides: (sb[rank - 2], sb[rank - 1]),
+        })
+    }
+
+    fn flops(&self) -> usize {
+        2 * self.batch * self.m * self.k * self.n
+    }
+}
+
+/// Below this many multiply-adds a product runs on one thread (threads cost more than they save).
+const PARALLEL_FLOPS: usize = 1 << 21;
+
+fn cpu_product(
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let dims = ProductDims::of(la, lb)?;
+    let out = match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(products(a, b, &dims)),
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(products(a, b, &dims)),
+        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+            let out = widened_products(a, b, &dims, bf16::to_f32);
+            CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect())
+        }
+        (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+            let out = widened_products(a, b, &dims, f16::to_f32);
+            CpuStorage::F16(out.into_iter().map(f16::from_f32).collect())
+        }
+        _ => {
+            let out = a.matmul(b, (dims.batch, dims.m, dims.n, dims.k), la, lb)?;
+            return Ok((out, dims.out_shape));
+        }
+    };
+    Ok((out, dims.out_shape))
+}
+
+/// Element types faer multiplies natively.
+trait Real:
+    faer::traits::ComplexField + faer::traits::Conjugate<Canonical = Self> + Copy + Default
+{
+    const ONE: Self;
+}
+impl Real for f32 {
+    const ONE: Self = 1.0;
+}
+impl Real for f64 {
+    const ONE: Self = 1.0;
+}
+
+/// Every batch's product of `a` and `b` (laid out as `dims` says) into one contiguous buffer.
+fn products<T: Real>(a: &[T], b: &[T], dims: &ProductDims) -> Vec<T> {
+    let (m, k, n) = (dims.m, dims.k, dims.n);
+    let mut out = vec![T::default(); dims.batch * m * n];
+    if m * n == 0 {
+        return out;
+    }
+    let one = |dst: &mut [T], (oa, ob): (usize, usize), par: Par| {
+        let lhs = view(a, oa, m, k, dims.a_strides);
+        let rhs = view(b, ob, k, n, dims.b_strides);
+        let dst = unsafe { MatMut::from_raw_parts_mut(dst.as_mut_ptr(), m, n, n as isize, 1) };
+        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, T::ONE, par);
+    };
+    let threads = rayon::current_num_threads();
+    if dims.flops() < PARALLEL_FLOPS || threads == 1 {
+        for (dst, &o) in out.chunks_mut(m * n).zip(&dims.offsets) {
+            one(dst, o, Par::Seq);
+        }
+    } else if dims.batch >= threads && dims.flops() / dims.batch < 8 * PARALLEL_FLOPS {
+        // Many small products: one per thread at a time.
+        out.par_chunks_mut(m * n)
+            .zip(dims.offsets.par_iter())
+            .for_each(|(dst, &o)| one(dst, o, Par::Seq));
+    } else {
+        for (dst, &o) in out.chunks_mut(m * n).zip(&dims.offsets) {
+            one(dst, o, Par::rayon(0));
+        }
+    }
+    out
+}
+
+/// A strided view of `rows` × `cols` elements of `data` starting at `offset`.
+fn view<T>(
+    data: &[T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    (rs, cs): (usize, usize),
+) -> MatRef<'_, T> {
+    let last = offset + rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs;
+    assert!(
+        rows == 0 || cols == 0 || last < data.len(),
+        "matmul: view out of bounds"
+    );
+    unsafe {
+        MatRef::from_raw_parts(
+            data[offset..].as_ptr(),
+            rows,
+            cols,
+            rs as isize,
+            cs as isize,
+        )
+    }
+}
+
+/// Columns of the right operand widened to f32 at a time: a panel of at most 4 MB.
+fn panel_columns(k: usize) -> usize {
+    ((1usize << 20) / k.max(1)).max(64)
+}
+
+/// The products of half-precision operands, computed in f32: each batch's a widened whole, b a
+/// panel of columns at a time.
+fn widened_products<H: Copy + Sync>(
+    a: &[H],
+    b: &[H],
+    dims: &ProductDims,
+    widen: fn(H) -> f32,
+) -> Vec<f32> {
+    let (m, k, n) = (dims.m, dims.k, dims.n);
+    let mut out = vec![0f32; dims.batch * m * n];
+    if m * n == 0 {
+        return out;
+    }
+    let par = if dims.flops() < PARALLEL_FLOPS {
+        Par::Seq
+    } else {
+        Par::rayon(0)
+    };
+    let panel = panel_columns(k).min(n);
+    let mut a32 = vec![0f32; m * k];
+    let mut b32 = vec![0f32; k * panel];
+    for (dst, &(oa, ob)) in out.chunks_mut(m * n).zip(&dims.offsets) {
+        widen_into(&mut a32, a, oa, m, k, dims.a_strides, widen);
+        let lhs = unsafe { MatRef::from_raw_parts(a32.as_ptr(), m, k, k as isize, 1) };
+        let mut start = 0;
+        while start < n {
+            let cols = panel.min(n - start);
+            let (rs, cs) = dims.b_strides;
+            // Column-major panel: each column of b (often a row of a weight) is contiguous here.
+            widen_columns(&mut b32, b, ob + start * cs, k, cols, (rs, cs), widen);
+            let rhs = unsafe { MatRef::from_raw_parts(b32.as_ptr(), k, cols, 1, k as isize) };
+            let dst = unsafe {
+                MatMut::from_raw_parts_mut(dst[start..].as_mut_ptr(), m, cols, n as isize, 1)
+            };
+            faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1f32, par);
+            start += cols;
+        }
+    }
+    out
+}
+
+/// Writes rows × cols elements of `src` (row-major into `dst`).
+fn widen_into<H: Copy + Sync>(
+    dst: &mut [f32],
+    src: &[H],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    (rs, cs): (usize, usize),
+    widen: fn(H) -> f32,
+) {
+    for (r, row) in dst[..rows * cols].chunks_mut(cols).enumerate() {
+        let base = offset + r * rs;
+        if cs == 1 {
+            for (d, s) in row.iter_mut().zip(&src[base..base + cols]) {
+                *d = widen(*s);
+            }
+        } else {
+            for (c, d) in row.iter_mut().enumerate() {
+                *d = widen(src[base + c * cs]);
+            }
+        }
+    }
+}
+
+/// Writes rows × cols elements of `src` column-major into `dst` (each column contiguous).
+fn widen_columns<H: Copy + Sync>(
+    dst: &mut [f32],
+    src: &[H],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    (rs, cs): (usize, usize),
+    widen: fn(H) -> f32,
+) {
+    for (c, col) in dst[..rows * cols].chunks_mut(rows).enumerate() {
+        let base = offset + c * cs;
+        if rs == 1 {
+            for (d, s) in col.iter_mut().zip(&src[base..base + rows]) {
+                *d = widen(*s);
+            }
+        } else {
+            for (r, d) in col.iter_mut().enumerate() {
+                *d = widen(src[base + r * rs]);
+            }
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The fast product equals candle's matmul: f32 and f64 on contiguous, transposed and batched
+//! operands with odd sizes (tails of every kernel dimension), bf16 and f16 at their precision
+//! (accumulated in f32, so closer to the f64 product than candle's half-precision matmul).
+
+use super::common::max_abs_diff;
+use candle_core::{DType, Device, Tensor};
+use feinschliff::model::matmul::matmul;
+
+/// Seeded standard-normal values of shape `dims`, in f64.
+fn random(dims: &[usize], seed: u64) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = dims.iter().product();
+    let values: Vec<f64> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn equals_candle_matmul_on_strided_batched_and_odd_shapes() {
+    let cases: [(&[usize], &[usize]); 5] = [
+        (&[1, 1], &[1, 1]),
+        (&[17, 33], &[33, 65]),
+        (&[3, 37, 129], &[3, 129, 7]),
+        (&[2, 3, 5, 64], &[2, 3, 64, 19]),
+        (&[130, 257], &[257, 100]),
+    ];
+    for (seed, (da, db)) in cases.iter().enumerate() {
+        for dtype in [DType::F64, DType::F32] {
+            let a = random(da, seed as u64).to_dtype(dtype).unwrap();
+            let b = random(db, seed as u64 + 100).to_dtype(dtype).unwrap();
+            let want = a.matmul(&b).unwrap();
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+            assert!(
+                max_abs_diff(&matmul(&a, &b).unwrap(), &want) < tol,
+                "{da:?}·{db:?} {dtype:?}"
+            );
+            // The same product from transposed views (no copies).
+            let rank = da.len();
+            let at = a
+                .transpose(rank - 2, rank - 1)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let bt = b
+                .transpose(rank - 2, rank - 1)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let from_views = matmul(
+                &at.transpose(rank - 2, rank - 1).unwrap(),
+                &bt.transpose(rank - 2, rank - 1).unwrap(),
+            )
+            .unwrap();
+            assert!(
+                max_abs_diff(&from_views, &want) < tol,
+                "views {da:?}·{db:?} {dtype:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn half_precision_products_accumulate_in_f32() {
+    for dtype in [DType::BF16, DType::F16] {
+        // Wide enough that the right operand is widened in several panels.
+        let a = random(&[9, 300], 1).to_dtype(dtype).unwrap();
+        let w = random(&[4001, 300], 2).to_dtype(dtype).unwrap();
+        let got = matmul(&a, &w.t().unwrap()).unwrap();
+        assert_eq!(got.dtype(), dtype);
+        let exact = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
+            .unwrap();
+        // One rounding of the result to the half type: relative 2^-8 (bf16) of |values| ≲ 60.
+        let err = max_abs_diff(&got, &exact);
+        assert!(err < 0.25, "{dtype:?}: {err}");
+    }
+}
+
+#[test]
+fn tracked_operands_keep_their_gradients() {
+    let a = candle_core::Var::from_tensor(&random(&[4, 5], 3)).unwrap();
+    let b = random(&[5, 6], 4);
+    let y = matmul(a.as_tensor(), &b).unwrap().sum_all().unwrap();
+    let grads = y.backward().unwrap();
+    let ga = grads.get(a.as_tensor()).expect("gradient of a");
+    let want = b
+        .sum_keepdim(1)
+        .unwrap()
+        .t()
+        .unwrap()
+        .broadcast_as((4, 5))
+        .unwrap();
+    assert!(max_abs_diff(ga, &want) < 1e-12);
+}
