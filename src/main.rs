@@ -354,20 +354,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dtype = dtype.as_deref().map(dtype_of);
             let max_shard_bytes = feinschliff::export::merged::parse_size(&max_shard_size)?;
+            let located = feinschliff::export::locate_base(&adapter, base.as_deref(), any_base)?;
             let opts = feinschliff::export::MergeOptions {
                 adapter,
-                base,
                 out,
                 dtype,
                 max_shard_bytes,
-                any_base,
                 device,
                 force,
             };
             let written = if merge {
-                feinschliff::export::merge(&opts)?
+                feinschliff::export::merge(&opts, &located)?
             } else {
-                feinschliff::export::copy_adapter(&opts)?
+                feinschliff::export::copy_adapter(&opts, &located)?
             };
             println!("wrote {}", written.display());
         }

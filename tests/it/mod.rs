@@ -11,6 +11,7 @@ mod export;
 mod gpu;
 mod gradients;
 mod head_loss;
+mod hub_id;
 mod hub_server;
 mod lm_eval_parity;
 mod lora_linear;

@@ -135,3 +135,30 @@ fn resolved_recipe_round_trips() {
     let r2 = Recipe::load(&again, &[]).unwrap();
     assert_eq!(r2.to_toml().unwrap(), r.to_toml().unwrap());
 }
+
+#[test]
+fn hub_id_is_checked() {
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "base = \"model\"",
+            "base = \"model\"\nhub_id = \"acme/tiny\"",
+        ),
+    );
+    assert_eq!(
+        Recipe::load(&path, &[]).unwrap().model.hub_id.as_deref(),
+        Some("acme/tiny")
+    );
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "base = \"model\"",
+            "base = \"model\"\nhub_id = \"/models/tiny\"",
+        ),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("line 4") && err.contains("[model] hub_id") && err.contains("org/name"),
+        "{err}"
+    );
+}
