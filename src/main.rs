@@ -108,7 +108,10 @@ enum Command {
         /// Open a pull request instead of committing to the branch.
         #[arg(long)]
         create_pr: bool,
-        /// List what would be uploaded, upload nothing.
+        /// Upload even when files name the base by a local folder or hold a local path (needs --private).
+        #[arg(long)]
+        allow_local_base: bool,
+        /// List what would be uploaded (after the same checks), upload nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -376,6 +379,7 @@ fn run(cli: Cli) -> Result<()> {
             private,
             revision,
             create_pr,
+            allow_local_base,
             dry_run,
         } => {
             let opts = feinschliff::publish::PublishOptions {
@@ -384,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
                 private,
                 revision,
                 create_pr,
+                allow_local_base,
                 dry_run,
             };
             let outcome = feinschliff::publish::run(&opts)?;

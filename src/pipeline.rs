@@ -16,6 +16,16 @@ use crate::train::{self, TrainSummary};
 /// once, here, and every stage names it by its Hub id (or folder name), never by a local path.
 pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     let base = recipe.locate_base()?;
+    if let Some(p) = &recipe.publish {
+        if base.hub_id.is_none() && !p.allow_local_base {
+            bail!(
+                "recipe {}: [publish] repo {} would name the base by its folder `{}`, not a Hub id; set [model] hub_id = \"org/name\" (or, for a private repo, [publish] allow_local_base = true)",
+                recipe.source.display(),
+                p.repo,
+                base.name()
+            );
+        }
+    }
     let summary = train::run(recipe, &base, force)?;
     let failures = match &recipe.eval {
         Some(section) => evaluate(recipe, section, &summary, &base)?,
@@ -54,6 +64,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
             private: p.private,
             revision: p.revision.clone(),
             create_pr: p.create_pr,
+            allow_local_base: p.allow_local_base,
             dry_run: false,
         })?;
         tracing::info!("published {} files to {}", outcome.files.len(), p.repo);

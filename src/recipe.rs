@@ -408,6 +408,9 @@ pub struct PublishSection {
     /// Open a pull request instead of committing directly.
     #[serde(default)]
     pub create_pr: bool,
+    /// Publish even when a file names a local base or path (private repos only).
+    #[serde(default)]
+    pub allow_local_base: bool,
 }
 
 /// `[output]`: where the adapter and the run's records go.
@@ -678,6 +681,13 @@ impl Recipe {
         if let Some(p) = &self.publish {
             crate::hub::split_repo_id(&p.repo)
                 .map_err(|e| fail("publish", "repo", e.to_string()))?;
+            if p.allow_local_base && !p.private {
+                return Err(fail(
+                    "publish",
+                    "allow_local_base",
+                    "is for private repos only; set private = true or name the base's Hub id with [model] hub_id".into(),
+                ));
+            }
         }
         if let Some(e) = &self.export {
             crate::export::merged::parse_size(&e.max_shard_size)

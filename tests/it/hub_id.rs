@@ -1,5 +1,5 @@
-//! What goes to the Hub names the base by its Hub id, never by a local path: a cache-style base
-//! and a local base with `[model] hub_id`.
+//! What goes to the Hub names the base by its Hub id, never by a local path: a cache-style base,
+//! a local base with `[model] hub_id`, and a local base without an id (refused by `publish`).
 
 use base64::Engine as _;
 use std::path::{Path, PathBuf};
@@ -243,4 +243,70 @@ fn a_local_base_with_hub_id_is_named_by_it() {
         Some("acme/tiny-llama")
     );
     assert_no_local_path(&folder_files(&exported), d);
+}
+
+#[test]
+fn a_local_base_without_an_id_is_refused_by_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let recipe = write_recipe(d, tiny_llama_dir(), "", "");
+    let o = train(&recipe, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = d.join("out");
+    let folder = tiny_llama_dir().file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        json(&out.join("adapter_config.json"))["base_model_name_or_path"],
+        folder
+    );
+    assert_eq!(resolved_model(&out)["base"].as_str(), Some(folder));
+    assert_no_local_path(&folder_files(&out), d);
+    let hub = HubServer::start();
+    for args in [&[][..], &["--dry-run"]] {
+        let o = publish(&out, args, &hub);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        for want in [
+            "adapter_config.json names the base model",
+            "README.md names the base model",
+            "recipe.resolved.toml names the base model",
+            "hub_id = \"org/name\"",
+            "--allow-local-base",
+        ] {
+            assert!(err.contains(want), "{args:?}: lacks `{want}`: {err}");
+        }
+    }
+    let o = publish(&out, &["--allow-local-base", "--dry-run"], &hub);
+    assert!(
+        !o.status.success() && stderr(&o).contains("private repos only"),
+        "{}",
+        stderr(&o)
+    );
+    let o = publish(
+        &out,
+        &["--private", "--allow-local-base", "--dry-run"],
+        &hub,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(hub.recorded().is_empty(), "a refused publish made requests");
+    // A path of this machine in any file is refused by name.
+    std::fs::write(
+        out.join("notes.md"),
+        format!("trained in {}\n", d.display()),
+    )
+    .unwrap();
+    let o = publish(&out, &["--dry-run"], &hub);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("notes.md contains `{}`", d.display())),
+        "{err}"
+    );
+    // A recipe that would publish under a folder name stops before training.
+    let recipe = write_recipe(d, tiny_llama_dir(), "", "\n[publish]\nrepo = \"acme/x\"\n");
+    std::fs::remove_dir_all(&out).unwrap();
+    let o = train(&recipe, Some(&hub));
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("[model] hub_id") && !out.exists(),
+        "{err}"
+    );
 }

@@ -137,7 +137,7 @@ fn resolved_recipe_round_trips() {
 }
 
 #[test]
-fn hub_id_is_checked() {
+fn hub_id_and_allow_local_base_are_checked() {
     let (_dir, path) = write_temp(
         "r.toml",
         &GOOD.replace(
@@ -159,6 +159,15 @@ fn hub_id_is_checked() {
     let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
     assert!(
         err.contains("line 4") && err.contains("[model] hub_id") && err.contains("org/name"),
+        "{err}"
+    );
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &format!("{GOOD}\n[publish]\nrepo = \"acme/x\"\nallow_local_base = true\n"),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("[publish] allow_local_base") && err.contains("private"),
         "{err}"
     );
 }
