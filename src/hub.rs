@@ -47,12 +47,14 @@ pub fn split_repo_id(id: &str) -> Result<(&str, &str)> {
     }
 }
 
+/// Whether `name` is a Hub repo id (`org/name`), not a path.
+pub fn is_repo_id(name: &str) -> bool {
+    split_repo_id(name).is_ok()
+}
+
 /// Whether a `[model] base` names a Hub repo rather than a folder.
 pub fn looks_like_repo_id(base: &str, resolved: &Path) -> bool {
-    !resolved.exists()
-        && !base.starts_with(['.', '/'])
-        && base.matches('/').count() == 1
-        && split_repo_id(base).is_ok()
+    !resolved.exists() && is_repo_id(base)
 }
 
 fn client() -> Result<HFClientSync> {

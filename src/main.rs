@@ -108,7 +108,10 @@ enum Command {
         /// Open a pull request instead of committing to the branch.
         #[arg(long)]
         create_pr: bool,
-        /// List what would be uploaded, upload nothing.
+        /// Upload even when files name the base by a local folder or hold a local path (needs --private).
+        #[arg(long)]
+        allow_local_base: bool,
+        /// List what would be uploaded (after the same checks), upload nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -363,20 +366,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dtype = dtype.as_deref().map(dtype_of);
             let max_shard_bytes = feinschliff::export::merged::parse_size(&max_shard_size)?;
+            let located = feinschliff::export::locate_base(&adapter, base.as_deref(), any_base)?;
             let opts = feinschliff::export::MergeOptions {
                 adapter,
-                base,
                 out,
                 dtype,
                 max_shard_bytes,
-                any_base,
                 device,
                 force,
             };
             let written = if merge {
-                feinschliff::export::merge(&opts)?
+                feinschliff::export::merge(&opts, &located)?
             } else {
-                feinschliff::export::copy_adapter(&opts)?
+                feinschliff::export::copy_adapter(&opts, &located)?
             };
             println!("wrote {}", written.display());
         }
@@ -386,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
             private,
             revision,
             create_pr,
+            allow_local_base,
             dry_run,
         } => {
             let opts = feinschliff::publish::PublishOptions {
@@ -394,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
                 private,
                 revision,
                 create_pr,
+                allow_local_base,
                 dry_run,
             };
             let outcome = feinschliff::publish::run(&opts)?;

@@ -3,33 +3,38 @@
 //! reports are written, before anything is exported or published.
 
 use anyhow::{bail, Result};
-use std::path::Path;
 
 use crate::eval::{self, report, suite::Suite};
 use crate::export::{card, MergeOptions};
 use crate::fsutil::StagedDir;
-use crate::model::Model;
+use crate::model::{BaseModel, Model};
 use crate::publish::PublishOptions;
 use crate::recipe::{EvalSection, Recipe};
 use crate::train::{self, TrainSummary};
 
-/// Runs the recipe; returns the training summary once every gate passed.
+/// Runs the recipe; returns the training summary once every gate passed. The base is located
+/// once, here, and every stage names it by its Hub id (or folder name), never by a local path.
 pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
-    let summary = train::run(recipe, force)?;
-    let base_dir = crate::model::locate(
-        &recipe.model.base,
-        &recipe.resolve(&recipe.model.base),
-        recipe.model.revision.as_deref(),
-    )?;
-    let base_name = train::base_model_name(recipe, &base_dir);
+    let base = recipe.locate_base()?;
+    if let Some(p) = &recipe.publish {
+        if base.hub_id.is_none() && !p.allow_local_base {
+            bail!(
+                "recipe {}: [publish] repo {} would name the base by its folder `{}`, not a Hub id; set [model] hub_id = \"org/name\" (or, for a private repo, [publish] allow_local_base = true)",
+                recipe.source.display(),
+                p.repo,
+                base.name()
+            );
+        }
+    }
+    let summary = train::run(recipe, &base, force)?;
     let failures = match &recipe.eval {
-        Some(section) => evaluate(recipe, section, &summary, &base_dir)?,
+        Some(section) => evaluate(recipe, section, &summary, &base)?,
         None => Vec::new(),
     };
     card::write(
         &summary.output,
         &summary.output,
-        &base_name,
+        &base.name(),
         card::Kind::Adapter,
     )?;
     if !failures.is_empty() {
@@ -41,16 +46,15 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     }
     let mut result_dir = summary.output.clone();
     if let Some(e) = recipe.export.as_ref().filter(|e| e.merge) {
-        result_dir = crate::export::merge(&MergeOptions {
+        let opts = MergeOptions {
             adapter: summary.output.clone(),
-            base: Some(base_dir.display().to_string()),
             out: recipe.resolve(&e.out),
             dtype: e.dtype.map(|d| d.dtype()),
             max_shard_bytes: crate::export::merged::parse_size(&e.max_shard_size)?,
-            any_base: true,
             device: recipe.train.device.clone(),
             force,
-        })?;
+        };
+        result_dir = crate::export::merge(&opts, &base)?;
         tracing::info!("merged model in {}", result_dir.display());
     }
     if let Some(p) = &recipe.publish {
@@ -60,6 +64,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
             private: p.private,
             revision: p.revision.clone(),
             create_pr: p.create_pr,
+            allow_local_base: p.allow_local_base,
             dry_run: false,
         })?;
         tracing::info!("published {} files to {}", outcome.files.len(), p.repo);
@@ -73,7 +78,7 @@ fn evaluate(
     recipe: &Recipe,
     section: &EvalSection,
     summary: &TrainSummary,
-    base_dir: &Path,
+    base: &BaseModel,
 ) -> Result<Vec<String>> {
     let device = crate::device::open(&recipe.train.device)?;
     let suites = section
@@ -81,10 +86,11 @@ fn evaluate(
         .iter()
         .map(|p| Suite::load(&recipe.resolve(p)))
         .collect::<Result<Vec<_>>>()?;
-    let mut model = Model::load(base_dir, Some(recipe.model.dtype.dtype()), &device)?;
+    let mut model = Model::load(&base.dir, Some(recipe.model.dtype.dtype()), &device)?;
     let max_positions = model.lm.config.max_position_embeddings;
+    let base_name = base.name();
     let info = |suite: &Suite, adapter: Option<&'static str>| report::RunInfo {
-        model: &recipe.model.base,
+        model: &base_name,
         adapter,
         limit: section.limit,
         max_length: suite.max_length.unwrap_or(max_positions),

@@ -5,7 +5,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::model::TargetModules;
+use crate::model::{BaseModel, TargetModules};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,9 +40,12 @@ pub struct Recipe {
 pub struct ModelSection {
     /// A local folder in Hugging Face layout, or a Hub repo id (`org/name`).
     pub base: String,
-    /// The Hub revision (branch, tag or commit) when `base` is a repo id.
+    /// The Hub revision (branch, tag or commit) when `base` is a repo id (or names `hub_id`'s files).
     #[serde(default)]
     pub revision: Option<String>,
+    /// The Hub id (`org/name`) of a local `base` folder, named in what is published instead of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_id: Option<String>,
     /// Compute dtype of the frozen base weights.
     #[serde(default)]
     pub dtype: Precision,
@@ -405,6 +408,9 @@ pub struct PublishSection {
     /// Open a pull request instead of committing directly.
     #[serde(default)]
     pub create_pr: bool,
+    /// Publish even when a file names a local base or path (private repos only).
+    #[serde(default)]
+    pub allow_local_base: bool,
 }
 
 /// `[output]`: where the adapter and the run's records go.
@@ -460,9 +466,31 @@ impl Recipe {
         }
     }
 
-    /// The resolved recipe as TOML, written next to the adapter.
+    /// The resolved recipe as TOML.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Locates `[model] base` with its Hub id; every later stage takes the base from here.
+    pub fn locate_base(&self) -> Result<BaseModel> {
+        let m = &self.model;
+        crate::model::locate(
+            &m.base,
+            &self.resolve(&m.base),
+            m.revision.as_deref(),
+            m.hub_id.as_deref(),
+        )
+        .with_context(|| format!("recipe {}: [model] base", self.source.display()))
+    }
+
+    /// The recipe as written next to the adapter (recipe.resolved.toml): the base named as
+    /// published files name it (its Hub id, else its folder's name), never by a local path.
+    pub fn naming_base(&self, base: &BaseModel) -> Recipe {
+        let mut recipe = self.clone();
+        recipe.model.base = base.name();
+        recipe.model.revision = base.revision.clone();
+        recipe.model.hub_id = None;
+        recipe
     }
 
     fn validate(&self, text: &str) -> Result<()> {
@@ -635,9 +663,31 @@ impl Recipe {
                 }
             }
         }
+        if let Some(id) = &self.model.hub_id {
+            crate::hub::split_repo_id(id).map_err(|e| fail("model", "hub_id", e.to_string()))?;
+            if crate::hub::looks_like_repo_id(&self.model.base, &self.resolve(&self.model.base))
+                && *id != self.model.base
+            {
+                return Err(fail(
+                    "model",
+                    "hub_id",
+                    format!(
+                        "names a local folder's Hub id, but base `{}` is a Hub id already; remove hub_id",
+                        self.model.base
+                    ),
+                ));
+            }
+        }
         if let Some(p) = &self.publish {
             crate::hub::split_repo_id(&p.repo)
                 .map_err(|e| fail("publish", "repo", e.to_string()))?;
+            if p.allow_local_base && !p.private {
+                return Err(fail(
+                    "publish",
+                    "allow_local_base",
+                    "is for private repos only; set private = true or name the base's Hub id with [model] hub_id".into(),
+                ));
+            }
         }
         if let Some(e) = &self.export {
             crate::export::merged::parse_size(&e.max_shard_size)

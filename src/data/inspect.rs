@@ -1,7 +1,7 @@
 //! `feinschliff data inspect`: what was read, kept and dropped, token-length percentiles,
 //! truncation and packing, and rendered samples with the trained part marked.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 
@@ -12,13 +12,7 @@ use crate::recipe::Recipe;
 
 /// Prepares the recipe's data with the base model's tokenizer and describes the result.
 pub fn run(recipe: &Recipe, samples: usize) -> Result<String> {
-    let base = crate::model::locate(
-        &recipe.model.base,
-        &recipe.resolve(&recipe.model.base),
-        recipe.model.revision.as_deref(),
-    )
-    .with_context(|| format!("recipe {}: [model] base", recipe.source.display()))?;
-    let tokenizer = ModelTokenizer::from_dir(&base)?;
+    let tokenizer = ModelTokenizer::from_dir(&recipe.locate_base()?.dir)?;
     let prepared = super::prepare(recipe, &tokenizer)?;
     let marking = if std::io::stdout().is_terminal() {
         Marking::Colour

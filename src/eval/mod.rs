@@ -110,8 +110,8 @@ pub fn run(opts: &EvalOptions) -> Result<EvalOutcome> {
     let device = crate::device::open(&opts.device)?;
     let memory = crate::device::PeakMemory::watch(&device);
     tracing::info!("evaluating on {}", crate::device::describe(&device));
-    let dir = crate::model::locate(&opts.model, Path::new(&opts.model), None)?;
-    let mut model = Model::load(&dir, None, &device)?;
+    let base = crate::model::locate(&opts.model, Path::new(&opts.model), None, None)?;
+    let mut model = Model::load(&base.dir, None, &device)?;
     if let Some(a) = &opts.adapter {
         model.load_adapter(a)?;
     }

@@ -9,19 +9,16 @@ use std::path::{Path, PathBuf};
 
 use crate::fsutil::{write_atomic, StagedDir};
 use crate::model::weights::{save_safetensors, Weights};
-use crate::model::{adapter, CausalLm, ModelConfig};
+use crate::model::{adapter, BaseModel, CausalLm, ModelConfig};
+use crate::recipe::Recipe;
 
 /// What to merge and how to write it.
 pub struct MergeOptions {
     pub adapter: PathBuf,
-    /// The base model; default: the adapter's base_model_name_or_path.
-    pub base: Option<String>,
     pub out: PathBuf,
     pub dtype: Option<DType>,
     /// Largest shard in bytes.
     pub max_shard_bytes: u64,
-    /// Accept a base whose name differs from the adapter's base_model_name_or_path.
-    pub any_base: bool,
     /// Where the merge is computed: `auto`, `cpu` or `cuda:N`.
     pub device: String,
     pub force: bool,
@@ -36,19 +33,12 @@ const COPIED: &[&str] = &[
     "chat_template.jinja",
 ];
 
-/// Writes base + adapter as one full model.
-pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
+/// Writes base + adapter as one full model; its card names the base by [`BaseModel::name`].
+pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let device = crate::device::open(&opts.device)?;
     let loaded = adapter::load(&opts.adapter, &device)?;
-    let base_name =
-        choose_base(opts, loaded.base_model_name_or_path.as_deref())?.with_context(|| {
-            format!(
-                "{} names no base model (base_model_name_or_path); pass --base",
-                opts.adapter.display()
-            )
-        })?;
-    let base_dir = crate::model::locate(&base_name, Path::new(&base_name), None)?;
-    let stored = Weights::open(&base_dir, DType::F32, &device)?;
+    let base_dir = &base.dir;
+    let stored = Weights::open(base_dir, DType::F32, &device)?;
     let mut lm = CausalLm::load(
         ModelConfig::from_file(&base_dir.join("config.json"))?,
         &stored,
@@ -89,6 +79,8 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(base_dir.join("config.json"))?)?;
     if let Some(c) = config.as_object_mut() {
+        // transformers' record of where the base was loaded from: a local path, or the base's id.
+        c.remove("_name_or_path");
         let name = match dtype {
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
@@ -109,14 +101,19 @@ pub fn merge(opts: &MergeOptions) -> Result<PathBuf> {
         }
     }
     let card =
-        super::card::CardInput::gather(&opts.adapter, &base_name, super::card::Kind::Merged)?;
+        super::card::CardInput::gather(&opts.adapter, &base.name(), super::card::Kind::Merged)?;
     write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
     staged.commit()
 }
 
-/// The base to use: `--base`, else the adapter's; a `--base` whose name differs from the one the
-/// adapter was trained on is refused unless `any_base` (the same model may live in another folder).
-fn choose_base(opts: &MergeOptions, adapter_base: Option<&str>) -> Result<Option<String>> {
+/// The base of an export, located once: `given` (`--base`), else the adapter's
+/// base_model_name_or_path (at its revision). A given base whose name differs from the adapter's is
+/// refused unless `any_base` (the same model may live in another folder); a local folder with no
+/// Hub id of its own takes the adapter's when that is one.
+pub fn locate_base(adapter_dir: &Path, given: Option<&str>, any_base: bool) -> Result<BaseModel> {
+    let config = adapter::read_config(adapter_dir)?;
+    let field = |key: &str| config.get(key).and_then(|v| v.as_str());
+    let trained = field("base_model_name_or_path");
     let name = |s: &str| {
         s.trim_end_matches('/')
             .rsplit('/')
@@ -124,14 +121,32 @@ fn choose_base(opts: &MergeOptions, adapter_base: Option<&str>) -> Result<Option
             .unwrap_or(s)
             .to_lowercase()
     };
-    match (&opts.base, adapter_base) {
-        (Some(given), Some(trained)) if !opts.any_base && name(given) != name(trained) => bail!(
+    let (base, revision) = match (given, trained) {
+        (Some(given), Some(trained)) if !any_base && name(given) != name(trained) => bail!(
             "{} was trained on `{trained}`, but the base given is `{given}`: an adapter only fits the model it was trained on; pass --any-base if this is the same model under another name",
-            opts.adapter.display()
+            adapter_dir.display()
         ),
-        (Some(given), _) => Ok(Some(given.clone())),
-        (None, trained) => Ok(trained.map(str::to_string)),
+        (Some(given), _) => (given, None),
+        (None, Some(trained)) => (trained, field("revision")),
+        (None, None) => bail!(
+            "{} names no base model (base_model_name_or_path); pass --base",
+            adapter_dir.display()
+        ),
+    };
+    let mut located =
+        crate::model::locate(base, Path::new(base), revision, None).with_context(|| {
+            format!(
+                "base model `{base}` of {} (--base DIR takes a local copy)",
+                adapter_dir.display()
+            )
+        })?;
+    if located.hub_id.is_none() {
+        if let Some(id) = trained.filter(|t| crate::hub::is_repo_id(t)) {
+            located.hub_id = Some(id.to_string());
+            located.revision = field("revision").map(str::to_string);
+        }
     }
+    Ok(located)
 }
 
 fn stored_shape(weights: &Weights, name: &str) -> Result<Vec<usize>> {
@@ -203,36 +218,45 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok((n * factor) as u64)
 }
 
-/// Copies an adapter folder (config and weights) with a model card, checking it loads on its base.
-pub fn copy_adapter(opts: &MergeOptions) -> Result<PathBuf> {
+/// Copies an adapter folder (config and weights) with a model card, checking it loads on `base`;
+/// adapter_config.json and recipe.resolved.toml name the base by [`BaseModel::name`].
+pub fn copy_adapter(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let loaded = adapter::load(&opts.adapter, &Device::Cpu)?;
-    let base_name =
-        choose_base(opts, loaded.base_model_name_or_path.as_deref())?.unwrap_or_default();
-    if !base_name.is_empty() {
-        let base_dir = crate::model::locate(&base_name, Path::new(&base_name), None)?;
-        let weights = Weights::open(&base_dir, DType::F32, &Device::Cpu)?;
-        let mut lm = CausalLm::load(
-            ModelConfig::from_file(&base_dir.join("config.json"))?,
-            &weights,
-            &Device::Cpu,
-        )?;
-        loaded.apply(&mut lm)?;
-    }
+    let weights = Weights::open(&base.dir, DType::F32, &Device::Cpu)?;
+    let mut lm = CausalLm::load(
+        ModelConfig::from_file(&base.dir.join("config.json"))?,
+        &weights,
+        &Device::Cpu,
+    )?;
+    loaded.apply(&mut lm)?;
     let staged = StagedDir::create(&opts.out, opts.force)?;
-    for f in [
-        adapter::CONFIG_FILE,
-        adapter::WEIGHTS_FILE,
-        "recipe.resolved.toml",
-        "metrics.jsonl",
-    ] {
+    let mut config = adapter::read_config(&opts.adapter)?;
+    config.insert("base_model_name_or_path".into(), base.name().into());
+    config.insert("revision".into(), base.revision.clone().into());
+    write_atomic(
+        &staged.path().join(adapter::CONFIG_FILE),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    for f in [adapter::WEIGHTS_FILE, "metrics.jsonl"] {
         let src = opts.adapter.join(f);
         if src.exists() {
             std::fs::copy(&src, staged.path().join(f))
                 .with_context(|| format!("cannot copy {}", src.display()))?;
         }
     }
+    let recipe_path = opts.adapter.join("recipe.resolved.toml");
+    if recipe_path.exists() {
+        let text = std::fs::read_to_string(&recipe_path)
+            .with_context(|| format!("cannot read {}", recipe_path.display()))?;
+        let recipe: Recipe = toml::from_str(&text)
+            .with_context(|| format!("{} is not a Feinschliff recipe", recipe_path.display()))?;
+        write_atomic(
+            &staged.path().join("recipe.resolved.toml"),
+            recipe.naming_base(base).to_toml()?.as_bytes(),
+        )?;
+    }
     let card =
-        super::card::CardInput::gather(&opts.adapter, &base_name, super::card::Kind::Adapter)?;
+        super::card::CardInput::gather(&opts.adapter, &base.name(), super::card::Kind::Adapter)?;
     write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
     staged.commit()
 }

@@ -4,4 +4,4 @@
 pub mod card;
 pub mod merged;
 
-pub use merged::{copy_adapter, merge, MergeOptions};
+pub use merged::{copy_adapter, locate_base, merge, MergeOptions};

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::lora::{LoraAdapter, LoraConfig, TargetModules};
 use super::weights::save_safetensors;
-use super::{CausalLm, Model};
+use super::{BaseModel, CausalLm, Model};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -19,12 +19,13 @@ pub fn peft_key(module: &str, part: &str) -> String {
     format!("base_model.model.{module}.{part}.weight")
 }
 
-/// adapter_config.json as PEFT writes it for a plain LoRA adapter.
-pub fn config_json(config: &LoraConfig, target_modules: &[String], base_model: &str) -> Value {
+/// adapter_config.json as PEFT writes it for a plain LoRA adapter; the base is named by its Hub
+/// id and revision (or its folder's name), never by a local path.
+pub fn config_json(config: &LoraConfig, target_modules: &[String], base: &BaseModel) -> Value {
     json!({
         "alpha_pattern": {},
         "auto_mapping": null,
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": base.name(),
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
@@ -37,7 +38,7 @@ pub fn config_json(config: &LoraConfig, target_modules: &[String], base_model: &
         "peft_type": "LORA",
         "r": config.r,
         "rank_pattern": {},
-        "revision": null,
+        "revision": base.revision,
         "target_modules": target_modules,
         "task_type": "CAUSAL_LM",
         "use_dora": false,
@@ -45,8 +46,8 @@ pub fn config_json(config: &LoraConfig, target_modules: &[String], base_model: &
     })
 }
 
-/// Writes the model's adapters into `dir` (which must exist).
-pub fn save(model: &Model, base_model: &str, dir: &Path) -> Result<()> {
+/// Writes the model's adapters, made on `base`, into `dir` (which must exist).
+pub fn save(model: &Model, base: &BaseModel, dir: &Path) -> Result<()> {
     let config = model
         .lora
         .as_ref()
@@ -57,17 +58,16 @@ pub fn save(model: &Model, base_model: &str, dir: &Path) -> Result<()> {
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
     save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let json = config_json(config, &model.adapted_module_names(), base_model);
+    let json = config_json(config, &model.adapted_module_names(), base);
     crate::fsutil::write_atomic(
         &dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )
 }
 
-/// An adapter read from disk: its config and the base model it names.
+/// An adapter read from disk: its config and tensors.
 pub struct LoadedAdapter {
     pub config: LoraConfig,
-    pub base_model_name_or_path: Option<String>,
     tensors: HashMap<String, Tensor>,
 }
 
@@ -116,13 +116,19 @@ const UNDERSTOOD: &[&str] = &[
     "loftq_config",
 ];
 
-/// Reads a PEFT LoRA adapter folder (made by Feinschliff, PEFT, Axolotl, Unsloth, ...).
-pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
+/// The adapter_config.json of an adapter folder as a JSON object.
+pub fn read_config(dir: &Path) -> Result<Map<String, Value>> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read adapter config {}", config_path.display()))?;
-    let raw: Map<String, Value> = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON object", config_path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JSON object", config_path.display()))
+}
+
+/// Reads a PEFT LoRA adapter folder (made by Feinschliff, PEFT, Axolotl, Unsloth, ...).
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
+    let config_path = dir.join(CONFIG_FILE);
+    let raw = read_config(dir)?;
     let ctx = || format!("in adapter config {}", config_path.display());
     let peft_type = raw
         .get("peft_type")
@@ -211,14 +217,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
             )
         })
         .collect();
-    Ok(LoadedAdapter {
-        config,
-        base_model_name_or_path: raw
-            .get("base_model_name_or_path")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        tensors,
-    })
+    Ok(LoadedAdapter { config, tensors })
 }
 
 impl LoadedAdapter {

@@ -80,8 +80,8 @@ pub fn summary(model: &Model) -> Result<String> {
 /// Loads `dir` (a folder or Hub repo id, plus an adapter) on the CPU in f32.
 pub fn load(dir: &Path, adapter_dir: Option<&Path>) -> Result<Model> {
     let device = Device::Cpu;
-    let dir = super::locate(&dir.to_string_lossy(), dir, None)?;
-    let mut model = Model::load(&dir, None, &device)?;
+    let base = super::locate(&dir.to_string_lossy(), dir, None, None)?;
+    let mut model = Model::load(&base.dir, None, &device)?;
     if let Some(a) = adapter_dir {
         model.load_adapter(a)?;
     }

@@ -2,6 +2,7 @@
 //! decoder, with LoRA adapters attached, saved and loaded in PEFT's format.
 
 pub mod adapter;
+pub mod base;
 pub mod blocks;
 pub mod checkpoint;
 pub mod config;
@@ -26,25 +27,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
 use std::path::{Path, PathBuf};
 
+pub use base::{locate, BaseModel};
 pub use config::ModelConfig;
 pub use decoder::{CausalLm, TokenLayout};
 pub use lora::{LoraConfig, TargetModules};
 pub use tokenizer::ModelTokenizer;
-
-/// The local folder of a base model: `base` as a folder (already resolved to `path`), or as a Hub
-/// repo id fetched through the cache.
-pub fn locate(base: &str, path: &Path, revision: Option<&str>) -> Result<PathBuf> {
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    if crate::hub::looks_like_repo_id(base, path) {
-        return crate::hub::model_snapshot(base, revision);
-    }
-    bail!(
-        "model folder {} does not exist (and `{base}` is not a Hub repo id of the form org/name)",
-        path.display()
-    )
-}
 
 /// A loaded checkpoint: the network, its tokenizer, and the LoRA config when adapters are attached.
 pub struct Model {

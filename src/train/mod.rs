@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use crate::data::{self, Batch, Example};
 use crate::fsutil::{write_atomic, StagedDir};
-use crate::model::{adapter, Model};
+use crate::model::{adapter, BaseModel, Model};
 use crate::recipe::Recipe;
 use metrics::{MetricsLog, StepRecord};
 use optim::{AdamW, AdamWParams};
@@ -35,20 +35,15 @@ pub struct TrainSummary {
     pub peak_memory: Option<crate::device::MemoryPeak>,
 }
 
-/// Runs the recipe's training and writes the adapter, the resolved recipe and metrics.jsonl.
-pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
+/// Runs the recipe's training on `base` (see [`Recipe::locate_base`]) and writes the adapter, the
+/// resolved recipe and metrics.jsonl.
+pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummary> {
     let t = &recipe.train;
     let device = crate::device::open(&t.device)?;
     let memory = crate::device::PeakMemory::watch(&device);
-    let base = crate::model::locate(
-        &recipe.model.base,
-        &recipe.resolve(&recipe.model.base),
-        recipe.model.revision.as_deref(),
-    )
-    .with_context(|| format!("recipe {}: [model] base", recipe.source.display()))?;
     let out = StagedDir::create(&recipe.resolve(&recipe.output.dir), force)?;
 
-    let mut model = Model::load(&base, Some(recipe.model.dtype.dtype()), &device)?;
+    let mut model = Model::load(&base.dir, Some(recipe.model.dtype.dtype()), &device)?;
     match &recipe.lora.init_from {
         Some(dir) => {
             model.load_adapter(&recipe.resolve(dir))?;
@@ -63,7 +58,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
     }
     tracing::info!(
         "model {} ({}, {} parameters) on {}; frozen base in {:?}, LoRA weights, gradients, AdamW state, norms, softmax and loss in f32; LoRA r {} on {} ({} trainable parameters)",
-        base.display(),
+        base.dir.display(),
         model.lm.config.model_type,
         model.lm.config.parameter_count(),
         crate::device::describe(&device),
@@ -94,7 +89,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
 
     write_atomic(
         &out.path().join("recipe.resolved.toml"),
-        recipe.to_toml()?.as_bytes(),
+        recipe.naming_base(base).to_toml()?.as_bytes(),
     )?;
     let batches_per_epoch = data.train.len().div_ceil(t.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation).max(1);
@@ -173,7 +168,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         tracing::info!("{peak} on {}", crate::device::describe(&device));
     }
 
-    adapter::save(&model, &base_model_name(recipe, &base), out.path())?;
+    adapter::save(&model, base, out.path())?;
     log.finish()?;
     let output = out.commit().context("cannot finish the output folder")?;
     Ok(TrainSummary {
@@ -185,18 +180,6 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         tokens_per_s,
         peak_memory,
     })
-}
-
-/// What adapter_config.json names as the base: the Hub repo id, or the base folder's absolute path.
-pub fn base_model_name(recipe: &Recipe, base_dir: &std::path::Path) -> String {
-    if recipe.resolve(&recipe.model.base).is_dir() {
-        std::fs::canonicalize(base_dir)
-            .unwrap_or_else(|_| base_dir.to_path_buf())
-            .display()
-            .to_string()
-    } else {
-        recipe.model.base.clone()
-    }
 }
 
 /// Mean loss per target token over the validation examples (no dropout).

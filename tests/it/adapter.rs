@@ -1,7 +1,7 @@
 //! Adapters written in PEFT's format load back to identical logits; PEFT's naming and config.
 
 use candle_core::{DType, Device, Tensor};
-use feinschliff::model::{adapter, lora, LoraConfig, Model, TargetModules, TokenLayout};
+use feinschliff::model::{adapter, lora, BaseModel, LoraConfig, Model, TargetModules, TokenLayout};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -36,7 +36,12 @@ fn adapter_save_load_round_trip_reproduces_logits() {
             .unwrap();
     }
     let out = tempfile::tempdir().unwrap();
-    adapter::save(&model, "models/tiny-llama", out.path()).unwrap();
+    let base = BaseModel {
+        dir: dir.to_path_buf(),
+        hub_id: Some("acme/tiny-llama".into()),
+        revision: Some("0123abc".into()),
+    };
+    adapter::save(&model, &base, out.path()).unwrap();
 
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
@@ -49,7 +54,8 @@ fn adapter_save_load_round_trip_reproduces_logits() {
     assert_eq!(json["use_rslora"], true);
     assert_eq!(json["bias"], "none");
     assert_eq!(json["fan_in_fan_out"], false);
-    assert_eq!(json["base_model_name_or_path"], "models/tiny-llama");
+    assert_eq!(json["base_model_name_or_path"], "acme/tiny-llama");
+    assert_eq!(json["revision"], "0123abc");
     assert_eq!(
         json["target_modules"],
         serde_json::json!(["down_proj", "q_proj"])
@@ -166,7 +172,12 @@ fn adapter_for_another_base_is_refused() {
         &other.path().join("adapter_model.safetensors"),
     )
     .unwrap();
-    let cfg = adapter::config_json(&config, &["q_proj".into()], "x");
+    let base = BaseModel {
+        dir: "x".into(),
+        hub_id: None,
+        revision: None,
+    };
+    let cfg = adapter::config_json(&config, &["q_proj".into()], &base);
     std::fs::write(other.path().join("adapter_config.json"), cfg.to_string()).unwrap();
     let err = model.load_adapter(other.path()).unwrap_err().to_string();
     assert!(err.contains("another base model"), "{err}");

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use feinschliff::export::{self, MergeOptions};
 use feinschliff::model::weights::Weights;
 use feinschliff::model::{CausalLm, ModelConfig, TokenLayout};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::common::{max_abs_diff, repo, tiny_llama_dir};
 
@@ -13,17 +13,36 @@ fn fixture(case: &str) -> std::path::PathBuf {
     repo().join("tests/fixtures/parity").join(case)
 }
 
-fn options(adapter: &Path, base: &Path, out: &Path) -> MergeOptions {
-    MergeOptions {
-        adapter: adapter.to_path_buf(),
-        base: Some(base.display().to_string()),
-        out: out.to_path_buf(),
-        dtype: None,
-        max_shard_bytes: 5_000_000_000,
-        device: "cpu".into(),
+/// An export as the command line gives it: the options, `--base` and `--any-base`.
+struct Export {
+    merge: MergeOptions,
+    base: PathBuf,
+    any_base: bool,
+}
+
+fn options(adapter: &Path, base: &Path, out: &Path) -> Export {
+    Export {
+        merge: MergeOptions {
+            adapter: adapter.to_path_buf(),
+            out: out.to_path_buf(),
+            dtype: None,
+            max_shard_bytes: 5_000_000_000,
+            device: "cpu".into(),
+            force: false,
+        },
+        base: base.to_path_buf(),
         any_base: false,
-        force: false,
     }
+}
+
+/// Locates the base as `feinschliff export --merge` does, then merges.
+fn merge(e: &Export) -> anyhow::Result<PathBuf> {
+    let base = export::locate_base(
+        &e.merge.adapter,
+        Some(&e.base.display().to_string()),
+        e.any_base,
+    )?;
+    export::merge(&e.merge, &base)
 }
 
 fn logits_of(dir: &Path, ids: &Tensor) -> Tensor {
@@ -46,7 +65,7 @@ fn merged_export_equals_peft_adapted_logits() {
             .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
-    export::merge(&options(
+    merge(&options(
         &fixture("llama3").join("adapter"),
         &fixture("llama3"),
         &out,
@@ -71,8 +90,8 @@ fn merged_export_equals_peft_adapted_logits() {
         &fixture("qwen2"),
         &dir.path().join("sharded"),
     );
-    opts.max_shard_bytes = 40_000;
-    export::merge(&opts).unwrap();
+    opts.merge.max_shard_bytes = 40_000;
+    merge(&opts).unwrap();
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("sharded/model.safetensors.index.json")).unwrap(),
     )
@@ -102,8 +121,8 @@ fn merged_export_in_bf16_is_written_as_bf16() {
         &fixture("llama3"),
         &dir.path().join("bf16"),
     );
-    opts.dtype = Some(DType::BF16);
-    export::merge(&opts).unwrap();
+    opts.merge.dtype = Some(DType::BF16);
+    merge(&opts).unwrap();
     let weights = Weights::open(&dir.path().join("bf16"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(weights.stored_dtype(), Some(DType::BF16));
     let config: serde_json::Value = serde_json::from_str(
@@ -128,7 +147,7 @@ fn export_refuses_bad_input_and_keeps_existing_output() {
     // by shape when the names are overridden but the shapes differ.
     let err = format!(
         "{:#}",
-        export::merge(&options(
+        merge(&options(
             &fixture("qwen2").join("adapter"),
             &fixture("llama3"),
             &dir.path().join("x")
@@ -146,7 +165,7 @@ fn export_refuses_bad_input_and_keeps_existing_output() {
         &dir.path().join("x"),
     );
     any.any_base = true;
-    let err = format!("{:#}", export::merge(&any).unwrap_err());
+    let err = format!("{:#}", merge(&any).unwrap_err());
     assert!(err.contains("another base model"), "{err}");
     assert!(!dir.path().join("x").exists());
     // An existing output folder.
@@ -154,7 +173,7 @@ fn export_refuses_bad_input_and_keeps_existing_output() {
     std::fs::create_dir(&out).unwrap();
     let err = format!(
         "{:#}",
-        export::merge(&options(
+        merge(&options(
             &fixture("llama3").join("adapter"),
             &fixture("llama3"),
             &out
@@ -178,7 +197,7 @@ fn export_refuses_bad_input_and_keeps_existing_output() {
     .unwrap();
     let err = format!(
         "{:#}",
-        export::merge(&options(&dora, &fixture("llama3"), &dir.path().join("y"))).unwrap_err()
+        merge(&options(&dora, &fixture("llama3"), &dir.path().join("y"))).unwrap_err()
     );
     assert!(err.contains("DoRA"), "{err}");
     assert!(feinschliff::export::merged::parse_size("5GB").unwrap() == 5_000_000_000);

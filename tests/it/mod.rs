@@ -11,6 +11,7 @@ mod export;
 mod gpu;
 mod gradients;
 mod head_loss;
+mod hub_id;
 mod hub_server;
 mod kv_cache;
 mod lm_eval_parity;

@@ -135,3 +135,39 @@ fn resolved_recipe_round_trips() {
     let r2 = Recipe::load(&again, &[]).unwrap();
     assert_eq!(r2.to_toml().unwrap(), r.to_toml().unwrap());
 }
+
+#[test]
+fn hub_id_and_allow_local_base_are_checked() {
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "base = \"model\"",
+            "base = \"model\"\nhub_id = \"acme/tiny\"",
+        ),
+    );
+    assert_eq!(
+        Recipe::load(&path, &[]).unwrap().model.hub_id.as_deref(),
+        Some("acme/tiny")
+    );
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "base = \"model\"",
+            "base = \"model\"\nhub_id = \"/models/tiny\"",
+        ),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("line 4") && err.contains("[model] hub_id") && err.contains("org/name"),
+        "{err}"
+    );
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &format!("{GOOD}\n[publish]\nrepo = \"acme/x\"\nallow_local_base = true\n"),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("[publish] allow_local_base") && err.contains("private"),
+        "{err}"
+    );
+}

@@ -1,6 +1,8 @@
 //! The publish stage: uploads an adapter or merged-model folder to the Hugging Face Hub in one
-//! commit with hf-hub's API (repository created when missing; branch or pull request on request).
-//! Entry point: [`run`].
+//! commit with hf-hub's API (repository created when missing; branch or pull request on request),
+//! after checking that no file names a local base or path ([`check`]). Entry point: [`run`].
+
+pub mod check;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::repository::CommitOperation;
@@ -16,6 +18,8 @@ pub struct PublishOptions {
     /// Branch to commit to (created when missing); default main.
     pub revision: Option<String>,
     pub create_pr: bool,
+    /// Upload even when files name a local base or path ([`check`]); private repos only.
+    pub allow_local_base: bool,
     /// List what would be uploaded and stop.
     pub dry_run: bool,
 }
@@ -91,6 +95,9 @@ fn commit_message(dir: &Path) -> String {
 /// Checks the folder and the repo id, then uploads (or lists, for a dry run).
 pub fn run(opts: &PublishOptions) -> Result<PublishOutcome> {
     let (org, name) = crate::hub::split_repo_id(&opts.repo)?;
+    if opts.allow_local_base && !opts.private {
+        bail!("--allow-local-base is for private repos only: add --private, or name the base by its Hub id");
+    }
     let dir = &opts.dir;
     if !dir.is_dir() {
         bail!("{} is not a folder to publish", dir.display());
@@ -108,6 +115,17 @@ pub fn run(opts: &PublishOptions) -> Result<PublishOutcome> {
         );
     }
     let files = files(dir)?;
+    let problems = check::problems(dir, &files)?;
+    if !problems.is_empty() {
+        let described = check::describe(&problems);
+        if !opts.allow_local_base {
+            bail!("{} is not fit for the Hub:{described}\nFor a private repo, --private --allow-local-base (in a recipe: [publish] private = true, allow_local_base = true) uploads it as it is.", dir.display());
+        }
+        tracing::warn!(
+            "uploading to private {} as it is (--allow-local-base):{described}",
+            opts.repo
+        );
+    }
     let commit_message = commit_message(dir);
     if opts.dry_run {
         return Ok(PublishOutcome {
