@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 
 use super::blocks;
 use super::decoder::accumulation_dtype;
-use super::matmul::matmul;
+use super::matmul::matmul_wide;
 use super::precomputed::Precomputed;
 
 /// Bytes of logits (in f32) that one block may hold; blocks split the rows evenly.
@@ -63,7 +63,7 @@ fn block_loss(
     acc: DType,
     with_grad: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let logits = matmul(hidden, &head.t()?)?.to_dtype(acc)?;
+    let logits = matmul_wide(hidden, &head.t()?)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
@@ -73,7 +73,7 @@ fn block_loss(
         return Ok((nll, None));
     }
     let probs = exp.broadcast_div(&sum)?.to_dtype(hidden.dtype())?;
-    let expected = matmul(&probs, head)?.to_dtype(acc)?;
+    let expected = matmul_wide(&probs, head)?;
     let direction = (expected - head.index_select(targets, 0)?.to_dtype(acc)?)?;
     Ok((nll, Some(direction)))
 }

@@ -10,6 +10,7 @@ use super::cross_entropy;
 use super::kv_cache::{KvCache, LayerKv};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
+use super::matmul::matmul_wide;
 use super::rope::{self, Rope};
 use super::sdpa;
 use super::weights::Weights;
@@ -210,6 +211,9 @@ pub struct CausalLm {
     pub gradient_checkpointing: bool,
     /// Adapter gradients computed inside checkpointed layers' backward passes.
     checkpoint_grads: checkpoint::SideGrads,
+    /// The dtype activations run in: the weights' own, except on the CPU, where bf16/f16 weights
+    /// are multiplied in f32 anyway and element-wise work in f32 needs no conversions.
+    activations: DType,
     rope: Rope,
     device: Device,
 }
@@ -218,6 +222,12 @@ impl CausalLm {
     /// Builds the model from checkpoint tensors with transformers' names.
     pub fn load(config: ModelConfig, weights: &Weights, device: &Device) -> Result<Self> {
         let c = &config;
+        let embed_tokens =
+            weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let activations = match embed_tokens.dtype() {
+            DType::BF16 | DType::F16 if device.is_cpu() => DType::F32,
+            dtype => dtype,
+        };
         let (hid, inter) = (c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (
             c.num_attention_heads * c.head_dim,
@@ -226,7 +236,11 @@ impl CausalLm {
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
             let b = if bias {
-                Some(weights.get(&format!("{name}.bias"), &[out])?)
+                Some(
+                    weights
+                        .get(&format!("{name}.bias"), &[out])?
+                        .to_dtype(activations)?,
+                )
             } else {
                 None
             };
@@ -234,7 +248,9 @@ impl CausalLm {
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: weights.get(&format!("{name}.weight"), &[hid])?,
+                weight: weights
+                    .get(&format!("{name}.weight"), &[hid])?
+                    .to_dtype(activations)?,
                 eps: c.rms_norm_eps,
             })
         };
@@ -260,7 +276,6 @@ impl CausalLm {
                 },
             });
         }
-        let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, hid])?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
@@ -274,6 +289,7 @@ impl CausalLm {
             lm_head,
             gradient_checkpointing: false,
             checkpoint_grads: Default::default(),
+            activations,
             device: device.clone(),
             config,
         })
@@ -283,9 +299,14 @@ impl CausalLm {
         &self.device
     }
 
-    /// The dtype of the base weights (activations run in it).
+    /// The dtype of the base weights.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// The dtype activations (hidden states, keys and values) run in.
+    pub fn activation_dtype(&self) -> DType {
+        self.activations
     }
 
     /// Final hidden states [batch, seq, hidden] for token ids [batch, seq].
@@ -358,6 +379,7 @@ impl CausalLm {
         Ok(self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
+            .to_dtype(self.activations)?
             .reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -371,7 +393,10 @@ impl CausalLm {
     /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?)
+        if hidden.track_op() {
+            return Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?);
+        }
+        Ok(matmul_wide(hidden, &head.t()?)?)
     }
 
     /// −log p(target) [n] (f32, or f64 for an f64 model) for hidden states [n, hidden] and target

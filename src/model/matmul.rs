@@ -18,7 +18,18 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.track_op() || b.track_op() {
         return a.matmul(b);
     }
-    a.apply_op2_no_bwd(b, &Product)
+    a.apply_op2_no_bwd(b, &Product { wide: false })
+}
+
+/// As [`matmul`], but the product in the dtype reductions run in: f32 for f32, bf16 and f16
+/// operands (on the CPU a half-precision product is never rounded to its type and back), f64 for
+/// f64 operands. For logits and attention scores, which go on into a softmax.
+pub fn matmul_wide(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let wide = super::decoder::accumulation_dtype(a.dtype());
+    if a.track_op() || b.track_op() || !a.device().is_cpu() {
+        return matmul(a, b)?.to_dtype(wide);
+    }
+    a.apply_op2_no_bwd(b, &Product { wide: true })
 }
 
 /// Storages that can multiply: the CPU through faer, CUDA through the backend (cuBLAS).
@@ -29,7 +40,7 @@ pub trait MatmulStorage: BackendStorage {
 
 impl MatmulStorage for CpuStorage {
     fn product(&self, la: &Layout, b: &Self, lb: &Layout) -> Result<(Self, Shape)> {
-        cpu_product(self, la, b, lb)
+        cpu_product(self, la, b, lb, false)
     }
 }
 
@@ -57,8 +68,10 @@ pub fn product_transposed<S: MatmulStorage>(
     x.product(lx, w, &lw.transpose(0, 1)?)
 }
 
-/// The op behind [`matmul`].
-struct Product;
+/// The op behind [`matmul`] and, `wide`, [`matmul_wide`] (CPU only).
+struct Product {
+    wide: bool,
+}
 
 impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
@@ -72,7 +85,7 @@ impl CustomOp2 for Product {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        a.product(la, b, lb)
+        cpu_product(a, la, b, lb, self.wide)
     }
 
     #[cfg(feature = "cuda")]
@@ -151,24 +164,39 @@ impl ProductDims {
 /// Below this many multiply-adds a product runs on one thread (threads cost more than they save).
 const PARALLEL_FLOPS: usize = 1 << 21;
 
+/// The product on the CPU; `wide`: half-precision products stay in f32.
 fn cpu_product(
     a: &CpuStorage,
     la: &Layout,
     b: &CpuStorage,
     lb: &Layout,
+    wide: bool,
 ) -> Result<(CpuStorage, Shape)> {
     let dims = ProductDims::of(la, lb)?;
     let out = match (a, b) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(products(a, b, &dims)),
         (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(products(a, b, &dims)),
         (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-            let out = widened_products(a, b, &dims, bf16::to_f32);
-            CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect())
+            let out = widened_products(a, b, &dims);
+            if wide {
+                CpuStorage::F32(out)
+            } else {
+                CpuStorage::BF16(narrow(&out, narrow_bf16))
+            }
         }
         (CpuStorage::F16(a), CpuStorage::F16(b)) => {
-            let out = widened_products(a, b, &dims, f16::to_f32);
-            CpuStorage::F16(out.into_iter().map(f16::from_f32).collect())
+            let out = widened_products(a, b, &dims);
+            if wide {
+                CpuStorage::F32(out)
+            } else {
+                CpuStorage::F16(narrow(&out, f16::from_f32))
+            }
         }
+        // f32 activations on half-precision weights: the product is f32.
+        (CpuStorage::F32(a), CpuStorage::BF16(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
+        (CpuStorage::BF16(a), CpuStorage::F32(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
+        (CpuStorage::F32(a), CpuStorage::F16(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
+        (CpuStorage::F16(a), CpuStorage::F32(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
         _ => {
             let out = a.matmul(b, (dims.batch, dims.m, dims.n, dims.k), la, lb)?;
             return Ok((out, dims.out_shape));
@@ -245,19 +273,84 @@ fn view<T>(
     }
 }
 
+/// Element types multiplied in f32: f32 itself, or a half type widened on the fly.
+trait Widen: Copy + Sync {
+    fn widen(self) -> f32;
+    /// The elements as f32, when they are f32 already (no copy needed).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+}
+
+impl Widen for f32 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+}
+
+impl Widen for bf16 {
+    /// Exact: a bf16 is the upper half of an f32's bits.
+    #[inline]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl Widen for f16 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// f32 → bf16, rounding to nearest even (NaN stays NaN), as half's `from_f32` but branch-free
+/// enough to vectorise.
+#[inline]
+fn narrow_bf16(f: f32) -> bf16 {
+    let bits = f.to_bits();
+    if f.is_nan() {
+        return bf16::from_bits(((bits >> 16) | 0x40) as u16);
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    bf16::from_bits((rounded >> 16) as u16)
+}
+
+/// Rounds an f32 buffer to a half type, in parallel for large buffers.
+fn narrow<H: Copy + Send + Default>(src: &[f32], one: fn(f32) -> H) -> Vec<H> {
+    let mut out = vec![H::default(); src.len()];
+    let work = |(d, s): (&mut [H], &[f32])| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d = one(*s);
+        }
+    };
+    const CHUNK: usize = 1 << 16;
+    if src.len() > CHUNK {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(work);
+    } else {
+        work((&mut out, src));
+    }
+    out
+}
+
 /// Columns of the right operand widened to f32 at a time: a panel of at most 4 MB.
 fn panel_columns(k: usize) -> usize {
     ((1usize << 20) / k.max(1)).max(64)
 }
 
-/// The products of half-precision operands, computed in f32: each batch's a widened whole, b a
-/// panel of columns at a time.
-fn widened_products<H: Copy + Sync>(
-    a: &[H],
-    b: &[H],
-    dims: &ProductDims,
-    widen: fn(H) -> f32,
-) -> Vec<f32> {
+/// The products of operands of which at least one is half precision, computed in f32: each
+/// batch's a widened whole (or used in place when f32), b a panel of columns at a time (or in
+/// place when f32).
+fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) -> Vec<f32> {
     let (m, k, n) = (dims.m, dims.k, dims.n);
     let mut out = vec![0f32; dims.batch * m * n];
     if m * n == 0 {
@@ -268,19 +361,32 @@ fn widened_products<H: Copy + Sync>(
     } else {
         Par::rayon(0)
     };
-    let panel = panel_columns(k).min(n);
-    let mut a32 = vec![0f32; m * k];
-    let mut b32 = vec![0f32; k * panel];
+    let panel = match B::as_f32(b) {
+        Some(_) => n,
+        None => panel_columns(k).min(n),
+    };
+    let mut a32 = vec![0f32; if A::as_f32(a).is_some() { 0 } else { m * k }];
+    let mut b32 = vec![0f32; if B::as_f32(b).is_some() { 0 } else { k * panel }];
     for (dst, &(oa, ob)) in out.chunks_mut(m * n).zip(&dims.offsets) {
-        widen_into(&mut a32, a, oa, m, k, dims.a_strides, widen);
-        let lhs = unsafe { MatRef::from_raw_parts(a32.as_ptr(), m, k, k as isize, 1) };
+        let lhs = match A::as_f32(a) {
+            Some(a) => view(a, oa, m, k, dims.a_strides),
+            None => {
+                widen_rows(&mut a32, a, oa, m, k, dims.a_strides);
+                unsafe { MatRef::from_raw_parts(a32.as_ptr(), m, k, k as isize, 1) }
+            }
+        };
         let mut start = 0;
         while start < n {
             let cols = panel.min(n - start);
             let (rs, cs) = dims.b_strides;
-            // Column-major panel: each column of b (often a row of a weight) is contiguous here.
-            widen_columns(&mut b32, b, ob + start * cs, k, cols, (rs, cs), widen);
-            let rhs = unsafe { MatRef::from_raw_parts(b32.as_ptr(), k, cols, 1, k as isize) };
+            let rhs = match B::as_f32(b) {
+                Some(b) => view(b, ob + start * cs, k, cols, (rs, cs)),
+                None => {
+                    // Column-major panel: each column of b (often a row of a weight) is contiguous.
+                    widen_columns(&mut b32, b, ob + start * cs, k, cols, (rs, cs));
+                    unsafe { MatRef::from_raw_parts(b32.as_ptr(), k, cols, 1, k as isize) }
+                }
+            };
             let dst = unsafe {
                 MatMut::from_raw_parts_mut(dst[start..].as_mut_ptr(), m, cols, n as isize, 1)
             };
@@ -291,49 +397,47 @@ fn widened_products<H: Copy + Sync>(
     out
 }
 
-/// Writes rows × cols elements of `src` (row-major into `dst`).
-fn widen_into<H: Copy + Sync>(
+/// Writes rows × cols elements of `src` row-major into `dst`, widened to f32.
+fn widen_rows<H: Widen>(
     dst: &mut [f32],
     src: &[H],
     offset: usize,
     rows: usize,
     cols: usize,
     (rs, cs): (usize, usize),
-    widen: fn(H) -> f32,
 ) {
     for (r, row) in dst[..rows * cols].chunks_mut(cols).enumerate() {
         let base = offset + r * rs;
         if cs == 1 {
             for (d, s) in row.iter_mut().zip(&src[base..base + cols]) {
-                *d = widen(*s);
+                *d = s.widen();
             }
         } else {
             for (c, d) in row.iter_mut().enumerate() {
-                *d = widen(src[base + c * cs]);
+                *d = src[base + c * cs].widen();
             }
         }
     }
 }
 
-/// Writes rows × cols elements of `src` column-major into `dst` (each column contiguous).
-fn widen_columns<H: Copy + Sync>(
+/// Writes rows × cols elements of `src` column-major into `dst` (each column contiguous), widened.
+fn widen_columns<H: Widen>(
     dst: &mut [f32],
     src: &[H],
     offset: usize,
     rows: usize,
     cols: usize,
     (rs, cs): (usize, usize),
-    widen: fn(H) -> f32,
 ) {
     for (c, col) in dst[..rows * cols].chunks_mut(rows).enumerate() {
         let base = offset + c * cs;
         if rs == 1 {
             for (d, s) in col.iter_mut().zip(&src[base..base + rows]) {
-                *d = widen(*s);
+                *d = s.widen();
             }
         } else {
             for (r, d) in col.iter_mut().enumerate() {
-                *d = widen(src[base + r * rs]);
+                *d = src[base + r * rs].widen();
             }
         }
     }

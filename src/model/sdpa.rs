@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::blocks;
-use super::matmul::matmul;
+use super::matmul::{matmul, matmul_wide};
 use super::precomputed::Precomputed;
 
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
@@ -62,8 +62,8 @@ pub fn attention_after_past(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -
     }
     let g = rows / t;
     let scale = 1.0 / (d as f64).sqrt();
-    let scores = matmul(q, &k.t()?)?.reshape((b, kvh * g, t, slots))?;
-    let scores = (scores.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
+    let scores = matmul_wide(q, &k.t()?)?.reshape((b, kvh * g, t, slots))?;
+    let scores = (scores * scale)?.broadcast_add(mask)?;
     let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kvh, g * t, slots))?;
     matmul(&p.to_dtype(v.dtype())?, v)
 }
@@ -141,9 +141,8 @@ impl Shapes {
     ) -> Result<Tensor> {
         let (b, h, g, t) = (self.batch, self.kv_heads, self.groups, self.seq);
         let scale = 1.0 / (k.dim(3)? as f64).sqrt();
-        let scores = matmul(q_rows, &k.t()?)?.reshape((b, h * g, len, t))?;
-        let scores = (scores.to_dtype(mask.dtype())? * scale)?
-            .broadcast_add(&mask.narrow(2, start, len)?)?;
+        let scores = matmul_wide(q_rows, &k.t()?)?.reshape((b, h * g, len, t))?;
+        let scores = (scores * scale)?.broadcast_add(&mask.narrow(2, start, len)?)?;
         candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h, g * len, t))
     }
 
