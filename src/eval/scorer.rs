@@ -31,6 +31,15 @@ impl Loglikelihood {
     }
 }
 
+/// Contexts that begin with at least this many equal tokens read them once.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// Context groups (requests with one context) whose contexts share their first `prefix` tokens.
+struct Family {
+    prefix: usize,
+    groups: Vec<Vec<usize>>,
+}
+
 /// Scores requests against one model.
 pub struct Scorer<'a> {
     pub model: &'a Model,
@@ -128,12 +137,17 @@ impl<'a> Scorer<'a> {
                 order.extend(members);
             }
         }
-        groups.sort_by_key(|g| (std::cmp::Reverse(requests[g[0]].context.len()), g[0]));
-        for chunk in groups.chunks(self.batch_size) {
-            for (i, r) in self.score_shared(chunk, requests)? {
+        for batch in self.context_batches(groups, requests) {
+            for (i, r) in self.score_shared(&batch, requests)? {
                 out[i] = r;
             }
-            bar.inc(chunk.iter().map(Vec::len).sum::<usize>() as u64);
+            bar.inc(
+                batch
+                    .iter()
+                    .flat_map(|f| &f.groups)
+                    .map(Vec::len)
+                    .sum::<usize>() as u64,
+            );
         }
         order.sort_by_key(|&i| {
             (
@@ -201,39 +215,116 @@ impl<'a> Scorer<'a> {
         Ok(out)
     }
 
-    /// Groups of requests that share their context: each context runs once into a KV cache (the
-    /// groups' contexts batched together), the first continuation token of every request is
-    /// scored from the context's last position, and longer continuations then run against the
-    /// cached context, `batch_size` continuations at a time.
+    /// Batches for [`Scorer::score_shared`]. A family is up to `batch_size` context groups whose
+    /// contexts begin with the same tokens (a passage with several questions, a few-shot
+    /// preamble), or one group alone; its prefix is what all its contexts share, minus at least
+    /// one token of each. Lone groups are batched `batch_size` at a time by length.
+    fn context_batches(
+        &self,
+        mut groups: Vec<Vec<usize>>,
+        requests: &[TokenRequest],
+    ) -> Vec<Vec<Family>> {
+        let context = |g: &Vec<usize>| &requests[g[0]].context[..];
+        groups.sort_by(|a, b| context(a).cmp(context(b)));
+        let mut families = Vec::new();
+        let mut start = 0;
+        while start < groups.len() {
+            let first = context(&groups[start]);
+            let (mut end, mut prefix) = (start + 1, first.len() - 1);
+            while end < groups.len() && end - start < self.batch_size {
+                let other = context(&groups[end]);
+                let common = first.iter().zip(other).take_while(|(a, b)| a == b).count();
+                let common = common.min(prefix).min(other.len() - 1);
+                if common < MIN_SHARED_PREFIX {
+                    break;
+                }
+                prefix = common;
+                end += 1;
+            }
+            families.push(Family {
+                prefix,
+                groups: groups[start..end].to_vec(),
+            });
+            start = end;
+        }
+        // A family of several contexts is a batch of its own: batching prefixes of different
+        // lengths (and the different rests of the contexts) costs more in padding than it saves.
+        let (shared, alone): (Vec<Family>, Vec<Family>) =
+            families.into_iter().partition(|f| f.groups.len() > 1);
+        let mut batches: Vec<Vec<Family>> = shared.into_iter().map(|f| vec![f]).collect();
+        let mut alone = alone;
+        alone.sort_by_key(|f| (std::cmp::Reverse(f.prefix), f.groups[0][0]));
+        let mut rest = alone.into_iter().peekable();
+        while rest.peek().is_some() {
+            batches.push(rest.by_ref().take(self.batch_size).collect());
+        }
+        batches
+    }
+
+    /// One batch of families: their prefixes run once each (batched) into a KV cache, the cache
+    /// rows are repeated for the family's contexts, whose remaining tokens run next (batched);
+    /// then the first continuation token of every request is scored from its context's last
+    /// position, and longer continuations run against the cached context, `batch_size`
+    /// continuations at a time.
     fn score_shared(
         &self,
-        groups: &[Vec<usize>],
+        families: &[Family],
         requests: &[TokenRequest],
     ) -> Result<Vec<(usize, Loglikelihood)>> {
         let lm = &self.model.lm;
         let device = lm.device();
         let pad = self.model.tokenizer.pad_id();
+        let groups: Vec<&Vec<usize>> = families.iter().flat_map(|f| &f.groups).collect();
         let contexts: Vec<&[u32]> = groups.iter().map(|g| &requests[g[0]].context[..]).collect();
-        let real: Vec<usize> = contexts.iter().map(|c| c.len()).collect();
-        let t = real.iter().copied().max().unwrap_or(1);
         let longest_continuation = groups
             .iter()
+            .copied()
             .flatten()
             .map(|&i| requests[i].continuation.len())
             .max()
             .unwrap_or(1);
+        // The prefixes, one row per family.
+        let prefixes: Vec<usize> = families.iter().map(|f| f.prefix).collect();
+        let tp = prefixes.iter().copied().max().unwrap_or(0).max(1);
+        let mut ids = vec![pad; families.len() * tp];
+        for (f, family) in families.iter().enumerate() {
+            let c = &requests[family.groups[0][0]].context;
+            ids[f * tp..f * tp + family.prefix].copy_from_slice(&c[..family.prefix]);
+        }
+        let mut shared = lm.new_cache(families.len(), tp);
+        let input = Tensor::from_vec(ids, (families.len(), tp), device)?;
+        lm.hidden_states_cached(&input, &prefixes, &mut shared)?;
+        let family_of: Vec<usize> = families
+            .iter()
+            .enumerate()
+            .flat_map(|(f, family)| std::iter::repeat_n(f, family.groups.len()))
+            .collect();
+        let suffix_room = contexts
+            .iter()
+            .zip(&family_of)
+            .map(|(c, &f)| c.len() - prefixes[f])
+            .max()
+            .unwrap_or(1);
+        let mut cache = shared.select(&family_of, suffix_room + longest_continuation)?;
+        drop(shared);
+        // The rest of each context, one row per group.
+        let real: Vec<usize> = contexts
+            .iter()
+            .zip(&family_of)
+            .map(|(c, &f)| c.len() - prefixes[f])
+            .collect();
+        let t = real.iter().copied().max().unwrap_or(1);
         let mut ids = vec![pad; groups.len() * t];
         for (k, c) in contexts.iter().enumerate() {
-            ids[k * t..k * t + c.len()].copy_from_slice(c);
+            ids[k * t..k * t + real[k]].copy_from_slice(&c[prefixes[family_of[k]]..]);
         }
-        let mut cache = lm.new_cache(groups.len(), t + longest_continuation);
         let input = Tensor::from_vec(ids, (groups.len(), t), device)?;
         let hidden = lm
             .hidden_states_cached(&input, &real, &mut cache)?
             .reshape((groups.len() * t, lm.config.hidden_size))?;
         let (mut rows, mut firsts) = (Vec::new(), Vec::new());
         for (k, g) in groups.iter().enumerate() {
-            for &i in g {
+            for &i in g.iter() {
                 rows.push((k * t + real[k] - 1) as u32);
                 firsts.push(requests[i].continuation[0]);
             }
@@ -254,8 +345,10 @@ impl<'a> Scorer<'a> {
             .filter(|&(_, i)| requests[i].continuation.len() > 1)
             .collect();
         for chunk in longer.chunks(self.batch_size) {
-            let mut rows_cache =
-                cache.select(&chunk.iter().map(|&(k, _)| k).collect::<Vec<_>>())?;
+            let mut rows_cache = cache.select(
+                &chunk.iter().map(|&(k, _)| k).collect::<Vec<_>>(),
+                longest_continuation,
+            )?;
             let inputs: Vec<&[u32]> = chunk
                 .iter()
                 .map(|&(_, i)| {

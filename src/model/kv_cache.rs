@@ -62,7 +62,6 @@ pub struct Step {
 pub struct KvCache {
     layers: Vec<LayerKv>,
     rows: Vec<Row>,
-    capacity: usize,
 }
 
 impl KvCache {
@@ -80,7 +79,6 @@ impl KvCache {
                 };
                 batch
             ],
-            capacity,
         }
     }
 
@@ -148,9 +146,10 @@ impl KvCache {
         self.layers.iter_mut()
     }
 
-    /// A new cache whose rows are the listed rows of this one (a row may be listed several times).
-    pub fn select(&self, rows: &[usize]) -> Result<KvCache> {
-        let mut out = KvCache::new(self.layers.len(), rows.len(), self.len() + self.capacity);
+    /// A new cache whose rows are the listed rows of this one (a row may be listed several times),
+    /// with room for `room` more slots before it grows.
+    pub fn select(&self, rows: &[usize], room: usize) -> Result<KvCache> {
+        let mut out = KvCache::new(self.layers.len(), rows.len(), self.len() + room.max(1));
         out.rows = rows.iter().map(|&r| self.rows[r].clone()).collect();
         let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         for (from, to) in self.layers.iter().zip(out.layers.iter_mut()) {

@@ -177,7 +177,7 @@ fn cpu_product(
         (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(products(a, b, &dims)),
         (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(products(a, b, &dims)),
         (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-            let out = widened_products(a, b, &dims);
+            let out = bf16_products(a, b, &dims);
             if wide {
                 CpuStorage::F32(out)
             } else {
@@ -193,7 +193,7 @@ fn cpu_product(
             }
         }
         // f32 activations on half-precision weights: the product is f32.
-        (CpuStorage::F32(a), CpuStorage::BF16(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
+        (CpuStorage::F32(a), CpuStorage::BF16(b)) => CpuStorage::F32(bf16_products(a, b, &dims)),
         (CpuStorage::BF16(a), CpuStorage::F32(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
         (CpuStorage::F32(a), CpuStorage::F16(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
         (CpuStorage::F16(a), CpuStorage::F32(b)) => CpuStorage::F32(widened_products(a, b, &dims)),
@@ -314,7 +314,7 @@ impl Widen for f16 {
 /// f32 → bf16, rounding to nearest even (NaN stays NaN), as half's `from_f32` but branch-free
 /// enough to vectorise.
 #[inline]
-fn narrow_bf16(f: f32) -> bf16 {
+pub(crate) fn narrow_bf16(f: f32) -> bf16 {
     let bits = f.to_bits();
     if f.is_nan() {
         return bf16::from_bits(((bits >> 16) | 0x40) as u16);
@@ -338,6 +338,42 @@ fn narrow<H: Copy + Send + Default>(src: &[f32], one: fn(f32) -> H) -> Vec<H> {
             .for_each(work);
     } else {
         work((&mut out, src));
+    }
+    out
+}
+
+/// Below this many multiply-adds a product with bf16 weights is widened to f32 rather than run
+/// on AMX tiles (packing both operands costs more than it saves).
+const AMX_MIN_FLOPS: usize = 1 << 22;
+
+/// Products with a bf16 right operand (the weights): on AMX tiles where the CPU has them and the
+/// product is large enough, else widened to f32.
+fn bf16_products<A: Widen + super::amx::ToBf16>(
+    a: &[A],
+    b: &[bf16],
+    dims: &ProductDims,
+) -> Vec<f32> {
+    if dims.flops() / dims.batch.max(1) < AMX_MIN_FLOPS || !super::amx::available() {
+        return widened_products(a, b, dims);
+    }
+    let (m, k, n) = (dims.m, dims.k, dims.n);
+    let mut out = vec![0f32; dims.batch * m * n];
+    for (dst, &(oa, ob)) in out.chunks_mut(m * n).zip(&dims.offsets) {
+        let lhs = super::amx::Strided {
+            data: a,
+            offset: oa,
+            rows: m,
+            cols: k,
+            strides: dims.a_strides,
+        };
+        let rhs = super::amx::Strided {
+            data: b,
+            offset: ob,
+            rows: k,
+            cols: n,
+            strides: dims.b_strides,
+        };
+        super::amx::product(lhs, rhs, dst);
     }
     out
 }

@@ -2,6 +2,7 @@
 //! decoder, with LoRA adapters attached, saved and loaded in PEFT's format.
 
 pub mod adapter;
+pub mod amx;
 pub mod base;
 pub mod blocks;
 pub mod checkpoint;

@@ -301,3 +301,70 @@ fn domain_suite_runs_on_the_shipped_heldout_data() {
     let outcome = eval::run(&opts).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(outcome.scores.len(), 3);
 }
+
+/// log p(continuation | context) from one full forward pass of context + continuation.
+fn direct_loglikelihood(model: &Model, context: &[u32], continuation: &[u32]) -> f64 {
+    use candle_core::{Device, Tensor, D};
+    let all: Vec<u32> = context.iter().chain(continuation).copied().collect();
+    let input = Tensor::from_slice(&all, (1, all.len()), &Device::Cpu).unwrap();
+    let logits = model
+        .lm
+        .forward(
+            &input,
+            &feinschliff::model::TokenLayout::causal(1, all.len()),
+            None,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+    continuation
+        .iter()
+        .enumerate()
+        .map(|(j, &tok)| {
+            let row = logprobs.get(context.len() - 1 + j).unwrap();
+            row.get(tok as usize).unwrap().to_scalar::<f32>().unwrap() as f64
+        })
+        .sum()
+}
+
+#[test]
+fn shared_contexts_and_prefixes_score_as_whole_sequences() {
+    use feinschliff::eval::scorer::TokenRequest;
+    let model = Model::load(tiny_llama_dir(), None, &candle_core::Device::Cpu).unwrap();
+    let scorer = Scorer::new(&model, Some(64), 3);
+    // Three questions on one 20-token passage (each with three answers of 1–3 tokens), one
+    // context of its own, and a request whose context no other shares.
+    let passage: Vec<u32> = (40..60).collect();
+    let mut requests = Vec::new();
+    for question in [vec![7u32, 8], vec![9], vec![7, 10, 11]] {
+        let context: Vec<u32> = passage.iter().chain(&question).copied().collect();
+        for answer in [vec![3u32], vec![4, 5], vec![6, 6, 2]] {
+            requests.push(TokenRequest {
+                context: context.clone(),
+                continuation: answer,
+            });
+        }
+    }
+    for answer in [vec![12u32], vec![13, 14]] {
+        requests.push(TokenRequest {
+            context: vec![1, 2, 3],
+            continuation: answer,
+        });
+    }
+    requests.push(TokenRequest {
+        context: vec![5, 6],
+        continuation: vec![7, 8],
+    });
+    let got = scorer
+        .loglikelihood_tokens(&requests, &indicatif::ProgressBar::hidden())
+        .unwrap();
+    for (r, g) in requests.iter().zip(&got) {
+        let want = direct_loglikelihood(&model, &r.context, &r.continuation);
+        assert!(
+            (g.logprob - want).abs() < 1e-4,
+            "{r:?}: {} vs {want}",
+            g.logprob
+        );
+    }
+}

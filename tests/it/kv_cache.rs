@@ -55,7 +55,7 @@ fn cached_context_and_continuations_equal_the_whole_sequences() {
         }
         // Continuations 0 and 2 after context 0, continuation 1 after context 1.
         let of_context = [0usize, 1, 0];
-        let mut rows = cache.select(&of_context).unwrap();
+        let mut rows = cache.select(&of_context, 4).unwrap();
         let (input, real) = padded(&continuations, 1);
         let hidden = lm.hidden_states_cached(&input, &real, &mut rows).unwrap();
         for (j, cont) in continuations.iter().enumerate() {

@@ -97,3 +97,39 @@ fn tracked_operands_keep_their_gradients() {
         .unwrap();
     assert!(max_abs_diff(ga, &want) < 1e-12);
 }
+
+#[test]
+fn amx_tiles_equal_the_exact_product_of_bf16_values() {
+    if !feinschliff::model::amx::available() {
+        eprintln!("skipped: this CPU (or kernel) offers no AMX-BF16 tiles; the widening f32 path ran in the other tests");
+        return;
+    }
+    // Tails in every tile dimension: 37 rows (32 + 5), k = 300 (9 × 32 + 12), 403 columns.
+    let x = random(&[37, 300], 5).to_dtype(DType::F32).unwrap();
+    let w = random(&[403, 300], 6).to_dtype(DType::BF16).unwrap();
+    let exact = |lhs: &Tensor| {
+        lhs.to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
+            .unwrap()
+    };
+    // bf16 × bf16, and f32 activations (rounded to bf16 for the tiles) × bf16 weights.
+    let x_bf16 = x.to_dtype(DType::BF16).unwrap();
+    let want = exact(&x_bf16);
+    for lhs in [x_bf16, x] {
+        let got = feinschliff::model::matmul::matmul_wide(&lhs, &w.t().unwrap()).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let err = max_abs_diff(&got, &want);
+        assert!(err < 1e-3, "{:?} lhs: {err}", lhs.dtype());
+    }
+    // Batched, with the weight transposed the other way (the backward pass's grad · W).
+    let g = random(&[2, 33, 403], 7).to_dtype(DType::BF16).unwrap();
+    let wb = w.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap();
+    let got = feinschliff::model::matmul::matmul_wide(&g, &wb).unwrap();
+    let want = g
+        .to_dtype(DType::F64)
+        .unwrap()
+        .matmul(&wb.to_dtype(DType::F64).unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-3);
+}

@@ -1,0 +1,311 @@
+//! bf16 matrix products on Intel AMX tiles (`TDPBF16PS`: 16×32 by 32×16 bf16 into 16×16 f32),
+//! for products with bf16 weights on CPUs that have AMX-BF16 (Xeon Sapphire Rapids and later).
+//!
+//! Detected at run time (CPUID, then Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)` for the tile
+//! data); one binary runs everywhere and takes the widening f32 path of [`super::matmul`] where
+//! AMX is missing or refused. The left operand is rounded to bf16 (as PyTorch's autocast does),
+//! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the kernel off (to compare paths).
+
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Whether AMX-BF16 can be used by this process (checked once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if std::env::var("FEINSCHLIFF_AMX").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        detect()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> bool {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    let has_amx = (leaf.edx >> 22) & 1 == 1 && (leaf.edx >> 24) & 1 == 1;
+    has_amx && request_tile_permission()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> bool {
+    false
+}
+
+/// Asks Linux for the right to use the tile data state (XFEATURE_XTILEDATA); false when refused.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_permission() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_permission() -> bool {
+    false
+}
+
+/// Elements the kernel reads: rounded (f32) or taken (bf16) as bf16 bits.
+pub trait ToBf16: Copy + Sync {
+    fn bf16_bits(self) -> u16;
+}
+
+impl ToBf16 for f32 {
+    #[inline]
+    fn bf16_bits(self) -> u16 {
+        super::matmul::narrow_bf16(self).to_bits()
+    }
+}
+
+impl ToBf16 for bf16 {
+    #[inline]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// A strided matrix: element (r, c) at `offset + r·rows_stride + c·cols_stride`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a, T> {
+    pub data: &'a [T],
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub strides: (usize, usize),
+}
+
+impl<T: Copy> Strided<'_, T> {
+    #[inline]
+    fn at(&self, r: usize, c: usize) -> T {
+        self.data[self.offset + r * self.strides.0 + c * self.strides.1]
+    }
+}
+
+/// Rows per block of the left operand and columns per block of the right one (2 × 2 tiles).
+const BLOCK: usize = 32;
+/// K per tile step (32 bf16 = 64 bytes per tile row).
+const K_STEP: usize = 32;
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// a [m, k] · b [k, n] into `out` [m, n] (row-major f32). Call only when [`available`].
+pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [f32]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && out.len() == m * n,
+        "AMX product: shapes do not fit"
+    );
+    if m * n == 0 {
+        return;
+    }
+    let kp = round_up(k.max(1), K_STEP);
+    let packed_a = pack_rows(&a, kp);
+    let packed_b = pack_vnni(&b, kp);
+    let col_blocks = round_up(n, BLOCK) / BLOCK;
+    let threads = rayon::current_num_threads().min(col_blocks).max(1);
+    let per_thread = col_blocks.div_ceil(threads);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..threads).into_par_iter().for_each(|t| {
+        let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
+        let out_ptr = &out_ptr;
+        // Safety: each thread writes only the columns of its own column blocks.
+        unsafe { compute(&packed_a, &packed_b, (m, kp, n), blocks, out_ptr.0) };
+    });
+}
+
+/// A raw output pointer shared by threads that write disjoint columns.
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// The left operand as bf16 rows [round_up(m, 32), kp], zero-padded.
+fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
+    let rows = round_up(a.rows, BLOCK);
+    let mut packed = vec![0u16; rows * kp];
+    packed
+        .par_chunks_mut(kp)
+        .take(a.rows)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let row = &mut row[..a.cols];
+            if a.strides.1 == 1 {
+                let start = a.offset + r * a.strides.0;
+                for (d, s) in row.iter_mut().zip(&a.data[start..start + a.cols]) {
+                    *d = s.bf16_bits();
+                }
+            } else {
+                for (c, d) in row.iter_mut().enumerate() {
+                    *d = a.at(r, c).bf16_bits();
+                }
+            }
+        });
+    packed
+}
+
+/// The right operand in the tiles' pair-interleaved (VNNI) layout: for each group of 16 columns
+/// and each step of 32 k, 16 rows of (k pair) × 16 columns × 2, zero-padded to whole tiles.
+fn pack_vnni<B: ToBf16>(b: &Strided<B>, kp: usize) -> Vec<u16> {
+    let groups = round_up(b.cols, BLOCK) / 16;
+    let steps = kp / K_STEP;
+    let tile = 16 * 32;
+    let mut packed = vec![0u16; groups * steps * tile];
+    packed
+        .par_chunks_mut(steps * tile)
+        .enumerate()
+        .for_each(|(g, group)| {
+            let first = g * 16;
+            let cols = b.cols.saturating_sub(first).min(16);
+            if cols == 0 {
+                return; // a padding group
+            }
+            // Where element (kk, col) of this group goes.
+            let slot = |kk: usize, col: usize| {
+                let (step, within) = (kk / K_STEP, kk % K_STEP);
+                step * tile + (within / 2) * 32 + col * 2 + within % 2
+            };
+            if b.strides.1 == 1 {
+                // Rows of b contiguous (b is a weight W [k, n] as stored).
+                for kk in 0..b.rows {
+                    let start = b.offset + kk * b.strides.0 + first;
+                    let base = slot(kk, 0);
+                    for (col, v) in b.data[start..start + cols].iter().enumerate() {
+                        group[base + col * 2] = v.bf16_bits();
+                    }
+                }
+            } else if b.strides.0 == 1 {
+                // Columns of b contiguous (b is Wᵀ for a weight W [n, k]).
+                for col in 0..cols {
+                    let start = b.offset + (first + col) * b.strides.1;
+                    for (kk, v) in b.data[start..start + b.rows].iter().enumerate() {
+                        group[slot(kk, col)] = v.bf16_bits();
+                    }
+                }
+            } else {
+                for col in 0..cols {
+                    for kk in 0..b.rows {
+                        group[slot(kk, col)] = b.at(kk, first + col).bf16_bits();
+                    }
+                }
+            }
+        });
+    packed
+}
+
+/// The tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> Self {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..8 {
+            cfg[16 + 2 * t] = 64;
+            cfg[48 + t] = 16;
+        }
+        Self(cfg)
+    }
+}
+
+/// Computes the output columns of `col_blocks` (blocks of 32) for all rows.
+///
+/// Safety: `out` points to m × n f32 that no other thread writes in these columns; AMX is
+/// available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn compute(
+    a: &[u16],
+    b: &[u16],
+    (m, kp, n): (usize, usize, usize),
+    col_blocks: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    use std::arch::asm;
+    let config = TileConfig::new();
+    asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack));
+    let steps = kp / K_STEP;
+    let tile = 16 * 32;
+    let a_stride = kp * 2;
+    let mut block = [0f32; BLOCK * BLOCK];
+    for cb in col_blocks {
+        let b0 = b.as_ptr().add((2 * cb) * steps * tile);
+        let b1 = b.as_ptr().add((2 * cb + 1) * steps * tile);
+        for rb in 0..round_up(m, BLOCK) / BLOCK {
+            let a0 = a.as_ptr().add(rb * BLOCK * kp);
+            let a1 = a0.add(16 * kp);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            );
+            for s in 0..steps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(s * K_STEP),
+                    a1 = in(reg) a1.add(s * K_STEP),
+                    b0 = in(reg) b0.add(s * tile),
+                    b1 = in(reg) b1.add(s * tile),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) 64usize,
+                    options(nostack)
+                );
+            }
+            let c = block.as_mut_ptr();
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * BLOCK),
+                c3 = in(reg) c.add(16 * BLOCK + 16),
+                s = in(reg) BLOCK * 4,
+                options(nostack)
+            );
+            let rows = (m - rb * BLOCK).min(BLOCK);
+            let cols = (n - cb * BLOCK).min(BLOCK);
+            for r in 0..rows {
+                let dst = out.add((rb * BLOCK + r) * n + cb * BLOCK);
+                std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn compute(
+    _: &[u16],
+    _: &[u16],
+    _: (usize, usize, usize),
+    _: std::ops::Range<usize>,
+    _: *mut f32,
+) {
+    unreachable!("AMX is never available off x86-64")
+}
