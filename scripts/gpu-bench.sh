@@ -34,7 +34,8 @@ step() { echo "+ $*"; timeout 240 "$@" || echo "FAILED ($?): $*"; }
   step "$bin" model new --arch qwen2 --size tiny --seed 0 --out models/tiny-qwen2 --force
   step "$bin" train recipes/support-chat.toml --set train.device=cuda:0 --set model.dtype=bf16 \
     --set output.dir="$out/support-chat" --force
-  step "$bin" export --adapter "$out/support-chat" --merge --device cuda:0 --out "$out/merged" --force
+  step "$bin" export --adapter "$out/support-chat" --base models/tiny-qwen2 --merge --device cuda:0 \
+    --out "$out/merged" --force
   step "$bin" eval --model "$out/merged" --suite evals/domain.toml --limit 20 --device cuda:0 \
     --baseline "$out/support-chat/eval/domain/base_results.json" --out "$out/eval-merged" --force
 } 2>&1 | tee "$log"

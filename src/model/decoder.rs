@@ -11,6 +11,7 @@ use super::kv_cache::{KvCache, LayerKv};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::matmul::matmul_wide;
+use super::rms_norm;
 use super::rope::{self, Rope};
 use super::sdpa;
 use super::weights::Weights;
@@ -85,6 +86,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if rms_norm::supports(x) && x.dtype() == self.weight.dtype() {
+            return Ok(rms_norm::rms_norm(x, &self.weight, self.eps)?);
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(accumulation_dtype(dtype))?;
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?;

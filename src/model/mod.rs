@@ -19,6 +19,7 @@ pub mod lora_linear;
 pub mod matmul;
 pub mod new;
 mod precomputed;
+pub mod rms_norm;
 pub mod rope;
 pub mod sdpa;
 pub mod tokenizer;

@@ -1,4 +1,4 @@
-//! Blockwise attention equals eager attention (scores, softmax, weighted sum, built from
+//! The fused RMSNorm equals the composed formula and its gradient. Blockwise attention equals eager attention (scores, softmax, weighted sum, built from
 //! differentiable ops and differentiated by candle) in its output and in the gradients of Q, K, V,
 //! for grouped-query heads, a packed mask and blocks that do not divide the sequence.
 
@@ -114,4 +114,34 @@ fn blocks_hold_a_bounded_number_of_scores() {
         0,
         "4096 positions split into even blocks of {rows}"
     );
+}
+
+#[test]
+fn fused_rms_norm_equals_the_composed_formula_and_its_gradient() {
+    use feinschliff::model::rms_norm::rms_norm;
+    let dev = Device::Cpu;
+    let x = Var::randn(0f64, 1.0, (3, 5, 24), &dev).unwrap();
+    let w = Tensor::randn(1f64, 0.2, 24, &dev).unwrap();
+    let upstream = Tensor::randn(0f64, 1.0, (3, 5, 24), &dev).unwrap();
+    let eps = 1e-5;
+    let composed = {
+        let var = x
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .mean_keepdim(D::Minus1)
+            .unwrap();
+        let normed = x
+            .as_tensor()
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap();
+        normed.broadcast_mul(&w).unwrap()
+    };
+    let fused = rms_norm(x.as_tensor(), &w, eps).unwrap();
+    assert!(max_abs_diff(&fused, &composed) < 1e-12);
+    let grad_of = |y: &Tensor| {
+        let loss = (y * &upstream).unwrap().sum_all().unwrap();
+        loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+    };
+    assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-12);
 }
