@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::data::Batch;
 use crate::device::{gb, peak_rss_bytes, MemoryPeak, PeakMemory};
 use crate::model::new::{config_json, weight_specs, Init, Size};
+use crate::model::phases::{self, Phase};
 use crate::model::weights::Weights;
 use crate::model::{lora, CausalLm, LoraConfig, ModelConfig, TargetModules, TokenLayout};
 use crate::train::optim::{AdamW, AdamWParams};
@@ -33,6 +34,8 @@ pub struct BenchReport {
     pub peak: Option<MemoryPeak>,
     /// The device, as the run log names it.
     pub device: String,
+    /// Per phase: seconds and floating-point operations over the timed steps.
+    pub phases: Vec<(Phase, f64, f64)>,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -54,7 +57,38 @@ impl std::fmt::Display for BenchReport {
             self.steps,
             self.step_seconds,
             self.tokens_per_s
-        )
+        )?;
+        let steps = self.steps.max(1) as f64;
+        let mut counted = 0.0;
+        for &(phase, seconds, flops) in &self.phases {
+            if seconds == 0.0 {
+                continue;
+            }
+            counted += seconds;
+            let rate = if flops > 0.0 {
+                format!(", {:.0} GFLOP/s", flops / seconds * 1e-9)
+            } else {
+                String::new()
+            };
+            write!(
+                f,
+                "\n  {:<12} {:>7.3} s/step {:>5.1} %{rate}",
+                format!("{phase:?}"),
+                seconds / steps,
+                100.0 * seconds / steps / self.step_seconds
+            )?;
+        }
+        if !self.phases.is_empty() {
+            let rest = (self.step_seconds - counted / steps).max(0.0);
+            write!(
+                f,
+                "\n  {:<12} {:>7.3} s/step {:>5.1} % (element-wise ops, embeddings, copies, gradient sums)",
+                "Other",
+                rest,
+                100.0 * rest / self.step_seconds
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +150,7 @@ pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
     let b = random_batch(spec.batch, spec.seq, spec.size.shape().vocab, device)?;
     crate::train::loss::summed_nll(&lm, &b, None)?;
+    phases::enable();
     let started = Instant::now();
     for _ in 0..spec.steps {
         crate::train::loss::summed_nll(&lm, &b, None)?;
@@ -135,6 +170,7 @@ pub fn generate(spec: &BenchSpec, new_tokens: usize, device: &Device) -> Result<
         .map(|_| (0..spec.seq).map(|_| rng.random_range(0..vocab)).collect())
         .collect();
     crate::model::generate::greedy(&lm, &mut prompts.clone(), 2, 0, |_, _| Ok(false))?;
+    phases::enable();
     let started = Instant::now();
     crate::model::generate::greedy(&lm, &mut prompts.clone(), new_tokens, 0, |_, _| Ok(false))?;
     device.synchronize()?;
@@ -166,6 +202,7 @@ fn report(
         tokens_per_s: (spec.batch * spec.seq * spec.steps) as f64 / elapsed,
         peak: memory.finish(),
         device: crate::device::describe(device),
+        phases: phases::take(),
     }
 }
 
@@ -194,6 +231,7 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         device,
     )?];
     optimizer_step(&lm, &trainable, &mut optimizer, &batches, 1e-4, 1.0, 0)?;
+    phases::enable();
     let started = Instant::now();
     for step in 0..spec.steps {
         optimizer_step(

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 use super::blocks;
 use super::decoder::accumulation_dtype;
 use super::matmul::matmul_wide;
+use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
 
 /// Bytes of logits (in f32) that one block may hold; blocks split the rows evenly.
@@ -25,6 +26,15 @@ pub fn block_rows(rows: usize, vocab: usize) -> usize {
 /// targets [n] (u32), in blocks of `block` rows: [n], in f32 (f64 for an f64 model).
 /// Gradients flow to h only; the head is frozen.
 pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize) -> Result<Tensor> {
+    let products = if hidden.track_op() { 2 } else { 1 };
+    let flops = products * 2 * hidden.elem_count() * head.dim(0)?;
+    timed(Phase::LmHead, flops, || {
+        blockwise_nll(hidden, head, targets, block)
+    })
+}
+
+/// The body of [`head_nll`].
+fn blockwise_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let acc = accumulation_dtype(hidden.dtype());
     let with_grad = hidden.track_op();

@@ -11,6 +11,7 @@ use super::kv_cache::{KvCache, LayerKv};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::matmul::matmul_wide;
+use super::phases::{timed, Phase};
 use super::rms_norm;
 use super::rope::{self, Rope};
 use super::sdpa;
@@ -400,7 +401,10 @@ impl CausalLm {
         if hidden.track_op() {
             return Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?);
         }
-        Ok(matmul_wide(hidden, &head.t()?)?)
+        let flops = 2 * hidden.elem_count() * head.dim(0)?;
+        Ok(timed(Phase::LmHead, flops, || {
+            matmul_wide(hidden, &head.t()?)
+        })?)
     }
 
     /// −log p(target) [n] (f32, or f64 for an f64 model) for hidden states [n, hidden] and target

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::lora::{LoraAdapter, Pass};
 use super::matmul::{matmul, product_transposed};
+use super::phases::{timed, Phase};
 
 /// One linear layer of the base model; the base weight never trains.
 #[derive(Clone)]
@@ -55,10 +56,16 @@ impl Linear {
 
 /// x·Wᵀ for x [n, in] and a frozen W [out, in]; gradients flow to x only.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let flops = 2 * x.elem_count() * weight.dim(0)?;
     if !x.track_op() {
-        return Ok(matmul(x, &weight.t()?)?);
+        return timed(Phase::Projections, flops, || Ok(matmul(x, &weight.t()?)?));
     }
     Ok(x.apply_op2(weight, InputGradOnly)?)
+}
+
+/// Multiply-adds × 2 of x [n, in] · Wᵀ for W [out, in].
+fn flops(lx: &Layout, lw: &Layout) -> usize {
+    2 * lx.shape().elem_count() * lw.dims()[0]
 }
 
 /// Forward: x·Wᵀ. Backward: dL/dx = dL/dy · W, nothing for W.
@@ -76,7 +83,9 @@ impl CustomOp2 for InputGradOnly {
         w: &CpuStorage,
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        product_transposed(x, lx, w, lw)
+        timed(Phase::Projections, flops(lx, lw), || {
+            product_transposed(x, lx, w, lw)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -87,7 +96,9 @@ impl CustomOp2 for InputGradOnly {
         w: &candle_core::CudaStorage,
         lw: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        product_transposed(x, lx, w, lw)
+        timed(Phase::Projections, flops(lx, lw), || {
+            product_transposed(x, lx, w, lw)
+        })
     }
 
     fn bwd(
@@ -97,6 +108,8 @@ impl CustomOp2 for InputGradOnly {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(matmul(&grad.detach(), weight)?), None))
+        let flops = 2 * grad.elem_count() * weight.dim(1)?;
+        let dx = timed(Phase::Projections, flops, || matmul(&grad.detach(), weight))?;
+        Ok((Some(dx), None))
     }
 }

@@ -8,6 +8,7 @@ use candle_core::op::{Add, Mul};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::matmul::{matmul, product_transposed, MatmulStorage};
+use super::phases::{timed, Phase};
 
 /// x [n, in] through W [out, in] plus the adapter A [r, in], B [out, r] scaled by `scale`, with
 /// the dropout `mask` ([n, in], in the adapter's dtype) applied to the adapter's input.
@@ -24,6 +25,7 @@ pub fn lora_linear(
         weight: weight.clone(),
         scale,
         mask: mask.cloned(),
+        rank: a.dim(0)?,
     };
     if x.track_op() || a.track_op() || b.track_op() {
         x.apply_op3(a, b, op)
@@ -36,6 +38,7 @@ struct LoraLinear {
     weight: Tensor,
     scale: f64,
     mask: Option<Tensor>,
+    rank: usize,
 }
 
 /// The forward pass on one backend's storages.
@@ -110,14 +113,16 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        with_storages!(self, Cpu, |w, m| forward(
-            (x, lx),
-            w,
-            (a, la),
-            (b, lb),
-            m,
-            self.scale
-        ))
+        timed(Phase::Projections, self.flops(lx, 2), || {
+            with_storages!(self, Cpu, |w, m| forward(
+                (x, lx),
+                w,
+                (a, la),
+                (b, lb),
+                m,
+                self.scale
+            ))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -130,14 +135,16 @@ impl CustomOp3 for LoraLinear {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        with_storages!(self, Cuda, |w, m| forward(
-            (x, lx),
-            w,
-            (a, la),
-            (b, lb),
-            m,
-            self.scale
-        ))
+        timed(Phase::Projections, self.flops(lx, 2), || {
+            with_storages!(self, Cuda, |w, m| forward(
+                (x, lx),
+                w,
+                (a, la),
+                (b, lb),
+                m,
+                self.scale
+            ))
+        })
     }
 
     /// dx = g·W + ((s·g·B)·A)⊙M, dA = (s·g·B)ᵀ·(x⊙M), dB = s·gᵀ·((x⊙M)·Aᵀ).
@@ -147,6 +154,29 @@ impl CustomOp3 for LoraLinear {
         a: &Tensor,
         b: &Tensor,
         _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        timed(Phase::Projections, self.flops(x.layout(), 5), || {
+            self.backward(x, a, b, grad)
+        })
+    }
+}
+
+impl LoraLinear {
+    /// Multiply-adds × 2 of the frozen product for x [n, in] and `adapter_products` products of
+    /// the adapter's size (n·r·(in + out) each).
+    fn flops(&self, lx: &Layout, adapter_products: usize) -> usize {
+        let (n, inp) = (lx.dims()[0], lx.dims()[1]);
+        let (out, r) = (self.weight.dims()[0], self.rank);
+        2 * n * inp * out + adapter_products * n * r * (inp + out)
+    }
+
+    /// The gradients of x, A and B (see [`CustomOp3::bwd`] above).
+    fn backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached, so that the gradients carry no graph of their own into the optimizer.

@@ -174,6 +174,12 @@ fn cpu_product(
 ) -> Result<(CpuStorage, Shape)> {
     let dims = ProductDims::of(la, lb)?;
     let out = match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) if few_rows(&dims) => {
+            CpuStorage::F32(row_dots(a, b, &dims))
+        }
+        (CpuStorage::F32(a), CpuStorage::BF16(b)) if few_rows(&dims) => {
+            CpuStorage::F32(row_dots(a, b, &dims))
+        }
         (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(products(a, b, &dims)),
         (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(products(a, b, &dims)),
         (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
@@ -203,6 +209,66 @@ fn cpu_product(
         }
     };
     Ok((out, dims.out_shape))
+}
+
+/// Rows of the left operand up to which a product against a weight runs as dot products.
+const FEW_ROWS: usize = 8;
+
+/// A product of a few rows (a decoding step) against a weight stored as Wᵀ with contiguous
+/// columns: memory-bound, so it runs as one pass over the weight, split across threads.
+fn few_rows(dims: &ProductDims) -> bool {
+    dims.batch == 1 && dims.m <= FEW_ROWS && dims.b_strides.0 == 1 && dims.k >= 16
+}
+
+/// out[i][j] = a[i]·b[:, j] for each of the few rows of a, each column of b contiguous (a row
+/// of the weight): every weight element is read once, for all rows; f32 accumulation in 16 lanes.
+fn row_dots<W: Widen>(a: &[f32], b: &[W], dims: &ProductDims) -> Vec<f32> {
+    let (m, k, n) = (dims.m, dims.k, dims.n);
+    let (oa, ob) = dims.offsets[0];
+    let mut rows = vec![0f32; m * k];
+    for (i, row) in rows.chunks_mut(k).enumerate() {
+        for (c, d) in row.iter_mut().enumerate() {
+            *d = a[oa + i * dims.a_strides.0 + c * dims.a_strides.1];
+        }
+    }
+    // Column-major result [n, m]: each thread writes whole columns.
+    let mut by_column = vec![0f32; n * m];
+    const COLUMNS: usize = 64;
+    by_column
+        .par_chunks_mut(COLUMNS * m)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            for (jj, cell) in out.chunks_mut(m).enumerate() {
+                let j = chunk * COLUMNS + jj;
+                let start = ob + j * dims.b_strides.1;
+                let column = &b[start..start + k];
+                for (i, value) in cell.iter_mut().enumerate() {
+                    *value = dot(&rows[i * k..(i + 1) * k], column);
+                }
+            }
+        });
+    let mut out = vec![0f32; m * n];
+    for (j, cell) in by_column.chunks(m).enumerate() {
+        for (i, &v) in cell.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// x·w in f32, 16 partial sums at a time (vectorisable), w widened on the fly.
+#[inline]
+fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (xs, ws) in xc.zip(wc) {
+        for l in 0..16 {
+            lanes[l] += xs[l] * ws[l].widen();
+        }
+    }
+    let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * w.widen()).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Element types faer multiplies natively.

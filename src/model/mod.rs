@@ -18,6 +18,7 @@ pub mod lora;
 pub mod lora_linear;
 pub mod matmul;
 pub mod new;
+pub mod phases;
 mod precomputed;
 pub mod rms_norm;
 pub mod rope;

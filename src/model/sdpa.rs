@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::blocks;
 use super::matmul::{matmul, matmul_wide};
+use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
 
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
@@ -34,7 +35,10 @@ pub fn attention(
     block: usize,
 ) -> Result<Tensor> {
     let shape = Shapes::of(q, k, block)?;
-    let out = shape.forward(&q.detach(), &k.detach(), &v.detach(), mask)?;
+    let flops = 4 * q.elem_count() * shape.seq;
+    let out = timed(Phase::Attention, flops, || {
+        shape.forward(&q.detach(), &k.detach(), &v.detach(), mask)
+    })?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -61,6 +65,18 @@ pub fn attention_after_past(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -
         candle_core::bail!("attention: {rows} query rows do not fit {t} new positions");
     }
     let g = rows / t;
+    timed(Phase::Attention, 4 * q.elem_count() * slots, || {
+        cached_attention(q, (k, v), mask, (b, kvh, g, t, slots, d))
+    })
+}
+
+/// The body of [`attention_after_past`].
+fn cached_attention(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    mask: &Tensor,
+    (b, kvh, g, t, slots, d): (usize, usize, usize, usize, usize, usize),
+) -> Result<Tensor> {
     let scale = 1.0 / (d as f64).sqrt();
     let scores = matmul_wide(q, &k.t()?)?.reshape((b, kvh * g, t, slots))?;
     let scores = (scores * scale)?.broadcast_add(mask)?;
@@ -238,13 +254,16 @@ impl CustomOp3 for BlockwiseAttention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.shape.backward(
-            &q.detach(),
-            &k.detach(),
-            &v.detach(),
-            &self.mask,
-            &grad.detach().contiguous()?,
-        )?;
+        let flops = 10 * q.elem_count() * self.shape.seq;
+        let (dq, dk, dv) = timed(Phase::Attention, flops, || {
+            self.shape.backward(
+                &q.detach(),
+                &k.detach(),
+                &v.detach(),
+                &self.mask,
+                &grad.detach().contiguous()?,
+            )
+        })?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{Tensor, Var};
 use super::loss::summed_nll;
 use super::optim::{self, AdamW};
 use crate::data::Batch;
+use crate::model::phases::{timed, Phase};
 use crate::model::CausalLm;
 
 /// What one optimizer step measured.
@@ -75,9 +76,12 @@ pub fn optimizer_step(
         .zip(trainable)
         .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let grad_norm = optim::global_norm(&grads)?;
-    let grads = optim::clip(grads, grad_norm, max_grad_norm)?;
-    optimizer.step(&grads, lr)?;
+    let grad_norm = timed(Phase::Optimizer, 0, || -> Result<f64> {
+        let grad_norm = optim::global_norm(&grads)?;
+        let grads = optim::clip(grads, grad_norm, max_grad_norm)?;
+        optimizer.step(&grads, lr)?;
+        Ok(grad_norm)
+    })?;
     Ok(StepOutcome {
         loss: loss_sum,
         grad_norm,
