@@ -17,16 +17,22 @@ use super::precomputed::Precomputed;
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
 const BLOCK_BYTES: usize = 64 << 20;
 
-/// Query positions per block for `batch` × `heads` × `seq`: all of them when the scores fit.
+/// Query positions per block for `batch` × `heads` × `seq`: at most [`CAUSAL_BLOCK`], fewer when
+/// their scores would pass the byte budget.
 pub fn block_rows(batch: usize, heads: usize, seq: usize) -> usize {
-    blocks::even_block(seq, batch * heads * seq * 4, BLOCK_BYTES)
+    blocks::even_block(seq, batch * heads * seq * 4, BLOCK_BYTES).min(CAUSAL_BLOCK)
 }
+
+/// Query positions per block at most: smaller blocks skip more of the keys a causal mask hides
+/// (a block sees only the keys up to its last row), at the cost of more, smaller products.
+const CAUSAL_BLOCK: usize = 64;
 
 /// softmax(Q·Kᵀ/√d + mask)·V in blocks of `block` query positions.
 ///
 /// q: [batch, kv_heads, groups·seq, d], the `groups` query heads that share a K/V head stacked
 /// along the rows; k, v: [batch, kv_heads, seq, d]; mask: [batch, 1, seq, seq], additive, in the
-/// dtype the softmax runs in (f32; f64 for f64 models). Returns [batch, kv_heads, groups·seq, d].
+/// dtype the softmax runs in (f32; f64 for f64 models), and causal (no position sees a later one:
+/// the decoder's masks, packed or windowed, never do). Returns [batch, kv_heads, groups·seq, d].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -35,7 +41,7 @@ pub fn attention(
     block: usize,
 ) -> Result<Tensor> {
     let shape = Shapes::of(q, k, block)?;
-    let flops = 4 * q.elem_count() * shape.seq;
+    let flops = 4 * shape.scores() * k.dim(3)?;
     let out = timed(Phase::Attention, flops, || {
         shape.forward(&q.detach(), &k.detach(), &v.detach(), mask)
     })?;
@@ -110,6 +116,12 @@ impl Shapes {
         })
     }
 
+    /// Query-key pairs scored over all blocks (each block sees the keys up to its last row).
+    fn scores(&self) -> usize {
+        let pairs: usize = self.blocks().map(|(start, len)| len * (start + len)).sum();
+        self.batch * self.kv_heads * self.groups * pairs
+    }
+
     /// The start and length of each block of query positions.
     fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
         blocks::ranges(self.seq, self.block)
@@ -146,7 +158,9 @@ impl Shapes {
         Tensor::cat(&parts, 3)?.reshape((b, h, g * self.seq, n))
     }
 
-    /// The attention probabilities of one block, [batch, kv_heads, groups·len, seq], in the mask's dtype.
+    /// The attention probabilities of one block, [batch, kv_heads, groups·len, start + len], in
+    /// the mask's dtype: the keys up to the block's last query position, the only ones a causal
+    /// mask lets it see (later keys would only add exp(−∞) = 0).
     fn probs(
         &self,
         q_rows: &Tensor,
@@ -155,11 +169,14 @@ impl Shapes {
         start: usize,
         len: usize,
     ) -> Result<Tensor> {
-        let (b, h, g, t) = (self.batch, self.kv_heads, self.groups, self.seq);
+        let (b, h, g) = (self.batch, self.kv_heads, self.groups);
+        let keys = start + len;
         let scale = 1.0 / (k.dim(3)? as f64).sqrt();
-        let scores = matmul_wide(q_rows, &k.t()?)?.reshape((b, h * g, len, t))?;
-        let scores = (scores * scale)?.broadcast_add(&mask.narrow(2, start, len)?)?;
-        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h, g * len, t))
+        let scores =
+            matmul_wide(q_rows, &k.narrow(2, 0, keys)?.t()?)?.reshape((b, h * g, len, keys))?;
+        let mask = mask.narrow(2, start, len)?.narrow(3, 0, keys)?;
+        let scores = (scores * scale)?.broadcast_add(&mask)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h, g * len, keys))
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -167,7 +184,7 @@ impl Shapes {
             .blocks()
             .map(|(start, len)| {
                 let p = self.probs(&self.rows(q, start, len)?, k, mask, start, len)?;
-                matmul(&p.to_dtype(v.dtype())?, v)
+                matmul(&p.to_dtype(v.dtype())?, &v.narrow(2, 0, start + len)?)
             })
             .collect::<Result<Vec<_>>>()?;
         self.join(blocks)
@@ -194,12 +211,16 @@ impl Shapes {
             let q_rows = self.rows(q, start, len)?;
             let grad_rows = self.rows(grad, start, len)?;
             let p = self.probs(&q_rows, k, mask, start, len)?;
-            dv = (dv + matmul(&p.to_dtype(v.dtype())?.t()?, &grad_rows)?.to_dtype(acc)?)?;
-            let dp = matmul(&grad_rows, &v.t()?)?.to_dtype(acc)?;
+            let (keys, later) = (start + len, self.seq - start - len);
+            let (k_seen, v_seen) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
+            let dv_seen = matmul(&p.to_dtype(v.dtype())?.t()?, &grad_rows)?.to_dtype(acc)?;
+            dv = (dv + dv_seen.pad_with_zeros(2, 0, later)?)?;
+            let dp = matmul(&grad_rows, &v_seen.t()?)?.to_dtype(acc)?;
             let row_dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
             let ds = ((p * dp.broadcast_sub(&row_dot)?)? * scale)?.to_dtype(q.dtype())?;
-            dq.push(matmul(&ds, k)?);
-            dk = (dk + matmul(&ds.t()?, &q_rows)?.to_dtype(acc)?)?;
+            dq.push(matmul(&ds, &k_seen)?);
+            let dk_seen = matmul(&ds.t()?, &q_rows)?.to_dtype(acc)?;
+            dk = (dk + dk_seen.pad_with_zeros(2, 0, later)?)?;
         }
         Ok((
             self.join(dq)?,
@@ -254,7 +275,7 @@ impl CustomOp3 for BlockwiseAttention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let flops = 10 * q.elem_count() * self.shape.seq;
+        let flops = 10 * self.shape.scores() * k.dim(3)?;
         let (dq, dk, dv) = timed(Phase::Attention, flops, || {
             self.shape.backward(
                 &q.detach(),
