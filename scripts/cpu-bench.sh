@@ -18,7 +18,7 @@ py="${2:-python3}"
 out="${3:-runs/cpu-bench}"
 mkdir -p "$out"
 ref=scripts/torch_lora_reference.py
-step() { echo "+ $*"; timeout 900 "$@" 2>&1 | grep -E "tokens/s|wall|acc|bench|torch|real|FAILED|rror" || echo "FAILED: $*"; }
+step() { echo "+ $*"; timeout 900 "$@" 2>&1 | grep -E "tokens/s|s/step|wall|acc|bench|torch|real|FAILED|rror" || echo "FAILED: $*"; }
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   lscpu | grep -E "Model name|^CPU\(s\)"
