@@ -309,11 +309,6 @@ impl CausalLm {
         self.embed_tokens.dtype()
     }
 
-    /// The dtype activations (hidden states, keys and values) run in.
-    pub fn activation_dtype(&self) -> DType {
-        self.activations
-    }
-
     /// Final hidden states [batch, seq, hidden] for token ids [batch, seq].
     pub fn hidden_states(
         &self,

@@ -91,11 +91,6 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Rows in the cache.
-    pub fn batch(&self) -> usize {
-        self.rows.len()
-    }
-
     /// Takes `t` new slots in every row, of which row r's first `real[r]` are real tokens, and
     /// returns their positions and the mask: a real token sees the real slots before it (within
     /// `window` positions, when the model has a sliding window); padding sees only itself.
@@ -160,10 +155,5 @@ impl KvCache {
             }
         }
         Ok(out)
-    }
-
-    /// The position the next token of row `r` takes.
-    pub fn next_position(&self, r: usize) -> u32 {
-        self.rows[r].next_position
     }
 }
