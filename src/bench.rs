@@ -36,6 +36,8 @@ pub struct BenchReport {
     pub device: String,
     /// Per phase: seconds and floating-point operations over the timed steps.
     pub phases: Vec<(Phase, f64, f64)>,
+    /// The share of positions with a label (train).
+    pub trained_fraction: f64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -44,9 +46,17 @@ impl std::fmt::Display for BenchReport {
             .peak
             .map(|p| p.to_string())
             .unwrap_or_else(|| "peak memory n/a".into());
+        let labelled = if self.trained_fraction < 1.0 {
+            format!(
+                " (labels on {:.0} % of positions)",
+                100.0 * self.trained_fraction
+            )
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "bench {} {} {:?} {:?} on {}: batch {} x {}, {} steps, {:.3} s/step, {:.0} tokens/s, {peak}",
+            "bench {} {} {:?} {:?} on {}: batch {} x {}{labelled}, {} steps, {:.3} s/step, {:.0} tokens/s, {peak}",
             self.what,
             self.arch,
             self.size,
@@ -102,6 +112,8 @@ pub struct BenchSpec {
     pub dtype: DType,
     pub steps: usize,
     pub gradient_checkpointing: bool,
+    /// Train and score: the share of each row's positions that carry a label (1.0: every position).
+    pub trained_fraction: f64,
 }
 
 /// A random `arch` model of `size` on `device`, its frozen weights in `dtype`, drawn on the device
@@ -128,18 +140,36 @@ fn random_model(arch: &str, size: Size, dtype: DType, device: &Device) -> Result
     )
 }
 
-/// A batch of random tokens, all of them targets.
-fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Result<Batch> {
+/// A batch of random tokens whose last `trained` share of each row are targets (the rest is
+/// context without a label, as the prompt of chat data trained on its answers).
+fn random_batch(
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    trained: f64,
+    device: &Device,
+) -> Result<Batch> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let ids: Vec<u32> = (0..batch * seq)
         .map(|_| rng.random_range(0..vocab as u32))
         .collect();
-    let labels = ids.iter().map(|&i| i as i64).collect();
+    let first_target = (seq - ((seq as f64 * trained).round() as usize).min(seq)).max(1);
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if i % seq >= first_target {
+                id as i64
+            } else {
+                crate::data::IGNORE_INDEX
+            }
+        })
+        .collect();
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (batch, seq), device)?,
         labels,
         layout: TokenLayout::causal(batch, seq),
-        target_tokens: batch * (seq - 1),
+        target_tokens: batch * (seq - first_target),
         tokens: batch * seq,
     })
 }
@@ -148,7 +178,8 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Resu
 pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     let memory = PeakMemory::watch(device);
     let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
-    let b = random_batch(spec.batch, spec.seq, spec.size.shape().vocab, device)?;
+    let vocab = spec.size.shape().vocab;
+    let b = random_batch(spec.batch, spec.seq, vocab, spec.trained_fraction, device)?;
     crate::train::loss::summed_nll(&lm, &b, None)?;
     phases::enable();
     let started = Instant::now();
@@ -176,6 +207,7 @@ pub fn generate(spec: &BenchSpec, new_tokens: usize, device: &Device) -> Result<
     device.synchronize()?;
     let elapsed = started.elapsed().as_secs_f64();
     let mut out = report("generate", spec, started, memory, device);
+    out.trained_fraction = 1.0;
     out.steps = new_tokens;
     out.step_seconds = elapsed / new_tokens.max(1) as f64;
     out.tokens_per_s = (spec.batch * new_tokens) as f64 / elapsed;
@@ -203,6 +235,7 @@ fn report(
         peak: memory.finish(),
         device: crate::device::describe(device),
         phases: phases::take(),
+        trained_fraction: spec.trained_fraction,
     }
 }
 
@@ -228,6 +261,7 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         spec.batch,
         spec.seq,
         spec.size.shape().vocab,
+        spec.trained_fraction,
         device,
     )?];
     optimizer_step(&lm, &trainable, &mut optimizer, &batches, 1e-4, 1.0, 0)?;

@@ -225,6 +225,19 @@ struct BenchArgs {
     /// Recompute layer activations in the backward pass (train only).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Train and score: the share of each row's positions with a label, the rest being context
+    /// without loss, as in chat data trained on its answers (the LM head runs on labelled positions
+    /// only).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
+    trained_fraction: f64,
+}
+
+/// A number in (0, 1] for `--trained-fraction`.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("`{text}` is not a share in (0, 1], e.g. 0.5")),
+    }
 }
 
 impl BenchArgs {
@@ -239,6 +252,7 @@ impl BenchArgs {
                 .steps
                 .unwrap_or(if self.size == Size::Tiny { 20 } else { 3 }),
             gradient_checkpointing: self.gradient_checkpointing,
+            trained_fraction: self.trained_fraction,
         }
     }
 }
