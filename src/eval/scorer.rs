@@ -123,7 +123,7 @@ impl<'a> Scorer<'a> {
         let mut order = Vec::new();
         for (i, r) in requests.iter().enumerate() {
             let fits = r.context.len() + r.continuation.len() <= self.max_length + 1;
-            if fits && !r.continuation.is_empty() {
+            if fits && !r.context.is_empty() && !r.continuation.is_empty() {
                 by_context.entry(&r.context).or_default().push(i);
             } else {
                 order.push(i);
