@@ -12,6 +12,7 @@ use indicatif::ProgressBar;
 use std::collections::HashMap;
 
 use crate::data::Batch;
+use crate::model::kv_cache::right_padded;
 use crate::model::{blocks, cross_entropy, generate, Model};
 
 /// The log-likelihood of one continuation, and whether greedy decoding would produce it.
@@ -284,41 +285,28 @@ impl<'a> Scorer<'a> {
             .max()
             .unwrap_or(1);
         // The prefixes, one row per family.
-        let prefixes: Vec<usize> = families.iter().map(|f| f.prefix).collect();
-        let tp = prefixes.iter().copied().max().unwrap_or(0).max(1);
-        let mut ids = vec![pad; families.len() * tp];
-        for (f, family) in families.iter().enumerate() {
-            let c = &requests[family.groups[0][0]].context;
-            ids[f * tp..f * tp + family.prefix].copy_from_slice(&c[..family.prefix]);
-        }
-        let mut shared = lm.new_cache(families.len(), tp);
-        let input = Tensor::from_vec(ids, (families.len(), tp), device)?;
-        lm.hidden_states_cached(&input, &prefixes, &mut shared)?;
+        let prefixes: Vec<&[u32]> = families
+            .iter()
+            .map(|f| &requests[f.groups[0][0]].context[..f.prefix])
+            .collect();
+        let (input, prefix_lens) = right_padded(&prefixes, pad, device)?;
+        let mut shared = lm.new_cache(families.len(), input.dim(1)?);
+        lm.hidden_states_cached(&input, &prefix_lens, &mut shared)?;
         let family_of: Vec<usize> = families
             .iter()
             .enumerate()
             .flat_map(|(f, family)| std::iter::repeat_n(f, family.groups.len()))
             .collect();
-        let suffix_room = contexts
-            .iter()
-            .zip(&family_of)
-            .map(|(c, &f)| c.len() - prefixes[f])
-            .max()
-            .unwrap_or(1);
-        let mut cache = shared.select(&family_of, suffix_room + longest_continuation)?;
-        drop(shared);
         // The rest of each context, one row per group.
-        let real: Vec<usize> = contexts
+        let rests: Vec<&[u32]> = contexts
             .iter()
             .zip(&family_of)
-            .map(|(c, &f)| c.len() - prefixes[f])
+            .map(|(c, &f)| &c[prefix_lens[f]..])
             .collect();
-        let t = real.iter().copied().max().unwrap_or(1);
-        let mut ids = vec![pad; groups.len() * t];
-        for (k, c) in contexts.iter().enumerate() {
-            ids[k * t..k * t + real[k]].copy_from_slice(&c[prefixes[family_of[k]]..]);
-        }
-        let input = Tensor::from_vec(ids, (groups.len(), t), device)?;
+        let (input, real) = right_padded(&rests, pad, device)?;
+        let t = input.dim(1)?;
+        let mut cache = shared.select(&family_of, t + longest_continuation)?;
+        drop(shared);
         let hidden = lm
             .hidden_states_cached(&input, &real, &mut cache)?
             .reshape((groups.len() * t, lm.config.hidden_size))?;
@@ -356,13 +344,8 @@ impl<'a> Scorer<'a> {
                     &c[..c.len() - 1]
                 })
                 .collect();
-            let real: Vec<usize> = inputs.iter().map(|c| c.len()).collect();
-            let tc = real.iter().copied().max().unwrap_or(1);
-            let mut ids = vec![pad; chunk.len() * tc];
-            for (j, c) in inputs.iter().enumerate() {
-                ids[j * tc..j * tc + c.len()].copy_from_slice(c);
-            }
-            let input = Tensor::from_vec(ids, (chunk.len(), tc), device)?;
+            let (input, real) = right_padded(&inputs, pad, device)?;
+            let tc = input.dim(1)?;
             let hidden = lm
                 .hidden_states_cached(&input, &real, &mut rows_cache)?
                 .reshape((chunk.len() * tc, lm.config.hidden_size))?;

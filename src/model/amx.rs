@@ -7,6 +7,8 @@
 //! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the kernel off (to compare paths).
 
 use half::bf16;
+
+use super::matmul::gather;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -144,17 +146,8 @@ fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
         .take(a.rows)
         .enumerate()
         .for_each(|(r, row)| {
-            let row = &mut row[..a.cols];
-            if a.strides.1 == 1 {
-                let start = a.offset + r * a.strides.0;
-                for (d, s) in row.iter_mut().zip(&a.data[start..start + a.cols]) {
-                    *d = s.bf16_bits();
-                }
-            } else {
-                for (c, d) in row.iter_mut().enumerate() {
-                    *d = a.at(r, c).bf16_bits();
-                }
-            }
+            let start = a.offset + r * a.strides.0;
+            gather(&mut row[..a.cols], a.data, start, a.strides.1, A::bf16_bits);
         });
     packed
 }

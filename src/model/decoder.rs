@@ -131,11 +131,12 @@ impl Attention {
                 let (k, v) = past.append(&k, &v)?;
                 sdpa::attention_after_past(&q, &k, &v, &ctx.mask)?
             }
-            Some(past) => {
-                past.append(&k, &v)?;
+            first => {
+                if let Some(past) = first {
+                    past.append(&k, &v)?;
+                }
                 sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?
             }
-            None => sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?,
         };
         let out = out
             .reshape((b, h, t, d))?

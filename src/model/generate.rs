@@ -4,6 +4,7 @@
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
+use super::kv_cache::right_padded;
 use super::CausalLm;
 
 /// Extends each sequence by its greedy next tokens until `stop(row, sequence)` says so or
@@ -20,18 +21,15 @@ pub fn greedy(
     }
     let device = lm.device();
     let b = seqs.len();
-    let real: Vec<usize> = seqs.iter().map(Vec::len).collect();
-    if real.contains(&0) {
+    if seqs.iter().any(Vec::is_empty) {
         anyhow::bail!("greedy decoding needs at least one prompt token per row");
     }
-    let t = real.iter().copied().max().unwrap_or(1);
-    let mut ids = vec![pad; b * t];
-    for (r, s) in seqs.iter().enumerate() {
-        ids[r * t..r * t + s.len()].copy_from_slice(s);
-    }
+    let prompts: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (ids, real) = right_padded(&prompts, pad, device)?;
+    let t = ids.dim(1)?;
     let mut cache = lm.new_cache(b, t + max_tokens);
     let hidden = lm
-        .hidden_states_cached(&Tensor::from_vec(ids, (b, t), device)?, &real, &mut cache)?
+        .hidden_states_cached(&ids, &real, &mut cache)?
         .reshape((b * t, lm.config.hidden_size))?;
     let last: Vec<u32> = (0..b).map(|r| (r * t + real[r] - 1) as u32).collect();
     let mut last = hidden.index_select(&Tensor::from_vec(last, b, device)?, 0)?;

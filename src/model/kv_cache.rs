@@ -6,7 +6,19 @@
 //! of its slots are real tokens and at which position, and new tokens attend to real slots only.
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+
+/// Token rows right-padded with `pad` into ids [rows, longest] (at least one column), with each
+/// row's real length: the input of [`crate::model::CausalLm::hidden_states_cached`].
+pub fn right_padded(rows: &[&[u32]], pad: u32, device: &Device) -> Result<(Tensor, Vec<usize>)> {
+    let real: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+    let t = real.iter().copied().max().unwrap_or(0).max(1);
+    let mut ids = vec![pad; rows.len() * t];
+    for (i, row) in rows.iter().enumerate() {
+        ids[i * t..i * t + row.len()].copy_from_slice(row);
+    }
+    Ok((Tensor::from_vec(ids, (rows.len(), t), device)?, real))
+}
 
 /// One layer's cached keys and values, [batch, kv_heads, slots, head_dim] each.
 pub struct LayerKv {

@@ -227,9 +227,7 @@ fn row_dots<W: Widen>(a: &[f32], b: &[W], dims: &ProductDims) -> Vec<f32> {
     let (oa, ob) = dims.offsets[0];
     let mut rows = vec![0f32; m * k];
     for (i, row) in rows.chunks_mut(k).enumerate() {
-        for (c, d) in row.iter_mut().enumerate() {
-            *d = a[oa + i * dims.a_strides.0 + c * dims.a_strides.1];
-        }
+        gather(row, a, oa + i * dims.a_strides.0, dims.a_strides.1, |v| v);
     }
     // Column-major result [n, m]: each thread writes whole columns.
     let mut by_column = vec![0f32; n * m];
@@ -473,7 +471,10 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
         let lhs = match A::as_f32(a) {
             Some(a) => view(a, oa, m, k, dims.a_strides),
             None => {
-                widen_rows(&mut a32, a, oa, m, k, dims.a_strides);
+                let (rs, cs) = dims.a_strides;
+                for (r, row) in a32.chunks_mut(k).enumerate() {
+                    gather(row, a, oa + r * rs, cs, A::widen);
+                }
                 unsafe { MatRef::from_raw_parts(a32.as_ptr(), m, k, k as isize, 1) }
             }
         };
@@ -485,7 +486,9 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
                 Some(b) => view(b, ob + start * cs, k, cols, (rs, cs)),
                 None => {
                     // Column-major panel: each column of b (often a row of a weight) is contiguous.
-                    widen_columns(&mut b32, b, ob + start * cs, k, cols, (rs, cs));
+                    for (c, col) in b32[..k * cols].chunks_mut(k).enumerate() {
+                        gather(col, b, ob + (start + c) * cs, rs, B::widen);
+                    }
                     unsafe { MatRef::from_raw_parts(b32.as_ptr(), k, cols, 1, k as isize) }
                 }
             };
@@ -499,48 +502,24 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
     out
 }
 
-/// Writes rows × cols elements of `src` row-major into `dst`, widened to f32.
-fn widen_rows<H: Widen>(
-    dst: &mut [f32],
-    src: &[H],
-    offset: usize,
-    rows: usize,
-    cols: usize,
-    (rs, cs): (usize, usize),
+/// Copies `src[start + i·stride]` for i < `dst.len()` into `dst`, converted by `convert`: one row
+/// or column of a strided matrix, for widening, rounding or packing operands.
+#[inline]
+pub(crate) fn gather<S: Copy, D>(
+    dst: &mut [D],
+    src: &[S],
+    start: usize,
+    stride: usize,
+    convert: impl Fn(S) -> D,
 ) {
-    for (r, row) in dst[..rows * cols].chunks_mut(cols).enumerate() {
-        let base = offset + r * rs;
-        if cs == 1 {
-            for (d, s) in row.iter_mut().zip(&src[base..base + cols]) {
-                *d = s.widen();
-            }
-        } else {
-            for (c, d) in row.iter_mut().enumerate() {
-                *d = src[base + c * cs].widen();
-            }
+    let len = dst.len();
+    if stride == 1 {
+        for (d, s) in dst.iter_mut().zip(&src[start..start + len]) {
+            *d = convert(*s);
         }
-    }
-}
-
-/// Writes rows × cols elements of `src` column-major into `dst` (each column contiguous), widened.
-fn widen_columns<H: Widen>(
-    dst: &mut [f32],
-    src: &[H],
-    offset: usize,
-    rows: usize,
-    cols: usize,
-    (rs, cs): (usize, usize),
-) {
-    for (c, col) in dst[..rows * cols].chunks_mut(rows).enumerate() {
-        let base = offset + c * cs;
-        if rs == 1 {
-            for (d, s) in col.iter_mut().zip(&src[base..base + rows]) {
-                *d = s.widen();
-            }
-        } else {
-            for (r, d) in col.iter_mut().enumerate() {
-                *d = src[base + r * rs].widen();
-            }
+    } else {
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d = convert(src[start + i * stride]);
         }
     }
 }

@@ -64,30 +64,27 @@ pub fn attention(
 /// in the softmax dtype. The new tokens are few (one per step in generation), so their scores
 /// are computed at once. Returns [batch, kv_heads, groups·t, d].
 pub fn attention_after_past(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, kvh, slots, d) = k.dims4()?;
-    let (_, _, t, _) = mask.dims4()?;
+    let t = mask.dim(2)?;
     let rows = q.dim(2)?;
     if t == 0 || rows % t != 0 {
         candle_core::bail!("attention: {rows} query rows do not fit {t} new positions");
     }
-    let g = rows / t;
-    timed(Phase::Attention, 4 * q.elem_count() * slots, || {
-        cached_attention(q, (k, v), mask, (b, kvh, g, t, slots, d))
+    timed(Phase::Attention, 4 * q.elem_count() * k.dim(2)?, || {
+        matmul(&probabilities(q, k, mask)?.to_dtype(v.dtype())?, v)
     })
 }
 
-/// The body of [`attention_after_past`].
-fn cached_attention(
-    q: &Tensor,
-    (k, v): (&Tensor, &Tensor),
-    mask: &Tensor,
-    (b, kvh, g, t, slots, d): (usize, usize, usize, usize, usize, usize),
-) -> Result<Tensor> {
+/// softmax(q·kᵀ/√d + mask) for q [batch, kv_heads, groups·len, d] (`groups` query heads per K/V
+/// head stacked along the rows), k [batch, kv_heads, keys, d] and mask [batch, 1, len, keys]:
+/// [batch, kv_heads, groups·len, keys], in the mask's dtype.
+fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, kvh, keys, d) = k.dims4()?;
+    let len = mask.dim(2)?;
+    let g = q.dim(2)? / len;
     let scale = 1.0 / (d as f64).sqrt();
-    let scores = matmul_wide(q, &k.t()?)?.reshape((b, kvh * g, t, slots))?;
+    let scores = matmul_wide(q, &k.t()?)?.reshape((b, kvh * g, len, keys))?;
     let scores = (scores * scale)?.broadcast_add(mask)?;
-    let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kvh, g * t, slots))?;
-    matmul(&p.to_dtype(v.dtype())?, v)
+    candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kvh, g * len, keys))
 }
 
 /// The sizes of one attention call.
@@ -169,14 +166,9 @@ impl Shapes {
         start: usize,
         len: usize,
     ) -> Result<Tensor> {
-        let (b, h, g) = (self.batch, self.kv_heads, self.groups);
         let keys = start + len;
-        let scale = 1.0 / (k.dim(3)? as f64).sqrt();
-        let scores =
-            matmul_wide(q_rows, &k.narrow(2, 0, keys)?.t()?)?.reshape((b, h * g, len, keys))?;
         let mask = mask.narrow(2, start, len)?.narrow(3, 0, keys)?;
-        let scores = (scores * scale)?.broadcast_add(&mask)?;
-        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h, g * len, keys))
+        probabilities(q_rows, &k.narrow(2, 0, keys)?, &mask)
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
