@@ -4,15 +4,18 @@
 //! keeps several such tensors for its backward. Here, as in Liger's fused linear cross-entropy, the
 //! forward pass also computes each row's gradient direction softmax·W − W[target] (a [rows, hidden]
 //! tensor), so the backward is one multiplication and nothing of vocabulary size outlives a block.
-//! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype.
+//! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype; on the CPU
+//! they are one vectorised pass per row over f32 logits.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 use super::blocks;
 use super::decoder::accumulation_dtype;
-use super::matmul::matmul_wide;
+use super::matmul::{cpu_product_f32, matmul_wide};
 use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
+use super::vector_math;
+use rayon::prelude::*;
 
 /// Bytes of logits (in f32) that one block may hold; blocks split the rows evenly.
 const BLOCK_BYTES: usize = 256 << 20;
@@ -73,6 +76,9 @@ fn block_loss(
     acc: DType,
     with_grad: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    if let Some(logits) = cpu_product_f32(hidden, &head.t()?)? {
+        return cpu_block_loss(logits, hidden, head, targets, with_grad);
+    }
     let logits = matmul_wide(hidden, &head.t()?)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;
@@ -85,6 +91,44 @@ fn block_loss(
     let probs = exp.broadcast_div(&sum)?.to_dtype(hidden.dtype())?;
     let expected = matmul_wide(&probs, head)?;
     let direction = (expected - head.index_select(targets, 0)?.to_dtype(acc)?)?;
+    Ok((nll, Some(direction)))
+}
+
+/// [`block_loss`] on the CPU for f32 logits: one pass per row (in parallel) computes the maximum,
+/// the exponentials and the loss, and, `with_grad`, turns the row into its softmax in place.
+fn cpu_block_loss(
+    mut logits: Vec<f32>,
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    with_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let vocab = head.dim(0)?;
+    let ids = targets.to_vec1::<u32>()?;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    let nll: Vec<f32> = logits
+        .par_chunks_mut(vocab)
+        .zip(ids.par_iter())
+        .map(|(row, &target)| {
+            let target_logit = row[target as usize];
+            let max = vector_math::max(row);
+            let sum = vector_math::exp_shifted_sum(row, max);
+            if with_grad {
+                vector_math::scale(row, 1.0 / sum);
+            }
+            (sum.ln() + max) - target_logit
+        })
+        .collect();
+    let device = hidden.device();
+    let nll = Tensor::from_vec(nll, ids.len(), device)?;
+    if !with_grad {
+        return Ok((nll, None));
+    }
+    let probs = Tensor::from_vec(logits, (ids.len(), vocab), device)?;
+    let expected = matmul_wide(&probs, head)?;
+    let direction = (expected - head.index_select(targets, 0)?.to_dtype(DType::F32)?)?;
     Ok((nll, Some(direction)))
 }
 

@@ -7,7 +7,7 @@
 //! full-size f32 copy of a frozen weight ever exists. On other devices the backend's matmul runs.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -30,6 +30,23 @@ pub fn matmul_wide(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return matmul(a, b)?.to_dtype(wide);
     }
     a.apply_op2_no_bwd(b, &Product { wide: true })
+}
+
+/// a·b for f32 activations a on the CPU (b f32, bf16 or f16) as an owned f32 buffer, for ops that
+/// go on to work on the product in place (the LM head's softmax); None for other operands.
+pub(crate) fn cpu_product_f32(a: &Tensor, b: &Tensor) -> Result<Option<Vec<f32>>> {
+    if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
+        return Ok(None);
+    };
+    match cpu_product(sa, la, sb, lb, true)?.0 {
+        CpuStorage::F32(out) => Ok(Some(out)),
+        _ => Ok(None),
+    }
 }
 
 /// Storages that can multiply: the CPU through faer, CUDA through the backend (cuBLAS).
@@ -270,7 +287,7 @@ fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
 }
 
 /// Element types faer multiplies natively.
-trait Real:
+pub(crate) trait Real:
     faer::traits::ComplexField + faer::traits::Conjugate<Canonical = Self> + Copy + Default
 {
     const ONE: Self;

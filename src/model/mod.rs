@@ -23,7 +23,9 @@ mod precomputed;
 pub mod rms_norm;
 pub mod rope;
 pub mod sdpa;
+mod sdpa_cpu;
 pub mod tokenizer;
+pub mod vector_math;
 pub mod weights;
 
 use anyhow::{bail, Context, Result};

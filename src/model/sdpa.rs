@@ -6,13 +6,19 @@
 //! runs outside the graph and keeps nothing; a custom op re-attaches the output, and its backward
 //! recomputes each block's probabilities from Q, K and the mask. Grouped-query heads share their
 //! K/V head without copies: the query heads of a group are stacked along the rows.
+//!
+//! On the CPU (f32 or f64 activations, the decoder's square mask) the whole of it runs as the
+//! fused kernel of [`super::sdpa_cpu`]; the composed path here serves CUDA and half precision.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
+};
 
 use super::blocks;
 use super::matmul::{matmul, matmul_wide};
 use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
+use super::sdpa_cpu;
 
 /// Bytes of scores (in f32) that one block may hold; blocks split the query positions evenly.
 const BLOCK_BYTES: usize = 64 << 20;
@@ -42,6 +48,13 @@ pub fn attention(
 ) -> Result<Tensor> {
     let shape = Shapes::of(q, k, block)?;
     let flops = 4 * shape.scores() * k.dim(3)?;
+    let square_mask = mask.dims() == [shape.batch, 1, shape.seq, shape.seq];
+    if let Some(dtype) = fused_cpu_dtype(q, k, v, mask).filter(|_| square_mask) {
+        return timed(Phase::Attention, flops, || match dtype {
+            DType::F64 => fused_cpu::<f64>(q, k, v, mask, shape),
+            _ => fused_cpu::<f32>(q, k, v, mask, shape),
+        });
+    }
     let out = timed(Phase::Attention, flops, || {
         shape.forward(&q.detach(), &k.detach(), &v.detach(), mask)
     })?;
@@ -57,6 +70,148 @@ pub fn attention(
             out: Precomputed::new(out),
         },
     )
+}
+
+/// The dtype of the fused CPU kernel when it runs for these operands: all on the CPU, all f32 or
+/// all f64.
+fn fused_cpu_dtype(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Option<DType> {
+    let dtype = q.dtype();
+    let same = [k, v, mask].iter().all(|t| t.dtype() == dtype);
+    (q.device().is_cpu() && same && matches!(dtype, DType::F32 | DType::F64)).then_some(dtype)
+}
+
+/// [`attention`] through the fused CPU kernel, with its backward attached when q, k or v track
+/// gradients.
+fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    shape: Shapes,
+) -> Result<Tensor> {
+    let dims = sdpa_cpu::Dims {
+        batch: shape.batch,
+        kv_heads: shape.kv_heads,
+        groups: shape.groups,
+        seq: shape.seq,
+        head_dim: k.dim(3)?,
+        block: shape.block,
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mask = mask.contiguous()?;
+    let (out, lse) = with_cpu_slices([&q, &k, &v, &mask], |[q, k, v, mask]: [&[T]; 4]| {
+        sdpa_cpu::forward(q, k, v, mask, dims)
+    })?;
+    let out = Tensor::from_vec(out, q.shape(), q.device())?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let rows = q.dim(2)?;
+    let lse = Tensor::from_vec(lse, (shape.batch, shape.kv_heads, rows), q.device())?;
+    q.apply_op3(
+        &k,
+        &v,
+        FusedCpuAttention {
+            dims,
+            mask,
+            lse,
+            out: Precomputed::new(out),
+        },
+    )
+}
+
+/// Calls `f` with the contiguous elements of each CPU tensor, in order.
+fn with_cpu_slices<T: WithDType, R, const N: usize>(
+    tensors: [&Tensor; N],
+    f: impl FnOnce([&[T]; N]) -> R,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("attention: the CPU kernel got a tensor on another device");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("attention: the CPU kernel got a non-contiguous tensor");
+        };
+        slices.push(&cpu.as_slice::<T>()?[start..end]);
+    }
+    match slices.try_into() {
+        Ok(slices) => Ok(f(slices)),
+        Err(_) => candle_core::bail!("attention: wrong number of tensors"),
+    }
+}
+
+/// Re-attaches the fused kernel's output to q, k and v; its backward is the fused backward.
+struct FusedCpuAttention {
+    dims: sdpa_cpu::Dims,
+    mask: Tensor,
+    /// Each query row's log-sum-exp [batch, kv_heads, groups·seq].
+    lse: Tensor,
+    out: Precomputed,
+}
+
+impl FusedCpuAttention {
+    fn gradients<T: sdpa_cpu::Element + WithDType>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (out, grad) = (out.detach().contiguous()?, grad.detach().contiguous()?);
+        let tensors = [&q, &k, &v, &self.mask, &out, &self.lse, &grad];
+        let (dq, dk, dv) =
+            with_cpu_slices(tensors, |[q, k, v, mask, out, lse, grad]: [&[T]; 7]| {
+                sdpa_cpu::backward(q, k, v, mask, out, lse, grad, self.dims)
+            })?;
+        let device = q.device();
+        Ok((
+            Tensor::from_vec(dq, q.shape(), device)?,
+            Tensor::from_vec(dk, k.shape(), device)?,
+            Tensor::from_vec(dv, v.shape(), device)?,
+        ))
+    }
+}
+
+impl CustomOp3 for FusedCpuAttention {
+    fn name(&self) -> &'static str {
+        "fused-cpu-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _q: &CpuStorage,
+        _lq: &Layout,
+        _k: &CpuStorage,
+        _lk: &Layout,
+        _v: &CpuStorage,
+        _lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims;
+        let pairs: usize = blocks::ranges(d.seq, d.block)
+            .map(|(start, len)| len * (start + len))
+            .sum();
+        let flops = 8 * d.batch * d.kv_heads * d.groups * pairs * d.head_dim;
+        let (dq, dk, dv) = timed(Phase::Attention, flops, || match q.dtype() {
+            DType::F64 => self.gradients::<f64>(q, k, v, out, grad),
+            _ => self.gradients::<f32>(q, k, v, out, grad),
+        })?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
 }
 
 /// Attention of new tokens to cached and new keys, without gradients: q [batch, kv_heads,

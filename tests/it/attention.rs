@@ -1,6 +1,8 @@
-//! The fused RMSNorm equals the composed formula and its gradient. Blockwise attention equals eager attention (scores, softmax, weighted sum, built from
-//! differentiable ops and differentiated by candle) in its output and in the gradients of Q, K, V,
-//! for grouped-query heads, a packed mask and blocks that do not divide the sequence.
+//! The fused RMSNorm equals the composed formula and its gradient. Blockwise attention equals eager
+//! attention (scores, softmax, weighted sum, built from differentiable ops and differentiated by
+//! candle) in its output and in the gradients of Q, K, V, for grouped-query heads, a packed mask
+//! and blocks that do not divide the sequence: the fused CPU kernel in f64 and f32, the composed
+//! path (what CUDA and half-precision activations run) in bf16.
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -81,25 +83,100 @@ fn blockwise_attention_equals_eager_attention_and_its_gradients() {
     }
 }
 
+/// The output and the gradients of q, k, v of `sdpa::attention` for the upstream `weights`.
+fn attention_and_gradients(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    block: usize,
+    weights: &Tensor,
+) -> Vec<Tensor> {
+    let (qv, kv, vv) = (
+        Var::from_tensor(q).unwrap(),
+        Var::from_tensor(k).unwrap(),
+        Var::from_tensor(v).unwrap(),
+    );
+    let out = sdpa::attention(&qv, &kv, &vv, mask, block).unwrap();
+    let grads = (out.to_dtype(DType::F32).unwrap() * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut all = vec![out.to_dtype(DType::F64).unwrap()];
+    for var in [&qv, &kv, &vv] {
+        let g = grads.get(var).expect("gradient");
+        all.push(g.to_dtype(DType::F64).unwrap());
+    }
+    all
+}
+
 #[test]
-fn blockwise_attention_in_bf16_stays_close_to_f32() {
+fn fused_attention_in_f32_over_several_blocks_equals_eager_attention() {
+    let (b, kvh, groups, t, d) = (2, 1, 3, 150, 16);
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let weights = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let mask = packed_causal_mask(b, t);
+    let f64_of = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+    let (q64, k64, v64) = (f64_of(&q), f64_of(&k), f64_of(&v));
+    let reference = eager(&q64, &k64, &v64, &mask, groups);
+    let ref_grads = (&reference * &weights.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut want = vec![reference];
+    for var in [&q64, &k64, &v64] {
+        want.push(ref_grads.get(var).expect("reference gradient").clone());
+    }
+    let mask32 = mask.to_dtype(DType::F32).unwrap();
+    let got = attention_and_gradients(&q, &k, &v, &mask32, 64, &weights);
+    for (name, (got, want)) in ["output", "dq", "dk", "dv"]
+        .iter()
+        .zip(got.iter().zip(&want))
+    {
+        let diff = max_abs_diff(got, want);
+        assert!(
+            diff < 1e-4,
+            "{name} differs from eager f64 attention by {diff}"
+        );
+    }
+}
+
+#[test]
+fn composed_attention_in_bf16_stays_close_to_f32_with_its_gradients() {
     let (b, kvh, groups, t, d) = (1, 2, 2, 16, 8);
     let dev = Device::Cpu;
     let q = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
     let k = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
     let v = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let weights = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
     let mask = packed_causal_mask(b, t).to_dtype(DType::F32).unwrap();
-    let full = sdpa::attention(&q, &k, &v, &mask, t).unwrap();
+    let full = attention_and_gradients(&q, &k, &v, &mask, t, &weights);
     let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
-    let half = sdpa::attention(&bf(&q), &bf(&k), &bf(&v), &mask, 5)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let diff = max_abs_diff(
-        &full.to_dtype(DType::F64).unwrap(),
-        &half.to_dtype(DType::F64).unwrap(),
-    );
-    assert!(diff < 0.05, "bf16 attention differs from f32 by {diff}");
+    let half = attention_and_gradients(&bf(&q), &bf(&k), &bf(&v), &mask, 5, &weights);
+    for (name, (full, half)) in ["output", "dq", "dk", "dv"]
+        .iter()
+        .zip(full.iter().zip(&half))
+    {
+        let scale = full
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let diff = max_abs_diff(full, half);
+        assert!(
+            diff < 0.05 * scale.max(1.0),
+            "bf16 {name} differs from f32 by {diff}"
+        );
+    }
 }
 
 #[test]
