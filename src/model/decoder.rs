@@ -15,6 +15,7 @@ use super::phases::{timed, Phase};
 use super::rms_norm;
 use super::rope::{self, Rope};
 use super::sdpa;
+use super::swiglu;
 use super::weights::Weights;
 
 /// Where each token sits: its position id and the sample it belongs to (packed rows hold several).
@@ -115,14 +116,15 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &Context, past: Option<&mut LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split(self.q_proj.forward(x, ctx.pass)?, h)?;
-        let k = split(self.k_proj.forward(x, ctx.pass)?, kvh)?;
-        let v = split(self.v_proj.forward(x, ctx.pass)?, kvh)?;
-        let q = rope::apply(&q, &ctx.cos, &ctx.sin)?;
-        let k = rope::apply(&k, &ctx.cos, &ctx.sin)?;
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
+        let q = rope::split_heads_rotated(&self.q_proj.forward(x, ctx.pass)?, h, cos, sin)?;
+        let k = rope::split_heads_rotated(&self.k_proj.forward(x, ctx.pass)?, kvh, cos, sin)?;
+        let v = self
+            .v_proj
+            .forward(x, ctx.pass)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
         // are stacked along the rows.
         let q = q.reshape((b, kvh, (h / kvh) * t, d))?;
@@ -157,7 +159,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, pass)?;
         let up = self.up_proj.forward(x, pass)?;
-        self.down_proj.forward(&(gate.silu()? * up)?, pass)
+        self.down_proj.forward(&swiglu::silu_mul(&gate, &up)?, pass)
     }
 }
 

@@ -1,8 +1,14 @@
-//! Rotary position embeddings as transformers computes them (default, linear and llama3 scaling),
-//! applied with differentiable ops (candle's fused rope has no backward).
+//! Rotary position embeddings as transformers computes them (default, linear and llama3 scaling).
+//! On the CPU the heads are split out of a projection and rotated in one pass, forward and
+//! backward; elsewhere they are applied with differentiable candle ops (candle's fused rope has
+//! no backward).
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::cpu_slices::with_cpu_slices;
 
 use super::config::{ModelConfig, RopeScaling};
 
@@ -81,8 +87,31 @@ impl Rope {
     }
 }
 
+/// The heads of a projection y [batch, seq, heads·head_dim], as [batch, heads, seq, head_dim],
+/// rotated by the tables of [`Rope::tables`].
+pub fn split_heads_rotated(y: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, width) = y.dims3()?;
+    let d = width / heads.max(1);
+    let fused = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        let split = y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
+        return apply(&split, cos, sin);
+    }
+    let op = SplitRotate {
+        heads,
+        cos: cos.to_dtype(y.dtype())?.contiguous()?,
+        sin: sin.to_dtype(y.dtype())?.contiguous()?,
+    };
+    let y = y.contiguous()?;
+    Ok(if y.track_op() {
+        y.apply_op1(op)?
+    } else {
+        y.apply_op1_no_bwd(&op)?
+    })
+}
+
 /// x·cos + rotate_half(x)·sin for x [batch, heads, seq, head_dim].
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -90,4 +119,146 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let cos = cos.to_dtype(x.dtype())?;
     let sin = sin.to_dtype(x.dtype())?;
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// The fused split-and-rotate on the CPU; cos and sin [batch, 1, seq, head_dim] in y's dtype.
+struct SplitRotate {
+    heads: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The sizes of one split-and-rotate.
+#[derive(Clone, Copy)]
+struct RotateDims {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// out[b, h, t, :] = y[b, t, h, :]·cos[b, t] + rotate_half(y[b, t, h, :])·sin[b, t], where
+/// rotate_half(x) = [−x₂, x₁]; one task per (batch, head).
+fn rotate<T: Float + Send + Sync>(y: &[T], cos: &[T], sin: &[T], dims: RotateDims) -> Vec<T> {
+    let RotateDims {
+        seq: t,
+        heads: h,
+        head_dim: d,
+        ..
+    } = dims;
+    let half = d / 2;
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
+        let (b, head) = (bh / h, bh % h);
+        for (pos, o) in out.chunks_mut(d).enumerate() {
+            let x = &y[((b * t + pos) * h + head) * d..][..d];
+            let (c, s) = (
+                &cos[(b * t + pos) * d..][..d],
+                &sin[(b * t + pos) * d..][..d],
+            );
+            for j in 0..d {
+                let rotated = if j < half { -x[j + half] } else { x[j - half] };
+                o[j] = x[j] * c[j] + rotated * s[j];
+            }
+        }
+    });
+    out
+}
+
+/// The gradient of [`rotate`] for the output gradient g [batch, heads, seq, d]: dy[b, t, h, j] =
+/// g_j·cos_j + (g_{j+d/2}·sin_{j+d/2} for j < d/2, −g_{j−d/2}·sin_{j−d/2} otherwise).
+fn rotate_backward<T: Float + Send + Sync>(
+    g: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: RotateDims,
+) -> Vec<T> {
+    let RotateDims {
+        seq: t,
+        heads: h,
+        head_dim: d,
+        ..
+    } = dims;
+    let half = d / 2;
+    let mut dy = vec![T::zero(); g.len()];
+    dy.par_chunks_mut(h * d).enumerate().for_each(|(bt, dy)| {
+        let (b, pos) = (bt / t, bt % t);
+        let (c, s) = (&cos[bt * d..][..d], &sin[bt * d..][..d]);
+        for (head, out) in dy.chunks_mut(d).enumerate() {
+            let gr = &g[((b * h + head) * t + pos) * d..][..d];
+            for j in 0..d {
+                let from_rotation = if j < half {
+                    gr[j + half] * s[j + half]
+                } else {
+                    -(gr[j - half] * s[j - half])
+                };
+                out[j] = gr[j] * c[j] + from_rotation;
+            }
+        }
+    });
+    dy
+}
+
+impl SplitRotate {
+    fn dims(&self, shape: &Shape) -> candle_core::Result<RotateDims> {
+        let (batch, seq, width) = shape.dims3()?;
+        Ok(RotateDims {
+            batch,
+            seq,
+            heads: self.heads,
+            head_dim: width / self.heads.max(1),
+        })
+    }
+
+    /// The forward rotation of the projection's elements `y`.
+    fn forward<T: Float + Send + Sync + WithDType>(
+        &self,
+        y: &[T],
+        dims: RotateDims,
+    ) -> candle_core::Result<Vec<T>> {
+        with_cpu_slices([&self.cos, &self.sin], |[cos, sin]: [&[T]; 2]| {
+            rotate(y, cos, sin, dims)
+        })
+    }
+
+    /// The projection's gradient for the output gradient `grad`.
+    fn backward<T: Float + Send + Sync + WithDType>(
+        &self,
+        grad: &Tensor,
+        dims: RotateDims,
+    ) -> candle_core::Result<Vec<T>> {
+        with_cpu_slices([grad, &self.cos, &self.sin], |[g, cos, sin]: [&[T]; 3]| {
+            rotate_backward(g, cos, sin, dims)
+        })
+    }
+}
+
+impl CustomOp1 for SplitRotate {
+    fn name(&self) -> &'static str {
+        "split-rotate"
+    }
+
+    fn cpu_fwd(&self, y: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.dims(layout.shape())?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("rope: the projection is not contiguous");
+        };
+        let out = match y {
+            CpuStorage::F32(y) => CpuStorage::F32(self.forward(&y[start..end], dims)?),
+            CpuStorage::F64(y) => CpuStorage::F64(self.forward(&y[start..end], dims)?),
+            _ => candle_core::bail!("rope: no CPU kernel for this dtype"),
+        };
+        let shape = (dims.batch, dims.heads, dims.seq, dims.head_dim);
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn bwd(&self, y: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dims = self.dims(y.shape())?;
+        let grad = grad.contiguous()?;
+        let dy = match y.dtype() {
+            DType::F32 => Tensor::new(self.backward::<f32>(&grad, dims)?, y.device())?,
+            _ => Tensor::new(self.backward::<f64>(&grad, dims)?, y.device())?,
+        };
+        Some(dy.reshape(y.shape())).transpose()
+    }
 }

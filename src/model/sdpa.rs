@@ -10,11 +10,10 @@
 //! On the CPU (f32 or f64 activations, the decoder's square mask) the whole of it runs as the
 //! fused kernel of [`super::sdpa_cpu`]; the composed path here serves CUDA and half precision.
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 
 use super::blocks;
+use super::cpu_slices::with_cpu_slices;
 use super::matmul::{matmul, matmul_wide};
 use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
@@ -118,28 +117,6 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
             out: Precomputed::new(out),
         },
     )
-}
-
-/// Calls `f` with the contiguous elements of each CPU tensor, in order.
-fn with_cpu_slices<T: WithDType, R, const N: usize>(
-    tensors: [&Tensor; N],
-    f: impl FnOnce([&[T]; N]) -> R,
-) -> Result<R> {
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(N);
-    for (storage, layout) in &guards {
-        let Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("attention: the CPU kernel got a tensor on another device");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("attention: the CPU kernel got a non-contiguous tensor");
-        };
-        slices.push(&cpu.as_slice::<T>()?[start..end]);
-    }
-    match slices.try_into() {
-        Ok(slices) => Ok(f(slices)),
-        Err(_) => candle_core::bail!("attention: wrong number of tensors"),
-    }
 }
 
 /// Re-attaches the fused kernel's output to q, k and v; its backward is the fused backward.

@@ -6,36 +6,106 @@
 
 use std::sync::OnceLock;
 
-/// The largest element of `row` (−∞ when empty; NaNs are skipped as `f32::max` does).
-pub fn max(row: &[f32]) -> f32 {
-    match level() {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { max_avx512(row) },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { max_avx2(row) },
-        Level::Baseline => max_body(row),
+/// Defines a public kernel from a body of plain lane-wise code: the body is compiled for AVX-512
+/// and for AVX2+FMA as well as for the baseline, and each call runs the best variant this CPU has.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+
+            match level() {
+                // SAFETY: `level` reports only instruction sets this CPU has.
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => unsafe { avx2($($arg),*) },
+                Level::Baseline => body($($arg),*),
+            }
+        }
+    };
+}
+
+multiversion! {
+    /// The largest element of `row` (−∞ when empty; NaNs are skipped as `f32::max` does).
+    pub fn max(row: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(chunk) {
+                *a = a.max(*v);
+            }
+        }
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        acc.iter().fold(tail, |m, v| m.max(*v))
     }
 }
 
-/// Replaces each x of `row` with exp(x − shift) and returns their sum.
-pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
-    match level() {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { exp_avx512(row, shift) },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { exp_avx2(row, shift) },
-        Level::Baseline => exp_body(row, shift),
+multiversion! {
+    /// Replaces each x of `row` with exp(x − shift) and returns their sum.
+    pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(chunk.iter_mut()) {
+                *v = exp_lane(*v - shift);
+                *a += *v;
+            }
+        }
+        let mut tail = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_lane(*v - shift);
+            tail += *v;
+        }
+        acc.iter().sum::<f32>() + tail
     }
 }
 
-/// Multiplies each element of `row` by `factor`.
-pub fn scale(row: &mut [f32], factor: f32) {
-    match level() {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { scale_avx512(row, factor) },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { scale_avx2(row, factor) },
-        Level::Baseline => scale_body(row, factor),
+multiversion! {
+    /// Multiplies each element of `row` by `factor`.
+    pub fn scale(row: &mut [f32], factor: f32) {
+        row.iter_mut().for_each(|v| *v *= factor);
+    }
+}
+
+multiversion! {
+    /// out = SiLU(gate)·up = gate / (1 + e^−gate) · up, element by element.
+    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            *o = *g / (1.0 + exp_lane(-*g)) * *u;
+        }
+    }
+}
+
+multiversion! {
+    /// The gradients of [`silu_mul`] for the output gradient `grad`: with s = σ(gate),
+    /// d_up = grad·gate·s and d_gate = grad·up·s·(1 + gate·(1 − s)).
+    pub fn silu_mul_backward(
+        gate: &[f32],
+        up: &[f32],
+        grad: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32]
+    ) {
+        let inputs = gate.iter().zip(up).zip(grad);
+        for ((dg, du), ((g, u), gr)) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(inputs) {
+            let s = 1.0 / (1.0 + exp_lane(-*g));
+            *du = *gr * *g * s;
+            *dg = *gr * *u * (s * (1.0 + *g * (1.0 - s)));
+        }
     }
 }
 
@@ -55,6 +125,10 @@ enum Level {
 }
 
 fn level() -> Level {
+    #[cfg(test)]
+    if let Some(forced) = tests::FORCED.with(|f| f.get()) {
+        return forced;
+    }
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(detect)
 }
@@ -116,108 +190,37 @@ fn exp_lane(x: f32) -> f32 {
     }
 }
 
-#[inline(always)]
-fn max_body(row: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(chunk) {
-            *a = a.max(*v);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-    acc.iter().fold(tail, |m, v| m.max(*v))
-}
-
-#[inline(always)]
-fn exp_body(row: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(chunk.iter_mut()) {
-            *v = exp_lane(*v - shift);
-            *a += *v;
-        }
-    }
-    let mut tail = 0f32;
-    for v in chunks.into_remainder() {
-        *v = exp_lane(*v - shift);
-        tail += *v;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn scale_body(row: &mut [f32], factor: f32) {
-    row.iter_mut().for_each(|v| *v *= factor);
-}
-
-/// Instantiates a body for one instruction set.
-macro_rules! compiled_for {
-    ($features:literal: $max:ident, $exp:ident, $scale:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $max(row: &[f32]) -> f32 {
-            max_body(row)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $exp(row: &mut [f32], shift: f32) -> f32 {
-            exp_body(row, shift)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $scale(row: &mut [f32], factor: f32) {
-            scale_body(row, factor)
-        }
-    };
-}
-
-compiled_for!("avx512f,fma": max_avx512, exp_avx512, scale_avx512);
-compiled_for!("avx2,fma": max_avx2, exp_avx2, scale_avx2);
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
 
-    /// Every compiled variant this CPU can run, with its name.
-    fn variants() -> Vec<(&'static str, Level)> {
-        let mut out = vec![("baseline", Level::Baseline)];
+    thread_local! {
+        /// The variant the kernels run on this thread (tests only; None: the detected one).
+        pub(super) static FORCED: Cell<Option<Level>> = const { Cell::new(None) };
+    }
+
+    /// Runs `f` once on every compiled variant this CPU can run, with the variant's name.
+    fn on_every_variant(mut f: impl FnMut(&str)) {
+        let mut variants = vec![("baseline", Level::Baseline)];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                out.push(("avx2", Level::Avx2));
+                variants.push(("avx2", Level::Avx2));
             }
             if is_x86_feature_detected!("avx512f") {
-                out.push(("avx512", Level::Avx512));
+                variants.push(("avx512", Level::Avx512));
             }
         }
-        out
+        for (name, level) in variants {
+            FORCED.with(|forced| forced.set(Some(level)));
+            f(name);
+        }
+        FORCED.with(|forced| forced.set(None));
     }
 
-    fn run_exp(level: Level, row: &mut [f32], shift: f32) -> f32 {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { exp_avx512(row, shift) },
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { exp_avx2(row, shift) },
-            Level::Baseline => exp_body(row, shift),
-        }
-    }
-
-    fn run_max(level: Level, row: &[f32]) -> f32 {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { max_avx512(row) },
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { max_avx2(row) },
-            Level::Baseline => max_body(row),
-        }
+    fn ulps(a: f32, b: f32) -> i64 {
+        (a.to_bits() as i64 - b.to_bits() as i64).abs()
     }
 
     #[test]
@@ -226,30 +229,27 @@ mod tests {
             .map(|i| -90.0 + 180.0 * i as f32 / 200_000.0)
             .chain([0.0, -0.0, 1.0, f32::NEG_INFINITY, f32::MIN, -1e30, 1e-30])
             .collect();
-        for (name, level) in variants() {
+        on_every_variant(|name| {
             let mut got = xs.clone();
-            run_exp(level, &mut got, 0.0);
+            exp_shifted_sum(&mut got, 0.0);
             for (x, g) in xs.iter().zip(&got) {
-                let want = x.exp();
                 if *x < EXP_LOW {
                     assert_eq!(*g, 0.0, "{name}: exp({x})");
-                    continue;
-                }
-                if *x > EXP_HIGH {
+                } else if *x > EXP_HIGH {
                     assert_eq!(*g, f32::INFINITY, "{name}: exp({x})");
-                    continue;
+                } else {
+                    let want = x.exp();
+                    assert!(ulps(*g, want) <= 2, "{name}: exp({x}) = {g}, libm {want}");
                 }
-                let ulp = (want.to_bits() as i64 - g.to_bits() as i64).abs();
-                assert!(ulp <= 2, "{name}: exp({x}) = {g}, libm {want} ({ulp} ulp)");
             }
             let mut shifted: Vec<f32> = xs.iter().map(|x| x.min(0.0)).collect();
-            let want_sum: f64 = shifted.iter().map(|x| (*x as f64).exp()).sum();
-            let sum = run_exp(level, &mut shifted, 0.0) as f64;
+            let want: f64 = shifted.iter().map(|x| (*x as f64).exp()).sum();
+            let sum = exp_shifted_sum(&mut shifted, 0.0) as f64;
             assert!(
-                (sum - want_sum).abs() <= 1e-5 * want_sum,
-                "{name}: sum {sum} vs {want_sum}"
+                (sum - want).abs() <= 1e-5 * want,
+                "{name}: sum {sum} vs {want}"
             );
-        }
+        });
     }
 
     #[test]
@@ -257,12 +257,41 @@ mod tests {
         for len in [0usize, 1, 15, 16, 17, 33, 1000] {
             let row: Vec<f32> = (0..len).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
             let want = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-            for (name, level) in variants() {
-                assert_eq!(run_max(level, &row), want, "{name}, len {len}");
-            }
-            let mut scaled = row.clone();
-            scale(&mut scaled, 0.5);
-            assert!(scaled.iter().zip(&row).all(|(s, r)| *s == r * 0.5));
+            on_every_variant(|name| {
+                assert_eq!(max(&row), want, "{name}, len {len}");
+                let mut scaled = row.clone();
+                scale(&mut scaled, 0.5);
+                assert!(
+                    scaled.iter().zip(&row).all(|(s, r)| *s == r * 0.5),
+                    "{name}"
+                );
+            });
         }
+    }
+
+    #[test]
+    fn silu_mul_and_its_gradients_agree_with_f64_formulas() {
+        let n = 1003;
+        let gate: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.05).collect();
+        let up: Vec<f32> = (0..n).map(|i| ((i * 37) % 17) as f32 * 0.3 - 2.0).collect();
+        let grad: Vec<f32> = (0..n).map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5).collect();
+        on_every_variant(|name| {
+            let mut out = vec![0f32; n];
+            silu_mul(&gate, &up, &mut out);
+            let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+            silu_mul_backward(&gate, &up, &grad, &mut dg, &mut du);
+            for i in 0..n {
+                let (g, u, gr) = (gate[i] as f64, up[i] as f64, grad[i] as f64);
+                let s = 1.0 / (1.0 + (-g).exp());
+                let close =
+                    |got: f32, want: f64| (got as f64 - want).abs() <= 1e-6 * want.abs().max(1.0);
+                assert!(close(out[i], g * s * u), "{name}: silu·up at {g}");
+                assert!(close(du[i], gr * g * s), "{name}: d_up at {g}");
+                assert!(
+                    close(dg[i], gr * u * s * (1.0 + g * (1.0 - s))),
+                    "{name}: d_gate at {g}"
+                );
+            }
+        });
     }
 }
