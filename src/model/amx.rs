@@ -100,6 +100,8 @@ impl<T: Copy> Strided<'_, T> {
 
 /// Rows per block of the left operand and columns per block of the right one (2 × 2 tiles).
 const BLOCK: usize = 32;
+/// Bytes of packed right operand a thread keeps in L2 while the rows of the left one stream by.
+const L2_BUDGET: usize = 1 << 20;
 /// K per tile step (32 bf16 = 64 bytes per tile row).
 const K_STEP: usize = 32;
 
@@ -236,57 +238,68 @@ unsafe fn compute(
     let tile = 16 * 32;
     let a_stride = kp * 2;
     let mut block = [0f32; BLOCK * BLOCK];
-    for cb in col_blocks {
+    let row_blocks = round_up(m, BLOCK) / BLOCK;
+    // Keep the operand that fits in L2 there and stream the other one past it: this thread's
+    // columns of b when they fit (rows of a outermost), else the rows of a.
+    let b_bytes = col_blocks.len() * steps * 2 * tile * 2;
+    let pairs: Vec<(usize, usize)> = if b_bytes <= L2_BUDGET {
+        (0..row_blocks)
+            .flat_map(|rb| col_blocks.clone().map(move |cb| (cb, rb)))
+            .collect()
+    } else {
+        col_blocks
+            .flat_map(|cb| (0..row_blocks).map(move |rb| (cb, rb)))
+            .collect()
+    };
+    for (cb, rb) in pairs {
         let b0 = b.as_ptr().add((2 * cb) * steps * tile);
         let b1 = b.as_ptr().add((2 * cb + 1) * steps * tile);
-        for rb in 0..round_up(m, BLOCK) / BLOCK {
-            let a0 = a.as_ptr().add(rb * BLOCK * kp);
-            let a1 = a0.add(16 * kp);
+        let a0 = a.as_ptr().add(rb * BLOCK * kp);
+        let a1 = a0.add(16 * kp);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack)
+        );
+        for s in 0..steps {
             asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.add(s * K_STEP),
+                a1 = in(reg) a1.add(s * K_STEP),
+                b0 = in(reg) b0.add(s * tile),
+                b1 = in(reg) b1.add(s * tile),
+                sa = in(reg) a_stride,
+                sb = in(reg) 64usize,
                 options(nostack)
             );
-            for s in 0..steps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(s * K_STEP),
-                    a1 = in(reg) a1.add(s * K_STEP),
-                    b0 = in(reg) b0.add(s * tile),
-                    b1 = in(reg) b1.add(s * tile),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) 64usize,
-                    options(nostack)
-                );
-            }
-            let c = block.as_mut_ptr();
-            asm!(
-                "tilestored [{c0} + {s}*1], tmm0",
-                "tilestored [{c1} + {s}*1], tmm1",
-                "tilestored [{c2} + {s}*1], tmm2",
-                "tilestored [{c3} + {s}*1], tmm3",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(16),
-                c2 = in(reg) c.add(16 * BLOCK),
-                c3 = in(reg) c.add(16 * BLOCK + 16),
-                s = in(reg) BLOCK * 4,
-                options(nostack)
-            );
-            let rows = (m - rb * BLOCK).min(BLOCK);
-            let cols = (n - cb * BLOCK).min(BLOCK);
-            for r in 0..rows {
-                let dst = out.add((rb * BLOCK + r) * n + cb * BLOCK);
-                std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
-            }
+        }
+        let c = block.as_mut_ptr();
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * BLOCK),
+            c3 = in(reg) c.add(16 * BLOCK + 16),
+            s = in(reg) BLOCK * 4,
+            options(nostack)
+        );
+        let rows = (m - rb * BLOCK).min(BLOCK);
+        let cols = (n - cb * BLOCK).min(BLOCK);
+        for r in 0..rows {
+            let dst = out.add((rb * BLOCK + r) * n + cb * BLOCK);
+            std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
         }
     }
     asm!("tilerelease", options(nostack));
