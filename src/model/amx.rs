@@ -10,6 +10,7 @@ use half::bf16;
 
 use super::matmul::gather;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Whether AMX-BF16 can be used by this process (checked once).
@@ -109,8 +110,9 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// a [m, k] · b [k, n] into `out` [m, n] (row-major f32). Call only when [`available`].
-pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [f32]) {
+/// a [m, k] · b [k, n] into `out` [m, n] (row-major f32), writing every element without reading
+/// any (so `out` may be uninitialised). Call only when [`available`].
+pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [MaybeUninit<f32>]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(
         b.rows == k && out.len() == m * n,
@@ -125,7 +127,7 @@ pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [f3
     let col_blocks = round_up(n, BLOCK) / BLOCK;
     let threads = rayon::current_num_threads().min(col_blocks).max(1);
     let per_thread = col_blocks.div_ceil(threads);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr().cast());
     (0..threads).into_par_iter().for_each(|t| {
         let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
         let out_ptr = &out_ptr;

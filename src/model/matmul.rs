@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor}
 use faer::{Accum, MatMut, MatRef, Par};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// a·b for a [..., m, k] and b [..., k, n] with equal leading dims; no gradient flows through it
 /// (use it on detached tensors; a tracked operand falls back to candle's differentiable matmul).
@@ -302,14 +303,16 @@ impl Real for f64 {
 /// Every batch's product of `a` and `b` (laid out as `dims` says) into one contiguous buffer.
 fn products<T: Real>(a: &[T], b: &[T], dims: &ProductDims) -> Vec<T> {
     let (m, k, n) = (dims.m, dims.k, dims.n);
-    let mut out = vec![T::default(); dims.batch * m * n];
+    let mut out = uninit::<T>(dims.batch * m * n);
     if m * n == 0 {
-        return out;
+        return unsafe { assume_init(out) };
     }
-    let one = |dst: &mut [T], (oa, ob): (usize, usize), par: Par| {
+    let one = |dst: &mut [MaybeUninit<T>], (oa, ob): (usize, usize), par: Par| {
         let lhs = view(a, oa, m, k, dims.a_strides);
         let rhs = view(b, ob, k, n, dims.b_strides);
-        let dst = unsafe { MatMut::from_raw_parts_mut(dst.as_mut_ptr(), m, n, n as isize, 1) };
+        // SAFETY: dst holds m × n elements; faer writes them all without reading (Replace).
+        let dst =
+            unsafe { MatMut::from_raw_parts_mut(dst.as_mut_ptr().cast(), m, n, n as isize, 1) };
         faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, T::ONE, par);
     };
     let threads = rayon::current_num_threads();
@@ -327,7 +330,8 @@ fn products<T: Real>(a: &[T], b: &[T], dims: &ProductDims) -> Vec<T> {
             one(dst, o, Par::rayon(0));
         }
     }
-    out
+    // SAFETY: every batch's product was written whole.
+    unsafe { assume_init(out) }
 }
 
 /// A strided view of `rows` × `cols` elements of `data` starting at `offset`.
@@ -438,8 +442,8 @@ fn bf16_products<A: Widen + super::amx::ToBf16>(
         return widened_products(a, b, dims);
     }
     let (m, k, n) = (dims.m, dims.k, dims.n);
-    let mut out = vec![0f32; dims.batch * m * n];
-    for (dst, &(oa, ob)) in out.chunks_mut(m * n).zip(&dims.offsets) {
+    let mut out = uninit::<f32>(dims.batch * m * n);
+    for (dst, &(oa, ob)) in out.chunks_mut((m * n).max(1)).zip(&dims.offsets) {
         let lhs = super::amx::Strided {
             data: a,
             offset: oa,
@@ -456,7 +460,8 @@ fn bf16_products<A: Widen + super::amx::ToBf16>(
         };
         super::amx::product(lhs, rhs, dst);
     }
-    out
+    // SAFETY: the AMX product writes every element of each batch's output.
+    unsafe { assume_init(out) }
 }
 
 /// Columns of the right operand widened to f32 at a time: a panel of at most 4 MB.
@@ -469,9 +474,9 @@ fn panel_columns(k: usize) -> usize {
 /// place when f32).
 fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) -> Vec<f32> {
     let (m, k, n) = (dims.m, dims.k, dims.n);
-    let mut out = vec![0f32; dims.batch * m * n];
+    let mut out = uninit::<f32>(dims.batch * m * n);
     if m * n == 0 {
-        return out;
+        return unsafe { assume_init(out) };
     }
     let par = if dims.flops() < PARALLEL_FLOPS {
         Par::Seq
@@ -509,14 +514,36 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
                     unsafe { MatRef::from_raw_parts(b32.as_ptr(), k, cols, 1, k as isize) }
                 }
             };
+            // SAFETY: columns start..start + cols of the m × n output; faer writes them all
+            // without reading (Replace).
             let dst = unsafe {
-                MatMut::from_raw_parts_mut(dst[start..].as_mut_ptr(), m, cols, n as isize, 1)
+                MatMut::from_raw_parts_mut(dst[start..].as_mut_ptr().cast(), m, cols, n as isize, 1)
             };
             faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1f32, par);
             start += cols;
         }
     }
+    // SAFETY: the panels cover every column of every batch's output.
+    unsafe { assume_init(out) }
+}
+
+/// `len` elements left uninitialised, for products that write every one of them (zeroing a
+/// product's output first costs a pass over it).
+fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation; the capacity is `len`.
+    unsafe { out.set_len(len) };
     out
+}
+
+/// The elements of `v` as initialised.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
 }
 
 /// Copies `src[start + i·stride]` for i < `dst.len()` into `dst`, converted by `convert`: one row
