@@ -4,10 +4,10 @@
 //! the forward runs on the backend's storages and keeps only its inputs, and the backward
 //! recomputes the small [tokens, r] product. The adapter runs in its own dtype (f32 for a bf16 base).
 
-use candle_core::op::{Add, Mul};
+use candle_core::op::Mul;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::matmul::{matmul, product_transposed, MatmulStorage};
+use super::matmul::{matmul, product_transposed, sum_of_products, MatmulStorage};
 use super::phases::{timed, Phase};
 
 /// x [n, in] through W [out, in] plus the adapter A [r, in], B [out, r] scaled by `scale`, with
@@ -69,13 +69,12 @@ fn forward<S: MatmulStorage>(
         None => (x_lora, lx_lora),
     };
     let (xa, xa_shape) = product_transposed(x_lora, &lx_lora, a, la)?;
-    let (xab, out_shape) = product_transposed(&xa, &Layout::contiguous(xa_shape), b, lb)?;
-    let lout = Layout::contiguous(out_shape);
-    let mut delta = xab.affine(&lout, scale, 0.0)?;
-    if delta.dtype() != x.dtype() {
-        delta = delta.to_dtype(&lout, x.dtype())?;
-    }
-    let y = base.binary_impl::<Add>(&delta, &Layout::contiguous(shape.clone()), &lout)?;
+    let y = base.plus_product(
+        &shape,
+        (&xa, &Layout::contiguous(xa_shape)),
+        (b, &lb.transpose(0, 1)?),
+        scale,
+    )?;
     Ok((y, shape))
 }
 
@@ -190,14 +189,16 @@ impl LoraLinear {
         let g_b = (matmul(&g, &b)? * self.scale)?;
         let da = matmul(&g_b.t()?, &x_lora)?;
         let db = (matmul(&g.t()?, &matmul(&x_lora, &a.t()?)?)? * self.scale)?;
-        let dx = if x.track_op() {
-            let mut dx_lora = matmul(&g_b, &a)?;
-            if let Some(m) = &self.mask {
-                dx_lora = dx_lora.mul(m)?;
+        let dx = match (&self.mask, x.track_op()) {
+            (_, false) => None,
+            (Some(m), true) => {
+                let dx_lora = matmul(&g_b, &a)?.mul(m)?;
+                Some((matmul(&grad.detach(), &self.weight)? + dx_lora.to_dtype(x.dtype())?)?)
             }
-            Some((matmul(&grad.detach(), &self.weight)? + dx_lora.to_dtype(x.dtype())?)?)
-        } else {
-            None
+            (None, true) => Some(
+                sum_of_products(&grad.detach(), &self.weight, (&g_b, &a), 1.0)?
+                    .to_dtype(x.dtype())?,
+            ),
         };
         Ok((dx, Some(da), Some(db)))
     }

@@ -50,15 +50,120 @@ pub(crate) fn cpu_product_f32(a: &Tensor, b: &Tensor) -> Result<Option<Vec<f32>>
     }
 }
 
+/// a·b + alpha·(c·d) without gradients. For f32 activations on the CPU the second product
+/// accumulates into the first one's buffer; elsewhere they are separate ops.
+pub fn sum_of_products(
+    a: &Tensor,
+    b: &Tensor,
+    (c, d): (&Tensor, &Tensor),
+    alpha: f64,
+) -> Result<Tensor> {
+    let all_f32 = [c, d].iter().all(|t| t.dtype() == candle_core::DType::F32);
+    if all_f32 {
+        if let Some(mut out) = cpu_product_f32(a, b)? {
+            let (sc, lc) = c.storage_and_layout();
+            let (sd, ld) = d.storage_and_layout();
+            if let (Storage::Cpu(CpuStorage::F32(c32)), Storage::Cpu(CpuStorage::F32(d32))) =
+                (&*sc, &*sd)
+            {
+                let dims = ProductDims::of(lc, ld)?;
+                let (m, k, n) = (dims.m, dims.k, dims.n);
+                if dims.batch == 1 && out.len() == m * n {
+                    let (oc, od) = dims.offsets[0];
+                    faer::linalg::matmul::matmul(
+                        MatMut::from_row_major_slice_mut(&mut out, m, n),
+                        Accum::Add,
+                        view(c32, oc, m, k, dims.a_strides),
+                        view(d32, od, k, n, dims.b_strides),
+                        alpha as f32,
+                        if dims.flops() < PARALLEL_FLOPS {
+                            Par::Seq
+                        } else {
+                            Par::rayon(0)
+                        },
+                    );
+                    return Tensor::from_vec(out, (m, n), a.device());
+                }
+            }
+        }
+    }
+    let cd = (matmul(c, d)? * alpha)?.to_dtype(a.dtype())?;
+    matmul(a, b)?.to_dtype(cd.dtype())? + cd
+}
+
 /// Storages that can multiply: the CPU through faer, CUDA through the backend (cuBLAS).
 pub trait MatmulStorage: BackendStorage {
     /// a [..., m, k] · b [..., k, n] → a contiguous [..., m, n].
     fn product(&self, la: &Layout, b: &Self, lb: &Layout) -> Result<(Self, Shape)>;
+
+    /// self + alpha·(a·b) for self a contiguous [m, n] (from offset 0), a [m, k], b [k, n], in
+    /// self's dtype.
+    fn plus_product(
+        self,
+        shape: &Shape,
+        (a, la): (&Self, &Layout),
+        (b, lb): (&Self, &Layout),
+        alpha: f64,
+    ) -> Result<Self> {
+        composed_plus_product(self, shape, (a, la), (b, lb), alpha)
+    }
+}
+
+/// [`MatmulStorage::plus_product`] as separate passes: the product, its scaling and the sum.
+fn composed_plus_product<S: MatmulStorage>(
+    out: S,
+    shape: &Shape,
+    (a, la): (&S, &Layout),
+    (b, lb): (&S, &Layout),
+    alpha: f64,
+) -> Result<S> {
+    let (ab, ab_shape) = a.product(la, b, lb)?;
+    let lab = Layout::contiguous(ab_shape);
+    let mut scaled = ab.affine(&lab, alpha, 0.0)?;
+    if scaled.dtype() != out.dtype() {
+        scaled = scaled.to_dtype(&lab, out.dtype())?;
+    }
+    out.binary_impl::<candle_core::op::Add>(&scaled, &Layout::contiguous(shape), &lab)
 }
 
 impl MatmulStorage for CpuStorage {
     fn product(&self, la: &Layout, b: &Self, lb: &Layout) -> Result<(Self, Shape)> {
         cpu_product(self, la, b, lb, false)
+    }
+
+    /// For f32 operands the product accumulates into self in place (one pass, no temporaries).
+    fn plus_product(
+        self,
+        shape: &Shape,
+        (a, la): (&Self, &Layout),
+        (b, lb): (&Self, &Layout),
+        alpha: f64,
+    ) -> Result<Self> {
+        let (mut out, a32, b32) = match (self, a, b) {
+            (CpuStorage::F32(out), CpuStorage::F32(a32), CpuStorage::F32(b32)) => (out, a32, b32),
+            (other, _, _) => return composed_plus_product(other, shape, (a, la), (b, lb), alpha),
+        };
+        let dims = ProductDims::of(la, lb)?;
+        let (m, k, n) = (dims.m, dims.k, dims.n);
+        if dims.batch != 1 || out.len() != m * n || shape.elem_count() != m * n {
+            candle_core::bail!("plus_product: shapes do not fit");
+        }
+        let (oa, ob) = dims.offsets[0];
+        let dst = MatMut::from_row_major_slice_mut(&mut out, m, n);
+        let par = if dims.flops() < PARALLEL_FLOPS {
+            Par::Seq
+        } else {
+            Par::rayon(0)
+        };
+        faer::linalg::matmul::matmul(
+            dst,
+            Accum::Add,
+            view(a32, oa, m, k, dims.a_strides),
+            view(b32, ob, k, n, dims.b_strides),
+            alpha as f32,
+            par,
+        );
+        Ok(CpuStorage::F32(out))
     }
 }
 

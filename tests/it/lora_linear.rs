@@ -1,5 +1,6 @@
 //! The fused frozen-projection + LoRA op equals x·Wᵀ + s·((x⊙M)·Aᵀ)·Bᵀ composed from candle ops,
-//! in its output and in the gradients of x, A and B, with and without a dropout mask.
+//! in its output and in the gradients of x, A and B, with and without a dropout mask, in f64 and
+//! in f32 (where the CPU accumulates the adapter product into the base product).
 
 use candle_core::{DType, Device, Tensor, Var};
 use feinschliff::model::lora_linear::lora_linear;
@@ -8,40 +9,54 @@ use super::common::max_abs_diff;
 
 #[test]
 fn fused_lora_linear_equals_the_composed_formula_and_its_gradients() {
-    let dev = Device::Cpu;
-    let (n, inp, out, r, scale) = (5, 6, 4, 2, 1.5);
-    let x = Var::randn(0f64, 1.0, (n, inp), &dev).unwrap();
-    let w = Tensor::randn(0f64, 1.0, (out, inp), &dev).unwrap();
-    let a = Var::randn(0f64, 1.0, (r, inp), &dev).unwrap();
-    let b = Var::randn(0f64, 1.0, (out, r), &dev).unwrap();
-    let weights = Tensor::randn(0f64, 1.0, (n, out), &dev).unwrap();
-    let keep: Vec<f64> = (0..n * inp)
-        .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 / 0.9 })
-        .collect();
-    let mask = Tensor::from_vec(keep, (n, inp), &dev).unwrap();
-    for mask in [None, Some(&mask)] {
-        let dropped = match mask {
-            Some(m) => x.as_tensor().mul(m).unwrap(),
-            None => x.as_tensor().clone(),
+    // f64 (the composed backend path) and f32 (on the CPU: the adapter product accumulated into
+    // the base product's buffer, forward and backward).
+    for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let dev = Device::Cpu;
+        let (n, inp, out, r, scale) = (5, 6, 4, 2, 1.5);
+        let randn = |shape: (usize, usize)| {
+            Tensor::randn(0f64, 1.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
         };
-        let lora = dropped
-            .matmul(&a.t().unwrap())
+        let x = Var::from_tensor(&randn((n, inp))).unwrap();
+        let w = randn((out, inp));
+        let a = Var::from_tensor(&randn((r, inp))).unwrap();
+        let b = Var::from_tensor(&randn((out, r))).unwrap();
+        let weights = randn((n, out));
+        let keep: Vec<f64> = (0..n * inp)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 / 0.9 })
+            .collect();
+        let mask = Tensor::from_vec(keep, (n, inp), &dev)
             .unwrap()
-            .matmul(&b.t().unwrap())
+            .to_dtype(dtype)
             .unwrap();
-        let reference = (x.matmul(&w.t().unwrap()).unwrap() + (lora * scale).unwrap()).unwrap();
-        let fused = lora_linear(&x, &w, &a, &b, scale, mask).unwrap();
-        assert!(max_abs_diff(&fused, &reference) < 1e-12);
-        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
-        let want = loss(&reference).backward().unwrap();
-        let got = loss(&fused).backward().unwrap();
-        for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
-            let diff = max_abs_diff(got.get(var).unwrap(), want.get(var).unwrap());
-            assert!(
-                diff < 1e-12,
-                "mask {}: d{name} differs by {diff}",
-                mask.is_some()
-            );
+        for mask in [None, Some(&mask)] {
+            let dropped = match mask {
+                Some(m) => x.as_tensor().mul(m).unwrap(),
+                None => x.as_tensor().clone(),
+            };
+            let lora = dropped
+                .matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap();
+            let reference = (x.matmul(&w.t().unwrap()).unwrap() + (lora * scale).unwrap()).unwrap();
+            let fused = lora_linear(&x, &w, &a, &b, scale, mask).unwrap();
+            let diff = max_abs_diff(&fused, &reference);
+            assert!(diff < tolerance, "{dtype:?}: output differs by {diff}");
+            let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+            let want = loss(&reference).backward().unwrap();
+            let got = loss(&fused).backward().unwrap();
+            for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
+                let diff = max_abs_diff(got.get(var).unwrap(), want.get(var).unwrap());
+                assert!(
+                    diff < tolerance,
+                    "{dtype:?}, mask {}: d{name} differs by {diff}",
+                    mask.is_some()
+                );
+            }
         }
     }
 }
