@@ -52,10 +52,13 @@ impl<'a> Encoder<'a> {
         })
     }
 
-    /// The sample's text, trained spans and tokens.
+    /// The sample's text, trained spans and tokens. Text and completion samples are tokenized as
+    /// transformers' `tokenizer(text)` does (with the special tokens tokenizer.json's
+    /// post-processor adds, e.g. BOS) and end with EOS (once, also when the tokenizer adds it);
+    /// chats and instructions are their rendered template encoded without special tokens, as
+    /// `apply_chat_template(tokenize=True)` does, so a template that writes BOS gives one BOS.
     pub fn encode(&self, sample: &Sample) -> Result<Encoded> {
-        let eos = self.tokenizer.eos_token.clone().unwrap_or_default();
-        let (text, trained, append_eos) = match sample {
+        let (mut text, mut trained, plain_text) = match sample {
             Sample::Text(t) => (t.clone(), std::iter::once(0..t.len()).collect(), true),
             Sample::Completion { prompt, completion } => {
                 let text = format!("{prompt}{completion}");
@@ -83,28 +86,36 @@ impl<'a> Encoder<'a> {
             .inner
             .encode(text.as_str(), false)
             .map_err(|e| anyhow!("tokenization failed: {e}"))?;
-        let mut input_ids = Vec::with_capacity(encoding.len() + 2);
-        let mut labels = Vec::with_capacity(encoding.len() + 2);
-        let prepend_bos = self.tokenizer.add_bos_token
-            && !matches!(sample, Sample::Chat(_))
-            && self.tokenizer.bos_id().is_some();
-        if prepend_bos {
-            input_ids.push(self.tokenizer.bos_id().unwrap_or_default());
-            labels.push(IGNORE_INDEX);
-        }
+        let mut input_ids = Vec::with_capacity(encoding.len() + 3);
+        let mut labels = Vec::with_capacity(encoding.len() + 3);
         for (&id, &(start, _)) in encoding.get_ids().iter().zip(encoding.get_offsets()) {
             let trains = self.train_on_inputs || trained.iter().any(|s| s.contains(&start));
             input_ids.push(id);
             labels.push(if trains { id as i64 } else { IGNORE_INDEX });
         }
-        let mut trained = trained;
-        let mut text = text;
-        if append_eos {
-            if let Some(id) = self.tokenizer.eos_id() {
-                input_ids.push(id);
-                labels.push(id as i64);
-                trained.push(text.len()..text.len() + eos.len());
-                text.push_str(&eos);
+        if plain_text {
+            // What the tokenizer adds: the prefix (BOS) is never a target, the suffix (EOS) ends
+            // the trained text. The shown text gets their strings.
+            let specials = &self.tokenizer.specials;
+            let mut suffix = specials.suffix.clone();
+            if let Some(eos) = self.tokenizer.eos_id() {
+                if suffix.last() != Some(&eos) {
+                    suffix.push(eos);
+                }
+            }
+            let prefix_text = self.tokenizer.decode(&specials.prefix)?;
+            let suffix_text = self.tokenizer.decode(&suffix)?;
+            input_ids.splice(0..0, specials.prefix.iter().copied());
+            labels.splice(0..0, specials.prefix.iter().map(|_| IGNORE_INDEX));
+            input_ids.extend(&suffix);
+            labels.extend(suffix.iter().map(|&id| id as i64));
+            for span in &mut trained {
+                *span = span.start + prefix_text.len()..span.end + prefix_text.len();
+            }
+            text.insert_str(0, &prefix_text);
+            if !suffix_text.is_empty() {
+                trained.push(text.len()..text.len() + suffix_text.len());
+                text.push_str(&suffix_text);
             }
         }
         let segments = vec![input_ids.len()];

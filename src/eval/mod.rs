@@ -2,6 +2,7 @@
 //! lm-evaluation-harness's semantics, writes reports and checks gates. Entry points: [`evaluate`]
 //! for a loaded model, [`run`] for `feinschliff eval`.
 
+pub mod encoding;
 pub mod metrics;
 pub mod report;
 pub mod scorer;

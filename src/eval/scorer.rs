@@ -1,6 +1,7 @@
 //! Batched scoring with lm-evaluation-harness's semantics: log-likelihood of a continuation given a
 //! context (split and truncated as lm-eval's HFLM does), rolling-window log-likelihood of whole
-//! documents, and greedy generation until stop strings.
+//! documents, and greedy generation until stop strings (how text becomes these requests:
+//! `encoding.rs`).
 //!
 //! Requests that share their context (the choices of a multiple-choice question) read it once:
 //! the context runs into a KV cache, then every continuation runs against the cached context.
@@ -64,33 +65,6 @@ impl<'a> Scorer<'a> {
             max_length,
             batch_size: batch_size.max(1),
         }
-    }
-
-    /// The token prepended when a context is empty: BOS if the model has one, else EOS.
-    fn prefix_token(&self) -> u32 {
-        let t = &self.model.tokenizer;
-        t.bos_id().or_else(|| t.eos_id()).unwrap_or(0)
-    }
-
-    /// lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation, the whole
-    /// string is tokenized, and the continuation is what follows the context's own tokens.
-    pub fn encode_pair(&self, context: &str, continuation: &str) -> Result<TokenRequest> {
-        let trimmed = context.trim_end_matches(char::is_whitespace);
-        let moved = &context[trimmed.len()..];
-        let continuation = format!("{moved}{continuation}");
-        let whole = self
-            .model
-            .tokenizer
-            .encode(&format!("{trimmed}{continuation}"))?;
-        let mut context = self.model.tokenizer.encode(trimmed)?;
-        let continuation = whole[context.len().min(whole.len())..].to_vec();
-        if context.is_empty() {
-            context.push(self.prefix_token());
-        }
-        Ok(TokenRequest {
-            context,
-            continuation,
-        })
     }
 
     /// Log-likelihoods of (context, continuation) string pairs.
@@ -401,41 +375,6 @@ impl<'a> Scorer<'a> {
         Ok(out)
     }
 
-    /// The windows lm-eval scores a document with (get_rolling_token_windows with context_len 1,
-    /// then make_disjoint_window).
-    pub fn rolling_windows(&self, tokens: &[u32]) -> Vec<TokenRequest> {
-        let max = self.max_length;
-        if tokens.is_empty() {
-            return Vec::new();
-        }
-        let mut windows: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
-        let first = max.min(tokens.len());
-        let mut context = vec![self.prefix_token()];
-        context.extend_from_slice(&tokens[..first - 1]);
-        windows.push((context, tokens[..first].to_vec()));
-        let mut predicted = first;
-        while predicted < tokens.len() {
-            let pred_len = (tokens.len() - predicted).min(max);
-            let end = predicted + pred_len;
-            let start = end.saturating_sub(max + 1);
-            windows.push((
-                tokens[start..end - 1].to_vec(),
-                tokens[end - pred_len..end].to_vec(),
-            ));
-            predicted += pred_len;
-        }
-        windows
-            .into_iter()
-            .map(|(a, b)| {
-                let keep = a.len() - (b.len() - 1);
-                TokenRequest {
-                    context: a[..keep].to_vec(),
-                    continuation: b,
-                }
-            })
-            .collect()
-    }
-
     /// Greedy continuations of `contexts`, cut at the first stop string, at most `max_tokens` tokens.
     pub fn generate(
         &self,
@@ -444,38 +383,35 @@ impl<'a> Scorer<'a> {
         max_tokens: usize,
         bar: &ProgressBar,
     ) -> Result<Vec<String>> {
-        let eos = self.model.tokenizer.eos_id();
+        let tokenizer = &self.model.tokenizer;
+        let eos = tokenizer.eos_id();
+        // lm-eval also cuts at EOS's text (which decoding usually skips as a special token).
+        let eos_text = eos.map(|e| tokenizer.decode(&[e])).transpose()?;
+        let stops: Vec<&str> = until
+            .iter()
+            .map(String::as_str)
+            .chain(eos_text.as_deref())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let room = self.max_length.saturating_sub(max_tokens).max(1);
         let mut outputs = Vec::with_capacity(contexts.len());
         for chunk in contexts.chunks(self.batch_size) {
-            let mut seqs: Vec<Vec<u32>> = Vec::new();
-            for c in chunk {
-                let mut ids = self.model.tokenizer.encode(c)?;
-                let room = self.max_length.saturating_sub(max_tokens).max(1);
-                if ids.len() > room {
-                    ids.drain(..ids.len() - room);
-                }
-                if ids.is_empty() {
-                    ids.push(self.prefix_token());
-                }
-                seqs.push(ids);
-            }
+            let mut seqs = chunk
+                .iter()
+                .map(|c| self.generation_prompt(c, room))
+                .collect::<Result<Vec<_>>>()?;
             let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
-            let pad = self.model.tokenizer.pad_id();
+            let pad = tokenizer.pad_id();
             generate::greedy(&self.model.lm, &mut seqs, max_tokens, pad, |i, seq| {
                 let tok = seq[seq.len() - 1];
-                let text = self.model.tokenizer.decode(&seq[starts[i]..])?;
+                let text = tokenizer.decode(&seq[starts[i]..])?;
                 Ok(Some(tok) == eos || until.iter().any(|u| text.contains(u.as_str())))
             })?;
             for (i, s) in seqs.iter().enumerate() {
-                let mut cont: &[u32] = &s[starts[i]..];
-                if let (Some(e), Some(last)) = (eos, cont.last()) {
-                    if *last == e {
-                        cont = &cont[..cont.len() - 1];
-                    }
-                }
-                let mut text = self.model.tokenizer.decode(cont)?;
-                for u in until {
-                    if let Some(p) = text.find(u.as_str()) {
+                // Decoded without special tokens and cut at the first stop string, as lm-eval does.
+                let mut text = tokenizer.decode_skipping_special(&s[starts[i]..])?;
+                for u in &stops {
+                    if let Some(p) = text.find(u) {
                         text.truncate(p);
                     }
                 }

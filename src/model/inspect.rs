@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{weights, Model, TokenLayout};
+use super::{weights, Model, ModelTokenizer, TokenLayout};
 
 /// A human-readable summary of the model (and adapter, when attached).
 pub fn summary(model: &Model) -> Result<String> {
@@ -63,6 +63,7 @@ pub fn summary(model: &Model) -> Result<String> {
             "no template"
         }
     )?;
+    writeln!(s, "special      {}", special_tokens(&model.tokenizer)?)?;
     if let Some(l) = &model.lora {
         writeln!(
             s,
@@ -77,6 +78,41 @@ pub fn summary(model: &Model) -> Result<String> {
     Ok(s)
 }
 
+/// Which special tokens `tokenizer(text)` adds (training text, eval contexts, `--text`), and why.
+fn special_tokens(t: &ModelTokenizer) -> Result<String> {
+    let s = &t.specials;
+    let named = |ids: &[u32]| -> Result<String> {
+        Ok(ids
+            .iter()
+            .map(|&id| Ok(format!("{} ({id})", t.decode(&[id])?)))
+            .collect::<Result<Vec<_>>>()?
+            .join(" "))
+    };
+    let mut out = match (s.prefix.is_empty(), s.suffix.is_empty()) {
+        (true, true) => "no BOS/EOS added to text".to_string(),
+        (false, true) => format!("BOS added: {} before each text", named(&s.prefix)?),
+        (true, false) => format!("{} added after each text", named(&s.suffix)?),
+        (false, false) => format!(
+            "BOS added: {} before and {} after each text",
+            named(&s.prefix)?,
+            named(&s.suffix)?
+        ),
+    };
+    write!(
+        out,
+        ", by tokenizer.json's post-processor ({}); chat templates are encoded as rendered",
+        s.post_processor
+    )?;
+    let adds_bos = t.bos_id().is_some_and(|b| s.prefix.contains(&b));
+    if let Some(flag) = t.config_add_bos_token.filter(|&f| f != adds_bos) {
+        write!(
+            out,
+            "; tokenizer_config.json's add_bos_token: {flag} is ignored, as transformers 5 does"
+        )?;
+    }
+    Ok(out)
+}
+
 /// Loads `dir` (a folder or Hub repo id, plus an adapter) on the CPU in f32.
 pub fn load(dir: &Path, adapter_dir: Option<&Path>) -> Result<Model> {
     let device = Device::Cpu;
@@ -88,9 +124,10 @@ pub fn load(dir: &Path, adapter_dir: Option<&Path>) -> Result<Model> {
     Ok(model)
 }
 
-/// Logits [seq, vocab] of `text` tokenized without special tokens, with its input ids.
+/// Logits [seq, vocab] of `text` tokenized as transformers' `tokenizer(text)` does (with the
+/// special tokens the tokenizer adds), with its input ids.
 pub fn logits_of(model: &Model, text: &str) -> Result<(Tensor, Tensor)> {
-    let ids = model.tokenizer.encode(text)?;
+    let ids = model.tokenizer.encode_with_special_tokens(text)?;
     anyhow::ensure!(!ids.is_empty(), "the text tokenizes to no tokens");
     let n = ids.len();
     let input = Tensor::from_vec(ids.clone(), (1, n), model.lm.device())?;

@@ -1,5 +1,12 @@
-//! The model's tokenizer (`tokenizer.json`) with what `tokenizer_config.json` adds: special tokens,
-//! BOS/EOS policy and the chat template.
+//! The model's tokenizer (`tokenizer.json`) with what `tokenizer_config.json` adds: special tokens
+//! and the chat template.
+//!
+//! Special tokens follow transformers 5: `tokenizer(text)` (add_special_tokens=True) adds what
+//! tokenizer.json's post-processor adds (Llama 3's TemplateProcessing, Llama 2's and Mistral's
+//! `<s> $A`); transformers 5 drops `add_bos_token`/`add_eos_token` from tokenizer_config.json
+//! when tokenizer.json exists, so they decide nothing here either (transformers 4's
+//! LlamaTokenizerFast rebuilt its post-processor from them; the two agree on the published
+//! Llama 2 and Mistral files).
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -11,9 +18,61 @@ pub struct ModelTokenizer {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
-    /// Whether the tokenizer is expected to start every sequence with BOS.
-    pub add_bos_token: bool,
+    /// What transformers' `add_special_tokens=True` puts before and after a text.
+    pub specials: SpecialTokens,
+    /// `add_bos_token` as tokenizer_config.json states it (ignored, see the module comment).
+    pub config_add_bos_token: Option<bool>,
     pub chat_template: Option<String>,
+}
+
+/// The special tokens tokenizer.json's post-processor adds around a single text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub prefix: Vec<u32>,
+    pub suffix: Vec<u32>,
+    /// The post-processor's kind, e.g. `Sequence[ByteLevel, TemplateProcessing]`, or `none`.
+    pub post_processor: String,
+}
+
+impl SpecialTokens {
+    /// Finds them by tokenizing a probe text with and without special tokens.
+    fn of(inner: &tokenizers::Tokenizer) -> Result<Self> {
+        let ids = |add: bool| -> Result<Vec<u32>> {
+            Ok(inner
+                .encode("a", add)
+                .map_err(|e| anyhow!("tokenization failed: {e}"))?
+                .get_ids()
+                .to_vec())
+        };
+        let (plain, full) = (ids(false)?, ids(true)?);
+        let at = (0..=full.len().saturating_sub(plain.len()))
+            .find(|&k| full[k..].starts_with(&plain))
+            .ok_or_else(|| {
+                anyhow!(
+                    "tokenizer.json's post-processor changes the text's own tokens: unsupported"
+                )
+            })?;
+        Ok(Self {
+            prefix: full[..at].to_vec(),
+            suffix: full[at + plain.len()..].to_vec(),
+            post_processor: inner
+                .get_post_processor()
+                .and_then(|p| serde_json::to_value(p).ok())
+                .map_or_else(|| "none".into(), |v| kind(&v)),
+        })
+    }
+}
+
+/// A post-processor's type, with the parts of a `Sequence`.
+fn kind(v: &Value) -> String {
+    let name = v.get("type").and_then(Value::as_str).unwrap_or("unknown");
+    match v.get("processors").and_then(Value::as_array) {
+        Some(parts) => format!(
+            "{name}[{}]",
+            parts.iter().map(kind).collect::<Vec<_>>().join(", ")
+        ),
+        None => name.to_string(),
+    }
 }
 
 impl ModelTokenizer {
@@ -61,10 +120,9 @@ impl ModelTokenizer {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
             pad_token: token("pad_token"),
-            add_bos_token: config
-                .get("add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            specials: SpecialTokens::of(&inner)
+                .with_context(|| format!("special tokens of {}", path.display()))?,
+            config_add_bos_token: config.get("add_bos_token").and_then(Value::as_bool),
             chat_template,
             inner,
         })
@@ -79,10 +137,23 @@ impl ModelTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the special tokens transformers' `tokenizer(text)` adds.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let s = &self.specials;
+        Ok([&s.prefix[..], &self.encode(text)?, &s.suffix[..]].concat())
+    }
+
     /// The text of token ids (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
+    }
+
+    /// The text of token ids without special tokens (`skip_special_tokens=True`).
+    pub fn decode_skipping_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
             .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 

@@ -73,3 +73,19 @@ pub fn write_temp(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, text).unwrap();
     (dir, path)
 }
+
+/// A model folder for a tokenizer variant of tests/fixtures/lm_eval_bos: the weights and config
+/// of tests/fixtures/lm_eval/model with the variant's tokenizer.json and tokenizer_config.json
+/// (as make_lm_eval_bos_fixtures.py assembles it for lm-eval).
+pub fn bos_fixture_model(variant: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = repo().join("tests/fixtures");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixtures.join("lm_eval/model").join(f), dir.path().join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let from = fixtures.join("lm_eval_bos").join(variant).join(f);
+        std::fs::copy(from, dir.path().join(f)).unwrap();
+    }
+    dir
+}

@@ -20,4 +20,5 @@ mod matmul;
 mod parity;
 mod publish;
 mod recipe;
+mod special_tokens;
 mod training;

@@ -26,7 +26,7 @@ pub fn run(
         let text = templates
             .render("context", doc)
             .with_context(|| format!("task `{}`, document {}", task.name, i + 1))?;
-        let tokens = scorer.model.tokenizer.encode(&text)?;
+        let tokens = scorer.tok_encode(&text)?;
         for w in scorer.rolling_windows(&tokens) {
             requests.push(w);
             owners.push(i);
