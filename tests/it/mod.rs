@@ -20,4 +20,5 @@ mod matmul;
 mod parity;
 mod publish;
 mod recipe;
+mod train_parity;
 mod training;
