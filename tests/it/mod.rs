@@ -17,6 +17,7 @@ mod kv_cache;
 mod lm_eval_parity;
 mod lora_linear;
 mod matmul;
+mod model_config;
 mod parity;
 mod publish;
 mod recipe;
