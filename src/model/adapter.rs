@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -116,6 +117,18 @@ const UNDERSTOOD: &[&str] = &[
     "loftq_config",
 ];
 
+/// The fields of adapter_config.json that set the adapter's maths (besides `target_modules`), typed:
+/// one of the wrong type is an error naming it.
+#[derive(Deserialize)]
+struct Fields {
+    peft_type: Option<String>,
+    r: Option<usize>,
+    lora_alpha: Option<f64>,
+    lora_dropout: Option<f64>,
+    use_rslora: Option<bool>,
+    bias: Option<String>,
+}
+
 /// The adapter_config.json of an adapter folder as a JSON object.
 pub fn read_config(dir: &Path) -> Result<Map<String, Value>> {
     let config_path = dir.join(CONFIG_FILE);
@@ -130,10 +143,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     let config_path = dir.join(CONFIG_FILE);
     let raw = read_config(dir)?;
     let ctx = || format!("in adapter config {}", config_path.display());
-    let peft_type = raw
-        .get("peft_type")
-        .and_then(Value::as_str)
-        .unwrap_or("LORA");
+    let fields: Fields =
+        crate::model::config::typed(&Value::Object(raw.clone())).with_context(ctx)?;
+    let peft_type = fields.peft_type.as_deref().unwrap_or("LORA");
     if peft_type != "LORA" {
         bail!(
             "{}: peft_type `{peft_type}` is not supported (only LORA)",
@@ -163,16 +175,26 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
             );
         }
     }
-    if let Some(bias) = raw.get("bias").and_then(Value::as_str) {
-        if bias != "none" {
-            bail!("{}: bias `{bias}` is not supported (only \"none\")", ctx());
-        }
+    if let Some(bias) = fields.bias.as_deref().filter(|b| *b != "none") {
+        bail!("{}: bias `{bias}` is not supported (only \"none\")", ctx());
     }
-    let r = raw
-        .get("r")
-        .and_then(Value::as_u64)
-        .with_context(|| format!("{}: `r` is missing", ctx()))? as usize;
-    let alpha = raw.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let r = match fields.r {
+        None => bail!(
+            "{}: `r` is missing: add the adapter's rank (the first dimension of its lora_A tensors)",
+            ctx()
+        ),
+        Some(0) => bail!(
+            "{}: `r` is 0, but a LoRA rank is at least 1: set it to the adapter's rank (the first dimension of its lora_A tensors)",
+            ctx()
+        ),
+        Some(r) => r,
+    };
+    let Some(alpha) = fields.lora_alpha else {
+        bail!(
+            "{}: `lora_alpha` is missing: the adapter's scale is lora_alpha / r and Feinschliff does not guess it; add the value it was trained with (PEFT's default is 8)",
+            ctx()
+        );
+    };
     let target_modules: TargetModules = serde_json::from_value(
         raw.get("target_modules")
             .cloned()
@@ -187,15 +209,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     let config = LoraConfig {
         r,
         alpha,
-        dropout: raw
-            .get("lora_dropout")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0),
+        dropout: fields.lora_dropout.unwrap_or(0.0),
         target_modules,
-        use_rslora: raw
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        use_rslora: fields.use_rslora.unwrap_or(false),
     };
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.exists() {

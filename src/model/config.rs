@@ -1,6 +1,8 @@
 //! `config.json` → one [`ModelConfig`]: the decoder shape plus the few flags in which families differ.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
@@ -23,7 +25,7 @@ pub enum RopeScaling {
 }
 
 /// Everything the shared decoder needs to know about a checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     /// The family's `model_type` as written in config.json (`llama`, `mistral`, `qwen2`).
     pub model_type: String,
@@ -63,11 +65,12 @@ impl ModelConfig {
 
     /// Builds the config from parsed config.json, dispatching on `model_type`.
     pub fn from_json(raw: &Value) -> Result<Self> {
-        let model_type = raw
-            .get("model_type")
-            .and_then(Value::as_str)
-            .context("field `model_type` is missing")?;
-        let family = families::by_model_type(model_type)?;
+        #[derive(Deserialize)]
+        struct ModelType {
+            model_type: String,
+        }
+        let ModelType { model_type } = typed(raw)?;
+        let family = families::by_model_type(&model_type)?;
         let config = family.parse(raw)?;
         config.validate()?;
         Ok(config)
@@ -113,112 +116,125 @@ impl ModelConfig {
     }
 }
 
-/// Fields every Llama-like config.json carries; families add their own flags on top.
-pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
-    let hidden_size = req_usize(raw, "hidden_size")?;
-    let num_attention_heads = req_usize(raw, "num_attention_heads")?;
-    let num_key_value_heads = opt_usize(raw, "num_key_value_heads")?.unwrap_or(num_attention_heads);
-    let divisible = num_attention_heads > 0 && hidden_size.is_multiple_of(num_attention_heads);
-    if !divisible && opt_usize(raw, "head_dim")?.is_none() {
-        bail!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no head_dim is given");
-    }
-    let head_dim = match opt_usize(raw, "head_dim")? {
-        Some(d) => d,
-        None => hidden_size / num_attention_heads,
-    };
-    if let Some(act) = raw.get("hidden_act").and_then(Value::as_str) {
-        if act != "silu" {
-            bail!("hidden_act `{act}` is not supported (only `silu`)");
-        }
-    }
-    // transformers >= 5 keeps rope settings in `rope_parameters`; older versions in rope_theta/rope_scaling.
-    let rope_parameters = raw.get("rope_parameters").filter(|v| v.is_object());
-    let rope_theta = match raw.get("rope_theta").and_then(Value::as_f64) {
-        Some(t) => t,
-        None => rope_parameters
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10_000.0),
-    };
-    let scaling = raw
-        .get("rope_scaling")
-        .filter(|v| v.is_object())
-        .or(rope_parameters);
-    Ok(ModelConfig {
-        model_type: model_type.to_string(),
-        vocab_size: req_usize(raw, "vocab_size")?,
-        hidden_size,
-        intermediate_size: req_usize(raw, "intermediate_size")?,
-        num_hidden_layers: req_usize(raw, "num_hidden_layers")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        max_position_embeddings: opt_usize(raw, "max_position_embeddings")?.unwrap_or(2048),
-        rms_norm_eps: raw
-            .get("rms_norm_eps")
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-6),
-        rope_theta,
-        rope_scaling: parse_rope_scaling(scaling)?,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        tie_word_embeddings: raw
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        sliding_window: None,
-        torch_dtype: raw
-            .get("torch_dtype")
-            .or_else(|| raw.get("dtype"))
-            .and_then(Value::as_str)
-            .map(str::to_string),
+/// Deserializes the fields `T` names from config.json (or another parsed JSON file): absent and
+/// `null` optional fields are None, and a field of the wrong type is an error that names it.
+pub fn typed<T: DeserializeOwned>(raw: &Value) -> Result<T> {
+    serde_path_to_error::deserialize(raw).map_err(|e| match e.path().to_string() {
+        // A missing required field: serde's message names it.
+        root if root == "." => anyhow!("{}", e.inner()),
+        path => anyhow!("field `{path}`: {}", e.inner()),
     })
 }
 
-fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
+/// The fields every Llama-like config.json carries, typed as transformers types them.
+#[derive(Deserialize)]
+struct CommonFields {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    hidden_act: Option<String>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    /// transformers < 5.
+    rope_scaling: Option<RopeFields>,
+    /// transformers >= 5: rope_theta and the scaling in one object.
+    rope_parameters: Option<RopeFields>,
+    tie_word_embeddings: Option<bool>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+/// `rope_scaling` or `rope_parameters`.
+#[derive(Deserialize)]
+struct RopeFields {
+    rope_type: Option<String>,
+    /// The older name of `rope_type`.
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// Fields every Llama-like config.json carries; families add their own flags on top. Absent fields
+/// take transformers' defaults for these families.
+pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
+    let f: CommonFields = typed(raw)?;
+    let (hidden_size, num_attention_heads) = (f.hidden_size, f.num_attention_heads);
+    let divisible = num_attention_heads > 0 && hidden_size.is_multiple_of(num_attention_heads);
+    let head_dim = match f.head_dim {
+        Some(d) => d,
+        None if divisible => hidden_size / num_attention_heads,
+        None => bail!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no head_dim is given"),
+    };
+    if let Some(act) = f.hidden_act.as_deref().filter(|a| *a != "silu") {
+        bail!("hidden_act `{act}` is not supported (only `silu`)");
+    }
+    let rope_theta = f
+        .rope_theta
+        .or_else(|| f.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+        .unwrap_or(10_000.0);
+    let (scaling_field, scaling) = match (&f.rope_scaling, &f.rope_parameters) {
+        (Some(s), _) => ("rope_scaling", Some(s)),
+        (None, p) => ("rope_parameters", p.as_ref()),
+    };
+    Ok(ModelConfig {
+        model_type: model_type.to_string(),
+        vocab_size: f.vocab_size,
+        hidden_size,
+        intermediate_size: f.intermediate_size,
+        num_hidden_layers: f.num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads: f.num_key_value_heads.unwrap_or(num_attention_heads),
+        head_dim,
+        max_position_embeddings: f.max_position_embeddings.unwrap_or(2048),
+        rms_norm_eps: f.rms_norm_eps.unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling: rope_scaling(scaling_field, scaling)?,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
+        sliding_window: None,
+        torch_dtype: f.torch_dtype.or(f.dtype),
+    })
+}
+
+fn rope_scaling(field: &str, v: Option<&RopeFields>) -> Result<RopeScaling> {
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
     let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
+        .rope_type
+        .as_deref()
+        .or(v.legacy_type.as_deref())
         .unwrap_or("default");
-    let num = |key: &str| -> Result<f64> {
-        v.get(key)
-            .and_then(Value::as_f64)
-            .with_context(|| format!("rope_scaling of type `{kind}` needs a number `{key}`"))
+    let num = |value: Option<f64>, key: &str| -> Result<f64> {
+        value.with_context(|| format!("{field} of type `{kind}` needs a number `{key}`"))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
+            factor: num(v.factor, "factor")?,
         }),
         "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
+            factor: num(v.factor, "factor")?,
+            low_freq_factor: num(v.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: num(v.high_freq_factor, "high_freq_factor")?,
+            original_max_position_embeddings: num(
+                v.original_max_position_embeddings,
+                "original_max_position_embeddings",
+            )?,
         }),
-        other => bail!(
-            "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
-        ),
-    }
-}
-
-/// A required non-negative integer field.
-pub fn req_usize(raw: &Value, key: &str) -> Result<usize> {
-    opt_usize(raw, key)?.with_context(|| format!("field `{key}` is missing"))
-}
-
-/// An optional non-negative integer field (`null` counts as absent).
-pub fn opt_usize(raw: &Value, key: &str) -> Result<Option<usize>> {
-    match raw.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .with_context(|| format!("field `{key}` must be a non-negative integer, found {v}")),
+        other => {
+            bail!("{field} type `{other}` is not supported (supported: default, linear, llama3)")
+        }
     }
 }

@@ -20,7 +20,6 @@ use crate::fsutil::{write_atomic, StagedDir};
 use crate::model::{adapter, BaseModel, Model};
 use crate::recipe::Recipe;
 use metrics::{MetricsLog, StepRecord};
-use optim::{AdamW, AdamWParams};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -96,15 +95,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
     let total_steps = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
     let mut micro_batches = MicroBatches::new(&data.train, t.batch_size, t.seed);
 
-    let trainable = model.trainable();
-    let vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
-    let params = AdamWParams {
-        beta1: t.adam_beta1,
-        beta2: t.adam_beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-    };
-    let mut optimizer = AdamW::new(vars, params)?;
+    let mut optimization = step::Optimization::new(model.trainable(), t, total_steps)?;
     let mut log = MetricsLog::create(&out.path().join("metrics.jsonl"))?;
     let bar = progress_bar(total_steps as u64);
     let pad = model.tokenizer.pad_id();
@@ -113,7 +104,6 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
         (f64::NAN, f64::NAN, 0usize, None);
 
     for step in 0..total_steps {
-        let lr = schedule::lr_at(t.lr_schedule, t.lr, step, t.warmup_steps, total_steps);
         let group: Vec<Vec<&Example>> = (0..t.gradient_accumulation)
             .map(|_| micro_batches.next())
             .collect();
@@ -121,15 +111,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
             .iter()
             .map(|g| Batch::pad(g, pad, &device))
             .collect::<Result<Vec<_>>>()?;
-        let outcome = step::optimizer_step(
-            &model.lm,
-            &trainable,
-            &mut optimizer,
-            &batches,
-            lr,
-            t.max_grad_norm,
-            step as u64,
-        )?;
+        let outcome = optimization.step(&model.lm, &batches)?;
         tokens_seen += outcome.tokens;
         let (loss_sum, grad_norm) = (outcome.loss, outcome.grad_norm);
         if step == 0 {
@@ -151,7 +133,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
             step: step + 1,
             epoch: (step + 1) as f64 / steps_per_epoch as f64,
             loss: loss_sum,
-            lr,
+            lr: outcome.lr,
             grad_norm,
             tokens: tokens_seen,
             tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),

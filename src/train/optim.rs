@@ -1,4 +1,5 @@
-//! AdamW with PyTorch's semantics (decoupled weight decay, bias correction) and global-norm clipping.
+//! AdamW with PyTorch's semantics (decoupled weight decay, bias correction, per-parameter step
+//! counts, parameters without a gradient skipped) and global-norm clipping.
 
 use anyhow::Result;
 use candle_core::{Tensor, Var};
@@ -30,7 +31,8 @@ pub struct AdamW {
     vars: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    step: usize,
+    /// Updates each variable has received (torch keeps `state["step"]` per parameter).
+    steps: Vec<i32>,
 }
 
 impl AdamW {
@@ -45,21 +47,23 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             params,
+            steps: vec![0; vars.len()],
             vars,
             m,
             v,
-            step: 0,
         })
     }
 
-    /// One update with gradients `grads` (same order as the variables) at learning rate `lr`.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        self.step += 1;
+    /// One update at learning rate `lr` with `grads` (same order as the variables). A variable whose
+    /// gradient is None is left as it is, as torch.optim.AdamW skips a parameter whose `grad` is
+    /// None: no weight decay, no moment update, and its step count (its bias correction) stays.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         let p = self.params;
-        let bc1 = 1.0 - p.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - p.beta2.powi(self.step as i32);
         for (i, var) in self.vars.iter().enumerate() {
-            let g = &grads[i];
+            let Some(g) = &grads[i] else { continue };
+            self.steps[i] += 1;
+            let bc1 = 1.0 - p.beta1.powi(self.steps[i]);
+            let bc2 = 1.0 - p.beta2.powi(self.steps[i]);
             let m = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * p.weight_decay))?;
@@ -73,10 +77,10 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients.
-pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+/// The global L2 norm of the gradients there are (0 when there are none, as PyTorch's).
+pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sum = 0f64;
-    for g in grads {
+    for g in grads.iter().flatten() {
         sum += g
             .sqr()?
             .sum_all()?
@@ -87,7 +91,7 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
 }
 
 /// Scales gradients so their global norm is at most `max_norm` (torch.nn.utils.clip_grad_norm_).
-pub fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>> {
+pub fn clip(grads: Vec<Option<Tensor>>, norm: f64, max_norm: f64) -> Result<Vec<Option<Tensor>>> {
     if max_norm <= 0.0 {
         return Ok(grads);
     }
@@ -97,6 +101,6 @@ pub fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>>
     }
     Ok(grads
         .into_iter()
-        .map(|g| g * coef)
+        .map(|g| g.map(|g| g * coef).transpose())
         .collect::<candle_core::Result<Vec<_>>>()?)
 }

@@ -1,13 +1,16 @@
-//! One optimizer step: forward/backward over the accumulated micro-batches, gradient clipping, AdamW.
+//! One optimizer step: forward/backward over the accumulated micro-batches, gradient clipping, AdamW;
+//! and the steps of a run, each at its scheduled learning rate.
 
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
 use super::loss::summed_nll;
-use super::optim::{self, AdamW};
+use super::optim::{self, AdamW, AdamWParams};
+use super::schedule;
 use crate::data::Batch;
 use crate::model::phases::{timed, Phase};
 use crate::model::CausalLm;
+use crate::recipe::TrainSection;
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +19,8 @@ pub struct StepOutcome {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The learning rate the step applied.
+    pub lr: f64,
     /// Non-padding tokens processed.
     pub tokens: usize,
 }
@@ -70,12 +75,7 @@ pub fn optimizer_step(
             step + 1
         );
     }
-    // A variable without gradient (its layer saw no target) gets zeros, as PyTorch's None would leave it.
-    let grads = grads
-        .into_iter()
-        .zip(trainable)
-        .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    // A variable without gradient (no micro-batch of the step had a target) keeps None: AdamW skips it.
     let grad_norm = timed(Phase::Optimizer, 0, || -> Result<f64> {
         let grad_norm = optim::global_norm(&grads)?;
         let grads = optim::clip(grads, grad_norm, max_grad_norm)?;
@@ -85,6 +85,65 @@ pub fn optimizer_step(
     Ok(StepOutcome {
         loss: loss_sum,
         grad_norm,
+        lr,
         tokens,
     })
+}
+
+/// The optimizer side of a run: AdamW with the `[train]` settings over the trainable variables,
+/// stepped through the learning-rate schedule of `total_steps` steps.
+pub struct Optimization {
+    trainable: Vec<(String, Var)>,
+    optimizer: AdamW,
+    train: TrainSection,
+    total_steps: usize,
+    /// The 0-based index of the next step: the schedule's `current_step`, as transformers' schedulers
+    /// count (the first step runs at lr 0 during warm-up), and the step that seeds LoRA dropout.
+    next: usize,
+}
+
+impl Optimization {
+    pub fn new(
+        trainable: Vec<(String, Var)>,
+        train: &TrainSection,
+        total_steps: usize,
+    ) -> Result<Self> {
+        let params = AdamWParams {
+            beta1: train.adam_beta1,
+            beta2: train.adam_beta2,
+            eps: train.adam_eps,
+            weight_decay: train.weight_decay,
+        };
+        let vars = trainable.iter().map(|(_, v)| v.clone()).collect();
+        Ok(Self {
+            optimizer: AdamW::new(vars, params)?,
+            trainable,
+            train: train.clone(),
+            total_steps,
+            next: 0,
+        })
+    }
+
+    /// Runs the next optimizer step on `batches` (the micro-batches it accumulates).
+    pub fn step(&mut self, lm: &CausalLm, batches: &[Batch]) -> Result<StepOutcome> {
+        let t = &self.train;
+        let lr = schedule::lr_at(
+            t.lr_schedule,
+            t.lr,
+            self.next,
+            t.warmup_steps,
+            self.total_steps,
+        );
+        let outcome = optimizer_step(
+            lm,
+            &self.trainable,
+            &mut self.optimizer,
+            batches,
+            lr,
+            t.max_grad_norm,
+            self.next as u64,
+        )?;
+        self.next += 1;
+        Ok(outcome)
+    }
 }

@@ -182,3 +182,50 @@ fn adapter_for_another_base_is_refused() {
     let err = model.load_adapter(other.path()).unwrap_err().to_string();
     assert!(err.contains("another base model"), "{err}");
 }
+
+/// A copy of the llama3 parity fixture's PEFT adapter with `edit` applied to its adapter_config.json,
+/// and the error loading it gives (as `--adapter` and `[lora] init_from` load it).
+fn adapter_error(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let fixture = super::common::repo().join("tests/fixtures/parity/llama3/adapter");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture.join("adapter_model.safetensors"),
+        dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config = adapter::read_config(&fixture).unwrap();
+    edit(&mut config);
+    let path = dir.path().join("adapter_config.json");
+    std::fs::write(&path, serde_json::Value::Object(config).to_string()).unwrap();
+    let err = format!(
+        "{:#}",
+        adapter::load(dir.path(), &Device::Cpu).err().unwrap()
+    );
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    err
+}
+
+#[test]
+fn adapter_configs_that_leave_the_scale_open_are_refused() {
+    let err = adapter_error(|c| {
+        c.insert("r".into(), 0.into());
+    });
+    assert!(
+        err.contains("`r` is 0") && err.contains("set it to the adapter's rank"),
+        "{err}"
+    );
+    let err = adapter_error(|c| {
+        c.remove("lora_alpha");
+    });
+    assert!(
+        err.contains("`lora_alpha` is missing")
+            && err.contains("add the value it was trained with"),
+        "{err}"
+    );
+    for (field, value) in [("r", "4"), ("lora_alpha", "8"), ("use_rslora", "true")] {
+        let err = adapter_error(|c| {
+            c.insert(field.into(), value.into());
+        });
+        assert!(err.contains(&format!("field `{field}`")), "{err}");
+    }
+}

@@ -6,7 +6,7 @@ use feinschliff::model::decoder::{CausalLm, TokenLayout};
 use feinschliff::model::weights::Weights;
 use feinschliff::model::{adapter, ModelConfig};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::common::{max_abs_diff, repo};
 
@@ -20,9 +20,15 @@ fn golden(case: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(case_dir(case).join("golden.safetensors"), &Device::Cpu).unwrap()
 }
 
+/// The case's checkpoint, read with its config.json (transformers 4.57 layout).
 fn load_lm(case: &str) -> CausalLm {
+    load_lm_with(case, &case_dir(case).join("config.json"))
+}
+
+/// The case's weights with the config in `config_path`.
+fn load_lm_with(case: &str, config_path: &Path) -> CausalLm {
     let dir = case_dir(case);
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let config = ModelConfig::from_file(config_path).unwrap();
     let weights = Weights::open(&dir, DType::F32, &Device::Cpu).unwrap();
     CausalLm::load(config, &weights, &Device::Cpu).unwrap()
 }
@@ -34,12 +40,17 @@ fn logits(lm: &CausalLm, ids: &Tensor) -> Tensor {
 }
 
 fn check_base(case: &str) {
+    check_base_with(case, &case_dir(case).join("config.json"));
+}
+
+fn check_base_with(case: &str, config_path: &Path) {
     let g = golden(case);
-    let lm = load_lm(case);
+    let lm = load_lm_with(case, config_path);
     let diff = max_abs_diff(&logits(&lm, &g["input_ids"]), &g["logits"]);
     assert!(
         diff <= TOLERANCE,
-        "{case}: max |diff| {diff} against transformers"
+        "{case} with {}: max |diff| {diff} against transformers",
+        config_path.display()
     );
 }
 
@@ -69,6 +80,39 @@ fn llama2_tied_matches_transformers() {
 #[test]
 fn llama_stored_in_bf16_matches_transformers() {
     check_base("llama_bf16");
+}
+
+#[test]
+fn llama_with_linear_rope_scaling_matches_transformers() {
+    check_base("llama_linear");
+}
+
+/// transformers 5 writes `rope_parameters` (rope_theta and the scaling in one object) where 4.x
+/// writes `rope_theta` and `rope_scaling`; both layouts of every case give the same model.
+#[test]
+fn transformers5_config_layouts_match_transformers() {
+    let cases = [
+        "llama3",
+        "llama2_tied",
+        "llama_bf16",
+        "llama_linear",
+        "mistral",
+        "qwen2",
+    ];
+    for case in cases {
+        let v5 = repo()
+            .join("tests/fixtures/parity/transformers5_configs")
+            .join(format!("{case}.json"));
+        assert!(std::fs::read_to_string(&v5)
+            .unwrap()
+            .contains("\"rope_parameters\""));
+        assert_eq!(
+            ModelConfig::from_file(&v5).unwrap(),
+            ModelConfig::from_file(&case_dir(case).join("config.json")).unwrap(),
+            "{case}"
+        );
+        check_base_with(case, &v5);
+    }
 }
 
 #[test]

@@ -1,10 +1,18 @@
 //! Llama 2 / 3 (and DeepSeek-R1-Distill-Llama): the reference decoder; optional biases, llama3 RoPE scaling.
 
 use anyhow::Result;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::Family;
-use crate::model::config::{parse_common, ModelConfig};
+use crate::model::config::{parse_common, typed, ModelConfig};
+
+/// Llama's own fields of config.json.
+#[derive(Deserialize)]
+struct Fields {
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+}
 
 pub struct Llama;
 
@@ -17,16 +25,10 @@ impl Family for Llama {
     }
     fn parse(&self, raw: &Value) -> Result<ModelConfig> {
         let mut c = parse_common(raw, self.model_type())?;
-        let attention_bias = raw
-            .get("attention_bias")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        c.qkv_bias = attention_bias;
-        c.o_bias = attention_bias;
-        c.mlp_bias = raw
-            .get("mlp_bias")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let f: Fields = typed(raw)?;
+        c.qkv_bias = f.attention_bias.unwrap_or(false);
+        c.o_bias = c.qkv_bias;
+        c.mlp_bias = f.mlp_bias.unwrap_or(false);
         Ok(c)
     }
 }

@@ -1,10 +1,17 @@
 //! Mistral: the Llama decoder with an optional sliding attention window and explicit head_dim.
 
 use anyhow::Result;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::Family;
-use crate::model::config::{opt_usize, parse_common, ModelConfig};
+use crate::model::config::{parse_common, typed, ModelConfig};
+
+/// Mistral's own field of config.json.
+#[derive(Deserialize)]
+struct Fields {
+    sliding_window: Option<usize>,
+}
 
 pub struct Mistral;
 
@@ -17,7 +24,7 @@ impl Family for Mistral {
     }
     fn parse(&self, raw: &Value) -> Result<ModelConfig> {
         let mut c = parse_common(raw, self.model_type())?;
-        c.sliding_window = opt_usize(raw, "sliding_window")?;
+        c.sliding_window = typed::<Fields>(raw)?.sliding_window;
         Ok(c)
     }
 }

@@ -1,10 +1,19 @@
 //! Qwen2 (and DeepSeek-R1-Distill-Qwen): the Llama decoder with biases on q/k/v.
 
 use anyhow::{bail, Result};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::Family;
-use crate::model::config::{opt_usize, parse_common, ModelConfig};
+use crate::model::config::{parse_common, typed, ModelConfig};
+
+/// Qwen2's own fields of config.json.
+#[derive(Deserialize)]
+struct Fields {
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    sliding_window: Option<usize>,
+}
 
 pub struct Qwen2;
 
@@ -19,14 +28,11 @@ impl Family for Qwen2 {
         let mut c = parse_common(raw, self.model_type())?;
         c.qkv_bias = true;
         // Layers from `max_window_layers` on use the sliding window (transformers' Qwen2 semantics).
-        if raw
-            .get("use_sliding_window")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
-            let max_window_layers = opt_usize(raw, "max_window_layers")?.unwrap_or(0);
+        let f: Fields = typed(raw)?;
+        if f.use_sliding_window.unwrap_or(false) {
+            let max_window_layers = f.max_window_layers.unwrap_or(0);
             if max_window_layers == 0 {
-                c.sliding_window = opt_usize(raw, "sliding_window")?;
+                c.sliding_window = f.sliding_window;
             } else if max_window_layers < c.num_hidden_layers {
                 bail!("use_sliding_window on only some layers (max_window_layers {max_window_layers} < num_hidden_layers {}) is not supported", c.num_hidden_layers);
             }

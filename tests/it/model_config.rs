@@ -1,0 +1,107 @@
+//! config.json: a field of the wrong type is an error naming the file and the field, never a
+//! silent default; absent fields take transformers' defaults.
+
+use feinschliff::model::config::RopeScaling;
+use feinschliff::model::ModelConfig;
+use serde_json::{json, Value};
+
+use super::common::{repo, write_temp};
+
+/// A parity fixture's config.json (transformers 4.57 layout) with `edit` applied.
+fn config_with(
+    case: &str,
+    edit: impl FnOnce(&mut Value),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let path = repo()
+        .join("tests/fixtures/parity")
+        .join(case)
+        .join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut config);
+    write_temp("config.json", &config.to_string())
+}
+
+fn error(case: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let (_dir, path) = config_with(case, edit);
+    let err = format!("{:#}", ModelConfig::from_file(&path).unwrap_err());
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    err
+}
+
+#[test]
+fn wrongly_typed_fields_are_errors_naming_the_field() {
+    let cases: [(&str, &str, Value, &str); 9] = [
+        ("llama_linear", "rope_theta", json!("abc"), "`rope_theta`"),
+        (
+            "llama_linear",
+            "rms_norm_eps",
+            json!("1e-6"),
+            "`rms_norm_eps`",
+        ),
+        (
+            "llama_linear",
+            "tie_word_embeddings",
+            json!("false"),
+            "`tie_word_embeddings`",
+        ),
+        (
+            "llama_linear",
+            "num_key_value_heads",
+            json!(2.5),
+            "`num_key_value_heads`",
+        ),
+        ("llama_linear", "model_type", json!(7), "`model_type`"),
+        (
+            "llama_linear",
+            "attention_bias",
+            json!("no"),
+            "`attention_bias`",
+        ),
+        (
+            "llama_linear",
+            "rope_scaling",
+            json!("linear"),
+            "`rope_scaling`",
+        ),
+        ("mistral", "sliding_window", json!("8"), "`sliding_window`"),
+        (
+            "qwen2",
+            "use_sliding_window",
+            json!("no"),
+            "`use_sliding_window`",
+        ),
+    ];
+    for (case, field, value, named) in cases {
+        let err = error(case, |c| c[field] = value);
+        assert!(err.contains(named), "{case} {field}: {err}");
+    }
+    let err = error("llama_linear", |c| c["rope_scaling"]["factor"] = json!("4"));
+    assert!(err.contains("`rope_scaling.factor`"), "{err}");
+    let err = error("llama3", |c| {
+        c["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": "5e5"});
+        c.as_object_mut().unwrap().remove("rope_scaling");
+    });
+    assert!(err.contains("`rope_parameters.rope_theta`"), "{err}");
+}
+
+#[test]
+fn absent_and_null_fields_take_transformers_defaults() {
+    let (_dir, path) = config_with("llama_linear", |c| {
+        let c = c.as_object_mut().unwrap();
+        for key in [
+            "rope_theta",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "num_key_value_heads",
+        ] {
+            c.remove(key);
+        }
+        c.insert("rope_scaling".into(), Value::Null);
+    });
+    let config = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(config.rope_theta, 10_000.0);
+    assert_eq!(config.rms_norm_eps, 1e-6);
+    assert!(!config.tie_word_embeddings);
+    assert_eq!(config.num_key_value_heads, config.num_attention_heads);
+    assert_eq!(config.rope_scaling, RopeScaling::None);
+}
