@@ -64,6 +64,9 @@ impl TokenLayout {
 /// Per-forward tensors shared by all layers.
 #[derive(Clone)]
 pub(crate) struct Context {
+    /// Rows and positions of the batch; activations between layers are [batch·seq, hidden].
+    batch: usize,
+    seq: usize,
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
@@ -114,11 +117,13 @@ impl Attention {
     /// Attention over `x` [batch, seq, hidden]; with `past`, the new tokens also attend to the
     /// cached keys and values, and their own are appended to the cache.
     fn forward(&self, x: &Tensor, ctx: &Context, past: Option<&mut LayerKv>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let q = rope::split_heads_rotated(&self.q_proj.forward(x, ctx.pass)?, h, cos, sin)?;
-        let k = rope::split_heads_rotated(&self.k_proj.forward(x, ctx.pass)?, kvh, cos, sin)?;
+        let q = self.q_proj.forward(x, ctx.pass)?;
+        let q = rope::split_heads_rotated(&q, (b, t, h), cos, sin)?;
+        let k = self.k_proj.forward(x, ctx.pass)?;
+        let k = rope::split_heads_rotated(&k, (b, t, kvh), cos, sin)?;
         let v = self
             .v_proj
             .forward(x, ctx.pass)?
@@ -143,7 +148,7 @@ impl Attention {
         let out = out
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
+            .reshape((b * t, h * d))?;
         self.o_proj.forward(&out, ctx.pass)
     }
 }
@@ -331,7 +336,10 @@ impl CausalLm {
                 layer.forward(&x, &ctx)?
             };
         }
-        self.norm.forward(&x)
+        Ok(self
+            .norm
+            .forward(&x)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// Final hidden states [batch, seq, hidden] of new tokens [batch, seq] that follow what `cache`
@@ -351,7 +359,10 @@ impl CausalLm {
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
             x = layer.forward_with_past(&x, &ctx, Some(past))?;
         }
-        self.norm.forward(&x)
+        Ok(self
+            .norm
+            .forward(&x)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// An empty cache for `batch` rows with room for `capacity` positions before it grows.
@@ -369,6 +380,8 @@ impl CausalLm {
     ) -> Result<Context> {
         let (cos, sin) = self.rope.tables(position_ids, b, t, &self.device)?;
         Ok(Context {
+            batch: b,
+            seq: t,
             cos,
             sin,
             mask: mask.to_dtype(accumulation_dtype(self.dtype()))?,
@@ -376,14 +389,13 @@ impl CausalLm {
         })
     }
 
-    /// Token embeddings [batch, seq, hidden] of ids [batch, seq].
+    /// Token embeddings [batch·seq, hidden] of ids [batch, seq]: the layers work on rows, so
+    /// that no reshape (each a copy in candle's backward) sits between their ops.
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
         Ok(self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
-            .to_dtype(self.activations)?
-            .reshape((b, t, self.config.hidden_size))?)
+            .to_dtype(self.activations)?)
     }
 
     /// The adapter gradients that checkpointed layers computed since the last call, by variable.

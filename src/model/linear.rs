@@ -37,20 +37,24 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// Applies the layer to x of shape [..., in].
+    /// Applies the layer to x of shape [..., in] (rows [n, in] need no reshape, which in candle's
+    /// backward costs a copy of the gradient).
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let mut out_dims = x.dims().to_vec();
-        let in_features = out_dims.pop().unwrap_or(0);
-        let x2 = x.reshape(((), in_features))?;
+        if x.rank() != 2 {
+            let mut out_dims = x.dims().to_vec();
+            let in_features = out_dims.pop().unwrap_or(0);
+            out_dims.push(self.out_features());
+            let y = self.forward(&x.reshape(((), in_features))?, pass)?;
+            return Ok(y.reshape(out_dims)?);
+        }
         let mut y = match &self.lora {
-            Some(lora) => lora.apply(&x2, &self.weight, pass)?,
-            None => frozen_matmul(&x2, &self.weight)?,
+            Some(lora) => lora.apply(x, &self.weight, pass)?,
+            None => frozen_matmul(x, &self.weight)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        out_dims.push(self.out_features());
-        Ok(y.reshape(out_dims)?)
+        Ok(y)
     }
 }
 

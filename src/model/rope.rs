@@ -87,18 +87,37 @@ impl Rope {
     }
 }
 
-/// The heads of a projection y [batch, seq, heads·head_dim], as [batch, heads, seq, head_dim],
-/// rotated by the tables of [`Rope::tables`].
-pub fn split_heads_rotated(y: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, t, width) = y.dims3()?;
-    let d = width / heads.max(1);
+/// The heads of a projection y [batch·seq, heads·head_dim] (or [batch, seq, heads·head_dim]), as
+/// [batch, heads, seq, head_dim], rotated by the tables of [`Rope::tables`].
+pub fn split_heads_rotated(
+    y: &Tensor,
+    (batch, seq, heads): (usize, usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let d = y.dim(D::Minus1)? / heads.max(1);
+    let dims = RotateDims {
+        batch,
+        seq,
+        heads,
+        head_dim: d,
+    };
     let fused = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64);
     if !fused {
-        let split = y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
+        let split = y
+            .reshape((batch, seq, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         return apply(&split, cos, sin);
     }
+    if y.elem_count() != batch * seq * heads * d {
+        anyhow::bail!(
+            "rope: a projection of shape {:?} is not {batch} × {seq} rows of {heads} heads",
+            y.dims()
+        );
+    }
     let op = SplitRotate {
-        heads,
+        dims,
         cos: cos.to_dtype(y.dtype())?.contiguous()?,
         sin: sin.to_dtype(y.dtype())?.contiguous()?,
     };
@@ -123,7 +142,7 @@ fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// The fused split-and-rotate on the CPU; cos and sin [batch, 1, seq, head_dim] in y's dtype.
 struct SplitRotate {
-    heads: usize,
+    dims: RotateDims,
     cos: Tensor,
     sin: Tensor,
 }
@@ -200,16 +219,6 @@ fn rotate_backward<T: Float + Send + Sync>(
 }
 
 impl SplitRotate {
-    fn dims(&self, shape: &Shape) -> candle_core::Result<RotateDims> {
-        let (batch, seq, width) = shape.dims3()?;
-        Ok(RotateDims {
-            batch,
-            seq,
-            heads: self.heads,
-            head_dim: width / self.heads.max(1),
-        })
-    }
-
     /// The forward rotation of the projection's elements `y`.
     fn forward<T: Float + Send + Sync + WithDType>(
         &self,
@@ -239,7 +248,7 @@ impl CustomOp1 for SplitRotate {
     }
 
     fn cpu_fwd(&self, y: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = self.dims(layout.shape())?;
+        let dims = self.dims;
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("rope: the projection is not contiguous");
         };
@@ -253,7 +262,7 @@ impl CustomOp1 for SplitRotate {
     }
 
     fn bwd(&self, y: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dims = self.dims(y.shape())?;
+        let dims = self.dims;
         let grad = grad.contiguous()?;
         let dy = match y.dtype() {
             DType::F32 => Tensor::new(self.backward::<f32>(&grad, dims)?, y.device())?,
