@@ -51,39 +51,23 @@ pub(crate) fn cpu_product_f32(a: &Tensor, b: &Tensor) -> Result<Option<Vec<f32>>
 }
 
 /// a·b + alpha·(c·d) without gradients. For f32 activations on the CPU the second product
-/// accumulates into the first one's buffer; elsewhere they are separate ops.
+/// accumulates into the first one's buffer ([`MatmulStorage::plus_product`]); elsewhere they are
+/// separate ops.
 pub fn sum_of_products(
     a: &Tensor,
     b: &Tensor,
     (c, d): (&Tensor, &Tensor),
     alpha: f64,
 ) -> Result<Tensor> {
-    let all_f32 = [c, d].iter().all(|t| t.dtype() == candle_core::DType::F32);
-    if all_f32 {
-        if let Some(mut out) = cpu_product_f32(a, b)? {
-            let (sc, lc) = c.storage_and_layout();
-            let (sd, ld) = d.storage_and_layout();
-            if let (Storage::Cpu(CpuStorage::F32(c32)), Storage::Cpu(CpuStorage::F32(d32))) =
-                (&*sc, &*sd)
+    if let Some(ab) = cpu_product_f32(a, b)? {
+        let shape = Shape::from((a.dim(0)?, b.dim(1)?));
+        let (sc, lc) = c.storage_and_layout();
+        let (sd, ld) = d.storage_and_layout();
+        if let (Storage::Cpu(c), Storage::Cpu(d)) = (&*sc, &*sd) {
+            if let CpuStorage::F32(sum) =
+                CpuStorage::F32(ab).plus_product(&shape, (c, lc), (d, ld), alpha)?
             {
-                let dims = ProductDims::of(lc, ld)?;
-                let (m, k, n) = (dims.m, dims.k, dims.n);
-                if dims.batch == 1 && out.len() == m * n {
-                    let (oc, od) = dims.offsets[0];
-                    faer::linalg::matmul::matmul(
-                        MatMut::from_row_major_slice_mut(&mut out, m, n),
-                        Accum::Add,
-                        view(c32, oc, m, k, dims.a_strides),
-                        view(d32, od, k, n, dims.b_strides),
-                        alpha as f32,
-                        if dims.flops() < PARALLEL_FLOPS {
-                            Par::Seq
-                        } else {
-                            Par::rayon(0)
-                        },
-                    );
-                    return Tensor::from_vec(out, (m, n), a.device());
-                }
+                return Tensor::from_vec(sum, shape, a.device());
             }
         }
     }
@@ -149,19 +133,13 @@ impl MatmulStorage for CpuStorage {
             candle_core::bail!("plus_product: shapes do not fit");
         }
         let (oa, ob) = dims.offsets[0];
-        let dst = MatMut::from_row_major_slice_mut(&mut out, m, n);
-        let par = if dims.flops() < PARALLEL_FLOPS {
-            Par::Seq
-        } else {
-            Par::rayon(0)
-        };
         faer::linalg::matmul::matmul(
-            dst,
+            MatMut::from_row_major_slice_mut(&mut out, m, n),
             Accum::Add,
             view(a32, oa, m, k, dims.a_strides),
             view(b32, ob, k, n, dims.b_strides),
             alpha as f32,
-            par,
+            dims.parallelism(),
         );
         Ok(CpuStorage::F32(out))
     }
@@ -281,6 +259,15 @@ impl ProductDims {
 
     fn flops(&self) -> usize {
         2 * self.batch * self.m * self.k * self.n
+    }
+
+    /// Threads for one product of this size: one below [`PARALLEL_FLOPS`], all above.
+    fn parallelism(&self) -> Par {
+        if self.flops() < PARALLEL_FLOPS {
+            Par::Seq
+        } else {
+            Par::rayon(0)
+        }
     }
 }
 
@@ -583,11 +570,7 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
     if m * n == 0 {
         return unsafe { assume_init(out) };
     }
-    let par = if dims.flops() < PARALLEL_FLOPS {
-        Par::Seq
-    } else {
-        Par::rayon(0)
-    };
+    let par = dims.parallelism();
     let panel = match B::as_f32(b) {
         Some(_) => n,
         None => panel_columns(k).min(n),

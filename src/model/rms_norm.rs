@@ -6,6 +6,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_slices::contiguous;
+
 /// RMSNorm of x [..., hidden] (f32 or f64, on the CPU) with weight [hidden] in x's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
@@ -47,14 +49,6 @@ impl Float for f64 {
     }
     fn from_f64(v: f64) -> Self {
         v
-    }
-}
-
-/// The contiguous elements of a storage under its layout.
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("rms norm: the input is not contiguous"),
     }
 }
 
@@ -122,10 +116,10 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (x, w) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(forward(slice(x, lx)?, slice(w, lw)?, self.eps))
+                CpuStorage::F32(forward(contiguous(x, lx)?, contiguous(w, lw)?, self.eps))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(forward(slice(x, lx)?, slice(w, lw)?, self.eps))
+                CpuStorage::F64(forward(contiguous(x, lx)?, contiguous(w, lw)?, self.eps))
             }
             _ => candle_core::bail!("rms norm: f32 or f64 input and weight of one dtype"),
         };
@@ -172,12 +166,22 @@ impl CustomOp2 for RmsNormBackward {
             candle_core::bail!("rms norm: the weight is not on the CPU");
         };
         let out = match (x, g, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(w)) => CpuStorage::F32(
-                backward(slice(x, lx)?, slice(w, lw)?, slice(g, lg)?, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(w)) => CpuStorage::F64(
-                backward(slice(x, lx)?, slice(w, lw)?, slice(g, lg)?, self.eps),
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(w)) => {
+                CpuStorage::F32(backward(
+                    contiguous(x, lx)?,
+                    contiguous(w, lw)?,
+                    contiguous(g, lg)?,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(w)) => {
+                CpuStorage::F64(backward(
+                    contiguous(x, lx)?,
+                    contiguous(w, lw)?,
+                    contiguous(g, lg)?,
+                    self.eps,
+                ))
+            }
             _ => candle_core::bail!("rms norm backward: f32 or f64 tensors of one dtype"),
         };
         Ok((out, lx.shape().clone()))

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, W
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu_slices::with_cpu_slices;
+use super::cpu_slices::{contiguous, with_cpu_slices};
 
 use super::config::{ModelConfig, RopeScaling};
 
@@ -249,12 +249,9 @@ impl CustomOp1 for SplitRotate {
 
     fn cpu_fwd(&self, y: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("rope: the projection is not contiguous");
-        };
         let out = match y {
-            CpuStorage::F32(y) => CpuStorage::F32(self.forward(&y[start..end], dims)?),
-            CpuStorage::F64(y) => CpuStorage::F64(self.forward(&y[start..end], dims)?),
+            CpuStorage::F32(y) => CpuStorage::F32(self.forward(contiguous(y, layout)?, dims)?),
+            CpuStorage::F64(y) => CpuStorage::F64(self.forward(contiguous(y, layout)?, dims)?),
             _ => candle_core::bail!("rope: no CPU kernel for this dtype"),
         };
         let shape = (dims.batch, dims.heads, dims.seq, dims.head_dim);

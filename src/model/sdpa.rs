@@ -89,7 +89,6 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
     shape: Shapes,
 ) -> Result<Tensor> {
     let dims = sdpa_cpu::Dims {
-        batch: shape.batch,
         kv_heads: shape.kv_heads,
         groups: shape.groups,
         seq: shape.seq,
@@ -112,6 +111,7 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
         &v,
         FusedCpuAttention {
             dims,
+            backward_flops: 8 * shape.scores() * dims.head_dim,
             mask,
             lse,
             out: Precomputed::new(out),
@@ -122,6 +122,8 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
 /// Re-attaches the fused kernel's output to q, k and v; its backward is the fused backward.
 struct FusedCpuAttention {
     dims: sdpa_cpu::Dims,
+    /// Floating-point work of the backward's four products, for the phase profile.
+    backward_flops: usize,
     mask: Tensor,
     /// Each query row's log-sum-exp [batch, kv_heads, groups·seq].
     lse: Tensor,
@@ -178,12 +180,7 @@ impl CustomOp3 for FusedCpuAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = self.dims;
-        let pairs: usize = blocks::ranges(d.seq, d.block)
-            .map(|(start, len)| len * (start + len))
-            .sum();
-        let flops = 8 * d.batch * d.kv_heads * d.groups * pairs * d.head_dim;
-        let (dq, dk, dv) = timed(Phase::Attention, flops, || match q.dtype() {
+        let (dq, dk, dv) = timed(Phase::Attention, self.backward_flops, || match q.dtype() {
             DType::F64 => self.gradients::<f64>(q, k, v, out, grad),
             _ => self.gradients::<f32>(q, k, v, out, grad),
         })?;

@@ -51,10 +51,9 @@ impl Element for f64 {
 
 /// The sizes of one attention call: q [batch, kv_heads, groups·seq, d] (the query heads that
 /// share a K/V head stacked along the rows), k, v [batch, kv_heads, seq, d], mask [batch, seq,
-/// seq] (additive, causal), all contiguous.
+/// seq] (additive, causal), all contiguous; the batch is what the slices hold.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
-    pub batch: usize,
     pub kv_heads: usize,
     pub groups: usize,
     pub seq: usize,

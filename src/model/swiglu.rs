@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_slices::with_cpu_slices;
+use super::cpu_slices::{contiguous, with_cpu_slices};
 use super::vector_math;
 
 /// SiLU(gate)·up for gate and up of one shape.
@@ -68,14 +68,6 @@ fn backward_f64(gate: &[f64], up: &[f64], grad: &[f64]) -> (Vec<f64>, Vec<f64>) 
         .unzip()
 }
 
-/// The contiguous elements of a storage under its layout.
-fn elements<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("silu·up: the input is not contiguous"),
-    }
-}
-
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
@@ -89,8 +81,14 @@ impl CustomOp2 for SiluMul {
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match gate.dtype() {
-            DType::F32 => CpuStorage::F32(forward_f32(elements(gate, lg)?, elements(up, lu)?)),
-            DType::F64 => CpuStorage::F64(forward_f64(elements(gate, lg)?, elements(up, lu)?)),
+            DType::F32 => CpuStorage::F32(forward_f32(
+                contiguous(gate.as_slice()?, lg)?,
+                contiguous(up.as_slice()?, lu)?,
+            )),
+            DType::F64 => CpuStorage::F64(forward_f64(
+                contiguous(gate.as_slice()?, lg)?,
+                contiguous(up.as_slice()?, lu)?,
+            )),
             other => candle_core::bail!("silu·up: no CPU kernel for {other:?}"),
         };
         Ok((out, lg.shape().clone()))

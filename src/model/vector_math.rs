@@ -109,11 +109,6 @@ multiversion! {
     }
 }
 
-/// e^x as the kernels compute it, one value at a time (for tests and short tails).
-pub fn exp(x: f32) -> f32 {
-    exp_lane(x)
-}
-
 /// The instruction sets the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Level {

@@ -45,71 +45,52 @@ fn eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Te
         .unwrap()
 }
 
-#[test]
-fn blockwise_attention_equals_eager_attention_and_its_gradients() {
-    let (b, kvh, groups, t, d) = (2, 2, 3, 8, 4);
-    let dev = Device::Cpu;
-    let q = Var::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
-    let k = Var::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
-    let v = Var::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
-    let weights = Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
-    let mask = packed_causal_mask(b, t);
-
-    let reference = eager(&q, &k, &v, &mask, groups);
-    let ref_grads = (&reference * &weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for block in [8, 3, 1] {
-        let out = sdpa::attention(&q, &k, &v, &mask, block).unwrap();
-        assert!(
-            max_abs_diff(&out, &reference) < 1e-12,
-            "block {block}: output differs"
-        );
-        let grads = (&out * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let got = grads.get(var).expect("gradient");
-            let want = ref_grads.get(var).expect("reference gradient");
-            let diff = max_abs_diff(got, want);
-            assert!(diff < 1e-12, "block {block}: d{name} differs by {diff}");
-        }
-    }
-}
-
-/// The output and the gradients of q, k, v of `sdpa::attention` for the upstream `weights`.
-fn attention_and_gradients(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    block: usize,
+/// The output of `attention` on q, k, v and its gradients for the upstream `weights`, as
+/// [output, dq, dk, dv] in f64.
+fn with_gradients(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
     weights: &Tensor,
+    attention: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
 ) -> Vec<Tensor> {
-    let (qv, kv, vv) = (
-        Var::from_tensor(q).unwrap(),
-        Var::from_tensor(k).unwrap(),
-        Var::from_tensor(v).unwrap(),
-    );
-    let out = sdpa::attention(&qv, &kv, &vv, mask, block).unwrap();
-    let grads = (out.to_dtype(DType::F32).unwrap() * weights)
+    let vars = [q, k, v].map(|x| Var::from_tensor(x).unwrap());
+    let out = attention(&vars[0], &vars[1], &vars[2]);
+    let grads = (out.to_dtype(weights.dtype()).unwrap() * weights)
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
     let mut all = vec![out.to_dtype(DType::F64).unwrap()];
-    for var in [&qv, &kv, &vv] {
+    for var in &vars {
         let g = grads.get(var).expect("gradient");
         all.push(g.to_dtype(DType::F64).unwrap());
     }
     all
+}
+
+const NAMES: [&str; 4] = ["output", "dq", "dk", "dv"];
+
+#[test]
+fn blockwise_attention_equals_eager_attention_and_its_gradients() {
+    let (b, kvh, groups, t, d) = (2, 2, 3, 8, 4);
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let k = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let v = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let weights = Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let mask = packed_causal_mask(b, t);
+    let want = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+        eager(q, k, v, &mask, groups)
+    });
+    for block in [8, 3, 1] {
+        let got = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+            sdpa::attention(q, k, v, &mask, block).unwrap()
+        });
+        for (name, (got, want)) in NAMES.iter().zip(got.iter().zip(&want)) {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < 1e-12, "block {block}: {name} differs by {diff}");
+        }
+    }
 }
 
 #[test]
@@ -121,25 +102,17 @@ fn fused_attention_in_f32_over_several_blocks_equals_eager_attention() {
     let v = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
     let weights = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
     let mask = packed_causal_mask(b, t);
-    let f64_of = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
-    let (q64, k64, v64) = (f64_of(&q), f64_of(&k), f64_of(&v));
-    let reference = eager(&q64, &k64, &v64, &mask, groups);
-    let ref_grads = (&reference * &weights.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let mut want = vec![reference];
-    for var in [&q64, &k64, &v64] {
-        want.push(ref_grads.get(var).expect("reference gradient").clone());
-    }
+    let f64_of = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+    let want = with_gradients(
+        (&f64_of(&q), &f64_of(&k), &f64_of(&v)),
+        &f64_of(&weights),
+        |q, k, v| eager(q, k, v, &mask, groups),
+    );
     let mask32 = mask.to_dtype(DType::F32).unwrap();
-    let got = attention_and_gradients(&q, &k, &v, &mask32, 64, &weights);
-    for (name, (got, want)) in ["output", "dq", "dk", "dv"]
-        .iter()
-        .zip(got.iter().zip(&want))
-    {
+    let got = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+        sdpa::attention(q, k, v, &mask32, 64).unwrap()
+    });
+    for (name, (got, want)) in NAMES.iter().zip(got.iter().zip(&want)) {
         let diff = max_abs_diff(got, want);
         assert!(
             diff < 1e-4,
@@ -157,13 +130,14 @@ fn composed_attention_in_bf16_stays_close_to_f32_with_its_gradients() {
     let v = Tensor::randn(0f32, 1.0, (b, kvh, t, d), &dev).unwrap();
     let weights = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
     let mask = packed_causal_mask(b, t).to_dtype(DType::F32).unwrap();
-    let full = attention_and_gradients(&q, &k, &v, &mask, t, &weights);
+    let full = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+        sdpa::attention(q, k, v, &mask, t).unwrap()
+    });
     let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
-    let half = attention_and_gradients(&bf(&q), &bf(&k), &bf(&v), &mask, 5, &weights);
-    for (name, (full, half)) in ["output", "dq", "dk", "dv"]
-        .iter()
-        .zip(full.iter().zip(&half))
-    {
+    let half = with_gradients((&bf(&q), &bf(&k), &bf(&v)), &weights, |q, k, v| {
+        sdpa::attention(q, k, v, &mask, 5).unwrap()
+    });
+    for (name, (full, half)) in NAMES.iter().zip(full.iter().zip(&half)) {
         let scale = full
             .abs()
             .unwrap()

@@ -89,3 +89,13 @@ pub fn bos_fixture_model(variant: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// The ids of an example's tokens that carry a label (the ones it trains on).
+pub fn trained_ids(e: &feinschliff::data::Example) -> Vec<u32> {
+    e.input_ids
+        .iter()
+        .zip(&e.labels)
+        .filter(|(_, &l)| l >= 0)
+        .map(|(&i, _)| i)
+        .collect()
+}

@@ -10,7 +10,7 @@ use feinschliff::recipe::Recipe;
 use polars::prelude::*;
 use std::path::Path;
 
-use super::common::tiny_llama_dir;
+use super::common::{tiny_llama_dir, trained_ids};
 
 fn tokenizer() -> ModelTokenizer {
     ModelTokenizer::from_dir(tiny_llama_dir()).unwrap()
@@ -46,14 +46,7 @@ fn msg(role: &str, content: &str) -> Message {
 
 /// The text of the tokens that carry a label.
 fn trained_text(tok: &ModelTokenizer, e: &Example) -> String {
-    let ids: Vec<u32> = e
-        .input_ids
-        .iter()
-        .zip(&e.labels)
-        .filter(|(_, &l)| l >= 0)
-        .map(|(&i, _)| i)
-        .collect();
-    tok.decode(&ids).unwrap()
+    tok.decode(&trained_ids(e)).unwrap()
 }
 
 #[test]

@@ -11,7 +11,7 @@ use feinschliff::eval::scorer::Scorer;
 use feinschliff::model::{inspect, Model, ModelTokenizer};
 use serde_json::Value;
 
-use super::common::{bos_fixture_model, repo};
+use super::common::{bos_fixture_model, repo, trained_ids};
 
 const VARIANTS: [&str; 4] = ["llama3_style", "llama2_style", "flag_only", "bos_eos"];
 const LM_EVAL_VARIANTS: [&str; 2] = ["llama3_style", "llama2_style"];
@@ -92,13 +92,7 @@ fn training_samples_are_tokenized_as_transformers_does() {
         };
         let e = encoder.encode(&sample).unwrap().example;
         assert_eq!(e.input_ids, want, "{variant}: completion");
-        let trained: Vec<u32> = e
-            .input_ids
-            .iter()
-            .zip(&e.labels)
-            .filter(|(_, &l)| l >= 0)
-            .map(|(&i, _)| i)
-            .collect();
+        let trained = trained_ids(&e);
         let completion_ids = &want[want.len() - trained.len()..];
         assert_eq!(
             trained, completion_ids,
