@@ -1,5 +1,12 @@
 //! Metric definitions as lm-evaluation-harness computes them: accuracy with the sample standard
-//! error, SQuAD-style exact match and F1 (with German articles removed), and the perplexities.
+//! error, answer comparisons (SQuAD's exact match and F1, a German-aware variant, lm-eval's
+//! exact_match), and the perplexities.
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use std::sync::LazyLock;
+
+use super::functions::py_split;
 
 /// Mean of the values.
 pub fn mean(values: &[f64]) -> f64 {
@@ -31,14 +38,88 @@ pub fn argmax(values: &[f64]) -> usize {
     best
 }
 
-/// Articles removed by the normalisation: English (SQuAD) and German.
-const ARTICLES: &[&str] = &[
+/// How a generated answer is compared with its references (`answer_match` of a generate task).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerMatch {
+    /// transformers' `squad_metrics` (SQuAD v1.1), as lm-eval's xquad and mlqa tasks score:
+    /// lower case, ASCII punctuation removed, English articles removed, whitespace collapsed;
+    /// exact_match and f1.
+    Squad,
+    /// SQuAD's comparison, German-aware (Feinschliff-native): German articles and typographic
+    /// quotes and dashes are removed too; exact_match and f1.
+    #[default]
+    SquadDe,
+    /// lm-eval's `exact_match` metric: the strings themselves, optionally compared without case
+    /// (`ignore_case`) and ASCII punctuation (`ignore_punctuation`); exact_match only.
+    Exact,
+}
+
+/// Options of [`AnswerMatch::Exact`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExactOptions {
+    pub ignore_case: bool,
+    pub ignore_punctuation: bool,
+}
+
+impl AnswerMatch {
+    /// The metrics this comparison defines.
+    pub fn metrics(self) -> &'static [&'static str] {
+        match self {
+            AnswerMatch::Squad | AnswerMatch::SquadDe => &["exact_match", "f1"],
+            AnswerMatch::Exact => &["exact_match"],
+        }
+    }
+
+    /// `metric` (one of [`Self::metrics`]) of a prediction: the best over the references.
+    pub fn score(
+        self,
+        metric: &str,
+        prediction: &str,
+        references: &[String],
+        exact: ExactOptions,
+    ) -> f64 {
+        let one = |reference: &str| match (self, metric) {
+            (AnswerMatch::Exact, _) => exact_match_strings(prediction, reference, exact),
+            (_, "f1") => token_f1(&self.normalize(prediction), &self.normalize(reference)),
+            _ => f64::from(u8::from(
+                self.normalize(prediction) == self.normalize(reference),
+            )),
+        };
+        references.iter().map(|r| one(r)).fold(0.0, f64::max)
+    }
+
+    fn normalize(self, s: &str) -> String {
+        match self {
+            AnswerMatch::SquadDe => normalize_answer_de(s),
+            _ => normalize_answer_squad(s),
+        }
+    }
+}
+
+/// transformers' `squad_metrics.normalize_answer`: lower case, ASCII punctuation removed,
+/// `\b(a|an|the)\b` replaced by a space, whitespace collapsed.
+pub fn normalize_answer_squad(s: &str) -> String {
+    static ARTICLES: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"\b(a|an|the)\b").expect("valid regex"));
+    let no_punct: String = s
+        .to_lowercase()
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .collect();
+    py_split(&ARTICLES.replace_all(&no_punct, " "))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Articles removed by the German-aware normalisation: English (SQuAD) and German.
+const ARTICLES_DE: &[&str] = &[
     "a", "an", "the", "der", "die", "das", "den", "dem", "des", "ein", "eine", "einer", "eines",
     "einem", "einen",
 ];
 
 /// SQuAD normalisation, German-aware: lower case, punctuation removed, articles removed, whitespace collapsed.
-pub fn normalize_answer(s: &str) -> String {
+pub fn normalize_answer_de(s: &str) -> String {
     let lower = s.to_lowercase();
     let no_punct: String = lower
         .chars()
@@ -46,36 +127,35 @@ pub fn normalize_answer(s: &str) -> String {
         .collect();
     no_punct
         .split_whitespace()
-        .filter(|w| !ARTICLES.contains(w))
+        .filter(|w| !ARTICLES_DE.contains(w))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-/// 1.0 when the normalised prediction equals a normalised reference.
-pub fn exact_match(prediction: &str, references: &[String]) -> f64 {
-    let p = normalize_answer(prediction);
-    if references.iter().any(|r| normalize_answer(r) == p) {
-        1.0
-    } else {
-        0.0
-    }
+/// lm-eval's `exact_match_hf_evaluate` for one pair: 1.0 when equal after the options (lower
+/// case first, then ASCII punctuation removed).
+pub fn exact_match_strings(prediction: &str, reference: &str, options: ExactOptions) -> f64 {
+    let prepare = |s: &str| {
+        let s = if options.ignore_case {
+            s.to_lowercase()
+        } else {
+            s.to_string()
+        };
+        if options.ignore_punctuation {
+            s.chars().filter(|c| !c.is_ascii_punctuation()).collect()
+        } else {
+            s
+        }
+    };
+    f64::from(u8::from(prepare(prediction) == prepare(reference)))
 }
 
-/// The best token-overlap F1 of the prediction against the references (SQuAD).
-pub fn f1(prediction: &str, references: &[String]) -> f64 {
-    references
-        .iter()
-        .map(|r| f1_single(prediction, r))
-        .fold(0.0, f64::max)
-}
-
-fn f1_single(prediction: &str, reference: &str) -> f64 {
-    let p = normalize_answer(prediction);
-    let r = normalize_answer(reference);
-    let pt: Vec<&str> = p.split_whitespace().collect();
-    let rt: Vec<&str> = r.split_whitespace().collect();
+/// SQuAD's token F1 of two normalised answers (`compute_f1`): 1 or 0 when either is empty.
+fn token_f1(prediction: &str, reference: &str) -> f64 {
+    let pt: Vec<&str> = py_split(prediction).collect();
+    let rt: Vec<&str> = py_split(reference).collect();
     if pt.is_empty() || rt.is_empty() {
-        return if pt == rt { 1.0 } else { 0.0 };
+        return f64::from(u8::from(pt == rt));
     }
     let mut counts = std::collections::HashMap::new();
     for t in &rt {

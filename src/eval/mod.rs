@@ -3,6 +3,8 @@
 //! for a loaded model, [`run`] for `feinschliff eval`.
 
 pub mod encoding;
+pub mod filters;
+pub mod functions;
 pub mod metrics;
 pub mod report;
 pub mod scorer;
@@ -26,6 +28,7 @@ pub fn evaluate(model: &Model, suite: &Suite, limit: Option<usize>) -> Result<Ve
     let mut results = Vec::new();
     for task in &suite.tasks {
         let docs = tasks::load_docs(suite, &task.dataset)
+            .and_then(|docs| tasks::documents::prepare(task, docs))
             .with_context(|| format!("task `{}`", task.name))?;
         let n_original = docs.len();
         let docs = &docs[..limit.unwrap_or(docs.len()).min(docs.len())];

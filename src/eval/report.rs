@@ -26,6 +26,7 @@ pub struct RunInfo<'a> {
 /// results.json as lm-eval writes it (`results[task]["acc,none"]`, `"acc_stderr,none"`, ...).
 pub fn results_json(suite: &Suite, results: &[TaskResult], info: &RunInfo) -> Value {
     let mut res = Map::new();
+    let mut comparability = Map::new();
     let (mut configs, mut versions, mut nshot, mut hib, mut nsamples, mut licenses) = (
         Map::new(),
         Map::new(),
@@ -39,13 +40,14 @@ pub fn results_json(suite: &Suite, results: &[TaskResult], info: &RunInfo) -> Va
         let mut m = Map::new();
         m.insert("alias".into(), json!(r.name));
         let mut better = Map::new();
-        for (metric, (value, stderr)) in &r.metrics {
-            m.insert(format!("{metric},none"), json!(value));
+        for (name, (value, stderr)) in &r.metrics {
+            let (metric, filter) = name.split_once(',').unwrap_or((name, "none"));
+            m.insert(format!("{metric},{filter}"), json!(value));
             m.insert(
-                format!("{metric}_stderr,none"),
+                format!("{metric}_stderr,{filter}"),
                 stderr.map(|s| json!(s)).unwrap_or(json!("N/A")),
             );
-            better.insert(metric.clone(), json!(higher_is_better(metric)));
+            better.insert(name.clone(), json!(higher_is_better(metric)));
         }
         res.insert(r.name.clone(), Value::Object(m));
         hib.insert(r.name.clone(), Value::Object(better));
@@ -64,6 +66,7 @@ pub fn results_json(suite: &Suite, results: &[TaskResult], info: &RunInfo) -> Va
                 r.name.clone(),
                 json!({"license": t.license, "non_commercial": t.non_commercial}),
             );
+            comparability.insert(r.name.clone(), json!(t.comparability()));
         }
     }
     let model_args = match info.adapter {
@@ -78,6 +81,7 @@ pub fn results_json(suite: &Suite, results: &[TaskResult], info: &RunInfo) -> Va
         "higher_is_better": hib,
         "n-samples": nsamples,
         "licenses": licenses,
+        "comparable_to": comparability,
         "config": {
             "model": "feinschliff",
             "model_args": model_args,
@@ -93,7 +97,8 @@ pub fn results_json(suite: &Suite, results: &[TaskResult], info: &RunInfo) -> Va
     })
 }
 
-/// The metric values of a results.json (ours or lm-eval's).
+/// The metric values of a results.json (ours or lm-eval's): `acc,none` is `acc`, a filtered
+/// `exact_match,flexible-extract` keeps its filter.
 pub fn scores_of(results: &Value) -> Scores {
     let mut out = Scores::new();
     if let Some(tasks) = results.get("results").and_then(Value::as_object) {
@@ -102,13 +107,17 @@ pub fn scores_of(results: &Value) -> Scores {
                 continue;
             };
             for (key, v) in metrics {
-                if let (Some((metric, "none")), Some(v)) = (key.split_once(','), v.as_f64()) {
-                    if !metric.ends_with("_stderr") {
-                        out.entry(task.clone())
-                            .or_default()
-                            .insert(metric.to_string(), v);
-                    }
+                let (Some((metric, filter)), Some(v)) = (key.split_once(','), v.as_f64()) else {
+                    continue;
+                };
+                if metric.ends_with("_stderr") {
+                    continue;
                 }
+                let name = match filter {
+                    "none" => metric.to_string(),
+                    _ => key.clone(),
+                };
+                out.entry(task.clone()).or_default().insert(name, v);
             }
         }
     }
@@ -242,6 +251,10 @@ pub fn markdown(
                 }
             }
         }
+    }
+    s.push_str("\n## Comparable to\n\n");
+    for t in suite.tasks.iter().filter(|t| adapted.contains_key(&t.name)) {
+        let _ = writeln!(s, "- {}: {}", t.name, t.comparability());
     }
     let nc: Vec<String> = suite
         .tasks

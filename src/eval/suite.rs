@@ -5,6 +5,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use super::filters::FilterPipeline;
+use super::metrics::{AnswerMatch, ExactOptions};
+
 /// A suite file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,11 +114,56 @@ pub struct TaskConfig {
     /// Generate: most new tokens.
     #[serde(default = "default_max_gen_toks")]
     pub max_gen_toks: usize,
+    /// Generate: how predictions are compared with the references (default `squad_de`).
+    #[serde(default)]
+    pub answer_match: AnswerMatch,
+    /// Generate with `answer_match = "exact"`: compare without case.
+    #[serde(default)]
+    pub ignore_case: bool,
+    /// Generate with `answer_match = "exact"`: compare without ASCII punctuation.
+    #[serde(default)]
+    pub ignore_punctuation: bool,
+    /// Generate: named post-processing pipelines of the raw generation (lm-eval's
+    /// `filter_list`); each metric is then reported per pipeline as `<metric>,<name>`.
+    #[serde(default, rename = "filter")]
+    pub filters: Vec<FilterPipeline>,
+    /// Documents are kept where this expression is true (`"sentence1 and sentence2"`); checked
+    /// before `process_docs`, as lm-eval's `process_docs` functions filter then map.
+    #[serde(default)]
+    pub keep: Option<String>,
+    /// Fields rewritten before prompting, in order, each an expression over the document as
+    /// rewritten so far (lm-eval's `process_docs`).
+    #[serde(default)]
+    pub process_docs: Vec<ProcessStep>,
+    /// The lm-evaluation-harness task this one reproduces; none for Feinschliff-native tasks.
+    #[serde(default)]
+    pub lm_eval: Option<LmEvalReference>,
     /// Metrics to report (defaults per kind).
     #[serde(default)]
     pub metrics: Vec<String>,
     #[serde(default = "default_version")]
     pub version: f64,
+}
+
+/// One rewrite of a document field: `{ set = "sentence1", to = "sentence1 | strip" }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStep {
+    pub set: String,
+    pub to: String,
+}
+
+/// The lm-eval version whose task definitions the `lm_eval` references were checked against.
+pub const LM_EVAL_VERSION: &str = "0.4.13";
+
+/// The lm-evaluation-harness task a task reproduces: its name, and the split lm-eval scores when
+/// the task has to score another one (the local copy lacks it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmEvalReference {
+    pub task: String,
+    #[serde(default)]
+    pub split: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,13 +226,51 @@ pub fn higher_is_better(metric: &str) -> bool {
 }
 
 impl TaskConfig {
-    /// The metrics this task reports.
-    pub fn metric_names(&self) -> Vec<String> {
-        if self.metrics.is_empty() {
-            self.kind.metrics().iter().map(|s| s.to_string()).collect()
-        } else {
-            self.metrics.clone()
+    /// The metrics this task computes, before filters.
+    pub fn base_metrics(&self) -> Vec<String> {
+        if !self.metrics.is_empty() {
+            return self.metrics.clone();
         }
+        let defaults = match self.kind {
+            TaskKind::Generate => self.answer_match.metrics(),
+            kind => kind.metrics(),
+        };
+        defaults.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The metrics this task reports: `<metric>` or, with filters, `<metric>,<filter>` each.
+    pub fn metric_names(&self) -> Vec<String> {
+        let base = self.base_metrics();
+        if self.filters.is_empty() {
+            return base;
+        }
+        base.iter()
+            .flat_map(|m| self.filters.iter().map(move |f| format!("{m},{}", f.name)))
+            .collect()
+    }
+
+    /// The options of `answer_match = "exact"`.
+    pub fn exact_options(&self) -> ExactOptions {
+        ExactOptions {
+            ignore_case: self.ignore_case,
+            ignore_punctuation: self.ignore_punctuation,
+        }
+    }
+
+    /// What this task's scores can be compared with, for reports.
+    pub fn comparability(&self) -> String {
+        let Some(reference) = &self.lm_eval else {
+            return "Feinschliff-native: not comparable to lm-eval or leaderboard numbers".into();
+        };
+        let mut text = format!("lm-eval {LM_EVAL_VERSION} `{}`", reference.task);
+        if let (Some(theirs), Some(ours)) = (&reference.split, &self.dataset.split) {
+            if theirs != ours {
+                text.push_str(&format!(
+                    ", except the split: scored on `{ours}`, lm-eval scores `{theirs}` (not in the local copy)"
+                ));
+            }
+        }
+        text
     }
 }
 
@@ -219,17 +305,46 @@ impl Suite {
                     "dataset must set exactly one of `path` and `hub`".into(),
                 ));
             }
-            let allowed = t.kind.metrics();
+            let allowed = match t.kind {
+                TaskKind::Generate => t.answer_match.metrics(),
+                kind => kind.metrics(),
+            };
             if let Some(m) = t.metrics.iter().find(|m| !allowed.contains(&m.as_str())) {
                 return Err(at(
                     &t.name,
                     format!(
-                        "metric `{m}` is not one of {} for kind {:?}",
+                        "metric `{m}` is not one of {} for kind {:?} with answer_match {:?}",
                         allowed.join(", "),
-                        t.kind
+                        t.kind,
+                        t.answer_match
                     ),
                 ));
             }
+            if t.kind != TaskKind::Generate && !t.filters.is_empty() {
+                return Err(at(
+                    &t.name,
+                    "`filter` applies to generate tasks only".into(),
+                ));
+            }
+            if (t.ignore_case || t.ignore_punctuation) && t.answer_match != AnswerMatch::Exact {
+                return Err(at(
+                    &t.name,
+                    "`ignore_case` and `ignore_punctuation` need `answer_match = \"exact\"`".into(),
+                ));
+            }
+            for f in &t.filters {
+                f.validate().map_err(|e| at(&t.name, format!("{e}")))?;
+                if f.name.is_empty() || f.name == "none" || f.name.contains(',') {
+                    return Err(at(
+                        &t.name,
+                        format!(
+                            "filter name `{}` must be non-empty, not `none`, without commas",
+                            f.name
+                        ),
+                    ));
+                }
+            }
+            super::tasks::documents::check(t).map_err(|e| at(&t.name, format!("{e:#}")))?;
             match t.kind {
                 TaskKind::MultipleChoice => {
                     if t.choices.is_none() || t.target.is_none() {

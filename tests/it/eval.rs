@@ -1,7 +1,7 @@
 //! The evaluation harness: suites, scoring semantics, reports, gates; the German suite on the
 //! shared benchmark data when ../shared is present.
 
-use feinschliff::eval::metrics::{exact_match, f1, mean_stderr, normalize_answer};
+use feinschliff::eval::metrics::{mean_stderr, normalize_answer_de, AnswerMatch, ExactOptions};
 use feinschliff::eval::scorer::Scorer;
 use feinschliff::eval::suite::Suite;
 use feinschliff::eval::{self, EvalOptions};
@@ -217,8 +217,24 @@ fn malformed_suites_are_named() {
         ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"sorting\"\n", "unknown variant `sorting`"),
         ("name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"perplexity\"\ndataset = { path = \"d.jsonl\" }\ncontext = \"c\"\n", "missing field `license`"),
     ];
+    let generate = "name = \"x\"\n[[task]]\nname = \"a\"\nkind = \"generate\"\ndataset = { path = \"d.jsonl\" }\nlicense = \"x\"\ncontext = \"c\"\ntarget = \"t\"\n";
+    let generate_cases = [
+        ("metrics = [\"f1\"]\nanswer_match = \"exact\"\n", "metric `f1` is not one of exact_match"),
+        ("ignore_case = true\n", "need `answer_match = \"exact\"`"),
+        ("answer_match = \"fuzzy\"\n", "unknown variant `fuzzy`"),
+        ("keep = \"sentence1 and\"\n", "`keep` is not a valid expression"),
+        ("process_docs = [{ set = \"q\", to = \"q |\" }]\n", "process_docs step setting `q`"),
+        ("[[task.filter]]\nname = \"num\"\nsteps = [{ function = \"regex\", regex_pattern = \"(\" }]\n", "filter `num`: regex_pattern `(` is not a valid regex"),
+        ("[[task.filter]]\nname = \"none\"\nsteps = [{ function = \"remove_whitespace\" }]\n", "filter name `none`"),
+        ("[[task.filter]]\nname = \"x\"\nsteps = [{ function = \"take_last\" }]\n", "unknown variant `take_last`"),
+    ];
+    let cases = cases.into_iter().map(|(t, w)| (t.to_string(), w)).chain(
+        generate_cases
+            .into_iter()
+            .map(|(extra, w)| (format!("{generate}{extra}"), w)),
+    );
     for (text, want) in cases {
-        let (_d, path) = write_temp("suite.toml", text);
+        let (_d, path) = write_temp("suite.toml", &text);
         let err = format!("{:#}", Suite::load(&path).unwrap_err());
         assert!(
             err.contains("suite.toml") && err.contains(want),
@@ -252,10 +268,28 @@ fn scorer_splits_and_windows_like_lm_eval() {
 
 #[test]
 fn answer_normalisation_is_german_aware() {
-    assert_eq!(normalize_answer("Die Stadt Berlin!"), "stadt berlin");
-    assert_eq!(exact_match("der Marktplatz", &["Marktplatz".into()]), 1.0);
+    let score = |metric, prediction, reference: &str| {
+        AnswerMatch::SquadDe.score(
+            metric,
+            prediction,
+            &[reference.into()],
+            ExactOptions::default(),
+        )
+    };
+    assert_eq!(normalize_answer_de("Die Stadt Berlin!"), "stadt berlin");
+    assert_eq!(score("exact_match", "der Marktplatz", "Marktplatz"), 1.0);
+    assert_eq!(
+        AnswerMatch::Squad.score(
+            "exact_match",
+            "der Marktplatz",
+            &["Marktplatz".into()],
+            ExactOptions::default()
+        ),
+        0.0,
+        "SQuAD's own normalisation keeps German articles"
+    );
     assert!(
-        (f1("am Marktplatz 3", &["Marktplatz 3 in Lindenau".into()])
+        (score("f1", "am Marktplatz 3", "Marktplatz 3 in Lindenau")
             - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5))
             .abs()
             < 1e-12

@@ -15,6 +15,7 @@ mod hub_id;
 mod hub_server;
 mod kv_cache;
 mod lm_eval_parity;
+mod lm_eval_tasks;
 mod lora_linear;
 mod matmul;
 mod model_config;

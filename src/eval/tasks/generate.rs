@@ -1,12 +1,11 @@
-//! Generation: greedy decoding until a stop string or max_gen_toks, scored by exact match and
-//! SQuAD-style F1 against one or more references.
+//! Generation: greedy decoding until a stop string or max_gen_toks; each filter pipeline (or the
+//! raw generation) is scored against the references with the task's `answer_match`.
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use serde_json::json;
+use serde_json::{json, Map};
 
 use super::{Doc, Prompter, TaskResult, Templates};
-use crate::eval::metrics::{exact_match, f1};
 use crate::eval::scorer::Scorer;
 use crate::eval::suite::{Suite, TaskConfig};
 
@@ -20,6 +19,11 @@ pub fn run(
 ) -> Result<TaskResult> {
     let templates = Templates::new(task)?;
     let prompter = Prompter::new(suite, task, &templates, docs, &scorer.model.tokenizer)?;
+    let pipelines = task
+        .filters
+        .iter()
+        .map(|f| f.compiled())
+        .collect::<Result<Vec<_>>>()?;
     let mut contexts = Vec::with_capacity(docs.len());
     let mut references = Vec::with_capacity(docs.len());
     for (i, doc) in docs.iter().enumerate() {
@@ -29,20 +33,51 @@ pub fn run(
     }
     bar.set_length(docs.len() as u64);
     let outputs = scorer.generate(&contexts, &task.until, task.max_gen_toks, bar)?;
-    let (mut em, mut f) = (Vec::new(), Vec::new());
-    let mut samples = Vec::new();
+    let metrics = task.base_metrics();
+    let exact = task.exact_options();
+    let mut per_doc: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut samples = Vec::with_capacity(docs.len());
     for (i, ((context, refs), out)) in contexts.iter().zip(&references).zip(&outputs).enumerate() {
-        let prediction = out.trim();
-        em.push(exact_match(prediction, refs));
-        f.push(f1(prediction, refs));
-        samples.push(json!({
-            "doc_id": i, "context": context, "prediction": out, "references": refs,
-            "exact_match": em[i], "f1": f[i],
-        }));
+        // The responses the metrics see: the raw generation, or one per filter pipeline.
+        let responses: Vec<(Option<&str>, String)> = if pipelines.is_empty() {
+            vec![(None, out.clone())]
+        } else {
+            pipelines
+                .iter()
+                .map(|p| (Some(p.name.as_str()), p.apply(out)))
+                .collect()
+        };
+        let mut sample = Map::new();
+        sample.insert("doc_id".into(), json!(i));
+        sample.insert("context".into(), json!(context));
+        sample.insert("prediction".into(), json!(out));
+        sample.insert("references".into(), json!(refs));
+        let mut filtered = Map::new();
+        for (filter, response) in &responses {
+            if let Some(name) = filter {
+                filtered.insert(name.to_string(), json!(response));
+            }
+            for metric in &metrics {
+                let key = match filter {
+                    Some(name) => format!("{metric},{name}"),
+                    None => metric.clone(),
+                };
+                let value = task.answer_match.score(metric, response, refs, exact);
+                sample.insert(key.clone(), json!(value));
+                match per_doc.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, values)) => values.push(value),
+                    None => per_doc.push((key, vec![value])),
+                }
+            }
+        }
+        if !filtered.is_empty() {
+            sample.insert("filtered".into(), filtered.into());
+        }
+        samples.push(sample.into());
     }
     Ok(TaskResult::from_means(
         task,
-        [("exact_match", &em), ("f1", &f)],
+        per_doc,
         samples,
         n_original,
         docs.len(),

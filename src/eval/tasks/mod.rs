@@ -1,12 +1,12 @@
 //! Task kinds. Each file turns a task's documents into scoring requests and the results into
 //! metrics and per-sample records, with lm-evaluation-harness's definitions.
 
+pub mod documents;
 pub mod generate;
 pub mod multiple_choice;
 pub mod perplexity;
 
 use anyhow::{anyhow, bail, Context, Result};
-use minijinja::Environment;
 use polars::prelude::SerWriter as _;
 use rand::seq::IndexedRandom;
 use rand::SeedableRng;
@@ -35,10 +35,10 @@ pub struct TaskResult {
 
 impl TaskResult {
     /// A result whose metrics are per-document means with their standard errors; only the
-    /// metrics the task asks for are kept.
+    /// metrics the task reports are kept.
     pub fn from_means(
         task: &TaskConfig,
-        per_doc: [(&str, &Vec<f64>); 2],
+        per_doc: Vec<(String, Vec<f64>)>,
         samples: Vec<Value>,
         n_original: usize,
         n_effective: usize,
@@ -46,15 +46,13 @@ impl TaskResult {
         let wanted = task.metric_names();
         let metrics = per_doc
             .into_iter()
-            .filter(|(name, _)| wanted.iter().any(|m| m == name))
+            .filter(|(name, _)| wanted.contains(name))
             .map(|(name, values)| {
-                (
-                    name.to_string(),
-                    (
-                        super::metrics::mean(values),
-                        Some(super::metrics::mean_stderr(values)),
-                    ),
-                )
+                let stats = (
+                    super::metrics::mean(&values),
+                    Some(super::metrics::mean_stderr(&values)),
+                );
+                (name, stats)
             })
             .collect();
         Self {
@@ -105,13 +103,12 @@ pub fn load_docs(suite: &Suite, dataset: &DatasetRef) -> Result<Vec<Doc>> {
 
 /// The templates of one task, compiled once.
 pub struct Templates {
-    env: Environment<'static>,
+    env: minijinja::Environment<'static>,
 }
 
 impl Templates {
     pub fn new(task: &TaskConfig) -> Result<Self> {
-        let mut env = Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let mut env = documents::environment();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .keep_trailing_newline(true)
             .build()
@@ -188,7 +185,7 @@ impl<'a> Prompter<'a> {
         let pool = if task.num_fewshot == 0 {
             Vec::new()
         } else if let Some(d) = &task.fewshot_dataset {
-            load_docs(suite, d)?
+            documents::prepare(task, load_docs(suite, d)?)?
         } else {
             docs.to_vec()
         };

@@ -71,7 +71,7 @@ pub fn run(
     }
     Ok(TaskResult::from_means(
         task,
-        [("acc", &acc), ("acc_norm", &acc_norm)],
+        vec![("acc".into(), acc), ("acc_norm".into(), acc_norm)],
         samples,
         n_original,
         docs.len(),
