@@ -264,7 +264,16 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         spec.trained_fraction,
         device,
     )?];
-    optimizer_step(&lm, &trainable, &mut optimizer, &batches, 1e-4, 1.0, 0)?;
+    optimizer_step(
+        &lm,
+        &trainable,
+        &mut optimizer,
+        &batches,
+        1e-4,
+        1.0,
+        0,
+        false,
+    )?;
     phases::enable();
     let started = Instant::now();
     for step in 0..spec.steps {
@@ -276,6 +285,7 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
             1e-4,
             1.0,
             step as u64 + 1,
+            false,
         )?;
     }
     device.synchronize()?;

@@ -3,16 +3,34 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+use crate::failure::RuntimeFailure;
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename; on failure
+/// (a full disk) the temporary file is removed and `path` is as it was. A runtime failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp-{}",
         path.extension().and_then(|e| e.to_str()).unwrap_or(""),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    let written = write_synced(&tmp, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.runtime()
+}
+
+/// Writes and flushes a file to the disk, so that a rename after it never exposes a short file.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 /// An output folder that is filled under a temporary name and appears under its real name only
@@ -22,6 +40,8 @@ pub struct StagedDir {
     staging: PathBuf,
     force: bool,
     committed: bool,
+    /// Kept when dropped uncommitted if this says so (a run that can be resumed).
+    keep_if: Option<fn(&Path) -> bool>,
 }
 
 impl StagedDir {
@@ -40,16 +60,50 @@ impl StagedDir {
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
         if staging.exists() {
-            std::fs::remove_dir_all(&staging)?;
+            std::fs::remove_dir_all(&staging).runtime()?;
         }
         std::fs::create_dir_all(&staging)
-            .with_context(|| format!("cannot create {}", staging.display()))?;
+            .with_context(|| format!("cannot create {}", staging.display()))
+            .runtime()?;
         Ok(Self {
             target: target.to_path_buf(),
             staging,
             force,
             committed: false,
+            keep_if: None,
         })
+    }
+
+    /// Like [`StagedDir::create`], but under a fixed name (`.<name>.partial`) whose contents are
+    /// kept: a later run finds what an interrupted one left. Dropped uncommitted, the folder is
+    /// removed unless `keep_if` says to keep it.
+    pub fn reusable(target: &Path, force: bool, keep_if: fn(&Path) -> bool) -> Result<Self> {
+        if target.exists() && !force {
+            bail!(
+                "output folder {} already exists; choose another one or pass --force to replace it",
+                target.display()
+            );
+        }
+        let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let staging = target.with_file_name(format!(".{name}.partial"));
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create {}", staging.display()))
+            .runtime()?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            staging,
+            force,
+            committed: false,
+            keep_if: Some(keep_if),
+        })
+    }
+
+    /// Empties the staging folder (a fresh start over what an earlier run left).
+    pub fn clear(&self) -> Result<()> {
+        std::fs::remove_dir_all(&self.staging)
+            .and_then(|()| std::fs::create_dir_all(&self.staging))
+            .with_context(|| format!("cannot empty {}", self.staging.display()))
+            .runtime()
     }
 
     /// Where to write the files for now.
@@ -72,15 +126,18 @@ impl StagedDir {
                 );
             }
             std::fs::remove_dir_all(&self.target)
-                .with_context(|| format!("cannot remove old {}", self.target.display()))?;
+                .with_context(|| format!("cannot remove old {}", self.target.display()))
+                .runtime()?;
         }
-        std::fs::rename(&self.staging, &self.target).with_context(|| {
-            format!(
-                "cannot move {} to {}",
-                self.staging.display(),
-                self.target.display()
-            )
-        })?;
+        std::fs::rename(&self.staging, &self.target)
+            .with_context(|| {
+                format!(
+                    "cannot move {} to {}",
+                    self.staging.display(),
+                    self.target.display()
+                )
+            })
+            .runtime()?;
         self.committed = true;
         Ok(self.target.clone())
     }
@@ -88,7 +145,8 @@ impl StagedDir {
 
 impl Drop for StagedDir {
     fn drop(&mut self) {
-        if !self.committed {
+        let keep = self.keep_if.is_some_and(|keep| keep(&self.staging));
+        if !self.committed && !keep {
             let _ = std::fs::remove_dir_all(&self.staging);
         }
     }

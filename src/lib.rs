@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod export;
+pub mod failure;
 pub mod fsutil;
 pub mod hub;
 pub mod model;

@@ -33,9 +33,13 @@ enum Command {
         /// Override a recipe value, e.g. --set train.lr=1e-4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Replace an existing output folder.
+        /// Replace an existing output folder, or start over where an interrupted run left
+        /// checkpoints.
         #[arg(long)]
         force: bool,
+        /// Continue the interrupted run of this recipe from its latest checkpoint, exactly.
+        #[arg(long, conflicts_with = "force")]
+        resume: bool,
     },
     /// Create or inspect checkpoints.
     Model {
@@ -277,9 +281,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    // Usage errors exit with 2 (clap's own code), as bad input does.
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(feinschliff::failure::exit_code(&e));
     }
 }
 
@@ -289,9 +294,11 @@ fn run(cli: Cli) -> Result<()> {
             recipe,
             overrides,
             force,
+            resume,
         } => {
             let recipe = feinschliff::recipe::Recipe::load(&recipe, &overrides)?;
-            let s = feinschliff::pipeline::run(&recipe, force)?;
+            let options = feinschliff::train::RunOptions { force, resume };
+            let s = feinschliff::pipeline::run(&recipe, options)?;
             let val = s
                 .val_loss
                 .map(|v| format!(", validation loss {v:.4}"))
@@ -364,7 +371,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("reports in {}", outcome.out.display());
             let failures = outcome.failures();
             if !failures.is_empty() {
-                anyhow::bail!("{}", failures.join("\n"));
+                return Err(anyhow::anyhow!("{}", failures.join("\n"))
+                    .context(feinschliff::failure::Failure::GateMissed));
             }
         }
         Command::Export {

@@ -2,19 +2,21 @@
 //! the base and the adapted model, `[export]`, `[publish]`. A missed gate fails the run after the
 //! reports are written, before anything is exported or published.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::eval::{self, report, suite::Suite};
 use crate::export::{card, MergeOptions};
+use crate::failure::Failure;
 use crate::fsutil::StagedDir;
 use crate::model::{BaseModel, Model};
 use crate::publish::PublishOptions;
 use crate::recipe::{EvalSection, Recipe};
-use crate::train::{self, TrainSummary};
+use crate::train::{self, RunOptions, TrainSummary};
 
 /// Runs the recipe; returns the training summary once every gate passed. The base is located
 /// once, here, and every stage names it by its Hub id (or folder name), never by a local path.
-pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
+pub fn run(recipe: &Recipe, options: RunOptions) -> Result<TrainSummary> {
+    let force = options.force;
     let base = recipe.locate_base()?;
     if let Some(p) = &recipe.publish {
         if base.hub_id.is_none() && !p.allow_local_base {
@@ -26,7 +28,7 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
             );
         }
     }
-    let summary = train::run(recipe, &base, force)?;
+    let summary = train::run(recipe, &base, options)?;
     let failures = match &recipe.eval {
         Some(section) => evaluate(recipe, section, &summary, &base)?,
         None => Vec::new(),
@@ -38,11 +40,12 @@ pub fn run(recipe: &Recipe, force: bool) -> Result<TrainSummary> {
         card::Kind::Adapter,
     )?;
     if !failures.is_empty() {
-        bail!(
+        return Err(anyhow!(
             "{}\n(the adapter and the reports are in {}; nothing was exported or published)",
             failures.join("\n"),
             summary.output.display()
-        );
+        )
+        .context(Failure::GateMissed));
     }
     let mut result_dir = summary.output.clone();
     if let Some(e) = recipe.export.as_ref().filter(|e| e.merge) {

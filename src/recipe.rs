@@ -334,6 +334,27 @@ pub struct TrainSection {
     pub device: String,
     /// Recompute each layer's activations in the backward pass: less memory, ~1/3 more compute.
     pub gradient_checkpointing: bool,
+    /// Write a checkpoint every this many optimizer steps (0: only at the end of each epoch and on
+    /// SIGINT/SIGTERM). `feinschliff train --resume` continues from the latest one.
+    pub save_every: usize,
+    /// Keep this many of the latest checkpoints (at least 1).
+    pub save_total_limit: usize,
+    /// Skip an update whose loss or gradients are not finite (counted in metrics.jsonl) instead of
+    /// stopping the run.
+    pub skip_nonfinite: bool,
+    /// Without a terminal (CI logs), log one line every this many steps instead of a progress bar.
+    pub logging_steps: usize,
+}
+
+impl TrainSection {
+    /// Settings that change how a run is saved or shown, not what it computes: a run may resume
+    /// with other values of these.
+    pub const NOT_AFFECTING_RESULTS: [&'static str; 4] = [
+        "save_every",
+        "save_total_limit",
+        "logging_steps",
+        "eval_every",
+    ];
 }
 
 impl Default for TrainSection {
@@ -355,6 +376,10 @@ impl Default for TrainSection {
             eval_every: 0,
             device: "auto".into(),
             gradient_checkpointing: false,
+            save_every: 0,
+            save_total_limit: 2,
+            skip_nonfinite: false,
+            logging_steps: 10,
         }
     }
 }
@@ -606,6 +631,16 @@ impl Recipe {
             ));
         }
         let t = &self.train;
+        if t.save_total_limit == 0 {
+            return Err(fail(
+                "train",
+                "save_total_limit",
+                "must be at least 1 (the latest checkpoint is what --resume continues)".into(),
+            ));
+        }
+        if t.logging_steps == 0 {
+            return Err(fail("train", "logging_steps", "must be at least 1".into()));
+        }
         if t.batch_size == 0 {
             return Err(fail("train", "batch_size", "must be at least 1".into()));
         }

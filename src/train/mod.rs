@@ -1,14 +1,16 @@
 //! The train stage: LoRA fine-tuning of a base model as a recipe describes it. Reads top to bottom:
-//! load → attach adapters → prepare data → loop (accumulate, clip, step, log, validate) → save.
+//! load → attach adapters → prepare data → (resume from a checkpoint) → loop (accumulate, clip,
+//! step, log, validate, checkpoint, stop on a signal) → save.
 
+pub mod checkpoint;
+pub mod interrupt;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
 pub mod step;
 
-use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -16,10 +18,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::data::{self, Batch, Example};
+use crate::failure::{Failure, RuntimeFailure};
 use crate::fsutil::{write_atomic, StagedDir};
 use crate::model::{adapter, BaseModel, Model};
 use crate::recipe::Recipe;
-use metrics::{MetricsLog, StepRecord};
+use checkpoint::{Fingerprint, TrainState};
+use metrics::{MetricsLog, Progress, StepRecord};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -34,13 +38,41 @@ pub struct TrainSummary {
     pub peak_memory: Option<crate::device::MemoryPeak>,
 }
 
+/// How a run treats what is already there.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Replace an existing output folder, or start over where an interrupted run left checkpoints.
+    pub force: bool,
+    /// Continue the interrupted run of this recipe from its latest checkpoint.
+    pub resume: bool,
+}
+
 /// Runs the recipe's training on `base` (see [`Recipe::locate_base`]) and writes the adapter, the
-/// resolved recipe and metrics.jsonl.
-pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummary> {
+/// resolved recipe and metrics.jsonl. The output is staged in `.<name>.partial` beside it, with
+/// the run's checkpoints, and appears under its name when training is done.
+pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<TrainSummary> {
     let t = &recipe.train;
     let device = crate::device::open(&t.device)?;
     let memory = crate::device::PeakMemory::watch(&device);
-    let out = StagedDir::create(&recipe.resolve(&recipe.output.dir), force)?;
+    let out = StagedDir::reusable(
+        &recipe.resolve(&recipe.output.dir),
+        options.force,
+        checkpoint::exists,
+    )?;
+    let previous = checkpoint::latest(out.path())?;
+    match (&previous, options.resume) {
+        (None, true) => bail!(
+            "nothing to resume: {} holds no checkpoint of an interrupted run; start without --resume",
+            out.path().display()
+        ),
+        (Some(c), false) if !options.force => bail!(
+            "an interrupted run of this recipe left a checkpoint after step {} in {}; pass --resume to continue it, or --force to start over",
+            c.state.step,
+            c.dir.display()
+        ),
+        (_, false) => out.clear()?,
+        (Some(_), true) => {}
+    }
 
     let mut model = Model::load(&base.dir, Some(recipe.model.dtype.dtype()), &device)?;
     match &recipe.lora.init_from {
@@ -94,16 +126,54 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation).max(1);
     let total_steps = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
     let mut micro_batches = MicroBatches::new(&data.train, t.batch_size, t.seed);
-
     let mut optimization = step::Optimization::new(model.trainable(), t, total_steps)?;
-    let mut log = MetricsLog::create(&out.path().join("metrics.jsonl"))?;
-    let bar = progress_bar(total_steps as u64);
-    let pad = model.tokenizer.pad_id();
-    let started = Instant::now();
-    let (mut first_loss, mut last_loss, mut tokens_seen, mut val_loss) =
-        (f64::NAN, f64::NAN, 0usize, None);
+    let mut state = TrainState {
+        step: 0,
+        data_epoch: 0,
+        data_pos: 0,
+        tokens_seen: 0,
+        first_loss: None,
+        last_loss: None,
+        val_loss: None,
+        skipped_updates: 0,
+        elapsed_s: 0.0,
+        fingerprint: Fingerprint::of(recipe, &data.train, &data.validation, base)?,
+    };
+    let metrics_path = out.path().join("metrics.jsonl");
+    let mut log = match previous.filter(|_| options.resume) {
+        Some(c) => {
+            let changed = state.fingerprint.differences(&c.state.fingerprint);
+            if !changed.is_empty() {
+                bail!(
+                    "cannot continue the run in {} exactly: since its checkpoint after step {}, {}. Undo the change, or pass --force to start over",
+                    out.path().display(),
+                    c.state.step,
+                    changed.join("; ")
+                );
+            }
+            let (m, v, counts) = c.restore(&model)?;
+            optimization.resume(c.state.step, m, v, counts)?;
+            micro_batches.seek(c.state.data_epoch, c.state.data_pos);
+            std::fs::copy(c.metrics(), &metrics_path)
+                .with_context(|| format!("cannot restore {}", metrics_path.display()))
+                .runtime()?;
+            tracing::info!(
+                "resuming after step {}/{total_steps} from {}",
+                c.state.step,
+                c.dir.display()
+            );
+            state = c.state;
+            MetricsLog::append(&metrics_path)?
+        }
+        None => MetricsLog::create(&metrics_path)?,
+    };
 
-    for step in 0..total_steps {
+    let pad = model.tokenizer.pad_id();
+    let interrupts = interrupt::Interrupts::watch()?;
+    let progress = Progress::new(total_steps, state.step, t.logging_steps);
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    for step in state.step..total_steps {
         let group: Vec<Vec<&Example>> = (0..t.gradient_accumulation)
             .map(|_| micro_batches.next())
             .collect();
@@ -111,40 +181,82 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
             .iter()
             .map(|g| Batch::pad(g, pad, &device))
             .collect::<Result<Vec<_>>>()?;
-        let outcome = optimization.step(&model.lm, &batches)?;
-        tokens_seen += outcome.tokens;
-        let (loss_sum, grad_norm) = (outcome.loss, outcome.grad_norm);
-        if step == 0 {
-            first_loss = loss_sum;
+        let outcome = optimization
+            .step(&model.lm, &batches)
+            .runtime()
+            .map_err(|e| match checkpoint::latest(out.path()).ok().flatten() {
+                Some(c) => e.context(format!(
+                    "training stopped; the last good checkpoint (after step {}) is {}, continue with --resume",
+                    c.state.step,
+                    c.dir.display()
+                )),
+                None => e,
+            })?;
+        if let Some(what) = &outcome.skipped {
+            state.skipped_updates += 1;
+            tracing::warn!(
+                "step {}: {what}; the update was skipped ({} so far)",
+                step + 1,
+                state.skipped_updates
+            );
         }
-        last_loss = loss_sum;
+        state.tokens_seen += outcome.tokens;
+        state.first_loss.get_or_insert(outcome.loss);
+        state.last_loss = Some(outcome.loss);
         let is_last = step + 1 == total_steps;
         let eval_now = !data.validation.is_empty()
             && (is_last || (t.eval_every > 0 && (step + 1) % t.eval_every == 0));
         let step_val = if eval_now {
             let v = validation_loss(&model, &data.validation, t.batch_size, pad)?;
-            val_loss = Some(v);
+            state.val_loss = Some(v);
             Some(v)
         } else {
             None
         };
-        let elapsed = started.elapsed().as_secs_f64();
+        state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         let record = StepRecord {
             step: step + 1,
             epoch: (step + 1) as f64 / steps_per_epoch as f64,
-            loss: loss_sum,
+            loss: outcome.loss,
             lr: outcome.lr,
-            grad_norm,
-            tokens: tokens_seen,
-            tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
+            grad_norm: outcome.grad_norm,
+            tokens: state.tokens_seen,
+            tokens_per_s: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
             val_loss: step_val,
+            skipped_updates: state.skipped_updates,
         };
         log.write(&record)?;
-        bar.set_message(record.progress_message());
-        bar.inc(1);
+        progress.update(&record);
+        state.step = step + 1;
+        (state.data_epoch, state.data_pos) = micro_batches.cursor();
+        let interrupted = interrupts.received();
+        let due = (t.save_every > 0 && state.step.is_multiple_of(t.save_every))
+            || state.step.is_multiple_of(steps_per_epoch)
+            || interrupted.is_some();
+        if due && !is_last {
+            let dir = checkpoint::save(
+                out.path(),
+                t.save_total_limit,
+                &model,
+                base,
+                optimization.optimizer(),
+                &state,
+            )?;
+            if let Some(signal) = interrupted {
+                progress.finish();
+                return Err(anyhow!(
+                    "stopped after step {}/{total_steps}, checkpoint in {}; continue with: feinschliff train {} --resume",
+                    state.step,
+                    dir.display(),
+                    recipe.source.display()
+                )
+                .context(Failure::Interrupted(signal)));
+            }
+        }
     }
-    bar.finish();
-    let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    progress.finish();
+    drop(interrupts);
+    let tokens_per_s = state.tokens_seen as f64 / state.elapsed_s.max(1e-9);
     let peak_memory = memory.finish();
     if let Some(peak) = peak_memory {
         tracing::info!("{peak} on {}", crate::device::describe(&device));
@@ -152,13 +264,19 @@ pub fn run(recipe: &Recipe, base: &BaseModel, force: bool) -> Result<TrainSummar
 
     adapter::save(&model, base, out.path())?;
     log.finish()?;
+    let checkpoints = out.path().join(checkpoint::DIR);
+    if checkpoints.exists() {
+        std::fs::remove_dir_all(&checkpoints)
+            .with_context(|| format!("cannot remove {}", checkpoints.display()))
+            .runtime()?;
+    }
     let output = out.commit().context("cannot finish the output folder")?;
     Ok(TrainSummary {
         output,
         steps: total_steps,
-        first_loss,
-        last_loss,
-        val_loss,
+        first_loss: state.first_loss.unwrap_or(f64::NAN),
+        last_loss: state.last_loss.unwrap_or(f64::NAN),
+        val_loss: state.val_loss,
         tokens_per_s,
         peak_memory,
     })
@@ -216,6 +334,18 @@ impl<'a> MicroBatches<'a> {
         self.pos = 0;
     }
 
+    /// Where the stream stands: the epoch of the shuffle and the position in it.
+    fn cursor(&self) -> (u64, usize) {
+        (self.epoch, self.pos)
+    }
+
+    /// Continues the stream where [`Self::cursor`] said it stood.
+    fn seek(&mut self, epoch: u64, pos: usize) {
+        self.epoch = epoch;
+        self.reshuffle();
+        self.pos = pos;
+    }
+
     fn next(&mut self) -> Vec<&'a Example> {
         if self.pos >= self.order.len() {
             self.epoch += 1;
@@ -229,14 +359,4 @@ impl<'a> MicroBatches<'a> {
         self.pos = end;
         batch
     }
-}
-
-fn progress_bar(total: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
 }

@@ -54,6 +54,33 @@ impl AdamW {
         })
     }
 
+    /// The first and second moments and the per-variable step counts, for a checkpoint.
+    pub fn state(&self) -> (&[Tensor], &[Tensor], &[i32]) {
+        (&self.m, &self.v, &self.steps)
+    }
+
+    /// Restores what [`Self::state`] returned (same variables, same order and shapes).
+    pub fn restore(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, steps: Vec<i32>) -> Result<()> {
+        let n = self.vars.len();
+        if m.len() != n || v.len() != n || steps.len() != n {
+            anyhow::bail!(
+                "the optimizer state holds {} moments for {n} trainable tensors",
+                m.len()
+            );
+        }
+        for ((var, m), v) in self.vars.iter().zip(&m).zip(&v) {
+            if m.dims() != var.dims() || v.dims() != var.dims() {
+                anyhow::bail!(
+                    "an optimizer moment has shape {:?}, its tensor {:?}",
+                    m.dims(),
+                    var.dims()
+                );
+            }
+        }
+        (self.m, self.v, self.steps) = (m, v, steps);
+        Ok(())
+    }
+
     /// One update at learning rate `lr` with `grads` (same order as the variables). A variable whose
     /// gradient is None is left as it is, as torch.optim.AdamW skips a parameter whose `grad` is
     /// None: no weight decay, no moment update, and its step count (its bias correction) stays.

@@ -230,7 +230,7 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     );
     std::fs::write(d.join("recipe.toml"), recipe).unwrap();
     let r = feinschliff::recipe::Recipe::load(&d.join("recipe.toml"), &[]).unwrap();
-    feinschliff::pipeline::run(&r, false).unwrap_or_else(|e| panic!("{e:#}"));
+    feinschliff::pipeline::run(&r, Default::default()).unwrap_or_else(|e| panic!("{e:#}"));
     let out = d.join("out");
     for f in [
         "eval/domain/results.json",
@@ -265,7 +265,7 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     std::fs::write(d.join("suite.toml"), suite).unwrap();
     let err = format!(
         "{:#}",
-        feinschliff::pipeline::run(&failing, false).unwrap_err()
+        feinschliff::pipeline::run(&failing, Default::default()).unwrap_err()
     );
     assert!(
         err.contains("ppl word_perplexity") && err.contains("above the maximum 1"),

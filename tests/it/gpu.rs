@@ -47,7 +47,8 @@ fn train_three_steps(
     let mut opt = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for step in 0..3 {
-        let o = optimizer_step(&lm, &trainable, &mut opt, &batches, 1e-2, 1.0, step).unwrap();
+        let o =
+            optimizer_step(&lm, &trainable, &mut opt, &batches, 1e-2, 1.0, step, false).unwrap();
         losses.push(o.loss);
         norms.push(o.grad_norm);
     }

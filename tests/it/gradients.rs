@@ -167,7 +167,7 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
         let mut opt =
             AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
         let o = feinschliff::train::step::optimizer_step(
-            &lm, &trainable, &mut opt, &batches, 1e-2, 0.0, 3,
+            &lm, &trainable, &mut opt, &batches, 1e-2, 0.0, 3, false,
         )
         .unwrap();
         let values: Vec<Vec<f64>> = trainable

@@ -7,6 +7,7 @@ mod common;
 mod data;
 mod eval;
 mod export;
+mod faults;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod gradients;

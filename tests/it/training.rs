@@ -71,7 +71,11 @@ fn run(
 ) -> anyhow::Result<feinschliff::train::TrainSummary> {
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     let recipe = feinschliff::recipe::Recipe::load(&write_recipe(dir), &overrides)?;
-    feinschliff::train::run(&recipe, &recipe.locate_base()?, force)
+    let options = feinschliff::train::RunOptions {
+        force,
+        resume: false,
+    };
+    feinschliff::train::run(&recipe, &recipe.locate_base()?, options)
 }
 
 #[test]
