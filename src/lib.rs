@@ -13,4 +13,5 @@ pub mod model;
 pub mod pipeline;
 pub mod publish;
 pub mod recipe;
+pub mod secrets;
 pub mod train;

@@ -278,12 +278,13 @@ fn main() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| feinschliff::secrets::RedactedStderr)
         .without_time()
         .init();
+    feinschliff::secrets::redact_panics();
     // Usage errors exit with 2 (clap's own code), as bad input does.
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", feinschliff::secrets::redact(&format!("{e:#}")));
         std::process::exit(feinschliff::failure::exit_code(&e));
     }
 }

@@ -344,6 +344,10 @@ pub struct TrainSection {
     pub skip_nonfinite: bool,
     /// Without a terminal (CI logs), log one line every this many steps instead of a progress bar.
     pub logging_steps: usize,
+    /// Stop when the validation loss has not improved for this many evaluations (`eval_every`).
+    pub early_stopping_patience: Option<usize>,
+    /// At the end, keep the adapter of the best validation loss, not the last one.
+    pub load_best_at_end: bool,
 }
 
 impl TrainSection {
@@ -380,6 +384,8 @@ impl Default for TrainSection {
             save_total_limit: 2,
             skip_nonfinite: false,
             logging_steps: 10,
+            early_stopping_patience: None,
+            load_best_at_end: false,
         }
     }
 }
@@ -640,6 +646,29 @@ impl Recipe {
         }
         if t.logging_steps == 0 {
             return Err(fail("train", "logging_steps", "must be at least 1".into()));
+        }
+        if t.early_stopping_patience == Some(0) {
+            return Err(fail(
+                "train",
+                "early_stopping_patience",
+                "must be at least 1 (evaluations without improvement)".into(),
+            ));
+        }
+        let needs_validation = if t.early_stopping_patience.is_some() {
+            Some("early_stopping_patience")
+        } else if t.load_best_at_end {
+            Some("load_best_at_end")
+        } else {
+            None
+        };
+        if let Some(key) = needs_validation {
+            if t.eval_every == 0 || (d.validation.is_empty() && d.validation_fraction == 0.0) {
+                return Err(fail(
+                    "train",
+                    key,
+                    "acts on the validation loss: set eval_every > 0 and give validation data ([[data.validation]] or validation_fraction > 0)".into(),
+                ));
+            }
         }
         if t.batch_size == 0 {
             return Err(fail("train", "batch_size", "must be at least 1".into()));

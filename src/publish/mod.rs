@@ -33,8 +33,11 @@ pub struct PublishOutcome {
     pub pr_url: Option<String>,
 }
 
-/// The files of `dir` to upload, relative paths with sizes, sorted; hidden and partial files skipped.
+/// The files of `dir` to upload, relative paths with sizes, sorted; hidden and partial files
+/// skipped. A symbolic link that leads out of the folder, or to a folder, is refused.
 pub fn files(dir: &Path) -> Result<Vec<(String, u64)>> {
+    let root =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -47,6 +50,18 @@ pub fn files(dir: &Path) -> Result<Vec<(String, u64)>> {
                 continue;
             }
             let path = entry.path();
+            if entry.file_type()?.is_symlink() {
+                let target = std::fs::canonicalize(&path)
+                    .with_context(|| format!("{} is a broken symbolic link", path.display()))?;
+                if !target.starts_with(&root) || target.is_dir() {
+                    bail!(
+                        "{} is a symbolic link to {}, {}; refusing to upload it (copy the file into the folder, or remove the link)",
+                        path.display(),
+                        target.display(),
+                        if target.is_dir() { "a folder" } else { "outside the folder" }
+                    );
+                }
+            }
             if path.is_dir() {
                 stack.push(path);
             } else {
@@ -57,6 +72,23 @@ pub fn files(dir: &Path) -> Result<Vec<(String, u64)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Files whose names look like credentials (private keys, tokens, environment files).
+pub fn credential_like(files: &[(String, u64)]) -> Vec<&str> {
+    files
+        .iter()
+        .map(|(rel, _)| rel.as_str())
+        .filter(|rel| {
+            let name = rel.rsplit('/').next().unwrap_or(rel).to_lowercase();
+            matches!(
+                name.as_str(),
+                "token" | "credentials" | "credentials.json" | "id_rsa" | "id_ed25519" | "netrc"
+            ) || [".pem", ".key", ".p12", ".pfx", ".env", ".token"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        })
+        .collect()
 }
 
 /// Whether hf-hub will find a token (HF_TOKEN, HF_TOKEN_PATH, or $HF_HOME/token).
@@ -115,6 +147,15 @@ pub fn run(opts: &PublishOptions) -> Result<PublishOutcome> {
         );
     }
     let files = files(dir)?;
+    let secret_looking = credential_like(&files);
+    if !secret_looking.is_empty() {
+        tracing::warn!(
+            "{} in {} look like credentials and would be uploaded to {}; remove them unless they are meant to be public",
+            secret_looking.join(", "),
+            dir.display(),
+            opts.repo
+        );
+    }
     let problems = check::problems(dir, &files)?;
     if !problems.is_empty() {
         let described = check::describe(&problems);

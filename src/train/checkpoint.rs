@@ -170,6 +170,12 @@ pub struct TrainState {
     pub skipped_updates: usize,
     /// Seconds of training before this checkpoint (for tokens/s after a resume).
     pub elapsed_s: f64,
+    /// The step and validation loss of the best evaluation so far (its checkpoint is kept).
+    #[serde(default)]
+    pub best: Option<(usize, f64)>,
+    /// Evaluations since the best one, for early stopping.
+    #[serde(default)]
+    pub evals_since_best: usize,
     pub fingerprint: Fingerprint,
 }
 
@@ -179,7 +185,8 @@ pub struct Checkpoint {
     pub state: TrainState,
 }
 
-/// Writes a checkpoint of the run in `run_dir` and keeps only the latest `keep`; returns its folder.
+/// Writes a checkpoint of the run in `run_dir` and keeps only the latest `keep` (and that of the
+/// best validation loss); returns its folder.
 pub fn save(
     run_dir: &Path,
     keep: usize,
@@ -226,7 +233,9 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e.context(format!("cannot write checkpoint {}", target.display())));
     }
-    for (_, old) in complete(run_dir)?.into_iter().rev().skip(keep) {
+    let best = state.best.map(|(step, _)| step);
+    let outdated = complete(run_dir)?.into_iter().rev().skip(keep);
+    for (_, old) in outdated.filter(|(step, _)| Some(*step) != best) {
         // The state file goes first: a removal cut short leaves an incomplete folder, never one
         // that looks complete with files missing.
         std::fs::remove_file(old.join(STATE_FILE))
@@ -267,15 +276,30 @@ pub fn exists(run_dir: &Path) -> bool {
 
 /// The latest complete checkpoint of the run in `run_dir`.
 pub fn latest(run_dir: &Path) -> Result<Option<Checkpoint>> {
-    let Some((_, dir)) = complete(run_dir)?.pop() else {
-        return Ok(None);
-    };
+    match complete(run_dir)?.pop() {
+        Some((_, dir)) => read(dir).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The complete checkpoint after `step` steps.
+pub fn at_step(run_dir: &Path, step: usize) -> Result<Checkpoint> {
+    match complete(run_dir)?.into_iter().find(|(s, _)| *s == step) {
+        Some((_, dir)) => read(dir),
+        None => anyhow::bail!(
+            "the checkpoint after step {step} is missing from {}",
+            run_dir.join(DIR).display()
+        ),
+    }
+}
+
+fn read(dir: PathBuf) -> Result<Checkpoint> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let state = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a checkpoint state", path.display()))?;
-    Ok(Some(Checkpoint { dir, state }))
+    Ok(Checkpoint { dir, state })
 }
 
 impl Checkpoint {

@@ -137,6 +137,8 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         val_loss: None,
         skipped_updates: 0,
         elapsed_s: 0.0,
+        best: None,
+        evals_since_best: 0,
         fingerprint: Fingerprint::of(recipe, &data.train, &data.validation, base)?,
     };
     let metrics_path = out.path().join("metrics.jsonl");
@@ -169,6 +171,8 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
     };
 
     let pad = model.tokenizer.pad_id();
+    // The best adapter is kept on disk when the run may go back to it.
+    let keeps_best = t.load_best_at_end || t.early_stopping_patience.is_some();
     let interrupts = interrupt::Interrupts::watch()?;
     let progress = Progress::new(total_steps, state.step, t.logging_steps);
     let started = Instant::now();
@@ -209,10 +213,19 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         let step_val = if eval_now {
             let v = validation_loss(&model, &data.validation, t.batch_size, pad)?;
             state.val_loss = Some(v);
+            if state.best.is_none_or(|(_, best)| v < best) {
+                state.best = Some((step + 1, v));
+                state.evals_since_best = 0;
+            } else {
+                state.evals_since_best += 1;
+            }
             Some(v)
         } else {
             None
         };
+        let stop_early = t
+            .early_stopping_patience
+            .is_some_and(|patience| state.evals_since_best >= patience);
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         let record = StepRecord {
             step: step + 1,
@@ -230,10 +243,12 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         state.step = step + 1;
         (state.data_epoch, state.data_pos) = micro_batches.cursor();
         let interrupted = interrupts.received();
+        let new_best = eval_now && state.evals_since_best == 0 && keeps_best;
         let due = (t.save_every > 0 && state.step.is_multiple_of(t.save_every))
             || state.step.is_multiple_of(steps_per_epoch)
-            || interrupted.is_some();
-        if due && !is_last {
+            || interrupted.is_some()
+            || new_best;
+        if due && !is_last && !stop_early {
             let dir = checkpoint::save(
                 out.path(),
                 t.save_total_limit,
@@ -253,9 +268,27 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
                 .context(Failure::Interrupted(signal)));
             }
         }
+        if stop_early {
+            if let Some((best_step, best_loss)) = state.best {
+                tracing::info!(
+                    "early stopping after step {}: the validation loss has not improved for {} evaluations (best {best_loss:.4} after step {best_step})",
+                    state.step,
+                    state.evals_since_best
+                );
+            }
+            break;
+        }
     }
     progress.finish();
     drop(interrupts);
+    if let Some((best_step, best_loss)) = state.best.filter(|_| t.load_best_at_end) {
+        if best_step != state.step {
+            checkpoint::at_step(out.path(), best_step)?.restore(&model)?;
+            tracing::info!(
+                "the adapter is the one of step {best_step} (validation loss {best_loss:.4})"
+            );
+        }
+    }
     let tokens_per_s = state.tokens_seen as f64 / state.elapsed_s.max(1e-9);
     let peak_memory = memory.finish();
     if let Some(peak) = peak_memory {
@@ -273,7 +306,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
     let output = out.commit().context("cannot finish the output folder")?;
     Ok(TrainSummary {
         output,
-        steps: total_steps,
+        steps: state.step,
         first_loss: state.first_loss.unwrap_or(f64::NAN),
         last_loss: state.last_loss.unwrap_or(f64::NAN),
         val_loss: state.val_loss,

@@ -78,7 +78,7 @@ fn serve(stream: TcpStream, seen: &Mutex<Vec<Recorded>>) {
             return;
         }
         let path = target.split('?').next().unwrap_or("").to_string();
-        let (status, reply) = respond(&method, &target, &body);
+        let (status, reply) = respond(&method, &target, &body, authorization.as_deref());
         let target = target.clone();
         seen.lock().unwrap().push(Recorded {
             method,
@@ -102,9 +102,19 @@ fn serve(stream: TcpStream, seen: &Mutex<Vec<Recorded>>) {
     }
 }
 
-/// The Hub's answers for the calls used.
-fn respond(method: &str, target: &str, body: &[u8]) -> (&'static str, serde_json::Value) {
+/// The Hub's answers for the calls used. Creating a repo named `echo-auth` fails with an error
+/// that repeats the request's Authorization header (as a careless proxy might).
+fn respond(
+    method: &str,
+    target: &str,
+    body: &[u8],
+    authorization: Option<&str>,
+) -> (&'static str, serde_json::Value) {
     let path = target.split('?').next().unwrap_or("");
+    if body.windows(9).any(|w| w == b"echo-auth") {
+        let echoed = format!("invalid credentials: {}", authorization.unwrap_or(""));
+        return ("401 Unauthorized", serde_json::json!({ "error": echoed }));
+    }
     match (method, path) {
         ("POST", "/api/repos/create") => {
             let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();

@@ -247,3 +247,69 @@ fn hub_datasets_resolve_from_the_cache_offline() {
         "{err}"
     );
 }
+
+/// The token stays out of what Feinschliff prints, even when the Hub's error repeats it.
+#[test]
+fn the_hub_token_never_appears_in_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = adapter_folder(dir.path());
+    let server = HubServer::start();
+    let token = "hf_FAKEtokenForTheRedactionTest0123";
+    let o = feinschliff()
+        .arg("publish")
+        .arg(&folder)
+        .args(["--repo", "acme/echo-auth", "--private"])
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_TOKEN", token)
+        .env("HF_HOME", dir.path().join("hf-home"))
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(!o.status.success());
+    let sent = server.recorded();
+    assert!(
+        sent.iter()
+            .any(|r| r.authorization.as_deref() == Some(&format!("Bearer {token}"))),
+        "the token was sent"
+    );
+    assert!(!out.contains(token) && !err.contains(token), "{err}");
+    assert!(err.contains(feinschliff::secrets::REDACTED), "{err}");
+}
+
+/// Symbolic links out of the folder are refused; files that look like credentials are named.
+#[test]
+fn publish_refuses_outside_links_and_warns_about_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = adapter_folder(dir.path());
+    let publish = |folder: &std::path::Path| {
+        feinschliff()
+            .arg("publish")
+            .arg(folder)
+            .args(["--repo", "acme/adapter", "--dry-run"])
+            .output()
+            .unwrap()
+    };
+    std::fs::write(folder.join("server.pem"), "-----BEGIN PRIVATE KEY-----").unwrap();
+    let o = publish(&folder);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("server.pem") && err.contains("look like credentials"),
+        "{err}"
+    );
+
+    let outside = dir.path().join("secret.txt");
+    std::fs::write(&outside, "not for the Hub").unwrap();
+    std::os::unix::fs::symlink(&outside, folder.join("notes.txt")).unwrap();
+    let o = publish(&folder);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("notes.txt") && err.contains("outside the folder"),
+        "{err}"
+    );
+}

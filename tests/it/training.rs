@@ -275,3 +275,58 @@ fn bf16_training_follows_the_f32_loss_curve() {
     }
     assert!(bf16_curve.last() < bf16_curve.first());
 }
+
+/// With early stopping, a run whose validation loss stops improving ends before max_steps, and
+/// load_best_at_end leaves the adapter of the best evaluation, not the last one.
+#[test]
+fn early_stopping_keeps_the_best_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path());
+    // A learning rate far too high: the validation loss soon rises.
+    let settings = [
+        "train.lr=0.3",
+        "train.warmup_steps=0",
+        "train.max_steps=40",
+        "train.eval_every=1",
+        "train.early_stopping_patience=3",
+        "train.load_best_at_end=true",
+    ];
+    let summary = run(dir.path(), &settings, false).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        summary.steps < 40,
+        "stopped early ({} steps)",
+        summary.steps
+    );
+    let text = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    let val: Vec<f64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(val.len(), summary.steps);
+    let best = val.iter().cloned().fold(f64::INFINITY, f64::min);
+    let best_at = val.iter().position(|v| *v == best).unwrap();
+    assert_eq!(
+        val.len() - 1 - best_at,
+        3,
+        "patience 3 after the best: {val:?}"
+    );
+
+    let overrides: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+    let recipe =
+        feinschliff::recipe::Recipe::load(&dir.path().join("recipe.toml"), &overrides).unwrap();
+    let mut model =
+        feinschliff::model::Model::load(tiny_llama_dir(), None, &candle_core::Device::Cpu).unwrap();
+    model.load_adapter(&dir.path().join("out")).unwrap();
+    let data = feinschliff::data::prepare(&recipe, &model.tokenizer).unwrap();
+    let pad = model.tokenizer.pad_id();
+    let kept = feinschliff::train::validation_loss(&model, &data.validation, 4, pad).unwrap();
+    assert!(
+        (kept - best).abs() < 1e-6,
+        "the kept adapter's validation loss {kept} is the best {best}, not the last {}",
+        val.last().unwrap()
+    );
+}
