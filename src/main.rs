@@ -135,7 +135,7 @@ enum Command {
 enum ModelCommand {
     /// Write a random-initialised checkpoint in Hugging Face layout (deterministic for a seed).
     New {
-        #[arg(long, value_parser = ["llama", "mistral", "qwen2"])]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(feinschliff::model::families::supported()))]
         arch: String,
         #[arg(long, value_enum, default_value = "tiny")]
         size: Size,
@@ -208,7 +208,7 @@ enum BenchCommand {
 /// The model shape, batch and dtype a benchmark runs.
 #[derive(clap::Args)]
 struct BenchArgs {
-    #[arg(long, default_value = "llama", value_parser = ["llama", "mistral", "qwen2"])]
+    #[arg(long, default_value = "llama", value_parser = clap::builder::PossibleValuesParser::new(feinschliff::model::families::supported()))]
     arch: String,
     #[arg(long, value_enum, default_value = "tiny")]
     size: Size,

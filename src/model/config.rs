@@ -27,7 +27,7 @@ pub enum RopeScaling {
 /// Everything the shared decoder needs to know about a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// The family's `model_type` as written in config.json (`llama`, `mistral`, `qwen2`).
+    /// The family's `model_type` as written in config.json (`llama`, `mistral`, `qwen2`, `qwen3`).
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -46,6 +46,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Biases on gate/up/down.
     pub mlp_bias: bool,
+    /// RMSNorm over each head's query and key before RoPE (`q_norm`/`k_norm`, Qwen3).
+    pub qk_norm: bool,
     pub tie_word_embeddings: bool,
     /// Attend only to the last `sliding_window` positions (Mistral), when set.
     pub sliding_window: Option<usize>,
@@ -201,6 +203,7 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
+        qk_norm: false,
         tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
         sliding_window: None,
         torch_dtype: f.torch_dtype.or(f.dtype),

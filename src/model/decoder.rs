@@ -102,12 +102,25 @@ impl RmsNorm {
     }
 }
 
+/// A projection's rows [tokens, heads·head_dim], each head normalised on its own, when `norm` is set.
+fn head_norm(norm: Option<&RmsNorm>, y: Tensor, head_dim: usize) -> Result<Tensor> {
+    let Some(norm) = norm else {
+        return Ok(y);
+    };
+    let (rows, width) = y.dims2()?;
+    let heads = norm.forward(&y.reshape((rows * width / head_dim, head_dim))?)?;
+    Ok(heads.reshape((rows, width))?)
+}
+
 #[derive(Clone)]
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -120,9 +133,9 @@ impl Attention {
         let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let q = self.q_proj.forward(x, ctx.pass)?;
+        let q = head_norm(self.q_norm.as_ref(), self.q_proj.forward(x, ctx.pass)?, d)?;
         let q = rope::split_heads_rotated(&q, (b, t, h), cos, sin)?;
-        let k = self.k_proj.forward(x, ctx.pass)?;
+        let k = head_norm(self.k_norm.as_ref(), self.k_proj.forward(x, ctx.pass)?, d)?;
         let k = rope::split_heads_rotated(&k, (b, t, kvh), cos, sin)?;
         let v = self
             .v_proj
@@ -259,14 +272,16 @@ impl CausalLm {
             };
             Ok(Linear::new(w, b))
         };
-        let norm = |name: &str| -> Result<RmsNorm> {
+        let norm_of = |name: &str, width: usize| -> Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: weights
-                    .get(&format!("{name}.weight"), &[hid])?
+                    .get(&format!("{name}.weight"), &[width])?
                     .to_dtype(activations)?,
                 eps: c.rms_norm_eps,
             })
         };
+        let norm = |name: &str| norm_of(name, hid);
+        let head_norm = |name: String| c.qk_norm.then(|| norm_of(&name, c.head_dim)).transpose();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -277,6 +292,8 @@ impl CausalLm {
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), kvd, hid, c.qkv_bias)?,
                     v_proj: linear(&format!("{p}.self_attn.v_proj"), kvd, hid, c.qkv_bias)?,
                     o_proj: linear(&format!("{p}.self_attn.o_proj"), hid, qd, c.o_bias)?,
+                    q_norm: head_norm(format!("{p}.self_attn.q_norm"))?,
+                    k_norm: head_norm(format!("{p}.self_attn.k_norm"))?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,

@@ -107,7 +107,7 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
         "max_position_embeddings": 2048,
         "initializer_range": shape.init_std,
         "rms_norm_eps": 1e-6,
-        "rope_theta": if arch == "qwen2" { 1_000_000.0 } else { 10_000.0 },
+        "rope_theta": if arch.starts_with("qwen") { 1_000_000.0 } else { 10_000.0 },
         "tie_word_embeddings": tie,
         "attention_dropout": 0.0,
         "use_cache": true,
@@ -123,6 +123,9 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
         "mistral" => json!({"sliding_window": null}),
         "qwen2" => {
             json!({"use_sliding_window": false, "sliding_window": 4096, "max_window_layers": shape.layers})
+        }
+        "qwen3" => {
+            json!({"attention_bias": false, "use_sliding_window": false, "sliding_window": null, "max_window_layers": shape.layers})
         }
         _ => json!({}),
     };
@@ -185,6 +188,12 @@ pub fn weight_specs(
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             out.push((format!("{p}.{norm}.weight"), vec![h], Init::Ones));
+        }
+        if config.qk_norm {
+            for norm in ["self_attn.q_norm", "self_attn.k_norm"] {
+                let d = config.head_dim;
+                out.push((format!("{p}.{norm}.weight"), vec![d], Init::Ones));
+            }
         }
     }
     out.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
@@ -303,7 +312,7 @@ pub fn create(arch: &str, size: Size, seed: u64, out: &Path, force: bool) -> Res
     // A small corpus may yield fewer merges than asked: the embedding keeps the full size,
     // as many released models pad their vocabulary.
     shape.vocab = shape.vocab.max(trained);
-    let tie = arch == "qwen2" || size.tied();
+    let tie = arch.starts_with("qwen") || size.tied();
     let staged = StagedDir::create(out, force)?;
     let dir = staged.path();
     let config = config_json(arch, &shape, tie)?;

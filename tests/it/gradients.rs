@@ -28,7 +28,7 @@ fn set_element(var: &Var, index: usize, value: f64) {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    for arch in ["llama", "qwen2"] {
+    for arch in ["llama", "qwen2", "qwen3"] {
         let mut lm = tiny_lm(arch, DType::F64, 7);
         let config = super::common::all_linear_lora(2, 4.0, 0.0);
         lora::attach(&mut lm, &config, 3).unwrap();

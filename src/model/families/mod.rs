@@ -4,6 +4,7 @@
 mod llama;
 mod mistral;
 mod qwen2;
+mod qwen3;
 
 use anyhow::{bail, Result};
 use serde_json::Value;
@@ -20,7 +21,12 @@ pub trait Family: Sync {
     fn parse(&self, raw: &Value) -> Result<ModelConfig>;
 }
 
-const FAMILIES: &[&dyn Family] = &[&llama::Llama, &mistral::Mistral, &qwen2::Qwen2];
+const FAMILIES: &[&dyn Family] = &[
+    &llama::Llama,
+    &mistral::Mistral,
+    &qwen2::Qwen2,
+    &qwen3::Qwen3,
+];
 
 /// The family for a config.json `model_type`.
 pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {

@@ -27,16 +27,21 @@ impl Family for Qwen2 {
     fn parse(&self, raw: &Value) -> Result<ModelConfig> {
         let mut c = parse_common(raw, self.model_type())?;
         c.qkv_bias = true;
-        // Layers from `max_window_layers` on use the sliding window (transformers' Qwen2 semantics).
-        let f: Fields = typed(raw)?;
-        if f.use_sliding_window.unwrap_or(false) {
-            let max_window_layers = f.max_window_layers.unwrap_or(0);
-            if max_window_layers == 0 {
-                c.sliding_window = f.sliding_window;
-            } else if max_window_layers < c.num_hidden_layers {
-                bail!("use_sliding_window on only some layers (max_window_layers {max_window_layers} < num_hidden_layers {}) is not supported", c.num_hidden_layers);
-            }
-        }
+        c.sliding_window = sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
+    }
+}
+
+/// The attention window of Qwen2 and Qwen3 configs: layers from `max_window_layers` on use the
+/// sliding window (transformers' semantics); a window on only some layers is refused.
+pub(super) fn sliding_window(raw: &Value, layers: usize) -> Result<Option<usize>> {
+    let f: Fields = typed(raw)?;
+    if !f.use_sliding_window.unwrap_or(false) {
+        return Ok(None);
+    }
+    match f.max_window_layers.unwrap_or(0) {
+        0 => Ok(f.sliding_window),
+        some if some < layers => bail!("use_sliding_window on only some layers (max_window_layers {some} < num_hidden_layers {layers}) is not supported"),
+        _ => Ok(None),
     }
 }
