@@ -113,6 +113,30 @@ fn merged_export_equals_peft_adapted_logits() {
     assert!(diff <= 1e-4, "sharded qwen2 merge vs PEFT: {diff}");
 }
 
+/// Qwen3's merged model keeps its q_norm/k_norm and gives PEFT's adapted logits.
+#[test]
+fn merged_qwen3_export_equals_peft_adapted_logits() {
+    let golden =
+        candle_core::safetensors::load(fixture("qwen3").join("golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    merge(&options(
+        &fixture("qwen3").join("adapter"),
+        &fixture("qwen3"),
+        &out,
+    ))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let diff = max_abs_diff(
+        &logits_of(&out, &golden["input_ids"]),
+        &golden["adapted_logits"],
+    );
+    assert!(diff <= 1e-4, "merged qwen3 vs PEFT: {diff}");
+    let merged =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(merged.contains_key("model.layers.1.self_attn.k_norm.weight"));
+}
+
 #[test]
 fn merged_export_in_bf16_is_written_as_bf16() {
     let dir = tempfile::tempdir().unwrap();

@@ -98,6 +98,7 @@ fn transformers5_config_layouts_match_transformers() {
         "llama_linear",
         "mistral",
         "qwen2",
+        "qwen3",
     ];
     for case in cases {
         let v5 = repo()
@@ -123,6 +124,23 @@ fn mistral_with_sliding_window_matches_transformers() {
 #[test]
 fn qwen2_with_biases_matches_transformers() {
     check_base("qwen2");
+}
+
+/// Qwen3: per-head q_norm/k_norm before RoPE (norm weights away from 1), head_dim 16 with
+/// hidden 32 and 4 heads.
+#[test]
+fn qwen3_with_head_norms_matches_transformers() {
+    check_base("qwen3");
+}
+
+#[test]
+fn qwen3_stored_in_bf16_matches_transformers() {
+    check_base("qwen3_bf16");
+}
+
+#[test]
+fn peft_adapter_on_all_qwen3_projections_matches_peft() {
+    check_adapted("qwen3");
 }
 
 #[test]
