@@ -46,6 +46,40 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Talk to a model (and adapter) through its chat template: one turn per line until end of
+    /// input, or one `--prompt`.
+    Chat {
+        /// Base model folder (Hugging Face layout) or Hub repo id.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A system message before the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// Answer this prompt once and exit; `-` reads it from stdin.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Answer each turn with the base model, then with the adapted one.
+        #[arg(long)]
+        compare: bool,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// 0 keeps every token.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Score a model (and adapter) on an evaluation suite; exits non-zero when a gate fails.
     Eval {
         /// Base model folder (Hugging Face layout) or Hub repo id.
@@ -345,6 +379,45 @@ fn run(cli: Cli) -> Result<()> {
                 feinschliff::model::inspect::write_logits(&model, &text, &out)?;
                 println!("logits written to {}", out.display());
             }
+        }
+        Command::Chat {
+            model,
+            adapter,
+            system,
+            prompt,
+            compare,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            max_new_tokens,
+            seed,
+            device,
+        } => {
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                anyhow::bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            if temperature < 0.0 || repetition_penalty <= 0.0 {
+                anyhow::bail!("--temperature must be >= 0 and --repetition-penalty > 0");
+            }
+            let opts = feinschliff::chat::ChatOptions {
+                model,
+                adapter,
+                system,
+                prompt,
+                compare,
+                sampling: feinschliff::chat::sampling::SamplingOptions {
+                    temperature,
+                    top_k,
+                    top_p,
+                    repetition_penalty,
+                    seed,
+                },
+                max_new_tokens,
+                device,
+            };
+            let stdin = std::io::stdin();
+            feinschliff::chat::run(&opts, &mut stdin.lock(), &mut std::io::stdout().lock())?;
         }
         Command::Eval {
             model,

@@ -2,6 +2,7 @@
 
 mod adapter;
 mod attention;
+mod chat;
 mod cli;
 mod common;
 mod data;
