@@ -25,6 +25,8 @@ pub struct CardInput {
     pub recipe: Option<Recipe>,
     /// suite name → (adapted scores, base scores if measured).
     pub evals: Vec<(String, Scores, Option<Scores>)>,
+    /// The training curves (loss.svg) are beside the adapter.
+    pub loss_chart: bool,
 }
 
 impl CardInput {
@@ -72,6 +74,7 @@ impl CardInput {
             adapter_config,
             recipe,
             evals,
+            loss_chart: adapter_dir.join(crate::train::plot::CHART_FILE).exists(),
         })
     }
 
@@ -211,6 +214,13 @@ impl CardInput {
             for (k, v) in rows {
                 let _ = writeln!(s, "| {k} | {v} |");
             }
+            if self.loss_chart {
+                let _ = writeln!(
+                    s,
+                    "\n![Training and validation loss, learning rate]({})",
+                    crate::train::plot::CHART_FILE
+                );
+            }
             s.push_str("\n## Data\n\n| source | format | license |\n|---|---|---|\n");
             let mut non_commercial = Vec::new();
             for src in r.data.train.iter().chain(&r.data.validation) {
@@ -267,6 +277,12 @@ impl CardInput {
 /// Writes README.md into `dir` for the adapter in `adapter_dir`.
 pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Result<()> {
     let card = CardInput::gather(adapter_dir, base_model, kind)?;
+    let chart = crate::train::plot::CHART_FILE;
+    if card.loss_chart && dir != adapter_dir {
+        let bytes = std::fs::read(adapter_dir.join(chart))
+            .with_context(|| format!("cannot read {}", adapter_dir.join(chart).display()))?;
+        crate::fsutil::write_atomic(&dir.join(chart), &bytes)?;
+    }
     crate::fsutil::write_atomic(&dir.join("README.md"), card.render().as_bytes())
 }
 

@@ -7,6 +7,7 @@ pub mod interrupt;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod step;
 
@@ -257,6 +258,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
                 optimization.optimizer(),
                 &state,
             )?;
+            plot::write(out.path())?;
             if let Some(signal) = interrupted {
                 progress.finish();
                 return Err(anyhow!(
@@ -297,6 +299,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
 
     adapter::save(&model, base, out.path())?;
     log.finish()?;
+    plot::write(out.path())?;
     let checkpoints = out.path().join(checkpoint::DIR);
     if checkpoints.exists() {
         std::fs::remove_dir_all(&checkpoints)

@@ -120,6 +120,31 @@ fn loss_falls_and_metrics_are_logged() {
     let (first, last) = (mean(&lines[..5]), mean(&lines[20..]));
     assert!(last < 0.8 * first, "loss did not fall: {first} -> {last}");
     assert!(summary.val_loss.unwrap() < lines[9]["val_loss"].as_f64().unwrap() + 0.5);
+
+    // The chart plots exactly metrics.jsonl's points.
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<svg").count(), svg.matches("</svg>").count());
+    assert!(svg.contains("validation loss") && svg.contains("learning rate"));
+    let plotted: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("loss.json")).unwrap()).unwrap();
+    let points =
+        |key: &str| -> Vec<(f64, f64)> { serde_json::from_value(plotted[key].clone()).unwrap() };
+    let from_metrics = |key: &str| -> Vec<(f64, f64)> {
+        lines
+            .iter()
+            .filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?)))
+            .collect()
+    };
+    for key in ["loss", "val_loss", "lr"] {
+        assert_eq!(points(key), from_metrics(key), "{key}");
+    }
+    assert_eq!(points("loss_smoothed").len(), 25);
+    assert_eq!(
+        points("loss_smoothed")[0],
+        points("loss")[0],
+        "debiased smoothing starts at the first loss"
+    );
 }
 
 #[test]
