@@ -1,10 +1,11 @@
 //! `feinschliff train RECIPE`: the stages of one recipe in order — train, the `[eval]` suites on
-//! the base and the adapted model, `[export]`, `[publish]`. A missed gate fails the run after the
-//! reports are written, before anything is exported or published.
+//! the base and the adapted model, report.html, `[export]`, `[publish]`. A missed gate fails the
+//! run after the reports are written, before anything is exported or published.
 
 use anyhow::{anyhow, bail, Result};
 
 use crate::eval::{self, report, suite::Suite};
+use crate::export::html::{self, SuiteResults};
 use crate::export::{card, MergeOptions};
 use crate::failure::Failure;
 use crate::fsutil::StagedDir;
@@ -29,10 +30,23 @@ pub fn run(recipe: &Recipe, options: RunOptions) -> Result<TrainSummary> {
         }
     }
     let summary = train::run(recipe, &base, options)?;
-    let failures = match &recipe.eval {
+    let suites = match &recipe.eval {
         Some(section) => evaluate(recipe, section, &summary, &base)?,
         None => Vec::new(),
     };
+    let failures: Vec<String> = suites
+        .iter()
+        .flat_map(|s| s.gates.iter().filter_map(|g| g.failure.clone()))
+        .collect();
+    html::write(
+        &summary.output,
+        &html::ReportInput {
+            base_model: &base.name(),
+            summary: &summary,
+            data_summary: &summary.data_summary,
+            suites: &suites,
+        },
+    )?;
     card::write(
         &summary.output,
         &summary.output,
@@ -75,14 +89,14 @@ pub fn run(recipe: &Recipe, options: RunOptions) -> Result<TrainSummary> {
     Ok(summary)
 }
 
-/// Scores the base and then the adapted model on every suite (the base weights are loaded once);
-/// returns the failed gates' messages.
+/// Scores the base and then the adapted model on every suite (the base weights are loaded once),
+/// writes each suite's reports; returns the results and the gates.
 fn evaluate(
     recipe: &Recipe,
     section: &EvalSection,
     summary: &TrainSummary,
     base: &BaseModel,
-) -> Result<Vec<String>> {
+) -> Result<Vec<SuiteResults>> {
     let device = crate::device::open(&recipe.train.device)?;
     let suites = section
         .suites
@@ -103,16 +117,19 @@ fn evaluate(
     for suite in suites.iter().filter(|_| section.compare_base) {
         tracing::info!("suite {}: base model", suite.name);
         let results = eval::evaluate(&model, suite, section.limit)?;
-        base.push(report::results_json(suite, &results, &info(suite, None)));
+        let json = report::results_json(suite, &results, &info(suite, None));
+        base.push((results, json));
     }
+    let mut base = base.into_iter();
     model.load_adapter(&summary.output)?;
-    let mut failures = Vec::new();
-    for (k, suite) in suites.iter().enumerate() {
+    let mut outcomes = Vec::new();
+    for suite in &suites {
         tracing::info!("suite {}: adapted model", suite.name);
         let results = eval::evaluate(&model, suite, section.limit)?;
         let staged = StagedDir::create(&summary.output.join("eval").join(&suite.name), true)?;
-        let base_scores = match base.get(k) {
-            Some(json) => {
+        let base_results = base.next();
+        let base_scores = match &base_results {
+            Some((_, json)) => {
                 crate::fsutil::write_atomic(
                     &staged.path().join("base_results.json"),
                     serde_json::to_string_pretty(json)?.as_bytes(),
@@ -128,8 +145,13 @@ fn evaluate(
             &info(suite, Some(".")),
             base_scores.as_ref(),
         )?;
-        failures.extend(gates.into_iter().filter_map(|g| g.failure));
         staged.commit()?;
+        outcomes.push(SuiteResults {
+            name: suite.name.clone(),
+            base: base_results.map(|(results, _)| results),
+            adapted: results,
+            gates,
+        });
     }
-    Ok(failures)
+    Ok(outcomes)
 }

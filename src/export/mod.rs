@@ -2,6 +2,7 @@
 //! [`merge`] for `feinschliff export --merge`; [`card::write`] for any adapter or export folder.
 
 pub mod card;
+pub mod html;
 pub mod merged;
 
 pub use merged::{copy_adapter, locate_base, merge, MergeOptions};

@@ -37,6 +37,8 @@ pub struct TrainSummary {
     pub tokens_per_s: f64,
     /// Peak memory of the run on its device (GPU memory, or the process's RSS on the CPU).
     pub peak_memory: Option<crate::device::MemoryPeak>,
+    /// What the data stage read and made of it, as `data inspect` reports it.
+    pub data_summary: String,
 }
 
 /// How a run treats what is already there.
@@ -315,6 +317,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         val_loss: state.val_loss,
         tokens_per_s,
         peak_memory,
+        data_summary: data::inspect::report_text(&data.report, recipe.data.max_seq_len),
     })
 }
 

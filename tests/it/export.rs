@@ -244,8 +244,13 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     )
     .unwrap();
     std::fs::write(
+        d.join("gen.jsonl"),
+        "{\"q\": \"Wann ist das Kundenzentrum offen?\", \"a\": \"Montag bis Freitag\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
         d.join("suite.toml"),
-        "name = \"domain\"\n[[task]]\nname = \"ppl\"\nkind = \"perplexity\"\ndataset = { path = \"ppl.jsonl\" }\nlicense = \"CC0-1.0\"\ncontext = \"{{ text }}\"\n\n[[gate]]\ntask = \"ppl\"\nmetric = \"word_perplexity\"\nmax_drop = 1000000.0\n",
+        "name = \"domain\"\n[[task]]\nname = \"ppl\"\nkind = \"perplexity\"\ndataset = { path = \"ppl.jsonl\" }\nlicense = \"CC0-1.0\"\ncontext = \"{{ text }}\"\n\n[[task]]\nname = \"gen\"\nkind = \"generate\"\ndataset = { path = \"gen.jsonl\" }\nlicense = \"CC0-1.0\"\ncontext = \"Frage: {{ q }}\\nAntwort:\"\ntarget = \"{{ a }}\"\nmax_gen_toks = 4\n\n[[gate]]\ntask = \"ppl\"\nmetric = \"word_perplexity\"\nmax_drop = 1000000.0\n",
     )
     .unwrap();
     let recipe = format!(
@@ -279,6 +284,26 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     ] {
         assert!(card.contains(want), "card lacks `{want}`:\n{card}");
     }
+    // report.html: curves, data, eval with deltas, gates, sample answers, recipe; self-contained.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for want in [
+        "<h2>Training curves</h2>\n<svg",
+        "<h2>Data</h2>",
+        "<h2>Evaluation: domain</h2>",
+        "<td>ppl</td><td>word_perplexity</td>",
+        "<span class=\"pass\">passed</span>",
+        "<h3>Sample answers: gen</h3>",
+        "Montag bis Freitag",
+        "max_steps = 4",
+    ] {
+        assert!(html.contains(want), "report.html lacks `{want}`");
+    }
+    for banned in ["<script", "<link", "src=\"http", "href=\"http", "url(http"] {
+        assert!(
+            !html.contains(banned),
+            "report.html is not self-contained: {banned}"
+        );
+    }
     // A gate that cannot pass fails the run after the reports and the card are written.
     let failing = r.clone();
     let mut failing = failing;
@@ -296,4 +321,6 @@ fn recipe_trains_evaluates_and_writes_a_card() {
         "{err}"
     );
     assert!(d.join("out2/eval/domain/junit.xml").exists());
+    let html = std::fs::read_to_string(d.join("out2/report.html")).unwrap();
+    assert!(html.contains("<span class=\"fail\">failed</span>"));
 }
