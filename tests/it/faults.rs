@@ -287,6 +287,21 @@ fn a_full_disk_is_a_runtime_failure_without_half_written_files() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// An output folder that cannot be created (its parent is a file) is a clear runtime error.
+#[test]
+fn an_unwritable_output_folder_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 2, "");
+    std::fs::write(dir.path().join("blocked"), "a file, not a folder").unwrap();
+    let o = train(&recipe, &["--set", "output.dir=blocked/run"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("cannot create") && err.contains("blocked"),
+        "{err}"
+    );
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
