@@ -294,6 +294,18 @@ impl Suite {
         if self.tasks.is_empty() {
             bail!("suite {}: has no [[task]]", self.source.display());
         }
+        if self.max_length == Some(0) {
+            bail!(
+                "suite {}: `max_length` must be at least 1 (leave it out to use the model's max_position_embeddings)",
+                self.source.display()
+            );
+        }
+        if self.batch_size == 0 {
+            bail!(
+                "suite {}: `batch_size` must be at least 1",
+                self.source.display()
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for t in &self.tasks {
             if !names.insert(&t.name) {
