@@ -1,7 +1,7 @@
 //! Evaluation suites in TOML: tasks are configuration (dataset, prompt templates, metrics), the
 //! harness is code. Loading checks every task and names the file, task and key on errors.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -277,8 +277,7 @@ impl TaskConfig {
 impl Suite {
     /// Reads and checks a suite file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read suite {}", path.display()))?;
+        let text = crate::fsutil::read_text(path, "suite")?;
         let mut suite: Suite =
             toml::from_str(&text).map_err(|e| anyhow!("suite {}: {e}", path.display()))?;
         suite.source = path.to_path_buf();

@@ -196,11 +196,17 @@ impl<'a> Prompter<'a> {
             let source = tokenizer.chat_template.as_deref().ok_or_else(|| {
                 anyhow!("apply_chat_template is set, but the model has no chat template")
             })?;
-            Some(ChatTemplate::new(
-                source,
-                tokenizer.bos_token.as_deref(),
-                tokenizer.eos_token.as_deref(),
-            )?)
+            Some(
+                ChatTemplate::new(
+                    source,
+                    tokenizer.bos_token.as_deref(),
+                    tokenizer.eos_token.as_deref(),
+                )
+                .with_context(|| match &tokenizer.chat_template_file {
+                    Some(file) => format!("the chat template in {}", file.display()),
+                    None => "the model's chat template".into(),
+                })?,
+            )
         } else {
             None
         };
