@@ -8,6 +8,7 @@ mod data;
 mod eval;
 mod export;
 mod faults;
+mod fuzz;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod gradients;
