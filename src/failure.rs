@@ -25,6 +25,20 @@ impl fmt::Display for Failure {
     }
 }
 
+/// Runs `f`, a call into a library that panics on some malformed input (polars on corrupt
+/// parquet pages, tokenizers on some invalid tokenizer.json settings); a panic becomes an error
+/// with its message, for the caller to name the file.
+pub fn caught<T>(f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        anyhow::anyhow!("the library panicked: {why}")
+    })
+}
+
 /// SIGINT or SIGTERM by name.
 pub fn signal_name(signal: i32) -> &'static str {
     match signal {

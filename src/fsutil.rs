@@ -1,9 +1,28 @@
-//! File-system helpers that never leave half-written output behind.
+//! File-system helpers: writes that never leave half-written output behind, and reads of text
+//! files whose errors say where the file stops being text.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 use crate::failure::RuntimeFailure;
+
+/// The text of `path`, which must be UTF-8; `what` names the kind of file in messages
+/// (`recipe`, `model config`). Invalid UTF-8 is an error naming the line and column (in bytes)
+/// of the first bad byte.
+pub fn read_text(path: &Path, what: &str) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        anyhow!(
+            "{what} {} is not valid UTF-8 at line {}, column {}: save it as UTF-8",
+            path.display(),
+            good.iter().filter(|&&b| b == b'\n').count() + 1,
+            good.len() - line_start + 1
+        )
+    })
+}
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename; on failure
 /// (a full disk) the temporary file is removed and `path` is as it was. A runtime failure.

@@ -460,8 +460,7 @@ pub struct OutputSection {
 impl Recipe {
     /// Reads `path`, applies `key.sub=value` overrides, validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let text = crate::fsutil::read_text(path, "recipe")?;
         let mut recipe: Recipe = if overrides.is_empty() {
             toml::from_str(&text).map_err(|e| anyhow!("recipe {}: {e}", path.display()))?
         } else {

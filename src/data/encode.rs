@@ -21,7 +21,8 @@ pub struct Encoded {
 pub struct Encoder<'a> {
     tokenizer: &'a ModelTokenizer,
     template: Option<ChatTemplate>,
-    template_name: String,
+    /// The template in messages: `template `chatml`` or the file the model's template is in.
+    template_label: String,
     train_on_inputs: bool,
 }
 
@@ -36,18 +37,23 @@ impl<'a> Encoder<'a> {
             tokenizer.bos_token.as_deref(),
             tokenizer.eos_token.as_deref(),
         );
+        let template_label = match (template, &tokenizer.chat_template_file) {
+            ("model", Some(file)) => format!("the chat template in {}", file.display()),
+            (name, _) => format!("template `{name}`"),
+        };
         let template_obj = match template {
             "model" => tokenizer
                 .chat_template
                 .as_deref()
                 .map(|t| ChatTemplate::new(t, bos, eos))
-                .transpose()?,
+                .transpose()
+                .map_err(|e| anyhow!("{template_label}: {e:#}"))?,
             name => Some(ChatTemplate::builtin(name, bos, eos)?),
         };
         Ok(Self {
             tokenizer,
             template: template_obj,
-            template_name: template.to_string(),
+            template_label,
             train_on_inputs,
         })
     }
@@ -77,15 +83,11 @@ impl<'a> Encoder<'a> {
                 };
                 let r = template
                     .render_with_spans(messages)
-                    .map_err(|e| anyhow!("template `{}`: {e:#}", self.template_name))?;
+                    .map_err(|e| anyhow!("{}: {e:#}", self.template_label))?;
                 (r.text, r.trained, false)
             }
         };
-        let encoding = self
-            .tokenizer
-            .inner
-            .encode(text.as_str(), false)
-            .map_err(|e| anyhow!("tokenization failed: {e}"))?;
+        let encoding = self.tokenizer.encoding(&text)?;
         let mut input_ids = Vec::with_capacity(encoding.len() + 3);
         let mut labels = Vec::with_capacity(encoding.len() + 3);
         for (&id, &(start, _)) in encoding.get_ids().iter().zip(encoding.get_offsets()) {

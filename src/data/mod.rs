@@ -5,6 +5,7 @@ pub mod batch;
 pub mod encode;
 pub mod format;
 pub mod inspect;
+mod locate;
 pub mod pack;
 pub mod source;
 pub mod template;

@@ -281,9 +281,9 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
     let mut df = match kind.as_str() {
         _ if options.records.is_some() => nested_records(path, options.records.as_deref().unwrap_or_default())?,
         // Schemas are inferred from every row: a field that only late rows have must not vanish.
-        "jsonl" | "ndjson" => read_json(open()?, JsonFormat::JsonLines).map_err(|e| explain(path, e))?,
+        "jsonl" | "ndjson" => read_json(open()?, JsonFormat::JsonLines).map_err(|e| json_lines_error(path, e))?,
         "json" => read_json(open()?, JsonFormat::Json).map_err(|e| explain(path, e))?,
-        "parquet" => ParquetReader::new(open()?).finish().map_err(|e| explain(path, e))?,
+        "parquet" => read_parquet(path, open()?)?,
         "csv" | "tsv" => read_csv(path, options, kind == "tsv")?,
         "text" | "paragraphs" => {
             let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {} as UTF-8 text: {e}", path.display()))?;
@@ -320,6 +320,19 @@ fn read_json<R: polars::io::mmap::MmapBytesReader>(
         .with_json_format(format)
         .infer_schema_len(None)
         .finish()
+}
+
+/// A parquet file. polars panics on some corrupt files (in thrift decoding, bit-unpacking): that
+/// is an error naming the file too.
+fn read_parquet(path: &Path, file: std::fs::File) -> Result<DataFrame> {
+    crate::failure::caught(move || ParquetReader::new(file).finish())
+        .map_err(|e| {
+            anyhow!(
+                "cannot read {} as parquet: the file is corrupt ({e})",
+                path.display()
+            )
+        })?
+        .map_err(|e| anyhow!("cannot read {} as parquet: {e}", path.display()))
 }
 
 fn read_csv(path: &Path, options: &ReadOptions, tsv: bool) -> Result<DataFrame> {
@@ -361,7 +374,7 @@ fn read_csv(path: &Path, options: &ReadOptions, tsv: bool) -> Result<DataFrame> 
         })
         .try_into_reader_with_file_path(Some(path.to_path_buf()))
         .and_then(|r| r.finish())
-        .map_err(|e| explain(path, e))
+        .map_err(|e| csv_error(path, delimiter, quote, e))
 }
 
 /// A JSON document whose records sit in nested arrays, flattened to one row per record.
@@ -408,6 +421,38 @@ fn flatten_records(
                 }
             }
         }
+    }
+}
+
+/// A JSON-lines reader error with the 1-based line of the first row polars cannot read: one
+/// that is not a JSON object, else one whose field changes its type (polars' message added).
+fn json_lines_error(path: &Path, e: PolarsError) -> anyhow::Error {
+    let Ok(bytes) = std::fs::read(path) else {
+        return explain(path, e);
+    };
+    if super::locate::blank(&bytes) {
+        return anyhow!("cannot read {}: the file holds no rows", path.display());
+    }
+    if let Some((line, why)) = super::locate::json_line_syntax(&bytes) {
+        return anyhow!("cannot read {}: line {line}: {why}", path.display());
+    }
+    match super::locate::json_line_types(&bytes) {
+        Some((line, why)) => anyhow!("cannot read {}: line {line}: {why} ({e})", path.display()),
+        None => explain(path, e),
+    }
+}
+
+/// A csv reader error with the 1-based line of the first record whose fields do not line up
+/// (or whose quote never closes), when there is one, and polars' message.
+fn csv_error(path: &Path, delimiter: u8, quote: Option<u8>, e: PolarsError) -> anyhow::Error {
+    let located = std::fs::read(path)
+        .ok()
+        .and_then(|bytes| super::locate::csv_record(&bytes, delimiter, quote));
+    match located {
+        Some((line, why)) if !e.to_string().to_lowercase().contains("utf") => {
+            anyhow!("cannot read {}: line {line}: {why} ({e})", path.display())
+        }
+        _ => explain(path, e),
     }
 }
 

@@ -62,7 +62,7 @@ impl<'a> Scorer<'a> {
         let max_length = max_length.unwrap_or(model.lm.config.max_position_embeddings);
         Self {
             model,
-            max_length,
+            max_length: max_length.max(1),
             batch_size: batch_size.max(1),
         }
     }
@@ -142,17 +142,8 @@ impl<'a> Scorer<'a> {
     }
 
     fn score_batch(&self, requests: &[&TokenRequest]) -> Result<Vec<Loglikelihood>> {
-        // (context + continuation)[-(max_length + 1):][:-1], as lm-eval builds its inputs.
-        let inputs: Vec<(Vec<u32>, usize)> = requests
-            .iter()
-            .map(|r| {
-                let mut all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
-                let keep = all.len().min(self.max_length + 1);
-                all.drain(..all.len() - keep);
-                all.pop();
-                (all, r.continuation.len())
-            })
-            .collect();
+        let inputs: Vec<(Vec<u32>, &[u32])> =
+            requests.iter().map(|r| self.truncated_input(r)).collect();
         let examples: Vec<crate::data::Example> = inputs
             .iter()
             .map(|(ids, _)| {
@@ -172,22 +163,43 @@ impl<'a> Scorer<'a> {
             .reshape((b * t, self.model.lm.config.hidden_size))?;
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        for (k, ((ids, cont_len), r)) in inputs.iter().zip(requests).enumerate() {
-            let start = ids.len() + 1 - cont_len;
-            for (j, &tok) in r.continuation.iter().enumerate() {
-                rows.push((k * t + start - 1 + j) as u32);
+        for (k, (ids, scored)) in inputs.iter().enumerate() {
+            // The last `scored.len()` inputs predict the scored tokens.
+            let start = ids.len() - scored.len();
+            for (j, &tok) in scored.iter().enumerate() {
+                rows.push((k * t + start + j) as u32);
                 targets.push(tok);
             }
         }
         let scored = self.score_rows(&hidden, rows, &targets)?;
         let mut out = Vec::with_capacity(requests.len());
         let mut pos = 0;
-        for r in requests {
-            let len = r.continuation.len();
-            out.push(Loglikelihood::of(&scored[pos..pos + len]));
-            pos += len;
+        for (_, tokens) in &inputs {
+            out.push(Loglikelihood::of(&scored[pos..pos + tokens.len()]));
+            pos += tokens.len();
         }
         Ok(out)
+    }
+
+    /// The model's input for a request, as lm-eval builds it:
+    /// `(context + continuation)[-(max_length + 1):][:-1]`, truncated from the left; and the
+    /// continuation tokens that input predicts. A continuation of more than `max_length` tokens
+    /// keeps only its last `max_length` (lm-eval 0.4.13 refuses such a request with an assertion;
+    /// here it is scored on what remains, with a warning).
+    fn truncated_input<'r>(&self, r: &'r TokenRequest) -> (Vec<u32>, &'r [u32]) {
+        let mut all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
+        let keep = all.len().min(self.max_length + 1);
+        all.drain(..all.len() - keep);
+        all.pop();
+        let scored = r.continuation.len().min(all.len());
+        if scored < r.continuation.len() {
+            tracing::warn!(
+                "a continuation of {} tokens is longer than max_length {}: only its last {scored} tokens are scored",
+                r.continuation.len(),
+                self.max_length
+            );
+        }
+        (all, &r.continuation[r.continuation.len() - scored..])
     }
 
     /// Batches for [`Scorer::score_shared`]. A family is up to `batch_size` context groups whose

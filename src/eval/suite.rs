@@ -1,7 +1,7 @@
 //! Evaluation suites in TOML: tasks are configuration (dataset, prompt templates, metrics), the
 //! harness is code. Loading checks every task and names the file, task and key on errors.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -277,8 +277,7 @@ impl TaskConfig {
 impl Suite {
     /// Reads and checks a suite file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read suite {}", path.display()))?;
+        let text = crate::fsutil::read_text(path, "suite")?;
         let mut suite: Suite =
             toml::from_str(&text).map_err(|e| anyhow!("suite {}: {e}", path.display()))?;
         suite.source = path.to_path_buf();
@@ -293,6 +292,18 @@ impl Suite {
         };
         if self.tasks.is_empty() {
             bail!("suite {}: has no [[task]]", self.source.display());
+        }
+        if self.max_length == Some(0) {
+            bail!(
+                "suite {}: `max_length` must be at least 1 (leave it out to use the model's max_position_embeddings)",
+                self.source.display()
+            );
+        }
+        if self.batch_size == 0 {
+            bail!(
+                "suite {}: `batch_size` must be at least 1",
+                self.source.display()
+            );
         }
         let mut names = std::collections::HashSet::new();
         for t in &self.tasks {

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::lora::{LoraAdapter, LoraConfig, TargetModules};
 use super::weights::save_safetensors;
@@ -70,6 +70,8 @@ pub fn save(model: &Model, base: &BaseModel, dir: &Path) -> Result<()> {
 pub struct LoadedAdapter {
     pub config: LoraConfig,
     tensors: HashMap<String, Tensor>,
+    /// The adapter folder, for messages.
+    dir: PathBuf,
 }
 
 /// Keys that change the maths of the adapter; anything but their neutral value is refused.
@@ -132,8 +134,7 @@ struct Fields {
 /// The adapter_config.json of an adapter folder as a JSON object.
 pub fn read_config(dir: &Path) -> Result<Map<String, Value>> {
     let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("cannot read adapter config {}", config_path.display()))?;
+    let text = crate::fsutil::read_text(&config_path, "adapter config")?;
     serde_json::from_str(&text)
         .with_context(|| format!("{} is not a JSON object", config_path.display()))
 }
@@ -233,26 +234,41 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
             )
         })
         .collect();
-    Ok(LoadedAdapter { config, tensors })
+    Ok(LoadedAdapter {
+        config,
+        tensors,
+        dir: dir.to_path_buf(),
+    })
 }
 
 impl LoadedAdapter {
     /// Attaches the adapter's A/B to `lm`, checking that every targeted layer has both with the right
-    /// shapes; returns the adapter's config.
+    /// shapes; returns the adapter's config. Errors name the adapter's files.
     pub fn apply(self, lm: &mut CausalLm) -> Result<LoraConfig> {
         let mut tensors = self.tensors;
         let config = self.config;
+        let weights = self.dir.join(WEIGHTS_FILE);
+        let weights = weights.display();
         let mut attached = 0;
         let master = super::decoder::accumulation_dtype(lm.dtype());
         for (i, (name, linear)) in lm.linears_mut().into_iter().enumerate() {
             let (ka, kb) = (peft_key(&name, "lora_A"), peft_key(&name, "lora_B"));
             match (tensors.remove(&ka), tensors.remove(&kb)) {
                 (Some(a), Some(b)) => {
+                    if let ([rank_a, _], [_, rank_b]) = (a.dims(), b.dims()) {
+                        if rank_a == rank_b && *rank_a != config.r {
+                            bail!(
+                                "{weights}: the tensors of {name} have rank {rank_a}, but {} says r = {}: set `r` to the adapter's rank",
+                                self.dir.join(CONFIG_FILE).display(),
+                                config.r
+                            );
+                        }
+                    }
                     let want_a = [config.r, linear.in_features()];
                     let want_b = [linear.out_features(), config.r];
                     if a.dims() != want_a || b.dims() != want_b {
                         bail!(
-                            "adapter tensor shapes for {name} are A {:?}, B {:?}; the base model needs A {want_a:?}, B {want_b:?}: the adapter was made for another base model",
+                            "{weights}: adapter tensor shapes for {name} are A {:?}, B {:?}; the base model needs A {want_a:?}, B {want_b:?}: the adapter was made for another base model",
                             a.dims(),
                             b.dims()
                         );
@@ -261,14 +277,14 @@ impl LoadedAdapter {
                     attached += 1;
                 }
                 (None, None) => {}
-                _ => bail!("adapter has only one of {ka} and {kb}"),
+                _ => bail!("{weights} has only one of {ka} and {kb}"),
             }
         }
         if let Some(extra) = tensors.keys().next() {
-            bail!("adapter tensor `{extra}` matches no layer of the base model: the adapter was made for another base model (or targets unsupported modules)");
+            bail!("{weights}: adapter tensor `{extra}` matches no layer of the base model: the adapter was made for another base model (or targets unsupported modules)");
         }
         if attached == 0 {
-            bail!("the adapter holds no LoRA tensors");
+            bail!("{weights} holds no LoRA tensors");
         }
         Ok(config)
     }

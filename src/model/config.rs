@@ -58,8 +58,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json`; `path` is only used in error messages.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text = crate::fsutil::read_text(path, "model config")?;
         let raw: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_json(&raw).with_context(|| format!("in model config {}", path.display()))

@@ -10,7 +10,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A Hugging Face tokenizer plus the settings transformers reads from tokenizer_config.json.
 pub struct ModelTokenizer {
@@ -23,6 +23,9 @@ pub struct ModelTokenizer {
     /// `add_bos_token` as tokenizer_config.json states it (ignored, see the module comment).
     pub config_add_bos_token: Option<bool>,
     pub chat_template: Option<String>,
+    /// The file the chat template was read from (tokenizer_config.json or chat_template.jinja),
+    /// for messages.
+    pub chat_template_file: Option<PathBuf>,
 }
 
 /// The special tokens tokenizer.json's post-processor adds around a single text.
@@ -37,13 +40,8 @@ pub struct SpecialTokens {
 impl SpecialTokens {
     /// Finds them by tokenizing a probe text with and without special tokens.
     fn of(inner: &tokenizers::Tokenizer) -> Result<Self> {
-        let ids = |add: bool| -> Result<Vec<u32>> {
-            Ok(inner
-                .encode("a", add)
-                .map_err(|e| anyhow!("tokenization failed: {e}"))?
-                .get_ids()
-                .to_vec())
-        };
+        let ids =
+            |add: bool| -> Result<Vec<u32>> { Ok(encoding(inner, "a", add)?.get_ids().to_vec()) };
         let (plain, full) = (ids(false)?, ids(true)?);
         let at = (0..=full.len().saturating_sub(plain.len()))
             .find(|&k| full[k..].starts_with(&plain))
@@ -61,6 +59,18 @@ impl SpecialTokens {
                 .map_or_else(|| "none".into(), |v| kind(&v)),
         })
     }
+}
+
+/// `text` encoded by the tokenizers library; a panic inside it is an error (some invalid
+/// tokenizer.json settings, e.g. a `Prepend` normalizer of an empty string, panic on every text).
+fn encoding(
+    inner: &tokenizers::Tokenizer,
+    text: &str,
+    add_special_tokens: bool,
+) -> Result<tokenizers::Encoding> {
+    crate::failure::caught(|| inner.encode(text, add_special_tokens))
+        .context("tokenization failed: tokenizer.json may hold invalid settings")?
+        .map_err(|e| anyhow!("tokenization failed: {e}"))
 }
 
 /// A post-processor's type, with the parts of a `Sequence`.
@@ -85,11 +95,17 @@ impl ModelTokenizer {
                 path.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let text = crate::fsutil::read_text(&path, "tokenizer")?;
+        // tokenizers 0.23 panics on a JSON syntax error inside `decoder` (check the syntax first)
+        // and on some invalid settings, e.g. a BPE `continuing_subword_prefix` longer than tokens.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let inner: tokenizers::Tokenizer = crate::failure::caught(|| text.parse())
+            .with_context(|| format!("cannot load {}", path.display()))?
             .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path)?;
+            let text = crate::fsutil::read_text(&config_path, "tokenizer config")?;
             serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", config_path.display()))?
         } else {
@@ -114,8 +130,14 @@ impl ModelTokenizer {
                 .map(str::to_string),
             _ => None,
         };
-        let chat_template =
-            chat_template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let jinja = dir.join("chat_template.jinja");
+        let (chat_template, chat_template_file) = match chat_template {
+            Some(t) => (Some(t), Some(config_path)),
+            None => match std::fs::read_to_string(&jinja) {
+                Ok(t) => (Some(t), Some(jinja)),
+                Err(_) => (None, None),
+            },
+        };
         Ok(Self {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
@@ -124,17 +146,19 @@ impl ModelTokenizer {
                 .with_context(|| format!("special tokens of {}", path.display()))?,
             config_add_bos_token: config.get("add_bos_token").and_then(Value::as_bool),
             chat_template,
+            chat_template_file,
             inner,
         })
     }
 
     /// Token ids of `text` without special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenization failed: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(encoding(&self.inner, text, false)?.get_ids().to_vec())
+    }
+
+    /// The tokenizers library's encoding of `text` (ids and offsets), without special tokens.
+    pub fn encoding(&self, text: &str) -> Result<tokenizers::Encoding> {
+        encoding(&self.inner, text, false)
     }
 
     /// Token ids of `text` with the special tokens transformers' `tokenizer(text)` adds.
@@ -145,6 +169,10 @@ impl ModelTokenizer {
 
     /// The text of token ids (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        // tokenizers 0.23's BPEDecoder underflows on no tokens (a panic with overflow checks).
+        if ids.is_empty() {
+            return Ok(String::new());
+        }
         self.inner
             .decode(ids, false)
             .map_err(|e| anyhow!("decoding failed: {e}"))
@@ -152,6 +180,9 @@ impl ModelTokenizer {
 
     /// The text of token ids without special tokens (`skip_special_tokens=True`).
     pub fn decode_skipping_special(&self, ids: &[u32]) -> Result<String> {
+        if ids.is_empty() {
+            return Ok(String::new());
+        }
         self.inner
             .decode(ids, true)
             .map_err(|e| anyhow!("decoding failed: {e}"))

@@ -467,7 +467,7 @@ fn bad_data_gives_clear_errors() {
         "{e}"
     );
     let e = case("f.jsonl", b"{\"text\": \"a\"\n", "format = \"text\"");
-    assert!(e.contains("f.jsonl"), "{e}");
+    assert!(e.contains("f.jsonl") && e.contains("line 1:"), "{e}");
     let e = case(
         "g.jsonl",
         b"{\"messages\": \"not json\"}\n",
@@ -482,6 +482,53 @@ fn bad_data_gives_clear_errors() {
     )
     .unwrap();
     assert_eq!(p.train.len(), 1);
+}
+
+#[test]
+fn unreadable_data_files_name_the_line() {
+    use feinschliff::data::source::{read_file, ReadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let error = |file: &str, content: &str| -> String {
+        let path = dir.path().join(file);
+        std::fs::write(&path, content).unwrap();
+        let e = format!(
+            "{:#}",
+            read_file(&path, &ReadOptions::default()).unwrap_err()
+        );
+        assert!(e.contains(file), "{e}");
+        e
+    };
+    // polars says "Syntax at character 27" or "TapeError at character 0"; the message names the
+    // line, counted from 1, blank lines included.
+    let rows = "{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n";
+    let e = error("a.jsonl", &format!("{rows}{{\"text\": \"c\", }}\n{rows}"));
+    assert!(e.contains("line 4: not valid JSON at column"), "{e}");
+    let e = error("b.jsonl", &format!("{rows}[\"c\"]\n"));
+    assert!(e.contains("line 4: not a JSON object"), "{e}");
+    let e = error("c.jsonl", "{\"text\": \"a\u{1}\"}\n");
+    assert!(e.contains("line 1: not valid JSON at column 12"), "{e}");
+    let e = error("d.jsonl", "{\"n\": [1]}\n{\"n\": [2]}\n{\"n\": [true]}\n");
+    assert!(
+        e.contains("line 3: `n[]` is true/false here, but a number on line 1"),
+        "{e}"
+    );
+    let e = error("h.jsonl", "{\"m\": [{\"role\": \"a\", \"role\": \"b\"}]}\n");
+    assert!(
+        e.contains("line 1: the key `role` appears twice in one object (column 27)"),
+        "{e}"
+    );
+    let e = error("e.jsonl", "\n\n");
+    assert!(e.contains("holds no rows"), "{e}");
+    let e = error("f.csv", "text,id\n\"a\",1\n\"b\",2,3\n");
+    assert!(
+        e.contains("line 3: 3 fields, but the first line has 2"),
+        "{e}"
+    );
+    let e = error("g.csv", "text,id\n\"a\",1\n\"b,2\nc,3\n");
+    assert!(
+        e.contains("line 3: a quoted field opens here and never closes"),
+        "{e}"
+    );
 }
 
 #[test]

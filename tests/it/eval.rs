@@ -402,3 +402,84 @@ fn shared_contexts_and_prefixes_score_as_whole_sequences() {
         );
     }
 }
+
+#[test]
+fn continuations_longer_than_max_length_are_scored_on_what_remains() {
+    use feinschliff::eval::scorer::TokenRequest;
+    let model = Model::load(tiny_llama_dir(), None, &candle_core::Device::Cpu).unwrap();
+    let scorer = Scorer::new(&model, Some(8), 4);
+    // The input is (context + continuation)[-9:][:-1], as lm-eval builds it: a continuation of
+    // 8 tokens is scored whole after the context's last token; one of 9 or more tokens keeps
+    // the last 9 tokens of the request, and its last 8 tokens are scored.
+    let context = vec![1u32, 2, 3];
+    let requests: Vec<TokenRequest> = [8usize, 9, 12]
+        .iter()
+        .map(|&n| TokenRequest {
+            context: context.clone(),
+            continuation: (20..20 + n as u32).collect(),
+        })
+        .collect();
+    let got = scorer
+        .loglikelihood_tokens(&requests, &indicatif::ProgressBar::hidden())
+        .unwrap();
+    for (r, g) in requests.iter().zip(&got) {
+        let all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
+        let window = &all[all.len() - 9..];
+        let scored = r.continuation.len().min(8);
+        let want = direct_loglikelihood(&model, &window[..9 - scored], &window[9 - scored..]);
+        assert!(
+            (g.logprob - want).abs() < 1e-4,
+            "{} tokens: {} vs {want}",
+            r.continuation.len(),
+            g.logprob
+        );
+    }
+}
+
+#[test]
+fn suites_with_zero_max_length_or_batch_size_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = small_suite(dir.path(), "");
+    let text = std::fs::read_to_string(&suite).unwrap();
+    for (from, to, key) in [
+        ("max_length = 16", "max_length = 0", "`max_length`"),
+        ("max_length = 16", "batch_size = 0", "`batch_size`"),
+    ] {
+        std::fs::write(&suite, text.replace(from, to)).unwrap();
+        let err = format!("{:#}", Suite::load(&suite).unwrap_err());
+        assert!(
+            err.contains("suite.toml") && err.contains(key) && err.contains("at least 1"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_target_that_renders_an_empty_list_names_task_and_document() {
+    let model = Model::load(tiny_llama_dir(), None, &candle_core::Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("d.jsonl"),
+        "{\"q\": \"A?\", \"choices\": [\"x\", \"y\"], \"a\": [\"x\"]}\n{\"q\": \"B?\", \"choices\": [\"x\", \"y\"], \"a\": []}\n",
+    )
+    .unwrap();
+    for (kind, extra) in [
+        ("multiple_choice", "choices = \"{{ choices | tojson }}\""),
+        ("generate", "max_gen_toks = 2"),
+    ] {
+        let path = dir.path().join("suite.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"s\"\nmax_length = 16\n[[task]]\nname = \"t\"\nkind = \"{kind}\"\ndataset = {{ path = \"d.jsonl\" }}\nlicense = \"x\"\ncontext = \"{{{{ q }}}}\"\ntarget = \"{{{{ a | tojson }}}}\"\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        let suite = Suite::load(&path).unwrap();
+        let err = format!("{:#}", eval::evaluate(&model, &suite, None).unwrap_err());
+        assert!(
+            err.contains("task `t`, document 2") && err.contains("empty list"),
+            "{kind}: {err}"
+        );
+    }
+}

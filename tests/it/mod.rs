@@ -9,6 +9,7 @@ mod data;
 mod eval;
 mod export;
 mod faults;
+mod fuzz;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod gradients;

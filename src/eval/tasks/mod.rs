@@ -153,11 +153,14 @@ impl Templates {
         }
     }
 
-    /// The rendered target: a JSON list of references, or one string.
+    /// The rendered target: a JSON list of references, or one string; never empty.
     pub fn targets(&self, doc: &Doc) -> Result<Vec<String>> {
         let text = self.render("target", doc)?;
         if text.trim_start().starts_with('[') {
             if let Ok(list) = serde_json::from_str::<Vec<String>>(&text) {
+                if list.is_empty() {
+                    bail!("`target` rendered an empty list: the document has no reference answer");
+                }
                 return Ok(list);
             }
         }
@@ -193,11 +196,17 @@ impl<'a> Prompter<'a> {
             let source = tokenizer.chat_template.as_deref().ok_or_else(|| {
                 anyhow!("apply_chat_template is set, but the model has no chat template")
             })?;
-            Some(ChatTemplate::new(
-                source,
-                tokenizer.bos_token.as_deref(),
-                tokenizer.eos_token.as_deref(),
-            )?)
+            Some(
+                ChatTemplate::new(
+                    source,
+                    tokenizer.bos_token.as_deref(),
+                    tokenizer.eos_token.as_deref(),
+                )
+                .with_context(|| match &tokenizer.chat_template_file {
+                    Some(file) => format!("the chat template in {}", file.display()),
+                    None => "the model's chat template".into(),
+                })?,
+            )
         } else {
             None
         };
@@ -222,7 +231,7 @@ impl<'a> Prompter<'a> {
             for shot in shots {
                 out.push_str(&self.templates.render("context", shot)?);
                 out.push_str(&self.task.target_delimiter);
-                out.push_str(&self.target_text(shot)?);
+                out.push_str(&self.target_text(shot).context("a few-shot example")?);
                 out.push_str(&self.task.fewshot_delimiter);
             }
         }
