@@ -204,6 +204,84 @@ fn sigint_checkpoints_and_exits_130_then_resume_refuses_changes() {
     );
 }
 
+/// Starts a long run and waits until it has logged `steps` steps.
+fn started_run(dir: &Path, steps: usize) -> Child {
+    let recipe = write_recipe(dir, 400, "");
+    let child = feinschliff(&["train", recipe.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let metrics = dir.join(".run.partial/metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < steps {
+        assert!(start.elapsed() < Duration::from_secs(60), "no steps logged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+fn complete_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join(".run.partial/checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("state.json").exists())
+        .collect()
+}
+
+/// SIGTERM checkpoints and exits with 143; only `save_total_limit` (2) checkpoints are kept.
+#[test]
+fn sigterm_checkpoints_and_exits_143() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = started_run(dir.path(), 5);
+    signal(&child, "TERM");
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    assert_eq!(complete_checkpoints(dir.path()).len(), 2);
+}
+
+/// A second Ctrl-C exits at once with 130; the last complete checkpoint stays readable.
+#[test]
+fn a_second_sigint_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = started_run(dir.path(), 3);
+    signal(&child, "INT");
+    signal(&child, "INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let checkpoints = complete_checkpoints(dir.path());
+    assert!(!checkpoints.is_empty());
+    for c in checkpoints {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c.join("state.json")).unwrap()).unwrap();
+        assert!(state["step"].as_u64().unwrap() >= 1);
+        assert!(c.join("adapter_model.safetensors").exists());
+    }
+}
+
+/// Without a terminal, the run logs a line every `logging_steps` steps.
+#[test]
+fn without_a_terminal_progress_is_logged_every_logging_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 4, "logging_steps = 2\n");
+    let o = train(&recipe, &[]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    for step in ["step 2/4: loss", "step 4/4: loss"] {
+        assert!(err.contains(step), "{err}");
+    }
+    assert!(!err.contains("step 3/4"), "{err}");
+}
+
 #[test]
 fn non_finite_loss_stops_with_exit_3_or_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
