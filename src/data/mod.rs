@@ -9,6 +9,7 @@ mod locate;
 pub mod pack;
 pub mod source;
 pub mod template;
+pub mod text_encoding;
 
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;

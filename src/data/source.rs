@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::text_encoding;
 use crate::recipe::{Recipe, SourceSpec};
 
 /// How to read a file, beyond what its extension says.
@@ -21,7 +22,8 @@ pub struct ReadOptions {
     pub delimiter: Option<String>,
     /// csv/tsv: the quote character (default `"`; empty for none).
     pub quote: Option<String>,
-    /// csv/tsv: `utf8` (invalid bytes are an error) or `utf8-lossy` (replaced).
+    /// csv/tsv/text: `utf8` (default; invalid bytes are an error), `utf8-lossy` (replaced and
+    /// counted), `windows-1252`, `latin-1`, `utf-16` or `auto` (see [`text_encoding`]).
     pub encoding: Option<String>,
     /// csv/tsv: whether the first line names the columns (else column_1, column_2, ...).
     pub has_header: bool,
@@ -286,7 +288,7 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
         "parquet" => read_parquet(path, open()?)?,
         "csv" | "tsv" => read_csv(path, options, kind == "tsv")?,
         "text" | "paragraphs" => {
-            let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {} as UTF-8 text: {e}", path.display()))?;
+            let text = decoded_text(path, options)?;
             let rows: Vec<String> = if kind == "text" {
                 vec![text]
             } else {
@@ -356,25 +358,36 @@ fn read_csv(path: &Path, options: &ReadOptions, tsv: bool) -> Result<DataFrame> 
         Some(q) => one_byte("quote", q)?,
         None => Some(b'"'),
     };
-    let encoding = match options.encoding.as_deref() {
-        None | Some("utf8") | Some("utf-8") => CsvEncoding::Utf8,
-        Some("utf8-lossy") => CsvEncoding::LossyUtf8,
-        Some(other) => bail!(
-            "{}: encoding `{other}` is not supported; use \"utf8\" or \"utf8-lossy\"",
-            path.display()
-        ),
-    };
+    let text = decoded_text(path, options)?;
     CsvReadOptions::default()
         .with_has_header(options.has_header)
         .with_infer_schema_length(Some(10_000))
-        .map_parse_options(|p| {
-            p.with_separator(delimiter)
-                .with_quote_char(quote)
-                .with_encoding(encoding)
-        })
-        .try_into_reader_with_file_path(Some(path.to_path_buf()))
-        .and_then(|r| r.finish())
+        .map_parse_options(|p| p.with_separator(delimiter).with_quote_char(quote))
+        .into_reader_with_file_handle(std::io::Cursor::new(text.into_bytes()))
+        .finish()
         .map_err(|e| csv_error(path, delimiter, quote, e))
+}
+
+/// The file as UTF-8 text in the source's `encoding`; says which encoding `auto` chose and how
+/// many invalid sequences `utf8-lossy` replaced.
+fn decoded_text(path: &Path, options: &ReadOptions) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let decoded = text_encoding::decode(path, bytes, options.encoding.as_deref())?;
+    if options.encoding.as_deref() == Some("auto") {
+        tracing::info!(
+            "{}: read as {} (encoding = \"auto\")",
+            path.display(),
+            decoded.encoding
+        );
+    }
+    if decoded.replaced > 0 {
+        tracing::warn!(
+            "{}: {} invalid UTF-8 sequences replaced by U+FFFD (encoding = \"utf8-lossy\"); if the file is Windows-1252 (Excel's CSV), set encoding = \"windows-1252\" or \"auto\"",
+            path.display(),
+            decoded.replaced
+        );
+    }
+    Ok(decoded.text)
 }
 
 /// A JSON document whose records sit in nested arrays, flattened to one row per record.

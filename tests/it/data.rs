@@ -574,3 +574,70 @@ fn shipped_recipes_prepare() {
         assert!(p.train.iter().all(|e| e.target_count() > 0));
     }
 }
+
+/// Excel's CSV export on German Windows (Windows-1252, `;`, CRLF) and a UTF-16 TSV with a
+/// byte-order mark: the umlauts, ß and € arrive byte for byte as UTF-8.
+#[test]
+fn legacy_encodings_are_decoded_before_reading() {
+    use feinschliff::data::source::{read_file, ReadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        (
+            "Wie hoch ist die Grundgebühr?",
+            "Sie beträgt 12,50 € im Monat.",
+        ),
+        ("Wo ist das Büro?", "An der Großen Straße 3."),
+    ];
+    let mut csv = String::from("frage;antwort\r\n");
+    for (q, a) in rows {
+        csv.push_str(&format!("{q};{a}\r\n"));
+    }
+    let cp1252 = dir.path().join("faq.csv");
+    std::fs::write(&cp1252, encoding_rs::WINDOWS_1252.encode(&csv).0).unwrap();
+    let mut tsv = vec![0xFF, 0xFE];
+    let text = csv.replace(';', "\t");
+    tsv.extend(text.encode_utf16().flat_map(|u| u.to_le_bytes()));
+    let utf16 = dir.path().join("faq.tsv");
+    std::fs::write(&utf16, tsv).unwrap();
+
+    let read = |path: &std::path::Path, encoding: &str, delimiter: &str| {
+        let options = ReadOptions {
+            encoding: Some(encoding.into()),
+            delimiter: Some(delimiter.into()),
+            ..Default::default()
+        };
+        let df = read_file(path, &options).unwrap_or_else(|e| panic!("{e:#}"));
+        let column = |name: &str| -> Vec<String> {
+            df.column(name)
+                .unwrap()
+                .str()
+                .unwrap()
+                .iter()
+                .map(|v| v.unwrap().to_string())
+                .collect()
+        };
+        (column("frage"), column("antwort"))
+    };
+    let want: (Vec<String>, Vec<String>) = (
+        rows.iter().map(|r| r.0.to_string()).collect(),
+        rows.iter().map(|r| r.1.to_string()).collect(),
+    );
+    assert_eq!(read(&cp1252, "windows-1252", ";"), want);
+    assert_eq!(read(&cp1252, "auto", ";"), want);
+    assert_eq!(read(&utf16, "utf-16", "\\t"), want);
+    assert_eq!(read(&utf16, "auto", "\\t"), want);
+
+    let strict = read_file(
+        &cp1252,
+        &ReadOptions {
+            delimiter: Some(";".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    let err = format!("{strict:#}");
+    assert!(
+        err.contains("faq.csv") && err.contains("line 2") && err.contains("windows-1252"),
+        "{err}"
+    );
+}
