@@ -125,7 +125,7 @@ fn killed_runs_resume_to_the_uninterrupted_adapter() {
                 // A kill before the first checkpoint leaves nothing to resume: start afresh.
                 let partial = dir.path().join(".run.partial/checkpoints");
                 resume = std::fs::read_dir(&partial)
-                    .map(|d| d.flatten().any(|e| e.path().join("state.json").exists()))
+                    .map(|d| d.flatten().any(|e| is_complete_checkpoint(&e.path())))
                     .unwrap_or(false);
             }
         }
@@ -227,12 +227,18 @@ fn signal(child: &Child, name: &str) {
     assert!(sent.success());
 }
 
+/// A `checkpoint-<step>` folder with its state file (not a temporary one cut short).
+fn is_complete_checkpoint(path: &Path) -> bool {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    name.starts_with("checkpoint-") && path.join("state.json").exists()
+}
+
 fn complete_checkpoints(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir.join(".run.partial/checkpoints"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.join("state.json").exists())
+        .filter(|p| is_complete_checkpoint(p))
         .collect()
 }
 
