@@ -93,7 +93,8 @@ fn losses(metrics: &Path) -> Vec<(u64, f64, f64)> {
 
 #[test]
 fn killed_runs_resume_to_the_uninterrupted_adapter() {
-    let steps = 120;
+    // Long enough that five kills (at most 0.7 s each) never reach the end of the run.
+    let steps = 200;
     let reference = tempfile::tempdir().unwrap();
     let recipe = write_recipe(reference.path(), steps, "");
     let o = train(&recipe, &[]);
