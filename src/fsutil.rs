@@ -66,37 +66,33 @@ pub struct StagedDir {
 impl StagedDir {
     /// Refuses an existing `target` unless `force`; the old folder is replaced only at commit.
     pub fn create(target: &Path, force: bool) -> Result<Self> {
-        if target.exists() && !force {
-            bail!(
-                "output folder {} already exists; choose another one or pass --force to replace it",
-                target.display()
-            );
-        }
-        let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let staging = target.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).runtime()?;
-        }
-        std::fs::create_dir_all(&staging)
-            .with_context(|| format!("cannot create {}", staging.display()))
-            .runtime()?;
-        Ok(Self {
-            target: target.to_path_buf(),
-            staging,
+        let staged = Self::beside(
+            target,
             force,
-            committed: false,
-            keep_if: None,
-        })
+            &format!("partial-{}", std::process::id()),
+            None,
+        )?;
+        if staged.staging.exists() {
+            std::fs::remove_dir_all(&staged.staging).runtime()?;
+        }
+        staged.make()
     }
 
     /// Like [`StagedDir::create`], but under a fixed name (`.<name>.partial`) whose contents are
     /// kept: a later run finds what an interrupted one left. Dropped uncommitted, the folder is
     /// removed unless `keep_if` says to keep it.
     pub fn reusable(target: &Path, force: bool, keep_if: fn(&Path) -> bool) -> Result<Self> {
+        Self::beside(target, force, "partial", Some(keep_if))?.make()
+    }
+
+    /// The staging folder `.<name>.<suffix>` beside `target` (not yet created); an existing
+    /// `target` is refused unless `force`.
+    fn beside(
+        target: &Path,
+        force: bool,
+        suffix: &str,
+        keep_if: Option<fn(&Path) -> bool>,
+    ) -> Result<Self> {
         if target.exists() && !force {
             bail!(
                 "output folder {} already exists; choose another one or pass --force to replace it",
@@ -104,17 +100,21 @@ impl StagedDir {
             );
         }
         let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let staging = target.with_file_name(format!(".{name}.partial"));
-        std::fs::create_dir_all(&staging)
-            .with_context(|| format!("cannot create {}", staging.display()))
-            .runtime()?;
         Ok(Self {
             target: target.to_path_buf(),
-            staging,
+            staging: target.with_file_name(format!(".{name}.{suffix}")),
             force,
             committed: false,
-            keep_if: Some(keep_if),
+            keep_if,
         })
+    }
+
+    /// Creates the staging folder (and the folders above it).
+    fn make(self) -> Result<Self> {
+        std::fs::create_dir_all(&self.staging)
+            .with_context(|| format!("cannot create {}", self.staging.display()))
+            .runtime()?;
+        Ok(self)
     }
 
     /// Empties the staging folder (a fresh start over what an earlier run left).

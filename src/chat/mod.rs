@@ -182,7 +182,14 @@ fn answer(
         &mut seqs,
         max_new_tokens,
         tokenizer.pad_id(),
-        |_, logits, seen| sampler.choose(logits, seen),
+        |logits, seqs| {
+            let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+            Ok(rows
+                .iter()
+                .zip(seqs)
+                .map(|(row, seen)| sampler.choose(row, seen))
+                .collect())
+        },
         |_, seq| {
             let last = seq[seq.len() - 1];
             let done = stops.contains(&last);

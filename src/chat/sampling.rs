@@ -5,8 +5,6 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::generate::argmax;
-
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy)]
 pub struct SamplingOptions {
@@ -52,8 +50,7 @@ impl Sampler {
             }
         }
         if o.temperature <= 0.0 {
-            let as_f32: Vec<f32> = scores.iter().map(|&s| s as f32).collect();
-            return argmax(&as_f32);
+            return argmax(&scores);
         }
         let mut order: Vec<usize> = (0..scores.len()).collect();
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
@@ -87,6 +84,17 @@ impl Sampler {
         }
         order[kept - 1] as u32
     }
+}
+
+/// The index of the largest score; the first one wins ties, as torch's argmax.
+fn argmax(scores: &[f64]) -> u32 {
+    let mut best = 0;
+    for (i, s) in scores.iter().enumerate() {
+        if *s > scores[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[cfg(test)]

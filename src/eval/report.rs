@@ -285,7 +285,8 @@ pub fn markdown(
     s
 }
 
-fn xml_escape(s: &str) -> String {
+/// Text for XML and HTML: the five markup characters escaped.
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

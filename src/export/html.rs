@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::eval::report::GateOutcome;
+use crate::eval::report::{xml_escape as escape, GateOutcome};
 use crate::eval::tasks::TaskResult;
 use crate::fsutil::write_atomic;
 use crate::train::TrainSummary;
@@ -34,14 +34,6 @@ pub struct ReportInput<'a> {
 
 /// Sample generations shown per generate task.
 const SAMPLES_PER_TASK: usize = 3;
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
 
 fn value(v: f64, stderr: Option<f64>) -> String {
     match stderr.filter(|s| s.is_finite()) {

@@ -2,7 +2,7 @@
 //! cost grows linearly with the number of new tokens. Greedy, or any choice of the next token.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{Tensor, D};
 
 use super::kv_cache::right_padded;
 use super::CausalLm;
@@ -16,34 +16,19 @@ pub fn greedy(
     pad: u32,
     stop: impl FnMut(usize, &[u32]) -> Result<bool>,
 ) -> Result<()> {
-    decode(
-        lm,
-        seqs,
-        max_tokens,
-        pad,
-        |_, logits, _| argmax(logits),
-        stop,
-    )
+    // The argmax runs where the logits are: only the token ids leave the device.
+    let argmax = |logits: &Tensor, _: &[Vec<u32>]| Ok(logits.argmax(D::Minus1)?.to_vec1()?);
+    decode(lm, seqs, max_tokens, pad, argmax, stop)
 }
 
-/// The index of the largest value; the first one wins ties, as torch's argmax.
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// Like [`greedy`], with the next token of a row chosen by `choose(row, logits, sequence)`.
+/// Like [`greedy`], with the next token of every row chosen by `choose(logits [rows, vocab],
+/// sequences)`.
 pub fn decode(
     lm: &CausalLm,
     seqs: &mut [Vec<u32>],
     max_tokens: usize,
     pad: u32,
-    mut choose: impl FnMut(usize, &[f32], &[u32]) -> u32,
+    mut choose: impl FnMut(&Tensor, &[Vec<u32>]) -> Result<Vec<u32>>,
     mut stop: impl FnMut(usize, &[u32]) -> Result<bool>,
 ) -> Result<()> {
     if max_tokens == 0 || seqs.is_empty() {
@@ -65,14 +50,13 @@ pub fn decode(
     let mut last = hidden.index_select(&Tensor::from_vec(last, b, device)?, 0)?;
     let mut done = vec![false; b];
     for step in 0..max_tokens {
-        let logits: Vec<Vec<f32>> = lm.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
+        let next = choose(&lm.logits(&last)?, seqs)?;
         let mut feed = Vec::with_capacity(b);
-        for (r, row) in logits.iter().enumerate() {
+        for (r, tok) in next.into_iter().enumerate() {
             if done[r] {
                 feed.push((pad, 0));
                 continue;
             }
-            let tok = choose(r, row, &seqs[r]);
             seqs[r].push(tok);
             done[r] = stop(r, &seqs[r])?;
             feed.push((tok, usize::from(!done[r])));

@@ -183,6 +183,16 @@ pub struct TrainState {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub state: TrainState,
+    /// AdamW's update count per trainable tensor.
+    adam_steps: Vec<i32>,
+}
+
+/// state.json: the loop's state and AdamW's step counts.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    #[serde(flatten)]
+    state: TrainState,
+    adam_steps: Vec<i32>,
 }
 
 /// Writes a checkpoint of the run in `run_dir` and keeps only the latest `keep` (and that of the
@@ -219,8 +229,10 @@ pub fn save(
         save_safetensors(&tensors, &tmp.join(OPTIMIZER_FILE))?;
         let metrics = std::fs::read(run_dir.join(METRICS_FILE)).runtime()?;
         write_atomic(&tmp.join(METRICS_FILE), &metrics)?;
-        let mut saved = serde_json::to_value(state)?;
-        saved["adam_steps"] = serde_json::to_value(optimizer.state().2)?;
+        let saved = StateFile {
+            state: state.clone(),
+            adam_steps: optimizer.state().2.to_vec(),
+        };
         write_atomic(
             &tmp.join(STATE_FILE),
             serde_json::to_string_pretty(&saved)?.as_bytes(),
@@ -297,9 +309,13 @@ fn read(dir: PathBuf) -> Result<Checkpoint> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let state = serde_json::from_str(&text)
+    let saved: StateFile = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a checkpoint state", path.display()))?;
-    Ok(Checkpoint { dir, state })
+    Ok(Checkpoint {
+        dir,
+        state: saved.state,
+        adam_steps: saved.adam_steps,
+    })
 }
 
 impl Checkpoint {
@@ -332,11 +348,7 @@ impl Checkpoint {
         let v = (0..trainable.len())
             .map(|i| get(format!("v.{i}")))
             .collect::<Result<_>>()?;
-        let state_path = self.dir.join(STATE_FILE);
-        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path)?)?;
-        let steps: Vec<i32> = serde_json::from_value(raw["adam_steps"].clone())
-            .with_context(|| format!("{} has no adam_steps", state_path.display()))?;
-        Ok((m, v, steps))
+        Ok((m, v, self.adam_steps.clone()))
     }
 
     /// metrics.jsonl as it was at this checkpoint.

@@ -332,6 +332,14 @@ fn mutate_toml(valid: &str, edit: &Edit<toml::Value>) -> Option<Mutated> {
     mutate(valid.as_bytes(), &root, write, edit)
 }
 
+/// A text file with `edit` applied to its lines, if there is one.
+fn edited_lines(valid: Vec<u8>, edit: &Option<Edit<Vec<u8>>>) -> Vec<u8> {
+    match edit {
+        Some(e) => mutate_lines(&valid, e).bytes,
+        None => valid,
+    }
+}
+
 /// Applies `edit` to the lines of a text file (a node is a line).
 fn mutate_lines(valid: &[u8], edit: &Edit<Vec<u8>>) -> Mutated {
     if let Some(bytes) = byte_edit(valid, edit) {
@@ -762,30 +770,17 @@ proptest! {
         rows in prop::collection::vec(row(), 0..6),
         edit in prop::option::of(edit(line())),
     ) {
-        let valid = as_json_lines(&rows);
-        let bytes = match &edit {
-            Some(e) => mutate_lines(&valid, e).bytes,
-            None => valid,
-        };
+        let bytes = edited_lines(as_json_lines(&rows), &edit);
         let dir = folder(&[("rows.jsonl", &bytes)]);
         read_rows(dir.path(), "rows.jsonl")?;
     }
-
-}
-
-proptest! {
-    #![proptest_config(settings(512))]
 
     #[test]
     fn csv_rows_read_or_name_file(
         rows in prop::collection::vec(row(), 0..6),
         edit in prop::option::of(edit(line())),
     ) {
-        let valid = csv(&rows);
-        let bytes = match &edit {
-            Some(e) => mutate_lines(&valid, e).bytes,
-            None => valid,
-        };
+        let bytes = edited_lines(csv(&rows), &edit);
         let dir = folder(&[("rows.csv", &bytes)]);
         read_rows(dir.path(), "rows.csv")?;
     }
