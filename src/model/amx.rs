@@ -113,9 +113,37 @@ fn round_up(x: usize, to: usize) -> usize {
 /// a [m, k] · b [k, n] into `out` [m, n] (row-major f32), writing every element without reading
 /// any (so `out` may be uninitialised). Call only when [`available`].
 pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [MaybeUninit<f32>]) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+    product_packed(a, &PackedRhs::new(&b), out);
+}
+
+/// A right operand b [k, n] in the tiles' layout, packed once for any number of products (a frozen
+/// weight: packing costs about as much as multiplying a thousand rows by it).
+pub struct PackedRhs {
+    data: Vec<u16>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedRhs {
+    pub fn new<B: ToBf16>(b: &Strided<B>) -> Self {
+        Self {
+            data: pack_vnni(b, round_up(b.rows.max(1), K_STEP)),
+            k: b.rows,
+            n: b.cols,
+        }
+    }
+
+    /// (k, n) of the operand it packs.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// a [m, k] · b into `out` [m, n] as [`product`] does, with b packed already.
+pub fn product_packed<A: ToBf16>(a: Strided<A>, b: &PackedRhs, out: &mut [MaybeUninit<f32>]) {
+    let (m, k, n) = (a.rows, a.cols, b.n);
     assert!(
-        b.rows == k && out.len() == m * n,
+        b.k == k && out.len() == m * n,
         "AMX product: shapes do not fit"
     );
     if m * n == 0 {
@@ -123,7 +151,6 @@ pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [Ma
     }
     let kp = round_up(k.max(1), K_STEP);
     let packed_a = pack_rows(&a, kp);
-    let packed_b = pack_vnni(&b, kp);
     let col_blocks = round_up(n, BLOCK) / BLOCK;
     let threads = rayon::current_num_threads().min(col_blocks).max(1);
     let per_thread = col_blocks.div_ceil(threads);
@@ -132,7 +159,7 @@ pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [Ma
         let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
         let out_ptr = &out_ptr;
         // Safety: each thread writes only the columns of its own column blocks.
-        unsafe { compute(&packed_a, &packed_b, (m, kp, n), blocks, out_ptr.0) };
+        unsafe { compute(&packed_a, &b.data, (m, kp, n), blocks, out_ptr.0) };
     });
 }
 
@@ -284,7 +311,15 @@ unsafe fn compute(
                 options(nostack)
             );
         }
-        let c = block.as_mut_ptr();
+        let rows = (m - rb * BLOCK).min(BLOCK);
+        let cols = (n - cb * BLOCK).min(BLOCK);
+        // A whole block goes straight to the output; a block cut by the edge goes through `block`.
+        let whole = rows == BLOCK && cols == BLOCK;
+        let (c, row_stride) = if whole {
+            (out.add(rb * BLOCK * n + cb * BLOCK), n)
+        } else {
+            (block.as_mut_ptr(), BLOCK)
+        };
         asm!(
             "tilestored [{c0} + {s}*1], tmm0",
             "tilestored [{c1} + {s}*1], tmm1",
@@ -292,16 +327,16 @@ unsafe fn compute(
             "tilestored [{c3} + {s}*1], tmm3",
             c0 = in(reg) c,
             c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * BLOCK),
-            c3 = in(reg) c.add(16 * BLOCK + 16),
-            s = in(reg) BLOCK * 4,
+            c2 = in(reg) c.add(16 * row_stride),
+            c3 = in(reg) c.add(16 * row_stride + 16),
+            s = in(reg) row_stride * 4,
             options(nostack)
         );
-        let rows = (m - rb * BLOCK).min(BLOCK);
-        let cols = (n - cb * BLOCK).min(BLOCK);
-        for r in 0..rows {
-            let dst = out.add((rb * BLOCK + r) * n + cb * BLOCK);
-            std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
+        if !whole {
+            for r in 0..rows {
+                let dst = out.add((rb * BLOCK + r) * n + cb * BLOCK);
+                std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
+            }
         }
     }
     asm!("tilerelease", options(nostack));

@@ -11,7 +11,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 
 use super::blocks;
 use super::decoder::accumulation_dtype;
-use super::matmul::{cpu_product_f32, matmul_wide};
+use super::frozen_weight::FrozenWeight;
+use super::matmul::matmul_wide;
 use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
 use super::vector_math;
@@ -28,16 +29,26 @@ pub fn block_rows(rows: usize, vocab: usize) -> usize {
 /// −log softmax(h·Wᵀ)[target] for hidden states h [n, hidden], the LM head W [vocab, hidden] and
 /// targets [n] (u32), in blocks of `block` rows: [n], in f32 (f64 for an f64 model).
 /// Gradients flow to h only; the head is frozen.
-pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize) -> Result<Tensor> {
+pub fn head_nll(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    targets: &Tensor,
+    block: usize,
+) -> Result<Tensor> {
     let products = if hidden.track_op() { 2 } else { 1 };
-    let flops = products * 2 * hidden.elem_count() * head.dim(0)?;
+    let flops = products * 2 * hidden.elem_count() * head.tensor().dim(0)?;
     timed(Phase::LmHead, flops, || {
         blockwise_nll(hidden, head, targets, block)
     })
 }
 
 /// The body of [`head_nll`].
-fn blockwise_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize) -> Result<Tensor> {
+fn blockwise_nll(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    targets: &Tensor,
+    block: usize,
+) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let acc = accumulation_dtype(hidden.dtype());
     let with_grad = hidden.track_op();
@@ -58,7 +69,7 @@ fn blockwise_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize)
         return Ok(nll);
     }
     hidden.apply_op3(
-        head,
+        head.tensor(),
         targets,
         HeadNll {
             direction: Tensor::cat(&direction, 0)?,
@@ -71,14 +82,15 @@ fn blockwise_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor, block: usize)
 /// [len, hidden] (dL/dh of a row is its loss gradient times its direction).
 fn block_loss(
     hidden: &Tensor,
-    head: &Tensor,
+    frozen_head: &FrozenWeight,
     targets: &Tensor,
     acc: DType,
     with_grad: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    if let Some(logits) = cpu_product_f32(hidden, &head.t()?)? {
-        return cpu_block_loss(logits, hidden, head, targets, with_grad);
+    if let Some(logits) = frozen_head.transposed_product_f32(hidden)? {
+        return cpu_block_loss(logits, hidden, frozen_head, targets, with_grad);
     }
+    let head = frozen_head.tensor();
     let logits = matmul_wide(hidden, &head.t()?)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;
@@ -99,10 +111,11 @@ fn block_loss(
 fn cpu_block_loss(
     mut logits: Vec<f32>,
     hidden: &Tensor,
-    head: &Tensor,
+    frozen_head: &FrozenWeight,
     targets: &Tensor,
     with_grad: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let head = frozen_head.tensor();
     let vocab = head.dim(0)?;
     let ids = targets.to_vec1::<u32>()?;
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
@@ -127,7 +140,7 @@ fn cpu_block_loss(
         return Ok((nll, None));
     }
     let probs = Tensor::from_vec(logits, (ids.len(), vocab), device)?;
-    let expected = matmul_wide(&probs, head)?;
+    let expected = frozen_head.times(&probs)?.to_dtype(DType::F32)?;
     let direction = (expected - head.index_select(targets, 0)?.to_dtype(DType::F32)?)?;
     Ok((nll, Some(direction)))
 }

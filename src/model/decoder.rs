@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::checkpoint;
 use super::config::ModelConfig;
 use super::cross_entropy;
+use super::frozen_weight::FrozenWeight;
 use super::kv_cache::{KvCache, LayerKv};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
@@ -231,8 +232,8 @@ pub struct CausalLm {
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    /// None when the head is tied to the embeddings.
-    pub lm_head: Option<Tensor>,
+    /// The LM head W [vocab, hidden]: `lm_head.weight`, or the embeddings when tied.
+    pub head: FrozenWeight,
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     pub gradient_checkpointing: bool,
     /// Adapter gradients computed inside checkpointed layers' backward passes.
@@ -306,17 +307,17 @@ impl CausalLm {
                 },
             });
         }
-        let lm_head = if c.tie_word_embeddings {
-            None
+        let head = FrozenWeight::new(if c.tie_word_embeddings {
+            embed_tokens.clone()
         } else {
-            Some(weights.get("lm_head.weight", &[c.vocab_size, hid])?)
-        };
+            weights.get("lm_head.weight", &[c.vocab_size, hid])?
+        });
         Ok(Self {
             rope: Rope::new(c),
             norm: norm("model.norm")?,
             embed_tokens,
             layers,
-            lm_head,
+            head,
             gradient_checkpointing: false,
             checkpoint_grads: Default::default(),
             activations,
@@ -424,22 +425,28 @@ impl CausalLm {
 
     /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         if hidden.track_op() {
-            return Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?);
+            return Ok(
+                frozen_matmul(hidden, &self.head)?.to_dtype(accumulation_dtype(self.dtype()))?
+            );
         }
+        let head = self.head.tensor();
         let flops = 2 * hidden.elem_count() * head.dim(0)?;
         Ok(timed(Phase::LmHead, flops, || {
-            matmul_wide(hidden, &head.t()?)
+            match self.head.transposed_product_f32(hidden)? {
+                Some(logits) => {
+                    Tensor::from_vec(logits, (hidden.dim(0)?, head.dim(0)?), hidden.device())
+                }
+                None => matmul_wide(hidden, &head.t()?),
+            }
         })?)
     }
 
     /// −log p(target) [n] (f32, or f64 for an f64 model) for hidden states [n, hidden] and target
     /// ids [n]; the logits exist one block of rows at a time.
     pub fn target_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let block = cross_entropy::block_rows(hidden.dim(0)?, self.config.vocab_size);
-        Ok(cross_entropy::head_nll(hidden, head, targets, block)?)
+        Ok(cross_entropy::head_nll(hidden, &self.head, targets, block)?)
     }
 
     /// Logits [batch, seq, vocab] in the accumulation dtype (f32 unless the model is f64).

@@ -2,20 +2,22 @@
 //!
 //! candle's matmul backward always computes the weight gradient, even for a frozen weight; for a
 //! LoRA step that is a third of the work wasted. [`frozen_matmul`] is a custom op that runs the
-//! fast product of [`super::matmul`] forward and whose backward returns only the input gradient.
+//! fast product of [`super::matmul`] forward (with the weight packed once, see
+//! [`FrozenWeight`]) and whose backward returns only the input gradient.
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
+use super::frozen_weight::FrozenWeight;
 use super::lora::{LoraAdapter, Pass};
-use super::matmul::{matmul, product_transposed};
+use super::matmul::product_transposed;
 use super::phases::{timed, Phase};
 
 /// One linear layer of the base model; the base weight never trains.
 #[derive(Clone)]
 pub struct Linear {
     /// [out_features, in_features], as stored in the checkpoint.
-    pub weight: Tensor,
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
@@ -23,18 +25,18 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: FrozenWeight::new(weight),
             bias,
             lora: None,
         }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.tensor().dims()[1]
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.tensor().dims()[0]
     }
 
     /// Applies the layer to x of shape [..., in] (rows [n, in] need no reshape, which in candle's
@@ -59,12 +61,13 @@ impl Linear {
 }
 
 /// x·Wᵀ for x [n, in] and a frozen W [out, in]; gradients flow to x only.
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let flops = 2 * x.elem_count() * weight.dim(0)?;
-    if !x.track_op() {
-        return timed(Phase::Projections, flops, || Ok(matmul(x, &weight.t()?)?));
+pub fn frozen_matmul(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+    let op = InputGradOnly(weight.clone());
+    if x.track_op() {
+        Ok(x.apply_op2(weight.tensor(), op)?)
+    } else {
+        Ok(x.apply_op2_no_bwd(weight.tensor(), &op)?)
     }
-    Ok(x.apply_op2(weight, InputGradOnly)?)
 }
 
 /// Multiply-adds × 2 of x [n, in] · Wᵀ for W [out, in].
@@ -73,7 +76,7 @@ fn flops(lx: &Layout, lw: &Layout) -> usize {
 }
 
 /// Forward: x·Wᵀ. Backward: dL/dx = dL/dy · W, nothing for W.
-struct InputGradOnly;
+struct InputGradOnly(FrozenWeight);
 
 impl CustomOp2 for InputGradOnly {
     fn name(&self) -> &'static str {
@@ -88,7 +91,10 @@ impl CustomOp2 for InputGradOnly {
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         timed(Phase::Projections, flops(lx, lw), || {
-            product_transposed(x, lx, w, lw)
+            match self.0.cpu_transposed_product((x, lx), (w, lw))? {
+                Some(product) => Ok(product),
+                None => product_transposed(x, lx, w, lw),
+            }
         })
     }
 
@@ -113,7 +119,7 @@ impl CustomOp2 for InputGradOnly {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let flops = 2 * grad.elem_count() * weight.dim(1)?;
-        let dx = timed(Phase::Projections, flops, || matmul(&grad.detach(), weight))?;
+        let dx = timed(Phase::Projections, flops, || self.0.times(&grad.detach()))?;
         Ok((Some(dx), None))
     }
 }

@@ -7,7 +7,8 @@
 use candle_core::op::Mul;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::matmul::{matmul, product_transposed, sum_of_products, MatmulStorage};
+use super::frozen_weight::FrozenWeight;
+use super::matmul::{matmul, product_transposed, MatmulStorage};
 use super::phases::{timed, Phase};
 
 /// x [n, in] through W [out, in] plus the adapter A [r, in], B [out, r] scaled by `scale`, with
@@ -15,7 +16,7 @@ use super::phases::{timed, Phase};
 /// Gradients flow to x, A and B; W is frozen.
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
@@ -35,23 +36,21 @@ pub fn lora_linear(
 }
 
 struct LoraLinear {
-    weight: Tensor,
+    weight: FrozenWeight,
     scale: f64,
     mask: Option<Tensor>,
     rank: usize,
 }
 
-/// The forward pass on one backend's storages.
-#[allow(clippy::too_many_arguments)]
+/// The forward pass on one backend's storages, given the frozen product x·Wᵀ.
 fn forward<S: MatmulStorage>(
+    (base, shape): (S, Shape),
     (x, lx): (&S, &Layout),
-    (w, lw): (&S, &Layout),
     (a, la): (&S, &Layout),
     (b, lb): (&S, &Layout),
     mask: Option<(&S, &Layout)>,
     scale: f64,
 ) -> Result<(S, Shape)> {
-    let (base, shape) = product_transposed(x, lx, w, lw)?;
     let lora_dtype = a.dtype();
     let converted;
     let (x_lora, lx_lora) = if x.dtype() == lora_dtype {
@@ -81,7 +80,7 @@ fn forward<S: MatmulStorage>(
 /// The storage of `t` as `S`, with its layout, for passing to [`forward`].
 macro_rules! with_storages {
     ($self:ident, $variant:ident, |$w:ident, $m:ident| $body:expr) => {{
-        let (w_guard, lw) = $self.weight.storage_and_layout();
+        let (w_guard, lw) = $self.weight.tensor().storage_and_layout();
         let Storage::$variant(w_storage) = &*w_guard else {
             candle_core::bail!("LoRA linear: the frozen weight is on another device");
         };
@@ -113,14 +112,13 @@ impl CustomOp3 for LoraLinear {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         timed(Phase::Projections, self.flops(lx, 2), || {
-            with_storages!(self, Cpu, |w, m| forward(
-                (x, lx),
-                w,
-                (a, la),
-                (b, lb),
-                m,
-                self.scale
-            ))
+            with_storages!(self, Cpu, |w, m| {
+                let base = match self.weight.cpu_transposed_product((x, lx), w)? {
+                    Some(base) => base,
+                    None => product_transposed(x, lx, w.0, w.1)?,
+                };
+                forward(base, (x, lx), (a, la), (b, lb), m, self.scale)
+            })
         })
     }
 
@@ -135,14 +133,10 @@ impl CustomOp3 for LoraLinear {
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         timed(Phase::Projections, self.flops(lx, 2), || {
-            with_storages!(self, Cuda, |w, m| forward(
-                (x, lx),
-                w,
-                (a, la),
-                (b, lb),
-                m,
-                self.scale
-            ))
+            with_storages!(self, Cuda, |w, m| {
+                let base = product_transposed(x, lx, w.0, w.1)?;
+                forward(base, (x, lx), (a, la), (b, lb), m, self.scale)
+            })
         })
     }
 
@@ -166,7 +160,7 @@ impl LoraLinear {
     /// the adapter's size (n·r·(in + out) each).
     fn flops(&self, lx: &Layout, adapter_products: usize) -> usize {
         let (n, inp) = (lx.dims()[0], lx.dims()[1]);
-        let (out, r) = (self.weight.dims()[0], self.rank);
+        let (out, r) = (self.weight.tensor().dims()[0], self.rank);
         2 * n * inp * out + adapter_products * n * r * (inp + out)
     }
 
@@ -193,10 +187,11 @@ impl LoraLinear {
             (_, false) => None,
             (Some(m), true) => {
                 let dx_lora = matmul(&g_b, &a)?.mul(m)?;
-                Some((matmul(&grad.detach(), &self.weight)? + dx_lora.to_dtype(x.dtype())?)?)
+                Some((self.weight.times(&grad.detach())? + dx_lora.to_dtype(x.dtype())?)?)
             }
             (None, true) => Some(
-                sum_of_products(&grad.detach(), &self.weight, (&g_b, &a), 1.0)?
+                self.weight
+                    .times_plus(&grad.detach(), (&g_b, &a), 1.0)?
                     .to_dtype(x.dtype())?,
             ),
         };

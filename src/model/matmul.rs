@@ -50,29 +50,32 @@ pub(crate) fn cpu_product_f32(a: &Tensor, b: &Tensor) -> Result<Option<Vec<f32>>
     }
 }
 
-/// a·b + alpha·(c·d) without gradients. For f32 activations on the CPU the second product
-/// accumulates into the first one's buffer ([`MatmulStorage::plus_product`]); elsewhere they are
-/// separate ops.
-pub fn sum_of_products(
-    a: &Tensor,
-    b: &Tensor,
+/// ab + alpha·(c·d) without gradients, for a product ab [m, n] already in an f32 buffer: on the
+/// CPU with f32 c and d the second product accumulates into that buffer in place
+/// ([`MatmulStorage::plus_product`]); elsewhere they are separate ops.
+pub(crate) fn plus_product_f32(
+    ab: Vec<f32>,
+    shape: Shape,
     (c, d): (&Tensor, &Tensor),
     alpha: f64,
+    device: &candle_core::Device,
 ) -> Result<Tensor> {
-    if let Some(ab) = cpu_product_f32(a, b)? {
-        let shape = Shape::from((a.dim(0)?, b.dim(1)?));
+    {
         let (sc, lc) = c.storage_and_layout();
         let (sd, ld) = d.storage_and_layout();
-        if let (Storage::Cpu(c), Storage::Cpu(d)) = (&*sc, &*sd) {
-            if let CpuStorage::F32(sum) =
+        if let (Storage::Cpu(c @ CpuStorage::F32(_)), Storage::Cpu(d @ CpuStorage::F32(_))) =
+            (&*sc, &*sd)
+        {
+            let CpuStorage::F32(sum) =
                 CpuStorage::F32(ab).plus_product(&shape, (c, lc), (d, ld), alpha)?
-            {
-                return Tensor::from_vec(sum, shape, a.device());
-            }
+            else {
+                candle_core::bail!("plus_product: an f32 sum came back in another dtype");
+            };
+            return Tensor::from_vec(sum, shape, device);
         }
     }
-    let cd = (matmul(c, d)? * alpha)?.to_dtype(a.dtype())?;
-    matmul(a, b)?.to_dtype(cd.dtype())? + cd
+    let cd = (matmul(c, d)? * alpha)?.to_dtype(candle_core::DType::F32)?;
+    Tensor::from_vec(ab, shape, device)? + cd
 }
 
 /// Storages that can multiply: the CPU through faer, CUDA through the backend (cuBLAS).
@@ -523,6 +526,11 @@ fn narrow<H: Copy + Send + Default>(src: &[f32], one: fn(f32) -> H) -> Vec<H> {
 /// on AMX tiles (packing both operands costs more than it saves).
 const AMX_MIN_FLOPS: usize = 1 << 22;
 
+/// Whether a product of these sizes with a bf16 right operand runs on AMX tiles.
+fn on_amx_tiles(dims: &ProductDims) -> bool {
+    dims.flops() / dims.batch.max(1) >= AMX_MIN_FLOPS && super::amx::available()
+}
+
 /// Products with a bf16 right operand (the weights): on AMX tiles where the CPU has them and the
 /// product is large enough, else widened to f32.
 fn bf16_products<A: Widen + super::amx::ToBf16>(
@@ -530,30 +538,67 @@ fn bf16_products<A: Widen + super::amx::ToBf16>(
     b: &[bf16],
     dims: &ProductDims,
 ) -> Vec<f32> {
-    if dims.flops() / dims.batch.max(1) < AMX_MIN_FLOPS || !super::amx::available() {
+    if !on_amx_tiles(dims) {
         return widened_products(a, b, dims);
     }
     let (m, k, n) = (dims.m, dims.k, dims.n);
     let mut out = uninit::<f32>(dims.batch * m * n);
     for (dst, &(oa, ob)) in out.chunks_mut((m * n).max(1)).zip(&dims.offsets) {
-        let lhs = super::amx::Strided {
-            data: a,
-            offset: oa,
-            rows: m,
-            cols: k,
-            strides: dims.a_strides,
-        };
-        let rhs = super::amx::Strided {
-            data: b,
-            offset: ob,
-            rows: k,
-            cols: n,
-            strides: dims.b_strides,
-        };
-        super::amx::product(lhs, rhs, dst);
+        let rhs = strided(b, ob, (k, n), dims.b_strides);
+        super::amx::product(strided(a, oa, (m, k), dims.a_strides), rhs, dst);
     }
     // SAFETY: the AMX product writes every element of each batch's output.
     unsafe { assume_init(out) }
+}
+
+/// a·b for f32 activations a [m, k] and a bf16 weight b [k, n] on the CPU through the AMX kernel,
+/// with b packed once into `packed` (filled on first use; it must only ever see this same b).
+/// None where the kernel does not apply (other dtypes, no AMX, a product too small to gain).
+pub(crate) fn cpu_packed_product(
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    packed: &std::sync::OnceLock<super::amx::PackedRhs>,
+) -> Result<Option<(Vec<f32>, Shape)>> {
+    let (CpuStorage::F32(a), CpuStorage::BF16(b)) = (a, b) else {
+        return Ok(None);
+    };
+    let dims = ProductDims::of(la, lb)?;
+    if dims.batch != 1 || few_rows(&dims) || !on_amx_tiles(&dims) {
+        return Ok(None);
+    }
+    let (m, k, n) = (dims.m, dims.k, dims.n);
+    let (oa, ob) = dims.offsets[0];
+    let rhs =
+        packed.get_or_init(|| super::amx::PackedRhs::new(&strided(b, ob, (k, n), dims.b_strides)));
+    if rhs.dims() != (k, n) {
+        candle_core::bail!(
+            "packed weight: packed as {:?}, used as {:?}",
+            rhs.dims(),
+            (k, n)
+        );
+    }
+    let mut out = uninit::<f32>(m * n);
+    super::amx::product_packed(strided(a, oa, (m, k), dims.a_strides), rhs, &mut out);
+    // SAFETY: the AMX product writes every element.
+    Ok(Some((unsafe { assume_init(out) }, dims.out_shape)))
+}
+
+/// The AMX kernel's view of `rows` × `cols` elements of `data` from `offset`.
+fn strided<T>(
+    data: &[T],
+    offset: usize,
+    (rows, cols): (usize, usize),
+    strides: (usize, usize),
+) -> super::amx::Strided<'_, T> {
+    super::amx::Strided {
+        data,
+        offset,
+        rows,
+        cols,
+        strides,
+    }
 }
 
 /// Columns of the right operand widened to f32 at a time: a panel of at most 4 MB.

@@ -11,6 +11,7 @@ mod cpu_slices;
 pub mod cross_entropy;
 pub mod decoder;
 pub mod families;
+pub mod frozen_weight;
 pub mod generate;
 pub mod inspect;
 pub mod kv_cache;

@@ -133,3 +133,44 @@ fn amx_tiles_equal_the_exact_product_of_bf16_values() {
         .unwrap();
     assert!(max_abs_diff(&got, &want) < 1e-3);
 }
+
+#[test]
+fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
+    use feinschliff::model::frozen_weight::FrozenWeight;
+    use feinschliff::model::linear::frozen_matmul;
+    if !feinschliff::model::amx::available() {
+        eprintln!("skipped: this CPU (or kernel) offers no AMX-BF16 tiles, so nothing is packed");
+        return;
+    }
+    // Tails in every tile dimension, and enough rows for the AMX kernel (not the few-row path).
+    let w = random(&[403, 300], 8).to_dtype(DType::BF16).unwrap();
+    let frozen = FrozenWeight::new(w.clone());
+    for (rows, seed) in [(37, 9), (70, 10), (37, 11)] {
+        let x = random(&[rows, 300], seed).to_dtype(DType::F32).unwrap();
+        let packed = frozen_matmul(&x, &frozen).unwrap();
+        let per_call = feinschliff::model::matmul::matmul_wide(&x, &w.t().unwrap()).unwrap();
+        assert_eq!(max_abs_diff(&packed, &per_call), 0.0, "x·Wᵀ, {rows} rows");
+        let logits = frozen.transposed_product_f32(&x).unwrap().unwrap();
+        assert_eq!(
+            logits,
+            per_call.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let g = random(&[rows, 403], seed + 100)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let packed = frozen.times(&g).unwrap();
+        let per_call = feinschliff::model::matmul::matmul_wide(&g, &w).unwrap();
+        assert_eq!(max_abs_diff(&packed, &per_call), 0.0, "g·W, {rows} rows");
+        let (c, d) = (
+            random(&[rows, 5], seed + 200),
+            random(&[5, 300], seed + 300),
+        );
+        let (c, d) = (
+            c.to_dtype(DType::F32).unwrap(),
+            d.to_dtype(DType::F32).unwrap(),
+        );
+        let sum = frozen.times_plus(&g, (&c, &d), 0.5).unwrap();
+        let want = (per_call + (c.matmul(&d).unwrap() * 0.5).unwrap()).unwrap();
+        assert!(max_abs_diff(&sum, &want) < 1e-4, "g·W + c·d, {rows} rows");
+    }
+}

@@ -1,0 +1,114 @@
+//! A frozen weight W [out, in] of the base model (a projection or the LM head) together with the
+//! packed operands its products reuse.
+//!
+//! On CPUs with AMX, a product with a bf16 weight first packs the weight into the tiles' layout;
+//! for a batch of a thousand rows that costs about as much as the product itself. The weight never
+//! changes, so each orientation is packed once, on first use, and kept: Wᵀ for the forward x·Wᵀ
+//! and W for the input gradient g·W. Elsewhere (f32 weights, no AMX, CUDA, decoding steps of a
+//! few rows) the products run as before and nothing is packed.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
+
+use super::amx::PackedRhs;
+use super::matmul::{cpu_packed_product, cpu_product_f32, matmul, plus_product_f32};
+
+/// A frozen weight and its packed forms (shared by clones).
+#[derive(Clone)]
+pub struct FrozenWeight {
+    tensor: Tensor,
+    packs: Arc<Packs>,
+}
+
+/// The packed orientations of one weight, each made on first use.
+#[derive(Default)]
+struct Packs {
+    /// Wᵀ [in, out], the right operand of x·Wᵀ.
+    transposed: OnceLock<PackedRhs>,
+    /// W [out, in], the right operand of g·W.
+    plain: OnceLock<PackedRhs>,
+}
+
+impl FrozenWeight {
+    pub fn new(tensor: Tensor) -> Self {
+        Self {
+            tensor,
+            packs: Arc::default(),
+        }
+    }
+
+    /// The weight as stored, [out, in].
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// x·Wᵀ on CPU storages, `w` being this weight's storage, through the packed weight where the
+    /// AMX kernel applies; None where it does not.
+    pub(crate) fn cpu_transposed_product(
+        &self,
+        (x, lx): (&CpuStorage, &Layout),
+        (w, lw): (&CpuStorage, &Layout),
+    ) -> Result<Option<(CpuStorage, Shape)>> {
+        let product = cpu_packed_product(x, lx, w, &lw.transpose(0, 1)?, &self.packs.transposed)?;
+        Ok(product.map(|(out, shape)| (CpuStorage::F32(out), shape)))
+    }
+
+    /// x·Wᵀ for f32 activations x [n, in] on the CPU as an owned f32 buffer [n, out] (for ops that
+    /// work on the product in place, such as the LM head's softmax); None for other operands.
+    pub fn transposed_product_f32(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
+        let packed = self.on_cpu(x, |x, w| {
+            cpu_packed_product(x.0, x.1, w.0, &w.1.transpose(0, 1)?, &self.packs.transposed)
+        })?;
+        match packed {
+            Some((out, _)) => Ok(Some(out)),
+            None => cpu_product_f32(x, &self.tensor.t()?),
+        }
+    }
+
+    /// g·W for g [n, out], without gradients: the input gradient of x·Wᵀ. f32 for an f32 g.
+    pub fn times(&self, g: &Tensor) -> Result<Tensor> {
+        match self.cpu_times(g)? {
+            Some((out, shape)) => Tensor::from_vec(out, shape, g.device()),
+            None => matmul(g, &self.tensor),
+        }
+    }
+
+    /// g·W + alpha·(c·d) without gradients; on the CPU the second product accumulates into the
+    /// first one's buffer.
+    pub fn times_plus(&self, g: &Tensor, (c, d): (&Tensor, &Tensor), alpha: f64) -> Result<Tensor> {
+        let shape = Shape::from((g.dim(0)?, self.tensor.dim(1)?));
+        let gw = match self.cpu_times(g)? {
+            Some((out, _)) => Some(out),
+            None => cpu_product_f32(g, &self.tensor)?,
+        };
+        match gw {
+            Some(out) => plus_product_f32(out, shape, (c, d), alpha, g.device()),
+            None => {
+                let cd = (matmul(c, d)? * alpha)?.to_dtype(g.dtype())?;
+                matmul(g, &self.tensor)?.to_dtype(cd.dtype())? + cd
+            }
+        }
+    }
+
+    /// g·W through the packed weight where the AMX kernel applies.
+    fn cpu_times(&self, g: &Tensor) -> Result<Option<(Vec<f32>, Shape)>> {
+        self.on_cpu(g, |g, w| {
+            cpu_packed_product(g.0, g.1, w.0, w.1, &self.packs.plain)
+        })
+    }
+
+    /// `f` on the CPU storages of `x` and this weight; None when either is elsewhere.
+    fn on_cpu<T>(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce((&CpuStorage, &Layout), (&CpuStorage, &Layout)) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let (sx, lx) = x.storage_and_layout();
+        let (sw, lw) = self.tensor.storage_and_layout();
+        match (&*sx, &*sw) {
+            (Storage::Cpu(x), Storage::Cpu(w)) => f((x, lx), (w, lw)),
+            _ => Ok(None),
+        }
+    }
+}
