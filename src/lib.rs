@@ -2,6 +2,7 @@
 //! publish the result. Stages flow one way: recipe → data → model + LoRA → train (→ eval → export).
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod chat;
 pub mod data;
 pub mod device;

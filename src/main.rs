@@ -229,6 +229,8 @@ enum BenchCommand {
         #[command(flatten)]
         shape: BenchArgs,
     },
+    /// Products with a bf16 weight on each kernel this CPU runs (AMX, AVX512_BF16, f32): GFLOP/s.
+    Kernels,
     /// Greedy generation with the KV cache (default batch 1, prompt of --seq tokens): generated tokens/s.
     Generate {
         #[command(flatten)]
@@ -541,6 +543,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let device = feinschliff::device::open(&shape.device)?;
             println!("{}", feinschliff::bench::score(&shape.spec(8), &device)?);
+        }
+        Command::Bench {
+            command: BenchCommand::Kernels,
+        } => {
+            print!("{}", feinschliff::bench_kernels::run()?);
         }
         Command::Bench {
             command: BenchCommand::Generate { shape, new_tokens },

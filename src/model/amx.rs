@@ -1,10 +1,12 @@
 //! bf16 matrix products on Intel AMX tiles (`TDPBF16PS`: 16×32 by 32×16 bf16 into 16×16 f32),
-//! for products with bf16 weights on CPUs that have AMX-BF16 (Xeon Sapphire Rapids and later).
+//! for products with bf16 weights on CPUs that have AMX-BF16 (Xeon Sapphire Rapids and later),
+//! and the packed operands they share with the AVX512_BF16 kernel of [`super::avx512_bf16`], which
+//! runs where AMX is missing (AMD Zen 4 and 5).
 //!
 //! Detected at run time (CPUID, then Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)` for the tile
 //! data); one binary runs everywhere and takes the widening f32 path of [`super::matmul`] where
-//! AMX is missing or refused. The left operand is rounded to bf16 (as PyTorch's autocast does),
-//! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the kernel off (to compare paths).
+//! neither kernel runs. The left operand is rounded to bf16 (as PyTorch's autocast does),
+//! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the tiles off (to compare paths).
 
 use half::bf16;
 
@@ -22,6 +24,26 @@ pub fn available() -> bool {
         }
         detect()
     })
+}
+
+/// The kernels that multiply packed bf16 operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AMX tiles ([`compute`] here).
+    Amx,
+    /// AVX512_BF16 dot products ([`super::avx512_bf16::compute`]).
+    Avx512Bf16,
+}
+
+/// The fastest bf16 kernel this CPU runs, if any.
+pub fn bf16_kernel() -> Option<Bf16Kernel> {
+    if available() {
+        Some(Bf16Kernel::Amx)
+    } else if super::avx512_bf16::available() {
+        Some(Bf16Kernel::Avx512Bf16)
+    } else {
+        None
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -110,10 +132,16 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// a [m, k] · b [k, n] into `out` [m, n] (row-major f32), writing every element without reading
-/// any (so `out` may be uninitialised). Call only when [`available`].
-pub fn product<A: ToBf16, B: ToBf16>(a: Strided<A>, b: Strided<B>, out: &mut [MaybeUninit<f32>]) {
-    product_packed(a, &PackedRhs::new(&b), out);
+/// a [m, k] · b [k, n] into `out` [m, n] (row-major f32) on `kernel`, writing every element
+/// without reading any (so `out` may be uninitialised). `kernel` must be one this CPU runs
+/// ([`bf16_kernel`]).
+pub fn product<A: ToBf16, B: ToBf16>(
+    kernel: Bf16Kernel,
+    a: Strided<A>,
+    b: Strided<B>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    product_packed(kernel, a, &PackedRhs::new(&b), out);
 }
 
 /// A right operand b [k, n] in the tiles' layout, packed once for any number of products (a frozen
@@ -140,7 +168,12 @@ impl PackedRhs {
 }
 
 /// a [m, k] · b into `out` [m, n] as [`product`] does, with b packed already.
-pub fn product_packed<A: ToBf16>(a: Strided<A>, b: &PackedRhs, out: &mut [MaybeUninit<f32>]) {
+pub fn product_packed<A: ToBf16>(
+    kernel: Bf16Kernel,
+    a: Strided<A>,
+    b: &PackedRhs,
+    out: &mut [MaybeUninit<f32>],
+) {
     let (m, k, n) = (a.rows, a.cols, b.n);
     assert!(
         b.k == k && out.len() == m * n,
@@ -158,8 +191,17 @@ pub fn product_packed<A: ToBf16>(a: Strided<A>, b: &PackedRhs, out: &mut [MaybeU
     (0..threads).into_par_iter().for_each(|t| {
         let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
         let out_ptr = &out_ptr;
-        // Safety: each thread writes only the columns of its own column blocks.
-        unsafe { compute(&packed_a, &b.data, (m, kp, n), blocks, out_ptr.0) };
+        let dims = (m, kp, n);
+        // Safety: each thread writes only the columns of its own column blocks, on a kernel the
+        // CPU runs.
+        unsafe {
+            match kernel {
+                Bf16Kernel::Amx => compute(&packed_a, &b.data, dims, blocks, out_ptr.0),
+                Bf16Kernel::Avx512Bf16 => {
+                    super::avx512_bf16::compute(&packed_a, &b.data, dims, blocks, out_ptr.0)
+                }
+            }
+        };
     });
 }
 

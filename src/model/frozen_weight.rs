@@ -1,10 +1,11 @@
 //! A frozen weight W [out, in] of the base model (a projection or the LM head) together with the
 //! packed operands its products reuse.
 //!
-//! On CPUs with AMX, a product with a bf16 weight first packs the weight into the tiles' layout;
+//! On CPUs with AMX or AVX512_BF16, a product with a bf16 weight first packs the weight into the
+//! kernels' pair-interleaved layout;
 //! for a batch of a thousand rows that costs about as much as the product itself. The weight never
 //! changes, so each orientation is packed once, on first use, and kept: Wᵀ for the forward x·Wᵀ
-//! and W for the input gradient g·W. Elsewhere (f32 weights, no AMX, CUDA, decoding steps of a
+//! and W for the input gradient g·W. Elsewhere (f32 weights, neither kernel, CUDA, decoding steps of a
 //! few rows) the products run as before and nothing is packed.
 
 use std::sync::{Arc, OnceLock};
@@ -44,7 +45,7 @@ impl FrozenWeight {
     }
 
     /// x·Wᵀ on CPU storages, `w` being this weight's storage, through the packed weight where the
-    /// AMX kernel applies; None where it does not.
+    /// bf16 kernel (AMX or AVX512_BF16) applies; None where it does not.
     pub(crate) fn cpu_transposed_product(
         &self,
         (x, lx): (&CpuStorage, &Layout),
@@ -91,7 +92,7 @@ impl FrozenWeight {
         }
     }
 
-    /// g·W through the packed weight where the AMX kernel applies.
+    /// g·W through the packed weight where a bf16 kernel applies.
     fn cpu_times(&self, g: &Tensor) -> Result<Option<(Vec<f32>, Shape)>> {
         self.on_cpu(g, |g, w| {
             cpu_packed_product(g.0, g.1, w.0, w.1, &self.packs.plain)

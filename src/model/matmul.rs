@@ -523,12 +523,16 @@ fn narrow<H: Copy + Send + Default>(src: &[f32], one: fn(f32) -> H) -> Vec<H> {
 }
 
 /// Below this many multiply-adds a product with bf16 weights is widened to f32 rather than run
-/// on AMX tiles (packing both operands costs more than it saves).
-const AMX_MIN_FLOPS: usize = 1 << 22;
+/// on a bf16 kernel (packing both operands costs more than it saves).
+const BF16_KERNEL_MIN_FLOPS: usize = 1 << 22;
 
-/// Whether a product of these sizes with a bf16 right operand runs on AMX tiles.
-fn on_amx_tiles(dims: &ProductDims) -> bool {
-    dims.flops() / dims.batch.max(1) >= AMX_MIN_FLOPS && super::amx::available()
+/// The bf16 kernel (AMX tiles, or AVX512_BF16 without them) that a product of these sizes with a
+/// bf16 right operand runs on; None: it is widened to f32.
+fn bf16_kernel(dims: &ProductDims) -> Option<super::amx::Bf16Kernel> {
+    if dims.flops() / dims.batch.max(1) < BF16_KERNEL_MIN_FLOPS {
+        return None;
+    }
+    super::amx::bf16_kernel()
 }
 
 /// Products with a bf16 right operand (the weights): on AMX tiles where the CPU has them and the
@@ -538,22 +542,22 @@ fn bf16_products<A: Widen + super::amx::ToBf16>(
     b: &[bf16],
     dims: &ProductDims,
 ) -> Vec<f32> {
-    if !on_amx_tiles(dims) {
+    let Some(kernel) = bf16_kernel(dims) else {
         return widened_products(a, b, dims);
-    }
+    };
     let (m, k, n) = (dims.m, dims.k, dims.n);
     let mut out = uninit::<f32>(dims.batch * m * n);
     for (dst, &(oa, ob)) in out.chunks_mut((m * n).max(1)).zip(&dims.offsets) {
         let rhs = strided(b, ob, (k, n), dims.b_strides);
-        super::amx::product(strided(a, oa, (m, k), dims.a_strides), rhs, dst);
+        super::amx::product(kernel, strided(a, oa, (m, k), dims.a_strides), rhs, dst);
     }
     // SAFETY: the AMX product writes every element of each batch's output.
     unsafe { assume_init(out) }
 }
 
-/// a·b for f32 activations a [m, k] and a bf16 weight b [k, n] on the CPU through the AMX kernel,
+/// a·b for f32 activations a [m, k] and a bf16 weight b [k, n] on the CPU through a bf16 kernel,
 /// with b packed once into `packed` (filled on first use; it must only ever see this same b).
-/// None where the kernel does not apply (other dtypes, no AMX, a product too small to gain).
+/// None where no kernel applies (other dtypes, no bf16 kernel, a product too small to gain).
 pub(crate) fn cpu_packed_product(
     a: &CpuStorage,
     la: &Layout,
@@ -565,9 +569,10 @@ pub(crate) fn cpu_packed_product(
         return Ok(None);
     };
     let dims = ProductDims::of(la, lb)?;
-    if dims.batch != 1 || few_rows(&dims) || !on_amx_tiles(&dims) {
-        return Ok(None);
-    }
+    let kernel = match bf16_kernel(&dims) {
+        Some(kernel) if dims.batch == 1 && !few_rows(&dims) => kernel,
+        _ => return Ok(None),
+    };
     let (m, k, n) = (dims.m, dims.k, dims.n);
     let (oa, ob) = dims.offsets[0];
     let rhs =
@@ -580,12 +585,17 @@ pub(crate) fn cpu_packed_product(
         );
     }
     let mut out = uninit::<f32>(m * n);
-    super::amx::product_packed(strided(a, oa, (m, k), dims.a_strides), rhs, &mut out);
+    super::amx::product_packed(
+        kernel,
+        strided(a, oa, (m, k), dims.a_strides),
+        rhs,
+        &mut out,
+    );
     // SAFETY: the AMX product writes every element.
     Ok(Some((unsafe { assume_init(out) }, dims.out_shape)))
 }
 
-/// The AMX kernel's view of `rows` × `cols` elements of `data` from `offset`.
+/// The bf16 kernels' view of `rows` × `cols` elements of `data` from `offset`.
 fn strided<T>(
     data: &[T],
     offset: usize,

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod amx;
+pub mod avx512_bf16;
 pub mod base;
 pub mod blocks;
 pub mod checkpoint;

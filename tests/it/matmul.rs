@@ -174,3 +174,71 @@ fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
         assert!(max_abs_diff(&sum, &want) < 1e-4, "g·W + c·d, {rows} rows");
     }
 }
+
+#[test]
+fn each_bf16_kernel_this_cpu_runs_equals_the_exact_product_of_bf16_values() {
+    use feinschliff::model::amx::{self, Bf16Kernel, PackedRhs, Strided};
+    let kernels: Vec<Bf16Kernel> = [
+        (Bf16Kernel::Amx, amx::available()),
+        (
+            Bf16Kernel::Avx512Bf16,
+            feinschliff::model::avx512_bf16::available(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(kernel, runs)| runs.then_some(kernel))
+    .collect();
+    if kernels.is_empty() {
+        eprintln!("skipped: this CPU has neither AMX-BF16 nor AVX512_BF16");
+        return;
+    }
+    // Tails in every block dimension: 45 rows (32 + 8 + 5), k = 302 (odd pairs), 403 columns.
+    let (m, k, n) = (45, 302, 403);
+    let a = random(&[m, k], 12).to_dtype(DType::BF16).unwrap();
+    let w = random(&[n, k], 13).to_dtype(DType::BF16).unwrap();
+    let exact: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (a, w) = (
+        a.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+        w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+    );
+    let lhs = Strided {
+        data: &a[..],
+        offset: 0,
+        rows: m,
+        cols: k,
+        strides: (k, 1),
+    };
+    // The weight's transpose, as the forward pass multiplies it.
+    let rhs = Strided {
+        data: &w[..],
+        offset: 0,
+        rows: k,
+        cols: n,
+        strides: (1, k),
+    };
+    let packed = PackedRhs::new(&rhs);
+    for kernel in kernels {
+        let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+        amx::product_packed(kernel, lhs, &packed, &mut out);
+        let worst = out
+            .iter()
+            .zip(&exact)
+            .map(|(got, want)| (f64::from(unsafe { got.assume_init() }) - want).abs())
+            .fold(0.0, |worst, err| {
+                if err.is_nan() {
+                    f64::INFINITY
+                } else {
+                    worst.max(err)
+                }
+            });
+        assert!(worst < 1e-3, "{kernel:?}: {worst}");
+    }
+}

@@ -1,0 +1,105 @@
+//! bf16 matrix products with AVX512_BF16's `VDPBF16PS` (each of 16 f32 lanes adds the products of
+//! one pair of bf16 values), for CPUs that have AVX512_BF16 but no AMX tiles: AMD Zen 4 and 5,
+//! Intel Cooper Lake. It multiplies the same packed operands as the AMX kernel in [`super::amx`]
+//! (which picks it at run time), so results differ from the tiles' only in summation order.
+//! `FEINSCHLIFF_AVX512_BF16=0` turns it off (products then widen bf16 to f32).
+
+use std::sync::OnceLock;
+
+/// Whether this CPU runs AVX512_BF16 instructions (checked once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if std::env::var("FEINSCHLIFF_AVX512_BF16").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        detect()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> bool {
+    false
+}
+
+/// Rows of the left operand per register block (8 rows × 32 columns = 16 accumulators).
+const ROWS: usize = 8;
+/// Columns per block: two groups of 16 of the packed right operand.
+const COLS: usize = 32;
+/// Bytes of packed right operand kept in L2 while row blocks pass it.
+const L2_BUDGET: usize = 1 << 20;
+
+/// The output columns of `col_blocks` (blocks of 32) for all m rows, from `a` packed as bf16 rows
+/// of `kp` elements (zero-padded to a multiple of 32 rows) and `b` packed in pair-interleaved
+/// groups of 16 columns ([`super::amx::PackedRhs`]).
+///
+/// Safety: `out` points to m × n f32 that no other thread writes in these columns; the CPU has
+/// AVX512F and AVX512_BF16 ([`available`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn compute(
+    a: &[u16],
+    b: &[u16],
+    (m, kp, n): (usize, usize, usize),
+    col_blocks: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let pairs = kp / 2;
+    // u16 per group of 16 columns: one 64-byte vector per pair of k.
+    let group = pairs * 32;
+    let panel = (L2_BUDGET / (COLS * kp * 2)).max(1);
+    let mut first = col_blocks.start;
+    while first < col_blocks.end {
+        let panel_blocks = first..(first + panel).min(col_blocks.end);
+        for row0 in (0..m).step_by(ROWS) {
+            let a_rows = a.as_ptr().add(row0 * kp).cast::<i32>();
+            for cb in panel_blocks.clone() {
+                let b0 = b.as_ptr().add(2 * cb * group);
+                let b1 = b0.add(group);
+                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+                for p in 0..pairs {
+                    let vb0: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(b0.add(p * 32).cast()));
+                    let vb1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(b1.add(p * 32).cast()));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let pair = a_rows.add(r * pairs + p).read_unaligned();
+                        let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], va, vb0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], va, vb1);
+                    }
+                }
+                let rows = (m - row0).min(ROWS);
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    for (half, lanes) in acc.iter().enumerate() {
+                        let col = cb * COLS + half * 16;
+                        if col >= n {
+                            break;
+                        }
+                        let mask = (1u32 << (n - col).min(16)) - 1;
+                        _mm512_mask_storeu_ps(out.add((row0 + r) * n + col), mask as u16, *lanes);
+                    }
+                }
+            }
+        }
+        first = panel_blocks.end;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn compute(
+    _: &[u16],
+    _: &[u16],
+    _: (usize, usize, usize),
+    _: std::ops::Range<usize>,
+    _: *mut f32,
+) {
+    unreachable!("AVX512_BF16 is never available off x86-64")
+}
