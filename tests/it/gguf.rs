@@ -1,0 +1,202 @@
+//! GGUF in: logits equal transformers' on F32/F16/BF16 files and on quantized ones (built from
+//! gguf-py's dequantisation), weights equal gguf-py's dequantisation exactly, tokenizers equal
+//! transformers' GGUF tokenizers, and broken files are clear errors without a panic or output.
+//! Fixtures: tests/fixtures/gguf, made by tests/fixtures/gguf/make_gguf_fixtures.py.
+
+use candle_core::{DType, Device, Tensor};
+use feinschliff::model::{Model, Parts, TokenLayout};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::common::{max_abs_diff, repo};
+
+const TOLERANCE: f64 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures/gguf")
+}
+
+fn model_path(case: &str) -> PathBuf {
+    fixtures().join(case).join("model.gguf")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Max |logits - transformers' logits| on the case's golden input ids.
+fn logits_diff(case: &str) -> f64 {
+    let golden = candle_core::safetensors::load(
+        fixtures().join(case).join("golden.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = Model::load(&model_path(case), None, &Device::Cpu).unwrap();
+    let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+    let (b, t) = ids.dims2().unwrap();
+    let logits = model
+        .lm
+        .forward(&ids, &TokenLayout::causal(b, t), None)
+        .unwrap();
+    max_abs_diff(&logits, &golden["logits"])
+}
+
+#[test]
+fn gguf_f16_f32_bf16_logits_equal_transformers() {
+    for case in ["llama_spm_f16", "qwen2_bpe_f32", "qwen3_bpe_bf16"] {
+        let diff = logits_diff(case);
+        assert!(diff <= TOLERANCE, "{case}: max |diff| {diff}");
+    }
+}
+
+#[test]
+fn gguf_quantized_weights_equal_gguf_py_and_logits_equal_transformers() {
+    let parts = Parts::open(&model_path("llama_quant"), DType::F32, &Device::Cpu).unwrap();
+    let expected = json(&fixtures().join("llama_quant/weights.json"));
+    let expected = expected.as_object().unwrap();
+    assert_eq!(parts.weights.names().len(), expected.len());
+    let mut types: Vec<&str> = Vec::new();
+    for (name, want) in expected {
+        let shape = parts.weights.shape_of(name).unwrap();
+        let t: Tensor = parts.weights.get(name, &shape).unwrap();
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let hash: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            hash,
+            want["sha256"].as_str().unwrap(),
+            "{name} ({}): first values {:?}, gguf-py's {}",
+            want["type"],
+            &values[..4],
+            want["first"]
+        );
+        types.push(want["type"].as_str().unwrap());
+    }
+    for t in [
+        "F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    ] {
+        assert!(types.contains(&t), "the fixture lacks {t}");
+    }
+    assert!(parts.storage.contains("Q4_K ×1"), "{}", parts.storage);
+    let diff = logits_diff("llama_quant");
+    assert!(diff <= TOLERANCE, "llama_quant: max |diff| {diff}");
+}
+
+#[test]
+fn gguf_tokenizers_equal_transformers() {
+    let golden = json(&fixtures().join("tokenization.json"));
+    for (case, want) in golden.as_object().unwrap() {
+        let t = Parts::open(&model_path(case), DType::F32, &Device::Cpu)
+            .unwrap()
+            .tokenizer;
+        for (field, got) in [
+            ("bos_token", &t.bos_token),
+            ("eos_token", &t.eos_token),
+            ("pad_token", &t.pad_token),
+        ] {
+            assert_eq!(got.as_deref(), want[field].as_str(), "{case}: {field}");
+        }
+        for sample in want["texts"].as_array().unwrap() {
+            let text = sample["text"].as_str().unwrap();
+            let ids = |key: &str| -> Vec<u32> {
+                sample[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect()
+            };
+            assert_eq!(t.encode(text).unwrap(), ids("ids"), "{case}: {text:?}");
+            assert_eq!(
+                t.encode_with_special_tokens(text).unwrap(),
+                ids("ids_with_special_tokens"),
+                "{case}: {text:?} with special tokens"
+            );
+            let decoded = t.decode(&ids("ids")).unwrap();
+            assert_eq!(
+                decoded,
+                sample["decoded"].as_str().unwrap(),
+                "{case}: decoding"
+            );
+        }
+    }
+    let qwen2 = Parts::open(&model_path("qwen2_bpe_f32"), DType::F32, &Device::Cpu).unwrap();
+    assert!(qwen2
+        .tokenizer
+        .chat_template
+        .as_deref()
+        .is_some_and(|t| t.contains("<|im_start|>")));
+}
+
+#[test]
+fn gguf_base_is_located_and_inspected() {
+    let path = model_path("llama_quant");
+    let base = feinschliff::model::locate(path.to_str().unwrap(), &path, None, None).unwrap();
+    assert_eq!(base.dir, path);
+    let out = Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args(["model", "inspect", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("family       llama") && text.contains("GGUF") && text.contains("Q6_K ×1"),
+        "{text}"
+    );
+}
+
+/// `model inspect FILE --logits-out OUT` fails naming the file and all of `needles`, without a
+/// panic and without writing OUT.
+fn refused(file: &Path, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let logits = dir.path().join("logits.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args(["model", "inspect", file.to_str().unwrap()])
+        .args(["--text", "Hallo", "--logits-out", logits.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}: accepted", file.display());
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+    assert!(!logits.exists(), "output written for {}", file.display());
+}
+
+#[test]
+fn bad_gguf_files_are_clear_errors() {
+    refused(
+        &fixtures().join("bad_arch.gguf"),
+        &["general.architecture", "gptneox"],
+    );
+    refused(
+        &fixtures().join("bad_shape.gguf"),
+        &["blk.0.ffn_gate.weight", "llama.feed_forward_length"],
+    );
+    refused(&fixtures().join("bad_type.gguf"), &["storage type 99"]);
+}
+
+#[test]
+fn truncated_gguf_files_are_clear_errors() {
+    let bytes = std::fs::read(model_path("qwen2_bpe_f32")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // In the header's counts, in the metadata (the tokenizer's arrays), in the tensor data.
+    for cut in [6, 500, 5_000, 15_000, 25_000, 100_000, bytes.len() - 1] {
+        let path = dir.path().join(format!("cut-{cut}.gguf"));
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        refused(&path, &["truncated"]);
+    }
+    let path = dir.path().join(format!("cut-{}.gguf", bytes.len() - 1));
+    refused(&path, &["truncated", "output_norm.weight"]);
+}
