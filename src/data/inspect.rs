@@ -7,14 +7,12 @@ use std::io::IsTerminal;
 
 use super::encode::Encoded;
 use super::{DataReport, SourceReport};
-use crate::model::Parts;
+use crate::model::tokenizer_of;
 use crate::recipe::Recipe;
-use candle_core::{DType, Device};
 
 /// Prepares the recipe's data with the base model's tokenizer and describes the result.
 pub fn run(recipe: &Recipe, samples: usize) -> Result<String> {
-    let base = recipe.locate_base()?;
-    let tokenizer = Parts::open(&base.dir, DType::F32, &Device::Cpu)?.tokenizer;
+    let tokenizer = tokenizer_of(&recipe.locate_base()?.dir)?;
     let prepared = super::prepare(recipe, &tokenizer)?;
     let marking = if std::io::stdout().is_terminal() {
         Marking::Colour

@@ -58,7 +58,8 @@ pub struct Parts {
     /// config.json as read, or as the GGUF metadata describes it.
     pub config_json: serde_json::Value,
     pub weights: weights::Weights,
-    pub tokenizer: ModelTokenizer,
+    /// None for a folder without tokenizer.json (a merge needs none).
+    pub tokenizer: Option<ModelTokenizer>,
     /// How the weights are stored, for summaries.
     pub storage: String,
 }
@@ -87,10 +88,28 @@ impl Parts {
             config,
             config_json,
             weights,
-            tokenizer: ModelTokenizer::from_dir(path)?,
+            tokenizer: path
+                .join("tokenizer.json")
+                .exists()
+                .then(|| ModelTokenizer::from_dir(path))
+                .transpose()?,
             storage,
         })
     }
+}
+
+/// The tokenizer of the checkpoint at `path` (a folder or a GGUF file).
+pub fn tokenizer_of(path: &Path) -> Result<ModelTokenizer> {
+    required(Parts::open(path, DType::F32, &Device::Cpu)?.tokenizer, path)
+}
+
+fn required(tokenizer: Option<ModelTokenizer>, path: &Path) -> Result<ModelTokenizer> {
+    tokenizer.with_context(|| {
+        format!(
+            "{} is missing: Feinschliff needs the fast tokenizer file of the model",
+            path.join("tokenizer.json").display()
+        )
+    })
 }
 
 impl Model {
@@ -104,7 +123,7 @@ impl Model {
         Ok(Self {
             dir: path.to_path_buf(),
             lm,
-            tokenizer: parts.tokenizer,
+            tokenizer: required(parts.tokenizer, path)?,
             lora: None,
             storage: parts.storage,
         })

@@ -93,7 +93,8 @@ fn gguf_tokenizers_equal_transformers() {
     for (case, want) in golden.as_object().unwrap() {
         let t = Parts::open(&model_path(case), DType::F32, &Device::Cpu)
             .unwrap()
-            .tokenizer;
+            .tokenizer
+            .unwrap();
         for (field, got) in [
             ("bos_token", &t.bos_token),
             ("eos_token", &t.eos_token),
@@ -128,6 +129,7 @@ fn gguf_tokenizers_equal_transformers() {
     let qwen2 = Parts::open(&model_path("qwen2_bpe_f32"), DType::F32, &Device::Cpu).unwrap();
     assert!(qwen2
         .tokenizer
+        .unwrap()
         .chat_template
         .as_deref()
         .is_some_and(|t| t.contains("<|im_start|>")));
@@ -199,4 +201,139 @@ fn truncated_gguf_files_are_clear_errors() {
     }
     let path = dir.path().join(format!("cut-{}.gguf", bytes.len() - 1));
     refused(&path, &["truncated", "output_norm.weight"]);
+}
+
+/// A recipe training a few steps on the GGUF `case` in `dir`.
+fn write_recipe(dir: &Path, case: &str) -> PathBuf {
+    let mut lines = String::new();
+    for i in 0..16 {
+        let row = serde_json::json!({
+            "prompt": format!("Frage {i}: Wo liegt das Kundenzentrum?\nAntwort:"),
+            "completion": format!(" Am Marktplatz {i}."),
+        });
+        lines.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(dir.join("train.jsonl"), lines).unwrap();
+    let recipe = format!(
+        r#"
+[model]
+base = "{}"
+
+[lora]
+r = 4
+alpha = 8
+
+[data]
+format = "completion"
+max_seq_len = 48
+
+[[data.train]]
+path = "train.jsonl"
+
+[train]
+batch_size = 4
+lr = 1e-2
+max_steps = 4
+seed = 1
+device = "cpu"
+
+[output]
+dir = "out"
+"#,
+        model_path(case).display()
+    );
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, recipe).unwrap();
+    path
+}
+
+#[test]
+fn adapter_trained_on_a_gguf_base_has_peft_names_and_applies_to_the_hf_checkpoint_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe =
+        feinschliff::recipe::Recipe::load(&write_recipe(dir.path(), "llama_spm_f16"), &[]).unwrap();
+    let base = recipe.locate_base().unwrap();
+    let options = feinschliff::train::RunOptions {
+        force: false,
+        resume: false,
+    };
+    feinschliff::train::run(&recipe, &base, options).unwrap();
+    let adapter = dir.path().join("out");
+    let config = json(&adapter.join("adapter_config.json"));
+    assert_eq!(config["base_model_name_or_path"], "model.gguf");
+    let tensors =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(
+        tensors.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+        "{:?}",
+        tensors.keys().collect::<Vec<_>>()
+    );
+    // The same weights as a transformers checkpoint (what convert_hf_to_gguf.py started from).
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    let parts = Parts::open(&model_path("llama_spm_f16"), DType::F32, &Device::Cpu).unwrap();
+    let weights: Vec<(String, Tensor)> = parts
+        .weights
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = parts.weights.get(&n, &parts.weights.shape_of(&n).unwrap());
+            (n, t.unwrap())
+        })
+        .collect();
+    feinschliff::model::weights::save_safetensors(&weights, &hf.join("model.safetensors")).unwrap();
+    std::fs::write(hf.join("config.json"), parts.config_json.to_string()).unwrap();
+    std::fs::write(
+        hf.join("tokenizer.json"),
+        parts
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .inner
+            .to_string(false)
+            .unwrap(),
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[1u32, 410, 455, 417, 411, 410, 448]], &Device::Cpu).unwrap();
+    let logits = |path: &Path| {
+        let mut model = Model::load(path, None, &Device::Cpu).unwrap();
+        model.load_adapter(&adapter).unwrap();
+        model
+            .lm
+            .forward(&ids, &TokenLayout::causal(1, 7), None)
+            .unwrap()
+    };
+    let adapted = logits(&model_path("llama_spm_f16"));
+    let diff = max_abs_diff(&adapted, &logits(&hf));
+    assert!(diff <= 1e-6, "adapter on GGUF vs on HF checkpoint: {diff}");
+    // Merged into the GGUF base: a transformers checkpoint with the GGUF's tokenizer.
+    let merged = dir.path().join("merged");
+    let opts = feinschliff::export::MergeOptions {
+        adapter: adapter.clone(),
+        out: merged.clone(),
+        dtype: None,
+        max_shard_bytes: 5_000_000_000,
+        device: "cpu".into(),
+        force: false,
+    };
+    feinschliff::export::merge(&opts, &base).unwrap();
+    let model = Model::load(&merged, None, &Device::Cpu).unwrap();
+    let merged_logits = model
+        .lm
+        .forward(&ids, &TokenLayout::causal(1, 7), None)
+        .unwrap();
+    let diff = max_abs_diff(&adapted, &merged_logits);
+    assert!(diff <= 1e-5, "merged vs adapted GGUF: {diff}");
+    let text = "Größere Straßen führen über die Brücke.";
+    assert_eq!(
+        model.tokenizer.encode_with_special_tokens(text).unwrap(),
+        parts
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .encode_with_special_tokens(text)
+            .unwrap()
+    );
+    assert_eq!(model.tokenizer.eos_token.as_deref(), Some("</s>"));
 }

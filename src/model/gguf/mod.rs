@@ -58,7 +58,7 @@ pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Parts> {
         config,
         config_json,
         weights: Weights::from_reader(path, Box::new(layout), dtype, device),
-        tokenizer,
+        tokenizer: Some(tokenizer),
         storage,
     })
 }
