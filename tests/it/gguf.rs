@@ -154,6 +154,44 @@ fn gguf_base_is_located_and_inspected() {
         text.contains("family       llama") && text.contains("GGUF") && text.contains("Q6_K ×1"),
         "{text}"
     );
+    let out = Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args([
+            "chat",
+            "--model",
+            model_path("qwen2_bpe_f32").to_str().unwrap(),
+        ])
+        .args(["--prompt", "Hallo", "--max-new-tokens", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn training_on_a_bad_gguf_base_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), "llama_spm_f16");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let bad = fixtures().join("bad_shape.gguf");
+    let text = text.replace(
+        &model_path("llama_spm_f16").display().to_string(),
+        &bad.display().to_string(),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args(["train", recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad_shape.gguf") && err.contains("llama.feed_forward_length"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists());
 }
 
 /// `model inspect FILE --logits-out OUT` fails naming the file and all of `needles`, without a
