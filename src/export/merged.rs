@@ -22,6 +22,16 @@ pub struct MergeOptions {
     /// Where the merge is computed: `auto`, `cpu` or `cuda:N`.
     pub device: String,
     pub force: bool,
+    /// Safetensors shards in Hugging Face layout, or one GGUF file.
+    pub format: Format,
+}
+
+/// What a merged model is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    /// `model-<quant>.gguf` for llama.cpp, with the tokenizer and chat template in its metadata.
+    Gguf(crate::model::gguf::Quant),
 }
 
 /// Files copied from the base model as they are.
@@ -40,7 +50,7 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let base_dir = &base.dir;
     let parts = Parts::open(base_dir, DType::F32, &device)?;
     let stored = parts.weights;
-    let mut lm = CausalLm::load(parts.config, &stored, &device)?;
+    let mut lm = CausalLm::load(parts.config.clone(), &stored, &device)?;
     let dtype = match opts.dtype {
         Some(d) => d,
         None => stored.stored_dtype().unwrap_or(DType::F32),
@@ -61,17 +71,39 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         deltas.len(),
         crate::device::describe(&device)
     );
+    let tokenizer = match (opts.format, &parts.tokenizer) {
+        (Format::Gguf(_), None) => bail!(
+            "a GGUF export needs the base's tokenizer; {} has no tokenizer.json",
+            base_dir.display()
+        ),
+        (_, tokenizer) => tokenizer,
+    };
     let staged = StagedDir::create(&opts.out, opts.force)?;
     // Each merged tensor leaves the device once it is cast, so a GPU holds the base and one tensor.
-    let mut tensors = Vec::new();
-    for name in stored.names() {
-        let t = stored.get(&name, &stored_shape(&stored, &name)?)?;
-        let t = match deltas.get(&name) {
-            Some(d) => (t + d)?,
-            None => t,
-        };
-        tensors.push((name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?));
+    let merged = |dtype: DType| -> Result<Vec<(String, Tensor)>> {
+        stored
+            .names()
+            .into_iter()
+            .map(|name| {
+                let t = stored.get(&name, &stored_shape(&stored, &name)?)?;
+                let t = match deltas.get(&name) {
+                    Some(d) => (t + d)?,
+                    None => t,
+                };
+                Ok((name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?))
+            })
+            .collect()
+    };
+    if let (Format::Gguf(quant), Some(tokenizer)) = (opts.format, tokenizer) {
+        let file = staged.path().join(format!("model-{}.gguf", quant.name()));
+        let name = base.name();
+        let tensors = merged(DType::F32)?;
+        crate::model::gguf::write(&file, &name, &parts.config, tokenizer, tensors, quant)?;
+        let card = super::card::CardInput::gather(&opts.adapter, &name, super::card::Kind::Merged)?;
+        write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
+        return staged.commit();
     }
+    let tensors = merged(dtype)?;
     write_shards(staged.path(), tensors, opts.max_shard_bytes)?;
     let mut config = parts.config_json;
     if let Some(c) = config.as_object_mut() {

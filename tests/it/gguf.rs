@@ -4,6 +4,8 @@
 //! Fixtures: tests/fixtures/gguf, made by tests/fixtures/gguf/make_gguf_fixtures.py.
 
 use candle_core::{DType, Device, Tensor};
+use feinschliff::export::merged::Format;
+use feinschliff::model::gguf::Quant;
 use feinschliff::model::{Model, Parts, TokenLayout};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -354,6 +356,7 @@ fn adapter_trained_on_a_gguf_base_has_peft_names_and_applies_to_the_hf_checkpoin
         max_shard_bytes: 5_000_000_000,
         device: "cpu".into(),
         force: false,
+        format: feinschliff::export::merged::Format::Safetensors,
     };
     feinschliff::export::merge(&opts, &base).unwrap();
     let model = Model::load(&merged, None, &Device::Cpu).unwrap();
@@ -374,4 +377,78 @@ fn adapter_trained_on_a_gguf_base_has_peft_names_and_applies_to_the_hf_checkpoin
             .unwrap()
     );
     assert_eq!(model.tokenizer.eos_token.as_deref(), Some("</s>"));
+}
+
+/// Trains a few steps on the GGUF `case` and merges: safetensors (f32) and GGUF with `quant`.
+fn train_and_merge(dir: &Path, case: &str, quant: Quant) -> (PathBuf, PathBuf) {
+    let recipe = feinschliff::recipe::Recipe::load(&write_recipe(dir, case), &[]).unwrap();
+    let base = recipe.locate_base().unwrap();
+    let options = feinschliff::train::RunOptions {
+        force: false,
+        resume: false,
+    };
+    feinschliff::train::run(&recipe, &base, options).unwrap();
+    let merge = |out: &str, format: Format| {
+        let opts = feinschliff::export::MergeOptions {
+            adapter: dir.join("out"),
+            out: dir.join(out),
+            dtype: Some(DType::F32),
+            max_shard_bytes: 5_000_000_000,
+            device: "cpu".into(),
+            force: false,
+            format,
+        };
+        feinschliff::export::merge(&opts, &base).unwrap()
+    };
+    let hf = merge("merged", Format::Safetensors);
+    let gguf =
+        merge("merged-gguf", Format::Gguf(quant)).join(format!("model-{}.gguf", quant.name()));
+    (hf, gguf)
+}
+
+#[test]
+fn merged_gguf_export_reads_back_within_the_round_trip_error_with_its_tokenizer() {
+    for (case, quant) in [
+        ("llama_spm_f16", Quant::Q8_0),
+        ("qwen2_bpe_f32", Quant::F16),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (hf, gguf) = train_and_merge(dir.path(), case, quant);
+        let want = Parts::open(&hf, DType::F32, &Device::Cpu).unwrap();
+        let got = Parts::open(&gguf, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(got.config, want.config, "{case}");
+        assert_eq!(got.weights.names(), want.weights.names(), "{case}");
+        for name in want.weights.names() {
+            let shape = want.weights.shape_of(&name).unwrap();
+            let w = want.weights.get(&name, &shape).unwrap();
+            let g = got.weights.get(&name, &shape).unwrap();
+            let err = max_abs_diff(&w, &g);
+            let max = w
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            // F16 rounds to 11 significant bits; Q8_0 to half a step of (block max)/127, plus the
+            // rounding of that step to f16 (up to 127 steps of 2^-11 relative).
+            let bound = match (shape.len(), quant) {
+                (1, _) => 0.0,
+                (_, Quant::F16) => max * 2f64.powi(-11),
+                (_, Quant::Q8_0) => max * (1.0 / 254.0 + 2f64.powi(-11)),
+            };
+            assert!(err <= bound, "{case} {name}: {err} > {bound}");
+        }
+        let (want, got) = (want.tokenizer.unwrap(), got.tokenizer.unwrap());
+        for text in ["Die Würde des Menschen ist unantastbar.", "Größe: 1.234 m"] {
+            assert_eq!(
+                got.encode_with_special_tokens(text).unwrap(),
+                want.encode_with_special_tokens(text).unwrap(),
+                "{case}: {text}"
+            );
+        }
+        assert_eq!(got.bos_token, want.bos_token, "{case}");
+        assert_eq!(got.eos_token, want.eos_token, "{case}");
+        assert_eq!(got.chat_template, want.chat_template, "{case}");
+    }
 }

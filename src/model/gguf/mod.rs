@@ -1,11 +1,14 @@
-//! A llama.cpp GGUF file as a base checkpoint: config from its metadata, tensors dequantised and
-//! renamed to transformers' names (llama's Q/K rotary permutation undone), tokenizer rebuilt from
-//! `tokenizer.ggml.*`. [`open`] is the one entry point; everything is checked before any tensor is
-//! read, and every error names the file and the key or tensor at fault.
+//! llama.cpp's GGUF format. [`open`] reads a file as a base checkpoint: config from its metadata,
+//! tensors dequantised and renamed to transformers' names (llama's Q/K rotary permutation undone),
+//! tokenizer rebuilt from `tokenizer.ggml.*`; everything is checked before any tensor is read, and
+//! every error names the file and the key or tensor at fault. [`write`] writes a model the other way.
 
 mod metadata;
 mod tensors;
 mod tokenizer;
+mod write;
+
+pub use write::{write, Quant};
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::quantized::gguf_file::Content;

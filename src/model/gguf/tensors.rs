@@ -225,6 +225,49 @@ impl TensorReader for Layout {
     }
 }
 
+/// llama.cpp's names of the modules of a decoder layer, by transformers' names.
+const LAYER_MODULES: &[(&str, &str)] = &[
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// llama.cpp's name of a transformers tensor name (`model.layers.0.mlp.up_proj.weight` ->
+/// `blk.0.ffn_up.weight`).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (_, name) = LAYER_MODULES.iter().find(|(h, _)| *h == module)?;
+    Some(format!("blk.{layer}.{name}.{kind}"))
+}
+
+/// convert_hf_to_gguf.py's `permute` of llama Q/K rows: transformers' (head, half, pair) become
+/// GGUF's (head, pair, half).
+pub fn permute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    let cols = t.elem_count() / rows.max(1);
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, 2, half, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(t.shape())?)
+}
+
 /// Undoes convert_hf_to_gguf.py's `permute` of llama Q/K rows: GGUF rows are (head, pair, half),
 /// transformers' are (head, half, pair).
 fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
@@ -269,124 +312,57 @@ pub fn expected(config: &ModelConfig, meta: &Metadata) -> Result<Vec<Expected>> 
     // llama.cpp permutes Q/K rows for the Llama architecture only (its RoPE pairs adjacent values).
     let permuted = arch == "llama";
     let mut out = Vec::new();
-    let mut add = |gguf: String, hf: String, dims: Vec<(usize, String)>, heads: Option<usize>| {
+    let mut add = |hf: String, dims: Vec<(usize, String)>, heads: Option<usize>| {
         out.push(Expected {
-            gguf,
+            gguf: gguf_name(&hf).unwrap_or_default(),
             hf,
             dims,
             unpermute_heads: heads,
         })
     };
     add(
-        "token_embd.weight".into(),
         "model.embed_tokens.weight".into(),
         vec![(vocab, vocab_key.clone()), hidden.clone()],
         None,
     );
     for i in 0..c.num_hidden_layers {
-        let (g, h) = (format!("blk.{i}"), format!("model.layers.{i}"));
+        let h = format!("model.layers.{i}");
         let q_heads = permuted.then_some(c.num_attention_heads);
         let k_heads = permuted.then_some(c.num_key_value_heads);
         let projections = [
-            (
-                "attn_q",
-                "self_attn.q_proj",
-                q.clone(),
-                hidden.clone(),
-                c.qkv_bias,
-                q_heads,
-            ),
-            (
-                "attn_k",
-                "self_attn.k_proj",
-                kv.clone(),
-                hidden.clone(),
-                c.qkv_bias,
-                k_heads,
-            ),
-            (
-                "attn_v",
-                "self_attn.v_proj",
-                kv.clone(),
-                hidden.clone(),
-                c.qkv_bias,
-                None,
-            ),
-            (
-                "attn_output",
-                "self_attn.o_proj",
-                hidden.clone(),
-                q.clone(),
-                c.o_bias,
-                None,
-            ),
-            (
-                "ffn_gate",
-                "mlp.gate_proj",
-                inter.clone(),
-                hidden.clone(),
-                c.mlp_bias,
-                None,
-            ),
-            (
-                "ffn_up",
-                "mlp.up_proj",
-                inter.clone(),
-                hidden.clone(),
-                c.mlp_bias,
-                None,
-            ),
-            (
-                "ffn_down",
-                "mlp.down_proj",
-                hidden.clone(),
-                inter.clone(),
-                c.mlp_bias,
-                None,
-            ),
+            ("self_attn.q_proj", &q, &hidden, c.qkv_bias, q_heads),
+            ("self_attn.k_proj", &kv, &hidden, c.qkv_bias, k_heads),
+            ("self_attn.v_proj", &kv, &hidden, c.qkv_bias, None),
+            ("self_attn.o_proj", &hidden, &q, c.o_bias, None),
+            ("mlp.gate_proj", &inter, &hidden, c.mlp_bias, None),
+            ("mlp.up_proj", &inter, &hidden, c.mlp_bias, None),
+            ("mlp.down_proj", &hidden, &inter, c.mlp_bias, None),
         ];
-        for (gn, hn, rows, cols, bias, heads) in projections {
+        for (name, rows, cols, bias, heads) in projections {
             add(
-                format!("{g}.{gn}.weight"),
-                format!("{h}.{hn}.weight"),
-                vec![rows.clone(), cols],
+                format!("{h}.{name}.weight"),
+                vec![rows.clone(), cols.clone()],
                 heads,
             );
             if bias {
-                add(
-                    format!("{g}.{gn}.bias"),
-                    format!("{h}.{hn}.bias"),
-                    vec![rows],
-                    heads,
-                );
+                add(format!("{h}.{name}.bias"), vec![rows.clone()], heads);
             }
         }
         let mut norms = vec![
-            ("attn_norm", "input_layernorm", hidden.clone()),
-            ("ffn_norm", "post_attention_layernorm", hidden.clone()),
+            ("input_layernorm", &hidden),
+            ("post_attention_layernorm", &hidden),
         ];
         if c.qk_norm {
-            norms.push(("attn_q_norm", "self_attn.q_norm", head.clone()));
-            norms.push(("attn_k_norm", "self_attn.k_norm", head.clone()));
+            norms.push(("self_attn.q_norm", &head));
+            norms.push(("self_attn.k_norm", &head));
         }
-        for (gn, hn, width) in norms {
-            add(
-                format!("{g}.{gn}.weight"),
-                format!("{h}.{hn}.weight"),
-                vec![width],
-                None,
-            );
+        for (name, width) in norms {
+            add(format!("{h}.{name}.weight"), vec![width.clone()], None);
         }
     }
-    add(
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
-        vec![hidden.clone()],
-        None,
-    );
+    add("model.norm.weight".into(), vec![hidden.clone()], None);
     if !c.tie_word_embeddings {
         add(
-            "output.weight".into(),
             "lm_head.weight".into(),
             vec![(vocab, vocab_key), hidden],
             None,

@@ -36,6 +36,20 @@ fn split_regex(pre: &str) -> Option<&'static str> {
     })
 }
 
+/// The `tokenizer.ggml.pre` that names a split regex (the inverse of [`split_regex`]).
+pub fn pre_name(regex: &str) -> Option<&'static str> {
+    [
+        ("llama-bpe", LLAMA3_SPLIT),
+        ("qwen2", QWEN2_SPLIT),
+        ("qwen35", QWEN35_SPLIT),
+        ("tekken", TEKKEN_SPLIT),
+        ("gpt-4o", GPT4O_SPLIT),
+    ]
+    .into_iter()
+    .find(|(_, r)| *r == regex)
+    .map(|(name, _)| name)
+}
+
 /// The tokenizer of the file at `path` (named as the chat template's source).
 pub fn build(meta: &Metadata, path: &Path) -> Result<ModelTokenizer> {
     let model = meta
