@@ -1,5 +1,5 @@
-//! The tensors of a GGUF file under transformers' names: which llama.cpp name each one has, the
-//! shape the metadata implies (checked before reading), the supported storage types, and the
+//! The tensors of a GGUF file under transformers' names: llama.cpp's name of each (used both ways),
+//! the shape the metadata implies (checked before reading), the supported storage types, and the
 //! reading itself (dequantised by candle, llama.cpp's Q/K rotary permutation undone).
 
 use anyhow::{bail, Context, Result};
