@@ -411,12 +411,21 @@ fn merged_gguf_export_reads_back_within_the_round_trip_error_with_its_tokenizer(
     for (case, quant) in [
         ("llama_spm_f16", Quant::Q8_0),
         ("qwen2_bpe_f32", Quant::F16),
+        ("llama_quant", Quant::Q4KM),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (hf, gguf) = train_and_merge(dir.path(), case, quant);
         let want = Parts::open(&hf, DType::F32, &Device::Cpu).unwrap();
         let got = Parts::open(&gguf, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(got.config, want.config, "{case}");
+        if quant == Quant::Q4KM {
+            // down_proj rows hold one 256-value block: Q4_K, or Q6_K in the layers given more bits.
+            assert!(
+                got.storage.contains("Q4_K") && got.storage.contains("Q6_K"),
+                "{}",
+                got.storage
+            );
+        }
         assert_eq!(got.weights.names(), want.weights.names(), "{case}");
         for name in want.weights.names() {
             let shape = want.weights.shape_of(&name).unwrap();
@@ -436,6 +445,8 @@ fn merged_gguf_export_reads_back_within_the_round_trip_error_with_its_tokenizer(
                 (1, _) => 0.0,
                 (_, Quant::F16) => max * 2f64.powi(-11),
                 (_, Quant::Q8_0) => max * (1.0 / 254.0 + 2f64.powi(-11)),
+                // Q4_K: 16 levels per sub-block with 6-bit scale and minimum; Q5_0/Q6_K are finer.
+                (_, Quant::Q4KM) => max / 8.0,
             };
             assert!(err <= bound, "{case} {name}: {err} > {bound}");
         }

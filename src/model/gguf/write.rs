@@ -1,7 +1,7 @@
 //! Writing a model as a GGUF file llama.cpp loads: the config as `<arch>.*` metadata, the tokenizer
 //! as `tokenizer.ggml.*` (with the chat template), tensors under llama.cpp's names (llama's Q/K rows
-//! permuted as convert_hf_to_gguf.py does), 2-D weights in F16 or Q8_0 (quantised by candle), norms
-//! and biases in F32.
+//! permuted as convert_hf_to_gguf.py does), 2-D weights in F16, Q8_0 or llama.cpp's Q4_K_M mix
+//! (quantised by candle), norms and biases in F32.
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{self, Value as Gguf};
@@ -34,6 +34,11 @@ pub enum Quant {
     #[serde(rename = "q8_0")]
     #[value(name = "q8_0")]
     Q8_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output projection and for attn_v and
+    /// ffn_down in the layers llama.cpp gives more bits.
+    #[serde(rename = "q4_k_m")]
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
 impl Quant {
@@ -41,6 +46,7 @@ impl Quant {
         match self {
             Quant::F16 => "f16",
             Quant::Q8_0 => "q8_0",
+            Quant::Q4KM => "q4_k_m",
         }
     }
 
@@ -49,6 +55,7 @@ impl Quant {
         match self {
             Quant::F16 => 1,
             Quant::Q8_0 => 7,
+            Quant::Q4KM => 15,
         }
     }
 }
@@ -88,13 +95,15 @@ pub fn write(
             Some(h) => permute(&t, h)?,
             None => t,
         };
-        let dtype = match (t.rank(), quant) {
-            (1, _) => GgmlDType::F32,
-            (_, Quant::F16) => GgmlDType::F16,
-            (_, Quant::Q8_0) if t.dims()[t.rank() - 1] % GgmlDType::Q8_0.block_size() == 0 => {
-                GgmlDType::Q8_0
-            }
-            _ => GgmlDType::F16,
+        let dtype = if t.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            storage(
+                &gguf,
+                t.dims()[t.rank() - 1],
+                config.num_hidden_layers,
+                quant,
+            )
         };
         let q = QTensor::quantize(&t.to_dtype(candle_core::DType::F32)?, dtype)
             .with_context(|| format!("cannot store tensor `{gguf}` as {dtype:?}"))?;
@@ -110,6 +119,41 @@ pub fn write(
     use std::io::Write as _;
     w.flush()
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The storage of 2-D weight `name` with rows of `row` values in a model of `layers` layers.
+/// Types whose blocks do not divide the row fall back as llama.cpp does (Q4_K to Q5_0, Q6_K and
+/// Q5_0 to Q8_0, Q8_0 to F16).
+fn storage(name: &str, row: usize, layers: usize, quant: Quant) -> GgmlDType {
+    let wanted = match quant {
+        Quant::F16 => GgmlDType::F16,
+        Quant::Q8_0 => GgmlDType::Q8_0,
+        Quant::Q4KM => {
+            let layer = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            // llama.cpp's use_more_bits: the first and last eighth of the layers, and every third.
+            let more_bits = layer.is_some_and(|i| {
+                i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2
+            });
+            let sensitive = name.contains(".attn_v.") || name.contains(".ffn_down.");
+            if name == "output.weight" || (sensitive && more_bits) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            }
+        }
+    };
+    let mut dtype = wanted;
+    while !row.is_multiple_of(dtype.block_size()) {
+        dtype = match dtype {
+            GgmlDType::Q4K => GgmlDType::Q5_0,
+            GgmlDType::Q6K | GgmlDType::Q5_0 => GgmlDType::Q8_0,
+            _ => return GgmlDType::F16,
+        };
+    }
+    dtype
 }
 
 /// `general.*` and the `<arch>.*` keys of the config.
