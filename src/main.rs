@@ -131,6 +131,12 @@ enum Command {
         device: String,
         #[arg(long)]
         force: bool,
+        /// The merged model as Hugging Face safetensors or as one GGUF file for llama.cpp.
+        #[arg(long, value_parser = ["safetensors", "gguf"], default_value = "safetensors")]
+        format: String,
+        /// Weights of a GGUF export.
+        #[arg(long, value_enum, default_value = "f16")]
+        quant: feinschliff::model::gguf::Quant,
     },
     /// Upload an adapter or merged model folder to the Hugging Face Hub in one commit.
     Publish {
@@ -461,8 +467,15 @@ fn run(cli: Cli) -> Result<()> {
             any_base,
             device,
             force,
+            format,
+            quant,
         } => {
             let dtype = dtype.as_deref().map(dtype_of);
+            let format = match format.as_str() {
+                "gguf" if !merge => anyhow::bail!("--format gguf needs --merge"),
+                "gguf" => feinschliff::export::merged::Format::Gguf(quant),
+                _ => feinschliff::export::merged::Format::Safetensors,
+            };
             let max_shard_bytes = feinschliff::export::merged::parse_size(&max_shard_size)?;
             let located = feinschliff::export::locate_base(&adapter, base.as_deref(), any_base)?;
             let opts = feinschliff::export::MergeOptions {
@@ -472,6 +485,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_shard_bytes,
                 device,
                 force,
+                format,
             };
             let written = if merge {
                 feinschliff::export::merge(&opts, &located)?

@@ -70,6 +70,7 @@ pub fn run(recipe: &Recipe, options: RunOptions) -> Result<TrainSummary> {
             max_shard_bytes: crate::export::merged::parse_size(&e.max_shard_size)?,
             device: recipe.train.device.clone(),
             force,
+            format: e.merged_format(),
         };
         result_dir = crate::export::merge(&opts, &base)?;
         tracing::info!("merged model in {}", result_dir.display());

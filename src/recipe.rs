@@ -419,6 +419,31 @@ pub struct ExportSection {
     /// Largest safetensors shard (e.g. "5GB").
     #[serde(default = "default_shard_size")]
     pub max_shard_size: String,
+    /// `safetensors` (Hugging Face layout) or `gguf` (one file for llama.cpp).
+    #[serde(default)]
+    pub format: ExportFormat,
+    /// Weights of a GGUF export: `f16` (default) or `q8_0`.
+    #[serde(default)]
+    pub quant: Option<crate::model::gguf::Quant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    #[default]
+    Safetensors,
+    Gguf,
+}
+
+impl ExportSection {
+    /// What the merged model is written as.
+    pub fn merged_format(&self) -> crate::export::merged::Format {
+        use crate::export::merged::Format;
+        match self.format {
+            ExportFormat::Safetensors => Format::Safetensors,
+            ExportFormat::Gguf => Format::Gguf(self.quant.unwrap_or_default()),
+        }
+    }
 }
 
 fn default_shard_size() -> String {

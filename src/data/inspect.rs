@@ -7,12 +7,12 @@ use std::io::IsTerminal;
 
 use super::encode::Encoded;
 use super::{DataReport, SourceReport};
-use crate::model::ModelTokenizer;
+use crate::model::tokenizer_of;
 use crate::recipe::Recipe;
 
 /// Prepares the recipe's data with the base model's tokenizer and describes the result.
 pub fn run(recipe: &Recipe, samples: usize) -> Result<String> {
-    let tokenizer = ModelTokenizer::from_dir(&recipe.locate_base()?.dir)?;
+    let tokenizer = tokenizer_of(&recipe.locate_base()?.dir)?;
     let prepared = super::prepare(recipe, &tokenizer)?;
     let marking = if std::io::stdout().is_terminal() {
         Marking::Colour

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fsutil::{write_atomic, StagedDir};
 use crate::model::weights::{save_safetensors, Weights};
-use crate::model::{adapter, BaseModel, CausalLm, ModelConfig};
+use crate::model::{adapter, BaseModel, CausalLm, ModelTokenizer, Parts};
 use crate::recipe::Recipe;
 
 /// What to merge and how to write it.
@@ -22,6 +22,16 @@ pub struct MergeOptions {
     /// Where the merge is computed: `auto`, `cpu` or `cuda:N`.
     pub device: String,
     pub force: bool,
+    /// Safetensors shards in Hugging Face layout, or one GGUF file.
+    pub format: Format,
+}
+
+/// What a merged model is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    /// `model-<quant>.gguf` for llama.cpp, with the tokenizer and chat template in its metadata.
+    Gguf(crate::model::gguf::Quant),
 }
 
 /// Files copied from the base model as they are.
@@ -38,12 +48,9 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let device = crate::device::open(&opts.device)?;
     let loaded = adapter::load(&opts.adapter, &device)?;
     let base_dir = &base.dir;
-    let stored = Weights::open(base_dir, DType::F32, &device)?;
-    let mut lm = CausalLm::load(
-        ModelConfig::from_file(&base_dir.join("config.json"))?,
-        &stored,
-        &device,
-    )?;
+    let parts = Parts::open(base_dir, DType::F32, &device)?;
+    let stored = parts.weights;
+    let mut lm = CausalLm::load(parts.config.clone(), &stored, &device)?;
     let dtype = match opts.dtype {
         Some(d) => d,
         None => stored.stored_dtype().unwrap_or(DType::F32),
@@ -64,20 +71,41 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         deltas.len(),
         crate::device::describe(&device)
     );
+    let tokenizer = match (opts.format, &parts.tokenizer) {
+        (Format::Gguf(_), None) => bail!(
+            "a GGUF export needs the base's tokenizer; {} has no tokenizer.json",
+            base_dir.display()
+        ),
+        (_, tokenizer) => tokenizer,
+    };
     let staged = StagedDir::create(&opts.out, opts.force)?;
     // Each merged tensor leaves the device once it is cast, so a GPU holds the base and one tensor.
-    let mut tensors = Vec::new();
-    for name in stored.names() {
-        let t = stored.get(&name, &stored_shape(&stored, &name)?)?;
-        let t = match deltas.get(&name) {
-            Some(d) => (t + d)?,
-            None => t,
-        };
-        tensors.push((name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?));
+    let merged = |dtype: DType| -> Result<Vec<(String, Tensor)>> {
+        stored
+            .names()
+            .into_iter()
+            .map(|name| {
+                let t = stored.get(&name, &stored_shape(&stored, &name)?)?;
+                let t = match deltas.get(&name) {
+                    Some(d) => (t + d)?,
+                    None => t,
+                };
+                Ok((name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?))
+            })
+            .collect()
+    };
+    if let (Format::Gguf(quant), Some(tokenizer)) = (opts.format, tokenizer) {
+        let file = staged.path().join(format!("model-{}.gguf", quant.name()));
+        let name = base.name();
+        let tensors = merged(DType::F32)?;
+        crate::model::gguf::write(&file, &name, &parts.config, tokenizer, tensors, quant)?;
+        let card = super::card::CardInput::gather(&opts.adapter, &name, super::card::Kind::Merged)?;
+        write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
+        return staged.commit();
     }
+    let tensors = merged(dtype)?;
     write_shards(staged.path(), tensors, opts.max_shard_bytes)?;
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(base_dir.join("config.json"))?)?;
+    let mut config = parts.config_json;
     if let Some(c) = config.as_object_mut() {
         // transformers' record of where the base was loaded from: a local path, or the base's id.
         c.remove("_name_or_path");
@@ -93,17 +121,42 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         &staged.path().join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
-    for f in COPIED {
-        let src = base_dir.join(f);
-        if src.exists() {
-            std::fs::copy(&src, staged.path().join(f))
-                .with_context(|| format!("cannot copy {}", src.display()))?;
+    if let (false, Some(tokenizer)) = (base_dir.is_dir(), &parts.tokenizer) {
+        write_tokenizer(tokenizer, staged.path())?;
+    } else {
+        for f in COPIED {
+            let src = base_dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, staged.path().join(f))
+                    .with_context(|| format!("cannot copy {}", src.display()))?;
+            }
         }
     }
     let card =
         super::card::CardInput::gather(&opts.adapter, &base.name(), super::card::Kind::Merged)?;
     write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
     staged.commit()
+}
+
+/// tokenizer.json and tokenizer_config.json of a tokenizer that has no files of its own (a GGUF base's).
+fn write_tokenizer(tokenizer: &ModelTokenizer, dir: &Path) -> Result<()> {
+    let json = tokenizer
+        .inner
+        .to_string(true)
+        .map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "chat_template": tokenizer.chat_template,
+        "clean_up_tokenization_spaces": false,
+    });
+    write_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
 }
 
 /// The base of an export, located once: `given` (`--base`), else the adapter's
@@ -222,12 +275,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// adapter_config.json and recipe.resolved.toml name the base by [`BaseModel::name`].
 pub fn copy_adapter(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let loaded = adapter::load(&opts.adapter, &Device::Cpu)?;
-    let weights = Weights::open(&base.dir, DType::F32, &Device::Cpu)?;
-    let mut lm = CausalLm::load(
-        ModelConfig::from_file(&base.dir.join("config.json"))?,
-        &weights,
-        &Device::Cpu,
-    )?;
+    let parts = Parts::open(&base.dir, DType::F32, &Device::Cpu)?;
+    let mut lm = CausalLm::load(parts.config, &parts.weights, &Device::Cpu)?;
     loaded.apply(&mut lm)?;
     let staged = StagedDir::create(&opts.out, opts.force)?;
     let mut config = adapter::read_config(&opts.adapter)?;

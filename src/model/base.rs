@@ -10,7 +10,8 @@ use std::path::{Component, Path, PathBuf};
 /// A located base model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseModel {
-    /// Where the checkpoint is read from; a path of this machine, never written into output.
+    /// Where the checkpoint is read from (a folder, or a GGUF file); a path of this machine, never
+    /// written into output.
     pub dir: PathBuf,
     /// The Hub repo id (`org/name`), when known.
     pub hub_id: Option<String>,
@@ -31,7 +32,7 @@ impl BaseModel {
     }
 }
 
-/// Locates `base`: a folder (already resolved to `path`), or a Hub repo id fetched through the
+/// Locates `base`: a folder or GGUF file (already resolved to `path`), or a Hub repo id fetched through the
 /// cache; `hub_id` names the Hub id of a local folder (the recipe's `[model] hub_id`). The id is the
 /// first of: `base` itself, the cache layout, `hub_id`, `_name_or_path`; the revision is the cache
 /// snapshot's, else `revision`.
@@ -41,10 +42,15 @@ pub fn locate(
     revision: Option<&str>,
     hub_id: Option<&str>,
 ) -> Result<BaseModel> {
-    let (dir, own_id) = if path.is_dir() {
+    let (dir, own_id) = if path.is_dir() || super::gguf::is_gguf(path) {
         (path.to_path_buf(), None)
     } else if crate::hub::looks_like_repo_id(base, path) {
         (crate::hub::model_snapshot(base, revision)?, Some(base))
+    } else if path.is_file() {
+        bail!(
+            "{} is a file, but not a GGUF file (a model is a checkpoint folder, a .gguf file or a Hub repo id)",
+            path.display()
+        )
     } else {
         bail!(
             "model folder {} does not exist (and `{base}` is not a Hub repo id of the form org/name)",

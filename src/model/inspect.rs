@@ -2,7 +2,7 @@
 //! optionally the f32 logits of a text for comparison with other tools.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -11,10 +11,6 @@ use super::{weights, Model, ModelTokenizer, TokenLayout};
 /// A human-readable summary of the model (and adapter, when attached).
 pub fn summary(model: &Model) -> Result<String> {
     let c = &model.lm.config;
-    let stored = weights::Weights::open(&model.dir, DType::F32, &Device::Cpu)?
-        .stored_dtype()
-        .map(|d| format!("{d:?}").to_lowercase())
-        .unwrap_or_else(|| "unknown".into());
     let mut s = String::new();
     writeln!(s, "model        {}", model.dir.display())?;
     writeln!(s, "family       {}", c.model_type)?;
@@ -53,7 +49,7 @@ pub fn summary(model: &Model) -> Result<String> {
         writeln!(s, "window       {w}")?;
     }
     writeln!(s, "parameters   {}", c.parameter_count())?;
-    writeln!(s, "dtype        {stored} (stored)")?;
+    writeln!(s, "dtype        {} (stored)", model.storage)?;
     writeln!(
         s,
         "chat         {}",

@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod families;
 pub mod frozen_weight;
 pub mod generate;
+pub mod gguf;
 pub mod inspect;
 pub mod kv_cache;
 pub mod linear;
@@ -44,33 +45,89 @@ pub use tokenizer::ModelTokenizer;
 
 /// A loaded checkpoint: the network, its tokenizer, and the LoRA config when adapters are attached.
 pub struct Model {
+    /// Where the checkpoint was read from: a folder, or a GGUF file.
     pub dir: PathBuf,
     pub lm: CausalLm,
     pub tokenizer: ModelTokenizer,
     pub lora: Option<LoraConfig>,
+    /// How the checkpoint stores its weights (`f32`, `bf16`, `GGUF Q4_K ×14, F32 ×5`), for summaries.
+    pub storage: String,
+}
+
+/// A checkpoint's parts as read from disk: config, tensors under transformers' names, tokenizer.
+pub struct Parts {
+    pub config: ModelConfig,
+    /// config.json as read, or as the GGUF metadata describes it.
+    pub config_json: serde_json::Value,
+    pub weights: weights::Weights,
+    /// None for a folder without tokenizer.json (a merge needs none).
+    pub tokenizer: Option<ModelTokenizer>,
+    /// How the weights are stored, for summaries.
+    pub storage: String,
+}
+
+impl Parts {
+    /// Opens a Hugging Face checkpoint folder or a GGUF file; tensors convert to `dtype` on `device`.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if gguf::is_gguf(path) {
+            return gguf::open(path, dtype, device);
+        }
+        if !path.is_dir() {
+            bail!("model folder {} does not exist", path.display());
+        }
+        let config_path = path.join("config.json");
+        let text = crate::fsutil::read_text(&config_path, "model config")?;
+        let config_json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+        let config = ModelConfig::from_json(&config_json)
+            .with_context(|| format!("in model config {}", config_path.display()))?;
+        let weights = weights::Weights::open(path, dtype, device)?;
+        let storage = weights
+            .stored_dtype()
+            .map(|d| format!("{d:?}").to_lowercase())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(Self {
+            config,
+            config_json,
+            weights,
+            tokenizer: path
+                .join("tokenizer.json")
+                .exists()
+                .then(|| ModelTokenizer::from_dir(path))
+                .transpose()?,
+            storage,
+        })
+    }
+}
+
+/// The tokenizer of the checkpoint at `path` (a folder or a GGUF file).
+pub fn tokenizer_of(path: &Path) -> Result<ModelTokenizer> {
+    required(Parts::open(path, DType::F32, &Device::Cpu)?.tokenizer, path)
+}
+
+fn required(tokenizer: Option<ModelTokenizer>, path: &Path) -> Result<ModelTokenizer> {
+    tokenizer.with_context(|| {
+        format!(
+            "{} is missing: Feinschliff needs the fast tokenizer file of the model",
+            path.join("tokenizer.json").display()
+        )
+    })
 }
 
 impl Model {
-    /// Loads the checkpoint in `dir`; `dtype` None keeps f32 compute (weights converted on load).
-    pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("model folder {} does not exist", dir.display());
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = weights::Weights::open(dir, dtype.unwrap_or(DType::F32), device)?;
-        let lm = CausalLm::load(config, &weights, device).with_context(|| {
-            format!(
-                "cannot build the {} model from {}",
-                "checkpoint",
-                dir.display()
-            )
+    /// Loads the checkpoint at `path` (a folder or a GGUF file); `dtype` None keeps f32 compute
+    /// (weights converted on load).
+    pub fn load(path: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        let parts = Parts::open(path, dtype.unwrap_or(DType::F32), device)?;
+        let lm = CausalLm::load(parts.config, &parts.weights, device).with_context(|| {
+            format!("cannot build the checkpoint model from {}", path.display())
         })?;
-        let tokenizer = ModelTokenizer::from_dir(dir)?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            dir: path.to_path_buf(),
             lm,
-            tokenizer,
+            tokenizer: required(parts.tokenizer, path)?,
             lora: None,
+            storage: parts.storage,
         })
     }
 

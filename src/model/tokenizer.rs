@@ -138,13 +138,31 @@ impl ModelTokenizer {
                 Err(_) => (None, None),
             },
         };
+        let mut tokenizer = Self::from_parts(
+            inner,
+            [token("bos_token"), token("eos_token"), token("pad_token")],
+            chat_template,
+            chat_template_file,
+        )
+        .with_context(|| format!("special tokens of {}", path.display()))?;
+        tokenizer.config_add_bos_token = config.get("add_bos_token").and_then(Value::as_bool);
+        Ok(tokenizer)
+    }
+
+    /// A tokenizer built elsewhere (e.g. from GGUF metadata) with its BOS, EOS and pad tokens and
+    /// chat template (and the file that came from).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        [bos_token, eos_token, pad_token]: [Option<String>; 3],
+        chat_template: Option<String>,
+        chat_template_file: Option<PathBuf>,
+    ) -> Result<Self> {
         Ok(Self {
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
-            pad_token: token("pad_token"),
-            specials: SpecialTokens::of(&inner)
-                .with_context(|| format!("special tokens of {}", path.display()))?,
-            config_add_bos_token: config.get("add_bos_token").and_then(Value::as_bool),
+            bos_token,
+            eos_token,
+            pad_token,
+            specials: SpecialTokens::of(&inner)?,
+            config_add_bos_token: None,
             chat_template,
             chat_template_file,
             inner,

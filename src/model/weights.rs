@@ -14,10 +14,22 @@ pub struct Weights {
     device: Device,
 }
 
-/// Where the tensors live: memory-mapped files, or tensors already in memory (benchmarks).
+/// Where the tensors live: memory-mapped files, tensors already in memory (benchmarks), or a
+/// file of another format read tensor by tensor (GGUF).
 enum Source {
     Mapped(MmapedSafetensors),
     Memory(HashMap<String, Tensor>),
+    Read(Box<dyn TensorReader>),
+}
+
+/// A checkpoint file of another format that yields f32 tensors under transformers' names.
+pub trait TensorReader: Send + Sync {
+    /// The names of all tensors.
+    fn names(&self) -> Vec<String>;
+    /// The shape of tensor `name`, if there is one.
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+    /// Reads tensor `name` as f32 on the CPU.
+    fn read(&self, name: &str) -> Result<Tensor>;
 }
 
 impl Weights {
@@ -46,6 +58,21 @@ impl Weights {
         }
     }
 
+    /// The tensors of `file` as `reader` reads them.
+    pub fn from_reader(
+        file: &Path,
+        reader: Box<dyn TensorReader>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            files: vec![file.to_path_buf()],
+            source: Source::Read(reader),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
     /// The checkpoint's files, for messages.
     pub fn describe(&self) -> String {
         self.files
@@ -63,6 +90,7 @@ impl Weights {
                 .first()
                 .and_then(|(_, v)| DType::try_from(v.dtype()).ok()),
             Source::Memory(m) => m.values().next().map(Tensor::dtype),
+            Source::Read(_) => None,
         }
     }
 
@@ -71,6 +99,7 @@ impl Weights {
         let mut names: Vec<String> = match &self.source {
             Source::Mapped(m) => m.tensors().into_iter().map(|(n, _)| n).collect(),
             Source::Memory(m) => m.keys().cloned().collect(),
+            Source::Read(r) => r.names(),
         };
         names.sort();
         names
@@ -81,6 +110,7 @@ impl Weights {
         match &self.source {
             Source::Mapped(m) => m.get(name).ok().map(|v| v.shape().to_vec()),
             Source::Memory(m) => m.get(name).map(|t| t.dims().to_vec()),
+            Source::Read(r) => r.shape_of(name),
         }
     }
 
@@ -89,6 +119,7 @@ impl Weights {
         match &self.source {
             Source::Mapped(m) => m.get(name).is_ok(),
             Source::Memory(m) => m.contains_key(name),
+            Source::Read(r) => r.shape_of(name).is_some(),
         }
     }
 
@@ -102,6 +133,11 @@ impl Weights {
                 .load(name, &self.device)
                 .with_context(|| format!("cannot load tensor `{name}` from {}", self.describe()))?,
             Source::Memory(m) => m[name].to_device(&self.device)?,
+            Source::Read(r) => r
+                .read(name)
+                .with_context(|| format!("cannot load tensor `{name}` from {}", self.describe()))?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?,
         };
         if t.dims() != shape {
             bail!(

@@ -119,10 +119,20 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// config.json and, per safetensors file, its name, size and header (which holds every tensor's
-/// name, dtype, shape and offsets); the tensor bytes themselves are not read.
+/// name, dtype, shape and offsets); the tensor bytes themselves are not read. A GGUF base: its
+/// size and first MiB (header, metadata and tensor index of a small model; most of them of a big one).
 fn base_fingerprint(dir: &Path) -> Result<String> {
     use std::io::Read;
     let mut hash = Sha256::new();
+    if dir.is_file() {
+        let file =
+            std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+        hash.update(file.metadata()?.len().to_le_bytes());
+        let mut head = Vec::new();
+        file.take(1 << 20).read_to_end(&mut head)?;
+        hash.update(&head);
+        return Ok(hex(&hash.finalize()));
+    }
     let config = dir.join("config.json");
     hash.update(
         std::fs::read(&config).with_context(|| format!("cannot read {}", config.display()))?,

@@ -29,6 +29,7 @@ fn options(adapter: &Path, base: &Path, out: &Path) -> Export {
             max_shard_bytes: 5_000_000_000,
             device: "cpu".into(),
             force: false,
+            format: feinschliff::export::merged::Format::Safetensors,
         },
         base: base.to_path_buf(),
         any_base: false,

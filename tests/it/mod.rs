@@ -10,6 +10,7 @@ mod eval;
 mod export;
 mod faults;
 mod fuzz;
+mod gguf;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod gradients;

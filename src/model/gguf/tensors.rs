@@ -1,0 +1,372 @@
+//! The tensors of a GGUF file under transformers' names: llama.cpp's name of each (used both ways),
+//! the shape the metadata implies (checked before reading), the supported storage types, and the
+//! reading itself (dequantised by candle, llama.cpp's Q/K rotary permutation undone).
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::metadata::Metadata;
+use crate::model::weights::TensorReader;
+use crate::model::ModelConfig;
+
+/// The storage types read, with llama.cpp's names; others are refused by name.
+const SUPPORTED: &[(GgmlDType, &str)] = &[
+    (GgmlDType::F32, "F32"),
+    (GgmlDType::F16, "F16"),
+    (GgmlDType::BF16, "BF16"),
+    (GgmlDType::Q8_0, "Q8_0"),
+    (GgmlDType::Q4_0, "Q4_0"),
+    (GgmlDType::Q4_1, "Q4_1"),
+    (GgmlDType::Q5_0, "Q5_0"),
+    (GgmlDType::Q5_1, "Q5_1"),
+    (GgmlDType::Q4K, "Q4_K"),
+    (GgmlDType::Q5K, "Q5_K"),
+    (GgmlDType::Q6K, "Q6_K"),
+];
+
+/// llama.cpp's type ids of the types candle cannot read at all, for messages.
+const UNREADABLE: &[(u32, &str)] = &[
+    (4, "Q4_2 (removed)"),
+    (5, "Q4_3 (removed)"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+];
+
+fn type_name(t: GgmlDType) -> String {
+    SUPPORTED
+        .iter()
+        .find(|(s, _)| *s == t)
+        .map_or_else(|| format!("{t:?}"), |(_, n)| n.to_string())
+}
+
+fn supported_names() -> String {
+    SUPPORTED
+        .iter()
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// candle's header error without the backtrace candle appends under RUST_BACKTRACE, and with the
+/// llama.cpp name of an unknown tensor type and what is supported.
+pub fn explain(e: anyhow::Error) -> String {
+    let full = e.to_string();
+    let text = full.lines().next().unwrap_or_default().to_string();
+    if text.contains("failed to fill whole buffer") || text.contains("remaining") {
+        return format!("the file is truncated: it ends inside its header ({text})");
+    }
+    let Some(id) = text
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|n| n.trim().parse::<u32>().ok())
+    else {
+        return text;
+    };
+    let name = UNREADABLE
+        .iter()
+        .find(|(i, _)| *i == id)
+        .map_or("not a type llama.cpp defines", |(_, n)| n);
+    format!(
+        "a tensor has storage type {id} ({name}), which is not supported (supported: {})",
+        supported_names()
+    )
+}
+
+/// One tensor as the metadata implies it: its names, the shape (each dimension with the metadata
+/// key it comes from), and the heads of a Q or K projection (weight or bias) whose rows llama.cpp
+/// permuted.
+pub struct Expected {
+    gguf: String,
+    hf: String,
+    dims: Vec<(usize, String)>,
+    unpermute_heads: Option<usize>,
+}
+
+/// A checked tensor: what was expected, and its storage type.
+struct Entry {
+    expected: Expected,
+    dtype: GgmlDType,
+}
+
+/// The tensors of one file, mapped to transformers' names and checked; read on demand.
+pub struct Layout {
+    path: PathBuf,
+    content: Content,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Layout {
+    /// Checks that every `expected` tensor is present, with a supported storage type, the shape
+    /// the metadata implies, and its bytes inside the file (`size` bytes long); and that no other
+    /// tensor is.
+    pub fn check(
+        path: &Path,
+        content: Content,
+        expected: Vec<Expected>,
+        model_type: &str,
+        size: u64,
+    ) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        for expected in expected {
+            let Expected { gguf, hf, dims, .. } = &expected;
+            let info = content
+                .tensor_infos
+                .get(gguf)
+                .with_context(|| format!("tensor `{gguf}` (transformers' `{hf}`) is missing"))?;
+            let dtype = info.ggml_dtype;
+            if !SUPPORTED.iter().any(|(t, _)| *t == dtype) {
+                bail!(
+                    "tensor `{gguf}` has storage type {}, which is not supported (supported: {})",
+                    type_name(dtype),
+                    supported_names()
+                );
+            }
+            let stored = info.shape.dims();
+            if stored.len() != dims.len() || stored.iter().zip(dims).any(|(s, (d, _))| s != d) {
+                let said: Vec<String> = dims.iter().map(|(d, k)| format!("{d} (`{k}`)")).collect();
+                bail!(
+                    "tensor `{gguf}` has shape {stored:?}, but the metadata says [{}]",
+                    said.join(", ")
+                );
+            }
+            let row = stored.last().copied().unwrap_or(1);
+            if !row.is_multiple_of(dtype.block_size()) {
+                bail!(
+                    "tensor `{gguf}` has rows of {row} values, not a multiple of the {} block size {}",
+                    type_name(dtype),
+                    dtype.block_size()
+                );
+            }
+            let bytes = (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > size {
+                bail!(
+                    "the file is truncated: tensor `{gguf}` ends at byte {end}, the file has {size}"
+                );
+            }
+            entries.insert(hf.clone(), Entry { expected, dtype });
+        }
+        if let Some(extra) = content
+            .tensor_infos
+            .keys()
+            .filter(|name| !entries.values().any(|e| &e.expected.gguf == *name))
+            .min()
+        {
+            bail!("tensor `{extra}` has no place in a {model_type} model of this config");
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            entries,
+        })
+    }
+
+    /// The storage types and how many tensors have each, e.g. `GGUF Q4_K ×14, F32 ×5`.
+    pub fn describe(&self) -> String {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for e in self.entries.values() {
+            *counts.entry(type_name(e.dtype)).or_default() += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+        format!("GGUF {}", parts.join(", "))
+    }
+}
+
+impl TensorReader for Layout {
+    fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let e = self.entries.get(name)?;
+        Some(e.expected.dims.iter().map(|(d, _)| *d).collect())
+    }
+
+    /// Reads, dequantises and (for llama's Q/K) un-permutes one tensor.
+    fn read(&self, name: &str) -> Result<Tensor> {
+        let e = self
+            .entries
+            .get(name)
+            .with_context(|| format!("no tensor `{name}`"))?;
+        let gguf = &e.expected.gguf;
+        let cpu = Device::Cpu;
+        let mut file = std::fs::File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let t = self
+            .content
+            .tensor(&mut file, gguf, &cpu)
+            .and_then(|q| q.dequantize(&cpu))
+            .with_context(|| format!("cannot read tensor `{gguf}` of {}", self.path.display()))?;
+        match e.expected.unpermute_heads {
+            Some(heads) => unpermute(&t, heads),
+            None => Ok(t),
+        }
+    }
+}
+
+/// llama.cpp's names of the modules of a decoder layer, by transformers' names.
+const LAYER_MODULES: &[(&str, &str)] = &[
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// llama.cpp's name of a transformers tensor name (`model.layers.0.mlp.up_proj.weight` ->
+/// `blk.0.ffn_up.weight`).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (_, name) = LAYER_MODULES.iter().find(|(h, _)| *h == module)?;
+    Some(format!("blk.{layer}.{name}.{kind}"))
+}
+
+/// convert_hf_to_gguf.py's `permute` of llama Q/K rows: transformers' (head, half, pair) become
+/// GGUF's (head, pair, half).
+pub fn permute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    let cols = t.elem_count() / rows.max(1);
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, 2, half, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(t.shape())?)
+}
+
+/// Undoes convert_hf_to_gguf.py's `permute` of llama Q/K rows: GGUF rows are (head, pair, half),
+/// transformers' are (head, half, pair).
+fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    let cols = t.elem_count() / rows.max(1);
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(t.shape())?)
+}
+
+/// Every tensor a model of `config` has: llama.cpp name, transformers name, shape with the
+/// metadata keys behind each dimension, and the heads of a permuted Q/K projection.
+pub fn expected(config: &ModelConfig, meta: &Metadata) -> Result<Vec<Expected>> {
+    let c = config;
+    let arch = meta.architecture()?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let (vocab, vocab_key) = meta.vocab()?;
+    let hidden = (c.hidden_size, key("embedding_length"));
+    let inter = (c.intermediate_size, key("feed_forward_length"));
+    let head_dim_key = if meta.uint(&key("attention.key_length"))?.is_some() {
+        key("attention.key_length")
+    } else if meta.uint(&key("rope.dimension_count"))?.is_some() {
+        key("rope.dimension_count")
+    } else {
+        format!(
+            "{} / {}",
+            key("embedding_length"),
+            key("attention.head_count")
+        )
+    };
+    let q = (
+        c.num_attention_heads * c.head_dim,
+        format!("{} × {head_dim_key}", key("attention.head_count")),
+    );
+    let kv = (
+        c.num_key_value_heads * c.head_dim,
+        format!("{} × {head_dim_key}", key("attention.head_count_kv")),
+    );
+    let head = (c.head_dim, head_dim_key.clone());
+    // llama.cpp permutes Q/K rows for the Llama architecture only (its RoPE pairs adjacent values).
+    let permuted = arch == "llama";
+    let mut out = Vec::new();
+    let mut add = |hf: String, dims: Vec<(usize, String)>, heads: Option<usize>| {
+        out.push(Expected {
+            gguf: gguf_name(&hf).unwrap_or_default(),
+            hf,
+            dims,
+            unpermute_heads: heads,
+        })
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![(vocab, vocab_key.clone()), hidden.clone()],
+        None,
+    );
+    for i in 0..c.num_hidden_layers {
+        let h = format!("model.layers.{i}");
+        let q_heads = permuted.then_some(c.num_attention_heads);
+        let k_heads = permuted.then_some(c.num_key_value_heads);
+        let projections = [
+            ("self_attn.q_proj", &q, &hidden, c.qkv_bias, q_heads),
+            ("self_attn.k_proj", &kv, &hidden, c.qkv_bias, k_heads),
+            ("self_attn.v_proj", &kv, &hidden, c.qkv_bias, None),
+            ("self_attn.o_proj", &hidden, &q, c.o_bias, None),
+            ("mlp.gate_proj", &inter, &hidden, c.mlp_bias, None),
+            ("mlp.up_proj", &inter, &hidden, c.mlp_bias, None),
+            ("mlp.down_proj", &hidden, &inter, c.mlp_bias, None),
+        ];
+        for (name, rows, cols, bias, heads) in projections {
+            add(
+                format!("{h}.{name}.weight"),
+                vec![rows.clone(), cols.clone()],
+                heads,
+            );
+            if bias {
+                add(format!("{h}.{name}.bias"), vec![rows.clone()], heads);
+            }
+        }
+        let mut norms = vec![
+            ("input_layernorm", &hidden),
+            ("post_attention_layernorm", &hidden),
+        ];
+        if c.qk_norm {
+            norms.push(("self_attn.q_norm", &head));
+            norms.push(("self_attn.k_norm", &head));
+        }
+        for (name, width) in norms {
+            add(format!("{h}.{name}.weight"), vec![width.clone()], None);
+        }
+    }
+    add("model.norm.weight".into(), vec![hidden.clone()], None);
+    if !c.tie_word_embeddings {
+        add(
+            "lm_head.weight".into(),
+            vec![(vocab, vocab_key), hidden],
+            None,
+        );
+    }
+    Ok(out)
+}
