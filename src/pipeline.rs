@@ -142,7 +142,7 @@ fn evaluate(
         let gates = eval::write_reports(
             staged.path(),
             suite,
-            &results,
+            (&results, base_results.as_ref().map(|(r, _)| r.as_slice())),
             &info(suite, Some(".")),
             base_scores.as_ref(),
         )?;

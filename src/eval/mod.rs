@@ -2,6 +2,7 @@
 //! lm-evaluation-harness's semantics, writes reports and checks gates. Entry points: [`evaluate`]
 //! for a loaded model, [`run`] for `feinschliff eval`.
 
+pub mod chart;
 pub mod encoding;
 pub mod filters;
 pub mod functions;
@@ -133,17 +134,24 @@ pub fn run(opts: &EvalOptions) -> Result<EvalOutcome> {
             .unwrap_or(model.lm.config.max_position_embeddings),
         batch_size: suite.batch_size,
     };
-    let gates = write_reports(staged.path(), &suite, &results, &info, baseline.as_ref())?;
+    let gates = write_reports(
+        staged.path(),
+        &suite,
+        (&results, None),
+        &info,
+        baseline.as_ref(),
+    )?;
     let out = staged.commit()?;
     let scores = report::scores_of(&report::results_json(&suite, &results, &info));
     Ok(EvalOutcome { out, scores, gates })
 }
 
-/// Writes results.json, samples_<task>.jsonl, report.md and junit.xml into `dir`; returns the gates.
+/// Writes results.json, samples_<task>.jsonl, report.md, eval.svg (with `base_results`, the base
+/// model's, beside them where it ran) and junit.xml into `dir`; returns the gates.
 pub fn write_reports(
     dir: &Path,
     suite: &Suite,
-    results: &[TaskResult],
+    (results, base_results): (&[TaskResult], Option<&[TaskResult]>),
     info: &RunInfo,
     baseline: Option<&Scores>,
 ) -> Result<Vec<GateOutcome>> {
@@ -155,6 +163,8 @@ pub fn write_reports(
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
     report::write_samples(dir, results)?;
+    let title = format!("Evaluation: {}", suite.name);
+    chart::write(dir, &title, &chart::rows(results, base_results))?;
     write_atomic(
         &dir.join("report.md"),
         report::markdown(suite, &scores, baseline, &gates).as_bytes(),

@@ -252,6 +252,11 @@ pub fn markdown(
             }
         }
     }
+    let _ = writeln!(
+        s,
+        "\n![Base and adapted model per task and metric, with ±stderr]({})",
+        super::chart::CHART_FILE
+    );
     s.push_str("\n## Comparable to\n\n");
     for t in suite.tasks.iter().filter(|t| adapted.contains_key(&t.name)) {
         let _ = writeln!(s, "- {}: {}", t.name, t.comparability());

@@ -23,10 +23,27 @@ pub struct CardInput {
     pub base_model: String,
     pub adapter_config: Value,
     pub recipe: Option<Recipe>,
-    /// suite name → (adapted scores, base scores if measured).
-    pub evals: Vec<(String, Scores, Option<Scores>)>,
+    /// One entry per eval suite run on the adapter, by suite name.
+    pub evals: Vec<SuiteEval>,
     /// The training curves (loss.svg) are beside the adapter.
     pub loss_chart: bool,
+}
+
+/// One eval suite's results beside the adapter (`eval/<suite>/`).
+pub struct SuiteEval {
+    pub suite: String,
+    pub adapted: Scores,
+    /// The base model's scores, where it was measured.
+    pub base: Option<Scores>,
+    /// The suite's eval.svg exists.
+    pub chart: bool,
+}
+
+impl SuiteEval {
+    /// The chart's path relative to the adapter folder (and to the card).
+    fn chart_path(&self) -> String {
+        format!("eval/{}/{}", self.suite, crate::eval::chart::CHART_FILE)
+    }
 }
 
 impl CardInput {
@@ -64,7 +81,12 @@ impl CardInput {
                         .file_name()
                         .map(|n| n.to_string_lossy().to_string())
                         .unwrap_or_default();
-                    evals.push((name, adapted, read("base_results.json")));
+                    evals.push(SuiteEval {
+                        chart: d.join(crate::eval::chart::CHART_FILE).exists(),
+                        suite: name,
+                        adapted,
+                        base: read("base_results.json"),
+                    });
                 }
             }
         }
@@ -145,7 +167,12 @@ impl CardInput {
                 })
                 .unwrap_or_else(|| "model".into());
             let _ = writeln!(y, "model-index:\n- name: {}\n  results:", yaml_str(&name));
-            for (suite, scores, _) in &self.evals {
+            for SuiteEval {
+                suite,
+                adapted: scores,
+                ..
+            } in &self.evals
+            {
                 for (task, metrics) in scores {
                     let _ = writeln!(y, "  - task:\n      type: text-generation\n    dataset:\n      name: {}\n      type: {}", yaml_str(task), yaml_str(&format!("{suite}/{task}")));
                     y.push_str("    metrics:\n");
@@ -246,7 +273,8 @@ impl CardInput {
         }
         if !self.evals.is_empty() {
             s.push_str("\n## Evaluation\n");
-            for (suite, scores, base) in &self.evals {
+            for eval in &self.evals {
+                let (suite, scores, base) = (&eval.suite, &eval.adapted, &eval.base);
                 let _ = writeln!(s, "\n### {suite}\n\n| task | metric | base | adapted | delta |\n|---|---|---|---|---|");
                 for (task, metrics) in scores {
                     for (m, v) in metrics {
@@ -268,6 +296,13 @@ impl CardInput {
                         }
                     }
                 }
+                if eval.chart {
+                    let _ = writeln!(
+                        s,
+                        "\n![{suite}: base and adapted model, with ±stderr]({})",
+                        eval.chart_path()
+                    );
+                }
             }
         }
         s
@@ -282,6 +317,21 @@ pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Re
         let bytes = std::fs::read(adapter_dir.join(chart))
             .with_context(|| format!("cannot read {}", adapter_dir.join(chart).display()))?;
         crate::fsutil::write_atomic(&dir.join(chart), &bytes)?;
+    }
+    if dir != adapter_dir {
+        for eval in card.evals.iter().filter(|e| e.chart) {
+            let (from, to) = (
+                adapter_dir.join(eval.chart_path()),
+                dir.join(eval.chart_path()),
+            );
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            crate::fsutil::write_atomic(&to, &bytes)?;
+        }
     }
     crate::fsutil::write_atomic(&dir.join("README.md"), card.render().as_bytes())
 }

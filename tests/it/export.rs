@@ -285,6 +285,48 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     ] {
         assert!(card.contains(want), "card lacks `{want}`:\n{card}");
     }
+    // The eval chart: eval_chart.json holds exactly the values and stderrs of both results files,
+    // eval.svg draws one base and one adapted bar per row, and the card and report.md show it.
+    let results = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/domain").join(f)).unwrap())
+            .unwrap()
+    };
+    let (adapted, base) = (results("results.json"), results("base_results.json"));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("eval/domain/eval_chart.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(!rows.is_empty());
+    for row in &rows {
+        let (task, metric) = (
+            row["task"].as_str().unwrap(),
+            row["metric"].as_str().unwrap(),
+        );
+        for (side, results) in [("adapted", &adapted), ("base", &base)] {
+            let measured = &results["results"][task];
+            assert_eq!(
+                row[side]["value"],
+                measured[format!("{metric},none")],
+                "{task} {metric} {side}"
+            );
+            let stderr = &measured[format!("{metric}_stderr,none")];
+            if stderr.is_number() {
+                assert_eq!(
+                    &row[side]["stderr"], stderr,
+                    "{task} {metric} {side} stderr"
+                );
+            }
+        }
+    }
+    let svg = std::fs::read_to_string(out.join("eval/domain/eval.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\"") && svg.ends_with("</svg>\n")
+    );
+    let bars = svg.matches("<rect x=").count() - 2; // the legend's two swatches
+    assert_eq!(bars, 2 * rows.len(), "{svg}");
+    assert!(card.contains("](eval/domain/eval.svg)"), "{card}");
+    let md = std::fs::read_to_string(out.join("eval/domain/report.md")).unwrap();
+    assert!(md.contains("](eval.svg)"), "{md}");
     // report.html: curves, data, eval with deltas, gates, sample answers, recipe; self-contained.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     for want in [
@@ -292,6 +334,7 @@ fn recipe_trains_evaluates_and_writes_a_card() {
         "<h2>Data</h2>",
         "<h2>Evaluation: domain</h2>",
         "<td>ppl</td><td>word_perplexity</td>",
+        "<text x=\"10\" y=\"18\" font-size=\"15\">Evaluation: domain</text>",
         "<span class=\"pass\">passed</span>",
         "<h3>Sample answers: gen</h3>",
         "Montag bis Freitag",
