@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::path::Path;
 
 use super::families;
+use super::layout;
 
 /// How rotary position frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +22,15 @@ pub enum RopeScaling {
         low_freq_factor: f64,
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
+    },
+    /// LongRoPE (Phi-3): inverse frequencies divided by `short_factor`, or by `long_factor` once a
+    /// forward pass reaches past `original_max_position_embeddings`; cos and sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        attention_factor: f64,
+        original_max_position_embeddings: usize,
     },
 }
 
@@ -40,6 +50,12 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// The leading dimensions of each head that RoPE rotates (head_dim × partial_rotary_factor);
+    /// the rest pass through unrotated.
+    pub rotary_dim: usize,
+    /// q/k/v stored as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3); LoRA attaches to
+    /// the fused modules, as PEFT does.
+    pub fused_projections: bool,
     /// Biases on the q/k/v projections.
     pub qkv_bias: bool,
     /// Bias on the attention output projection.
@@ -91,29 +107,44 @@ impl ModelConfig {
                 self.num_key_value_heads
             );
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if !self.rotary_dim.is_multiple_of(2)
+            || self.rotary_dim == 0
+            || self.rotary_dim > self.head_dim
+        {
             bail!(
-                "head_dim ({}) must be even for rotary embeddings",
+                "the rotary part of each head ({} of head_dim {}) must be even and positive: check head_dim and partial_rotary_factor",
+                self.rotary_dim,
                 self.head_dim
             );
+        }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &self.rope_scaling
+        {
+            let half = self.rotary_dim / 2;
+            if short_factor.len() != half || long_factor.len() != half {
+                bail!(
+                    "longrope short_factor and long_factor need {half} entries each (half the rotary dimensions), not {} and {}",
+                    short_factor.len(),
+                    long_factor.len()
+                );
+            }
         }
         Ok(())
     }
 
     /// Parameter count of the base model (tied embeddings counted once).
     pub fn parameter_count(&self) -> usize {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let attn = h * q
-            + 2 * h * kv
-            + q * h
-            + if self.qkv_bias { q + 2 * kv } else { 0 }
-            + if self.o_bias { h } else { 0 };
-        let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-        let layer = attn + mlp + 2 * h;
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let projections: usize = layout::projections(self)
+            .iter()
+            .map(|p| p.out * p.inp + if p.bias { p.out } else { 0 })
+            .sum();
+        let norms: usize = layout::norms(self).iter().map(|n| n.width).sum();
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
+        v * h + self.num_hidden_layers * (projections + norms) + h + head
     }
 }
 
@@ -139,6 +170,9 @@ struct CommonFields {
     head_dim: Option<usize>,
     hidden_act: Option<String>,
     max_position_embeddings: Option<usize>,
+    /// Phi-3: the context the model was pre-trained with (LongRoPE switches factors past it).
+    original_max_position_embeddings: Option<usize>,
+    partial_rotary_factor: Option<f64>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     /// transformers < 5.
@@ -162,6 +196,11 @@ struct RopeFields {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+    attention_factor: Option<f64>,
+    /// transformers >= 5 may keep partial_rotary_factor here.
+    partial_rotary_factor: Option<f64>,
 }
 
 /// Fields every Llama-like config.json carries; families add their own flags on top. Absent fields
@@ -186,6 +225,24 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         (Some(s), _) => ("rope_scaling", Some(s)),
         (None, p) => ("rope_parameters", p.as_ref()),
     };
+    let partial = f
+        .partial_rotary_factor
+        .or_else(|| {
+            f.rope_parameters
+                .as_ref()
+                .and_then(|p| p.partial_rotary_factor)
+        })
+        .unwrap_or(1.0);
+    if !(partial > 0.0 && partial <= 1.0) {
+        bail!("partial_rotary_factor {partial} must be in (0, 1]");
+    }
+    // transformers: int(head_dim * partial_rotary_factor).
+    let rotary_dim = (head_dim as f64 * partial) as usize;
+    let max_position_embeddings = f.max_position_embeddings.unwrap_or(2048);
+    let positions = Positions {
+        max: max_position_embeddings,
+        original: f.original_max_position_embeddings,
+    };
     Ok(ModelConfig {
         model_type: model_type.to_string(),
         vocab_size: f.vocab_size,
@@ -195,10 +252,12 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         num_attention_heads,
         num_key_value_heads: f.num_key_value_heads.unwrap_or(num_attention_heads),
         head_dim,
-        max_position_embeddings: f.max_position_embeddings.unwrap_or(2048),
+        max_position_embeddings,
         rms_norm_eps: f.rms_norm_eps.unwrap_or(1e-6),
         rope_theta,
-        rope_scaling: rope_scaling(scaling_field, scaling)?,
+        rope_scaling: rope_scaling(scaling_field, scaling, positions)?,
+        rotary_dim,
+        fused_projections: false,
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
@@ -209,7 +268,15 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
     })
 }
 
-fn rope_scaling(field: &str, v: Option<&RopeFields>) -> Result<RopeScaling> {
+/// The context lengths a config names: `max_position_embeddings` and, at the top level,
+/// `original_max_position_embeddings` (Phi-3).
+#[derive(Clone, Copy)]
+struct Positions {
+    max: usize,
+    original: Option<usize>,
+}
+
+fn rope_scaling(field: &str, v: Option<&RopeFields>, positions: Positions) -> Result<RopeScaling> {
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
@@ -235,8 +302,42 @@ fn rope_scaling(field: &str, v: Option<&RopeFields>) -> Result<RopeScaling> {
                 "original_max_position_embeddings",
             )?,
         }),
+        // Phi-3's older names of longrope.
+        "longrope" | "su" => longrope(field, v, positions),
         other => {
-            bail!("{field} type `{other}` is not supported (supported: default, linear, llama3)")
+            bail!("{field} type `{other}` is not supported (supported: default, linear, llama3, longrope)")
         }
     }
+}
+
+/// LongRoPE as transformers computes it: the attention factor, unless given, is
+/// √(1 + ln f / ln original) for the extension factor f = max / original positions (4.x; 5.x
+/// prefers an explicit `factor` in rope_parameters), 1 when f ≤ 1.
+fn longrope(field: &str, v: &RopeFields, positions: Positions) -> Result<RopeScaling> {
+    let factors = |value: &Option<Vec<f64>>, key: &str| -> Result<Vec<f64>> {
+        value
+            .clone()
+            .with_context(|| format!("{field} of type `longrope` needs a list of numbers `{key}`"))
+    };
+    let given_original = positions
+        .original
+        .or(v.original_max_position_embeddings.map(|o| o as usize));
+    let original = given_original.unwrap_or(positions.max);
+    let ratio = positions.max as f64 / original as f64;
+    let factor = match (field, v.factor, given_original) {
+        ("rope_parameters", Some(f), _) => f,
+        (_, _, Some(_)) => ratio,
+        (_, f, None) => f.unwrap_or(ratio),
+    };
+    let attention_factor = match v.attention_factor {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: factors(&v.short_factor, "short_factor")?,
+        long_factor: factors(&v.long_factor, "long_factor")?,
+        attention_factor,
+        original_max_position_embeddings: original,
+    })
 }

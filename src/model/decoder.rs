@@ -1,13 +1,15 @@
 //! The shared decoder of all supported families: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 //! Written with differentiable candle ops only, so LoRA gradients flow through every layer.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
 
 use super::checkpoint;
 use super::config::ModelConfig;
 use super::cross_entropy;
 use super::kv_cache::{KvCache, LayerKv};
+use super::layout::{self, Projection, Role};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::matmul::matmul_wide;
@@ -112,11 +114,40 @@ fn head_norm(norm: Option<&RmsNorm>, y: Tensor, head_dim: usize) -> Result<Tenso
     Ok(heads.reshape((rows, width))?)
 }
 
+/// The query, key and value projections: three matrices, or one fused `qkv_proj` whose output
+/// columns are q, k and v in that order.
+#[derive(Clone)]
+pub enum QkvProj {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl QkvProj {
+    /// q [rows, heads·d], k and v [rows, kv_heads·d] for rows x.
+    fn forward(&self, x: &Tensor, pass: Pass, q_width: usize) -> Result<[Tensor; 3]> {
+        match self {
+            QkvProj::Separate { q, k, v } => Ok([
+                q.forward(x, pass)?,
+                k.forward(x, pass)?,
+                v.forward(x, pass)?,
+            ]),
+            QkvProj::Fused(qkv) => {
+                let y = qkv.forward(x, pass)?;
+                let kv_width = (y.dim(D::Minus1)? - q_width) / 2;
+                Ok([
+                    y.narrow(D::Minus1, 0, q_width)?,
+                    y.narrow(D::Minus1, q_width, kv_width)?,
+                    y.narrow(D::Minus1, q_width + kv_width, kv_width)?
+                        .contiguous()?,
+                ])
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: QkvProj,
     pub o_proj: Linear,
     /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
     q_norm: Option<RmsNorm>,
@@ -133,16 +164,12 @@ impl Attention {
         let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let q = head_norm(self.q_norm.as_ref(), self.q_proj.forward(x, ctx.pass)?, d)?;
+        let [q, k, v] = self.qkv.forward(x, ctx.pass, h * d)?;
+        let q = head_norm(self.q_norm.as_ref(), q, d)?;
         let q = rope::split_heads_rotated(&q, (b, t, h), cos, sin)?;
-        let k = head_norm(self.k_norm.as_ref(), self.k_proj.forward(x, ctx.pass)?, d)?;
+        let k = head_norm(self.k_norm.as_ref(), k, d)?;
         let k = rope::split_heads_rotated(&k, (b, t, kvh), cos, sin)?;
-        let v = self
-            .v_proj
-            .forward(x, ctx.pass)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
         // are stacked along the rows.
         let q = q.reshape((b, kvh, (h / kvh) * t, d))?;
@@ -166,17 +193,32 @@ impl Attention {
     }
 }
 
+/// The gate and up projections: two matrices, or one fused `gate_up_proj` (gate columns first).
+#[derive(Clone)]
+pub enum GateUpProj {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 #[derive(Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUpProj,
     pub down_proj: Linear,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, pass)?;
-        let up = self.up_proj.forward(x, pass)?;
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Separate { gate, up } => (gate.forward(x, pass)?, up.forward(x, pass)?),
+            GateUpProj::Fused(gate_up) => {
+                let y = gate_up.forward(x, pass)?;
+                let i = y.dim(D::Minus1)? / 2;
+                (
+                    y.narrow(D::Minus1, 0, i)?.contiguous()?,
+                    y.narrow(D::Minus1, i, i)?.contiguous()?,
+                )
+            }
+        };
         self.down_proj.forward(&swiglu::silu_mul(&gate, &up)?, pass)
     }
 }
@@ -190,18 +232,40 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// The layer's seven projections, in the order of [`MODULE_PATHS`].
-    pub fn projections(&self) -> [&Linear; 7] {
+    /// The layer's projections with their roles, in checkpoint order.
+    pub fn projections(&self) -> Vec<(Role, &Linear)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+        let mut out = match &a.qkv {
+            QkvProj::Separate { q, k, v } => vec![(Role::Q, q), (Role::K, k), (Role::V, v)],
+            QkvProj::Fused(qkv) => vec![(Role::Qkv, qkv)],
+        };
+        out.push((Role::O, &a.o_proj));
+        match &m.gate_up {
+            GateUpProj::Separate { gate, up } => {
+                out.extend([(Role::Gate, gate), (Role::Up, up)]);
+            }
+            GateUpProj::Fused(gate_up) => out.push((Role::GateUp, gate_up)),
+        }
+        out.push((Role::Down, &m.down_proj));
+        out
+    }
+
+    /// The layer's projections with their roles, mutable (to attach or replace adapters).
+    pub fn projections_mut(&mut self) -> Vec<(Role, &mut Linear)> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let mut out = match &mut a.qkv {
+            QkvProj::Separate { q, k, v } => vec![(Role::Q, q), (Role::K, k), (Role::V, v)],
+            QkvProj::Fused(qkv) => vec![(Role::Qkv, qkv)],
+        };
+        out.push((Role::O, &mut a.o_proj));
+        match &mut m.gate_up {
+            GateUpProj::Separate { gate, up } => {
+                out.extend([(Role::Gate, gate), (Role::Up, up)]);
+            }
+            GateUpProj::Fused(gate_up) => out.push((Role::GateUp, gate_up)),
+        }
+        out.push((Role::Down, &mut m.down_proj));
+        out
     }
 
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
@@ -254,17 +318,13 @@ impl CausalLm {
             DType::BF16 | DType::F16 if device.is_cpu() => DType::F32,
             dtype => dtype,
         };
-        let (hid, inter) = (c.hidden_size, c.intermediate_size);
-        let (qd, kvd) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias {
+        let hid = c.hidden_size;
+        let linear = |name: &str, p: &Projection| -> Result<Linear> {
+            let w = weights.get(&format!("{name}.weight"), &[p.out, p.inp])?;
+            let b = if p.bias {
                 Some(
                     weights
-                        .get(&format!("{name}.bias"), &[out])?
+                        .get(&format!("{name}.bias"), &[p.out])?
                         .to_dtype(activations)?,
                 )
             } else {
@@ -280,30 +340,61 @@ impl CausalLm {
                 eps: c.rms_norm_eps,
             })
         };
-        let norm = |name: &str| norm_of(name, hid);
-        let head_norm = |name: String| c.qk_norm.then(|| norm_of(&name, c.head_dim)).transpose();
+        let projections = layout::projections(c);
+        let norms = layout::norms(c);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let mut linears = HashMap::new();
+            for proj in &projections {
+                let name = format!("{p}.{}", proj.role.path());
+                linears.insert(proj.role, linear(&name, proj)?);
+            }
+            let mut norm_by_path = HashMap::new();
+            for n in &norms {
+                norm_by_path.insert(n.path, norm_of(&format!("{p}.{}", n.path), n.width)?);
+            }
+            let mut take = |role: Role| {
+                linears
+                    .remove(&role)
+                    .with_context(|| format!("{p}: the layout has no {}", role.path()))
+            };
+            let qkv = if c.fused_projections {
+                QkvProj::Fused(take(Role::Qkv)?)
+            } else {
+                QkvProj::Separate {
+                    q: take(Role::Q)?,
+                    k: take(Role::K)?,
+                    v: take(Role::V)?,
+                }
+            };
+            let gate_up = if c.fused_projections {
+                GateUpProj::Fused(take(Role::GateUp)?)
+            } else {
+                GateUpProj::Separate {
+                    gate: take(Role::Gate)?,
+                    up: take(Role::Up)?,
+                }
+            };
+            let (o_proj, down_proj) = (take(Role::O)?, take(Role::Down)?);
+            let mut norm = |path: &str| {
+                norm_by_path
+                    .remove(path)
+                    .with_context(|| format!("{p}: the layout has no {path}"))
+            };
             layers.push(DecoderLayer {
-                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                input_layernorm: norm("input_layernorm")?,
                 self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, hid, c.qkv_bias)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kvd, hid, c.qkv_bias)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kvd, hid, c.qkv_bias)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hid, qd, c.o_bias)?,
-                    q_norm: head_norm(format!("{p}.self_attn.q_norm"))?,
-                    k_norm: head_norm(format!("{p}.self_attn.k_norm"))?,
+                    qkv,
+                    o_proj,
+                    q_norm: c.qk_norm.then(|| norm("self_attn.q_norm")).transpose()?,
+                    k_norm: c.qk_norm.then(|| norm("self_attn.k_norm")).transpose()?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
-                mlp: Mlp {
-                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hid, c.mlp_bias)?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hid, c.mlp_bias)?,
-                    down_proj: linear(&format!("{p}.mlp.down_proj"), hid, inter, c.mlp_bias)?,
-                },
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                mlp: Mlp { gate_up, down_proj },
             });
         }
         let lm_head = if c.tie_word_embeddings {
@@ -313,7 +404,7 @@ impl CausalLm {
         };
         Ok(Self {
             rope: Rope::new(c),
-            norm: norm("model.norm")?,
+            norm: norm_of("model.norm", hid)?,
             embed_tokens,
             layers,
             lm_head,
@@ -459,11 +550,10 @@ impl CausalLm {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let all = l.projections();
             out.extend(
-                all.into_iter()
-                    .zip(MODULE_PATHS)
-                    .map(|(lin, p)| (format!("model.layers.{i}.{p}"), lin)),
+                l.projections()
+                    .into_iter()
+                    .map(|(role, lin)| (format!("model.layers.{i}.{}", role.path()), lin)),
             );
         }
         out
@@ -473,33 +563,12 @@ impl CausalLm {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            let all = [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ];
             out.extend(
-                all.into_iter()
-                    .zip(MODULE_PATHS)
-                    .map(|(lin, p)| (format!("model.layers.{i}.{p}"), lin)),
+                l.projections_mut()
+                    .into_iter()
+                    .map(|(role, lin)| (format!("model.layers.{i}.{}", role.path()), lin)),
             );
         }
         out
     }
 }
-
-/// Paths of a layer's projections below `model.layers.N`, in the order [`CausalLm::linears`] lists them.
-const MODULE_PATHS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];

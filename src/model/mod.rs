@@ -14,6 +14,7 @@ pub mod families;
 pub mod generate;
 pub mod inspect;
 pub mod kv_cache;
+pub mod layout;
 pub mod linear;
 pub mod lora;
 pub mod lora_linear;

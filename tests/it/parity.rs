@@ -152,3 +152,43 @@ fn peft_adapter_on_llama3_matches_peft() {
 fn peft_rslora_all_linear_adapter_on_qwen2_matches_peft() {
     check_adapted("qwen2");
 }
+
+/// Phi-3: fused qkv_proj and gate_up_proj, half of each head rotated (partial_rotary_factor 0.5),
+/// longrope past an original context of 8 positions (so the 12 tokens use the long factors, with
+/// the attention factor on cos and sin).
+#[test]
+fn phi3_with_fused_projections_and_long_factors_matches_transformers() {
+    check_base("phi3");
+}
+
+/// Phi-4-mini-like: tied, 6 of 8 dimensions rotated, short factors, bf16 on disk.
+#[test]
+fn phi3_stored_in_bf16_with_short_factors_matches_transformers() {
+    check_base("phi3_bf16");
+}
+
+/// PEFT's adapter on the fused modules (qkv_proj, gate_up_proj) as well as o_proj and down_proj.
+#[test]
+fn peft_adapter_on_fused_phi3_projections_matches_peft() {
+    check_adapted("phi3");
+}
+
+/// An adapter `feinschliff train` made on the phi3 fixture, loaded by PEFT: the same logits here.
+#[test]
+fn peft_reads_a_feinschliff_phi3_adapter_to_the_same_logits() {
+    let g = candle_core::safetensors::load(
+        case_dir("phi3").join("peft_reads_ours.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut lm = load_lm("phi3");
+    let base = logits(&lm, &g["input_ids"]);
+    adapter::load(&case_dir("phi3").join("feinschliff_adapter"), &Device::Cpu)
+        .unwrap()
+        .apply(&mut lm)
+        .unwrap();
+    let ours = logits(&lm, &g["input_ids"]);
+    let diff = max_abs_diff(&ours, &g["logits"]);
+    assert!(diff <= TOLERANCE, "phi3: max |diff| {diff} against PEFT");
+    assert!(max_abs_diff(&base, &ours) > 1e-3);
+}

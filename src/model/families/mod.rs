@@ -1,8 +1,9 @@
-//! Model families: each file says how its config.json differs from the shared Llama-style decoder.
-//! Adding a family is one new file plus one line in [`by_model_type`].
+//! Model families: each file says how its config.json differs from the shared Llama-style decoder
+//! and what `model new` writes for it. Adding a family is one new file plus one line in [`FAMILIES`].
 
 mod llama;
 mod mistral;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -19,11 +20,19 @@ pub trait Family: Sync {
     fn architecture(&self) -> &'static str;
     /// Parses config.json into the shared config, setting this family's flags.
     fn parse(&self, raw: &Value) -> Result<ModelConfig>;
+    /// The fields `model new` writes into config.json beyond the shared shape (they replace
+    /// shared ones of the same name), for a model of `layers` layers.
+    fn new_config_fields(&self, layers: usize) -> Value;
+    /// Whether the family's released models tie the LM head to the embeddings at every size.
+    fn ties_embeddings(&self) -> bool {
+        false
+    }
 }
 
 const FAMILIES: &[&dyn Family] = &[
     &llama::Llama,
     &mistral::Mistral,
+    &phi3::Phi3,
     &qwen2::Qwen2,
     &qwen3::Qwen3,
 ];

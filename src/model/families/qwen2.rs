@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
@@ -29,6 +29,12 @@ impl Family for Qwen2 {
         c.qkv_bias = true;
         c.sliding_window = sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
+    }
+    fn new_config_fields(&self, layers: usize) -> Value {
+        json!({"rope_theta": 1_000_000.0, "use_sliding_window": false, "sliding_window": 4096, "max_window_layers": layers})
+    }
+    fn ties_embeddings(&self) -> bool {
+        true
     }
 }
 
