@@ -105,3 +105,51 @@ fn absent_and_null_fields_take_transformers_defaults() {
     assert_eq!(config.num_key_value_heads, config.num_attention_heads);
     assert_eq!(config.rope_scaling, RopeScaling::None);
 }
+
+/// Phi-3 options Feinschliff cannot honour, and longrope tables that do not fit the heads, are
+/// errors that name the field and the fix.
+#[test]
+fn unsupported_phi3_options_are_clear_errors() {
+    let err = error("phi3", |c| c["resid_pdrop"] = json!(0.1));
+    assert!(
+        err.contains("`resid_pdrop`") && err.contains("0.0"),
+        "{err}"
+    );
+    let err = error("phi3", |c| {
+        c.as_object_mut()
+            .unwrap()
+            .remove("original_max_position_embeddings");
+    });
+    assert!(err.contains("`original_max_position_embeddings`"), "{err}");
+    let err = error("phi3", |c| {
+        c["rope_scaling"]["short_factor"] = json!([1.0, 1.0, 1.0])
+    });
+    assert!(
+        err.contains("short_factor") && err.contains("2 entries"),
+        "{err}"
+    );
+    let err = error("phi3", |c| c["rope_scaling"]["long_factor"] = json!("3"));
+    assert!(err.contains("`rope_scaling.long_factor`"), "{err}");
+    let err = error("phi3", |c| c["partial_rotary_factor"] = json!(1.5));
+    assert!(err.contains("partial_rotary_factor"), "{err}");
+}
+
+/// LongRoPE's attention factor: √(1 + ln(max/original) / ln original), unless given.
+#[test]
+fn phi3_longrope_attention_factor_follows_transformers() {
+    let (_dir, path) = config_with("phi3", |_| {});
+    let config = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(config.rotary_dim, 4);
+    assert!(config.fused_projections);
+    let RopeScaling::LongRope {
+        attention_factor,
+        original_max_position_embeddings,
+        ..
+    } = config.rope_scaling
+    else {
+        panic!("{:?}", config.rope_scaling)
+    };
+    assert_eq!(original_max_position_embeddings, 8);
+    let expected = (1.0 + (256.0f64 / 8.0).ln() / 8.0f64.ln()).sqrt();
+    assert!((attention_factor - expected).abs() < 1e-12);
+}

@@ -99,6 +99,8 @@ fn transformers5_config_layouts_match_transformers() {
         "mistral",
         "qwen2",
         "qwen3",
+        "phi3",
+        "phi3_bf16",
     ];
     for case in cases {
         let v5 = repo()

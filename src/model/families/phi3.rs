@@ -53,7 +53,7 @@ impl Family for Phi3 {
         json!({
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
-            "partial_rotary_factor": 1.0,
+            "partial_rotary_factor": 0.75,
             "original_max_position_embeddings": 2048,
             "rope_scaling": null,
             "sliding_window": null,

@@ -1,0 +1,54 @@
+//! `model new --arch` for the families beyond Llama: checkpoints at the tiny and smol sizes that
+//! load, hold exactly the tensors the family's layout names, and run.
+
+use candle_core::{DType, Device, Tensor};
+use feinschliff::model::new::{create, Size};
+use feinschliff::model::{Model, TokenLayout};
+
+/// Writes `arch` at `size`, loads it and runs 6 tokens; returns the loaded model.
+fn new_model(arch: &str, size: Size) -> Model {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(arch);
+    create(arch, size, 1, &out, false).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+    let model = Model::load(&out, None, &Device::Cpu).unwrap();
+    let stored =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let elements: usize = stored.values().map(|t| t.elem_count()).sum();
+    assert_eq!(elements, model.lm.config.parameter_count(), "{arch}");
+    let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap();
+    let logits = model
+        .lm
+        .forward(&ids, &TokenLayout::causal(1, 6), None)
+        .unwrap();
+    let max = logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(max.is_finite() && max > 0.0, "{arch}: logits {max}");
+    model
+}
+
+#[test]
+fn model_new_phi3_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("phi3", size);
+        let c = &model.lm.config;
+        assert!(c.fused_projections);
+        assert_eq!(
+            c.rotary_dim * 4,
+            c.head_dim * 3,
+            "partial_rotary_factor 0.75"
+        );
+        let names: Vec<String> = model.lm.linears().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"model.layers.0.self_attn.qkv_proj".to_string()));
+        assert!(names.contains(&"model.layers.0.mlp.gate_up_proj".to_string()));
+        assert!(!names
+            .iter()
+            .any(|n| n.ends_with("q_proj") || n.ends_with("gate_proj")));
+    }
+}
