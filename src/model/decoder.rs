@@ -16,7 +16,7 @@ use super::matmul::matmul_wide;
 use super::phases::{timed, Phase};
 use super::rms_norm;
 use super::rope::{self, Rope};
-use super::sdpa;
+use super::sdpa::{self, Scoring};
 use super::swiglu;
 use super::weights::Weights;
 
@@ -155,6 +155,7 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    scoring: Scoring,
 }
 
 impl Attention {
@@ -176,13 +177,14 @@ impl Attention {
         let out = match past {
             Some(past) if !past.is_empty() => {
                 let (k, v) = past.append(&k, &v)?;
-                sdpa::attention_after_past(&q, &k, &v, &ctx.mask)?
+                sdpa::attention_after_past(&q, &k, &v, &ctx.mask, self.scoring)?
             }
             first => {
                 if let Some(past) = first {
                     past.append(&k, &v)?;
                 }
-                sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?
+                let block = sdpa::block_rows(b, h, t);
+                sdpa::attention(&q, &k, &v, &ctx.mask, block, self.scoring)?
             }
         };
         let out = out
@@ -392,6 +394,7 @@ impl CausalLm {
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
+                    scoring: Scoring::standard(c.head_dim),
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 mlp: Mlp { gate_up, down_proj },
