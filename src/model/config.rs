@@ -34,6 +34,28 @@ pub enum RopeScaling {
     },
 }
 
+/// The activation on the MLP's gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu`: SwiGLU.
+    Silu,
+    /// `gelu_pytorch_tanh`: GELU with the tanh approximation (GeGLU, Gemma).
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation a config.json names in `field`; absent means `silu`.
+    pub fn parse(field: &str, name: Option<&str>) -> Result<Self> {
+        match name.unwrap_or("silu") {
+            "silu" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            other => bail!(
+                "field `{field}`: activation `{other}` is not supported (supported: silu, gelu_pytorch_tanh)"
+            ),
+        }
+    }
+}
+
 /// Everything the shared decoder needs to know about a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -67,6 +89,23 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Attend only to the last `sliding_window` positions (Mistral), when set.
     pub sliding_window: Option<usize>,
+    /// Which layers use `sliding_window` (Gemma 2: every other one); None: all of them.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The MLP's activation on the gate.
+    pub activation: Activation,
+    /// The factor on q·kᵀ: 1/√head_dim, or Gemma's query_pre_attn_scalar^−½.
+    pub attention_scale: f64,
+    /// Attention scores capped to cap·tanh(s/cap) before the mask (Gemma 2), when set.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Logits capped to cap·tanh(l/cap) (Gemma 2), when set.
+    pub final_logit_softcapping: Option<f64>,
+    /// RMSNorm gains stored as w and applied as (1 + w) (Gemma).
+    pub norm_gain_offset: bool,
+    /// Norms on the attention and MLP outputs too (Gemma 2: `post_attention_layernorm` on the
+    /// attention output, `pre_feedforward_layernorm` and `post_feedforward_layernorm` around the MLP).
+    pub sandwich_norms: bool,
+    /// Token embeddings multiplied by √hidden_size (Gemma).
+    pub scale_embeddings: bool,
     /// The dtype the weights are stored in (`float32`, `bfloat16`, `float16`), if config.json says.
     pub torch_dtype: Option<String>,
 }
@@ -116,6 +155,15 @@ impl ModelConfig {
                 self.rotary_dim,
                 self.head_dim
             );
+        }
+        if let Some(layers) = &self.sliding_layers {
+            if layers.len() != self.num_hidden_layers {
+                bail!(
+                    "layer_types names {} layers, but num_hidden_layers is {}",
+                    layers.len(),
+                    self.num_hidden_layers
+                );
+            }
         }
         if let RopeScaling::LongRope {
             short_factor,
@@ -214,9 +262,7 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         None if divisible => hidden_size / num_attention_heads,
         None => bail!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no head_dim is given"),
     };
-    if let Some(act) = f.hidden_act.as_deref().filter(|a| *a != "silu") {
-        bail!("hidden_act `{act}` is not supported (only `silu`)");
-    }
+    let activation = Activation::parse("hidden_act", f.hidden_act.as_deref())?;
     let rope_theta = f
         .rope_theta
         .or_else(|| f.rope_parameters.as_ref().and_then(|p| p.rope_theta))
@@ -264,6 +310,14 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         qk_norm: false,
         tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
         sliding_window: None,
+        sliding_layers: None,
+        activation,
+        attention_scale: 1.0 / (head_dim as f64).sqrt(),
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
+        norm_gain_offset: false,
+        sandwich_norms: false,
+        scale_embeddings: false,
         torch_dtype: f.torch_dtype.or(f.dtype),
     })
 }

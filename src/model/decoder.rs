@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
 use super::checkpoint;
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig};
 use super::cross_entropy;
 use super::kv_cache::{KvCache, LayerKv};
 use super::layout::{self, Projection, Role};
@@ -72,6 +72,8 @@ pub(crate) struct Context {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    /// The mask of layers with a sliding window, when the model has one.
+    window_mask: Option<Tensor>,
     pub(crate) pass: Pass,
 }
 
@@ -161,7 +163,13 @@ pub struct Attention {
 impl Attention {
     /// Attention over `x` [batch, seq, hidden]; with `past`, the new tokens also attend to the
     /// cached keys and values, and their own are appended to the cache.
-    fn forward(&self, x: &Tensor, ctx: &Context, past: Option<&mut LayerKv>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        mask: &Tensor,
+        past: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
@@ -177,14 +185,14 @@ impl Attention {
         let out = match past {
             Some(past) if !past.is_empty() => {
                 let (k, v) = past.append(&k, &v)?;
-                sdpa::attention_after_past(&q, &k, &v, &ctx.mask, self.scoring)?
+                sdpa::attention_after_past(&q, &k, &v, mask, self.scoring)?
             }
             first => {
                 if let Some(past) = first {
                     past.append(&k, &v)?;
                 }
                 let block = sdpa::block_rows(b, h, t);
-                sdpa::attention(&q, &k, &v, &ctx.mask, block, self.scoring)?
+                sdpa::attention(&q, &k, &v, mask, block, self.scoring)?
             }
         };
         let out = out
@@ -206,6 +214,7 @@ pub enum GateUpProj {
 pub struct Mlp {
     pub gate_up: GateUpProj,
     pub down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -221,7 +230,11 @@ impl Mlp {
                 )
             }
         };
-        self.down_proj.forward(&swiglu::silu_mul(&gate, &up)?, pass)
+        let hidden = match self.activation {
+            Activation::Silu => swiglu::silu_mul(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        self.down_proj.forward(&hidden, pass)
     }
 }
 
@@ -229,8 +242,14 @@ impl Mlp {
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// Before the MLP; with sandwich norms, on the attention output instead.
     pub post_attention_layernorm: RmsNorm,
+    /// Sandwich norms (Gemma 2): `pre_feedforward_layernorm` before the MLP and
+    /// `post_feedforward_layernorm` on its output.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     pub mlp: Mlp,
+    /// Attends within the model's sliding window (all layers of Mistral, every other of Gemma 2).
+    sliding: bool,
 }
 
 impl DecoderLayer {
@@ -280,14 +299,27 @@ impl DecoderLayer {
         ctx: &Context,
         past: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, past)?)?;
-        let out = (&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.pass)?)?;
-        Ok(out)
+        let mask = match &ctx.window_mask {
+            Some(window) if self.sliding => window,
+            _ => &ctx.mask,
+        };
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, ctx, mask, past)?;
+        match &self.feedforward_norms {
+            None => {
+                let h = (x + attended)?;
+                let mlp = self
+                    .mlp
+                    .forward(&self.post_attention_layernorm.forward(&h)?, ctx.pass)?;
+                Ok((h + mlp)?)
+            }
+            Some((pre, post)) => {
+                let h = (x + self.post_attention_layernorm.forward(&attended)?)?;
+                let mlp = self.mlp.forward(&pre.forward(&h)?, ctx.pass)?;
+                Ok((&h + post.forward(&mlp)?)?)
+            }
+        }
     }
 }
 
@@ -335,10 +367,14 @@ impl CausalLm {
             Ok(Linear::new(w, b))
         };
         let norm_of = |name: &str, width: usize| -> Result<RmsNorm> {
+            let mut weight = weights.get(&format!("{name}.weight"), &[width])?;
+            if c.norm_gain_offset {
+                // (1 + w) in f32 (f64 for an f64 model), as transformers' Gemma computes it.
+                let acc = accumulation_dtype(weight.dtype());
+                weight = (weight.to_dtype(acc)? + 1.0)?;
+            }
             Ok(RmsNorm {
-                weight: weights
-                    .get(&format!("{name}.weight"), &[width])?
-                    .to_dtype(activations)?,
+                weight: weight.to_dtype(activations)?,
                 eps: c.rms_norm_eps,
             })
         };
@@ -394,10 +430,26 @@ impl CausalLm {
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
-                    scoring: Scoring::standard(c.head_dim),
+                    scoring: Scoring {
+                        scale: c.attention_scale,
+                        softcap: c.attn_logit_softcapping,
+                    },
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
-                mlp: Mlp { gate_up, down_proj },
+                feedforward_norms: if c.sandwich_norms {
+                    Some((
+                        norm("pre_feedforward_layernorm")?,
+                        norm("post_feedforward_layernorm")?,
+                    ))
+                } else {
+                    None
+                },
+                mlp: Mlp {
+                    gate_up,
+                    down_proj,
+                    activation: c.activation,
+                },
+                sliding: c.sliding_layers.as_ref().is_none_or(|s| s[i]),
             });
         }
         let lm_head = if c.tie_word_embeddings {
@@ -436,8 +488,14 @@ impl CausalLm {
         step: Option<u64>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let mask = layout.mask(self.config.sliding_window, &self.device)?;
-        let ctx = self.context(&layout.position_ids, (b, t), mask, Pass::new(step))?;
+        let mask = layout.mask(None, &self.device)?;
+        let window_mask = self
+            .config
+            .sliding_window
+            .map(|w| layout.mask(Some(w), &self.device))
+            .transpose()?;
+        let masks = (mask, window_mask);
+        let ctx = self.context(&layout.position_ids, (b, t), masks, Pass::new(step))?;
         let mut x = self.embed(input_ids)?;
         let checkpointing = self.gradient_checkpointing && step.is_some();
         for layer in &self.layers {
@@ -464,8 +522,14 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let step = cache.extend(real, t, self.config.sliding_window)?;
-        let mask = Tensor::from_vec(step.mask, (b, 1, t, cache.len()), &self.device)?;
-        let ctx = self.context(&step.position_ids, (b, t), mask, Pass::new(None))?;
+        let shape = (b, 1, t, cache.len());
+        let mask = Tensor::from_vec(step.mask, shape, &self.device)?;
+        let window_mask = step
+            .window_mask
+            .map(|m| Tensor::from_vec(m, shape, &self.device))
+            .transpose()?;
+        let masks = (mask, window_mask);
+        let ctx = self.context(&step.position_ids, (b, t), masks, Pass::new(None))?;
         let mut x = self.embed(input_ids)?;
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
             x = layer.forward_with_past(&x, &ctx, Some(past))?;
@@ -481,21 +545,24 @@ impl CausalLm {
         KvCache::new(self.layers.len(), batch, capacity)
     }
 
-    /// The per-forward tables: RoPE at the given positions, the mask in the accumulation dtype.
+    /// The per-forward tables: RoPE at the given positions, the masks (without and with the
+    /// sliding window) in the accumulation dtype.
     fn context(
         &self,
         position_ids: &[u32],
         (b, t): (usize, usize),
-        mask: Tensor,
+        (mask, window_mask): (Tensor, Option<Tensor>),
         pass: Pass,
     ) -> Result<Context> {
         let (cos, sin) = self.rope.tables(position_ids, b, t, &self.device)?;
+        let acc = accumulation_dtype(self.dtype());
         Ok(Context {
             batch: b,
             seq: t,
             cos,
             sin,
-            mask: mask.to_dtype(accumulation_dtype(self.dtype()))?,
+            mask: mask.to_dtype(acc)?,
+            window_mask: window_mask.map(|m| m.to_dtype(acc)).transpose()?,
             pass,
         })
     }
@@ -503,10 +570,17 @@ impl CausalLm {
     /// Token embeddings [batch·seq, hidden] of ids [batch, seq]: the layers work on rows, so
     /// that no reshape (each a copy in candle's backward) sits between their ops.
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        Ok(self
+        let x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
-            .to_dtype(self.activations)?)
+            .to_dtype(self.activations)?;
+        if !self.config.scale_embeddings {
+            return Ok(x);
+        }
+        // transformers rounds √hidden to the activations' dtype first.
+        let normalizer = Tensor::new((self.config.hidden_size as f64).sqrt(), &self.device)?
+            .to_dtype(self.activations)?;
+        Ok(x.broadcast_mul(&normalizer)?)
     }
 
     /// The adapter gradients that checkpointed layers computed since the last call, by variable.
@@ -516,16 +590,20 @@ impl CausalLm {
         checkpoint::take(&self.checkpoint_grads)
     }
 
-    /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden].
+    /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden], capped
+    /// to cap·tanh(logit/cap) when the model caps them.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        if hidden.track_op() {
-            return Ok(frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?);
-        }
-        let flops = 2 * hidden.elem_count() * head.dim(0)?;
-        Ok(timed(Phase::LmHead, flops, || {
-            matmul_wide(hidden, &head.t()?)
-        })?)
+        let logits = if hidden.track_op() {
+            frozen_matmul(hidden, head)?.to_dtype(accumulation_dtype(self.dtype()))?
+        } else {
+            let flops = 2 * hidden.elem_count() * head.dim(0)?;
+            timed(Phase::LmHead, flops, || matmul_wide(hidden, &head.t()?))?
+        };
+        Ok(match self.config.final_logit_softcapping {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 
     /// −log p(target) [n] (f32, or f64 for an f64 model) for hidden states [n, hidden] and target
@@ -533,7 +611,13 @@ impl CausalLm {
     pub fn target_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let block = cross_entropy::block_rows(hidden.dim(0)?, self.config.vocab_size);
-        Ok(cross_entropy::head_nll(hidden, head, targets, block)?)
+        Ok(cross_entropy::head_nll(
+            hidden,
+            head,
+            targets,
+            block,
+            self.config.final_logit_softcapping,
+        )?)
     }
 
     /// Logits [batch, seq, vocab] in the accumulation dtype (f32 unless the model is f64).

@@ -85,7 +85,8 @@ pub fn projections(c: &ModelConfig) -> Vec<Projection> {
     out
 }
 
-/// A layer's norms: around attention and MLP, and per head on q and k when the family has them.
+/// A layer's norms: before attention and MLP (and after them, for sandwich norms), and per head
+/// on q and k when the family has them.
 pub fn norms(c: &ModelConfig) -> Vec<Norm> {
     let h = c.hidden_size;
     let mut out = vec![
@@ -98,6 +99,11 @@ pub fn norms(c: &ModelConfig) -> Vec<Norm> {
             width: h,
         },
     ];
+    if c.sandwich_norms {
+        for path in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+            out.push(Norm { path, width: h });
+        }
+    }
     if c.qk_norm {
         for path in ["self_attn.q_norm", "self_attn.k_norm"] {
             out.push(Norm {

@@ -147,6 +147,12 @@ pub fn weight_specs(
         Init::Normal,
     )];
     let (projections, norms) = (layout::projections(&config), layout::norms(&config));
+    // A gain stored as w and applied as (1 + w) starts at 0.
+    let norm_init = if config.norm_gain_offset {
+        Init::Zeros
+    } else {
+        Init::Ones
+    };
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for proj in &projections {
@@ -162,10 +168,10 @@ pub fn weight_specs(
         }
         for norm in &norms {
             let name = format!("{p}.{}.weight", norm.path);
-            out.push((name, vec![norm.width], Init::Ones));
+            out.push((name, vec![norm.width], norm_init));
         }
     }
-    out.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
+    out.push(("model.norm.weight".to_string(), vec![h], norm_init));
     if !tie {
         out.push(("lm_head.weight".to_string(), vec![v, h], Init::Normal));
     }

@@ -175,22 +175,50 @@ fn peft_adapter_on_fused_phi3_projections_matches_peft() {
     check_adapted("phi3");
 }
 
-/// An adapter `feinschliff train` made on the phi3 fixture, loaded by PEFT: the same logits here.
-#[test]
-fn peft_reads_a_feinschliff_phi3_adapter_to_the_same_logits() {
+/// An adapter `feinschliff train` made on the case's model, loaded by PEFT: the same logits here.
+fn check_peft_reads_ours(case: &str) {
     let g = candle_core::safetensors::load(
-        case_dir("phi3").join("peft_reads_ours.safetensors"),
+        case_dir(case).join("peft_reads_ours.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
-    let mut lm = load_lm("phi3");
+    let mut lm = load_lm(case);
     let base = logits(&lm, &g["input_ids"]);
-    adapter::load(&case_dir("phi3").join("feinschliff_adapter"), &Device::Cpu)
+    adapter::load(&case_dir(case).join("feinschliff_adapter"), &Device::Cpu)
         .unwrap()
         .apply(&mut lm)
         .unwrap();
     let ours = logits(&lm, &g["input_ids"]);
     let diff = max_abs_diff(&ours, &g["logits"]);
-    assert!(diff <= TOLERANCE, "phi3: max |diff| {diff} against PEFT");
+    assert!(diff <= TOLERANCE, "{case}: max |diff| {diff} against PEFT");
     assert!(max_abs_diff(&base, &ours) > 1e-3);
+}
+
+#[test]
+fn peft_reads_a_feinschliff_phi3_adapter_to_the_same_logits() {
+    check_peft_reads_ours("phi3");
+}
+
+/// Gemma 2: GeGLU, (1 + w) gains, four norms per layer, embeddings × √hidden, attention scale
+/// query_pre_attn_scalar^−½ with head_dim 16, soft-capped scores and logits, a window of 4 on
+/// layer 0 only.
+#[test]
+fn gemma2_with_soft_caps_and_alternating_window_matches_transformers() {
+    check_base("gemma2");
+}
+
+#[test]
+fn gemma2_stored_in_bf16_matches_transformers() {
+    check_base("gemma2_bf16");
+}
+
+#[test]
+fn peft_adapter_on_all_gemma2_projections_matches_peft() {
+    check_adapted("gemma2");
+}
+
+/// Trained through the soft-capped head loss and attention: PEFT reads it to the same logits.
+#[test]
+fn peft_reads_a_feinschliff_gemma2_adapter_to_the_same_logits() {
+    check_peft_reads_ours("gemma2");
 }

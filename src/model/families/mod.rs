@@ -1,6 +1,7 @@
 //! Model families: each file says how its config.json differs from the shared Llama-style decoder
 //! and what `model new` writes for it. Adding a family is one new file plus one line in [`FAMILIES`].
 
+mod gemma2;
 mod llama;
 mod mistral;
 mod phi3;
@@ -30,6 +31,7 @@ pub trait Family: Sync {
 }
 
 const FAMILIES: &[&dyn Family] = &[
+    &gemma2::Gemma2,
     &llama::Llama,
     &mistral::Mistral,
     &phi3::Phi3,
