@@ -52,3 +52,17 @@ fn model_new_phi3_at_tiny_and_smol_size() {
             .any(|n| n.ends_with("q_proj") || n.ends_with("gate_proj")));
     }
 }
+
+#[test]
+fn model_new_gemma2_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("gemma2", size);
+        let c = &model.lm.config;
+        assert!(c.sandwich_norms && c.norm_gain_offset && c.scale_embeddings);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.attn_logit_softcapping, Some(50.0));
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        let sliding = c.sliding_layers.clone().unwrap();
+        assert!(sliding[0] && !sliding[1], "{sliding:?}");
+    }
+}

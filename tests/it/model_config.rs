@@ -153,3 +153,26 @@ fn phi3_longrope_attention_factor_follows_transformers() {
     let expected = (1.0 + (256.0f64 / 8.0).ln() / 8.0f64.ln()).sqrt();
     assert!((attention_factor - expected).abs() < 1e-12);
 }
+
+/// Gemma 2 options Feinschliff cannot honour are errors naming the field.
+#[test]
+fn unsupported_gemma2_options_are_clear_errors() {
+    let err = error("gemma2", |c| c["hidden_activation"] = json!("relu"));
+    assert!(
+        err.contains("`hidden_activation`") && err.contains("gelu_pytorch_tanh"),
+        "{err}"
+    );
+    let err = error("gemma2", |c| {
+        c["layer_types"] = json!(["sliding_attention", "chunked"])
+    });
+    assert!(err.contains("`layer_types[1]`"), "{err}");
+    let err = error("gemma2", |c| c["layer_types"] = json!(["full_attention"]));
+    assert!(
+        err.contains("layer_types") && err.contains("num_hidden_layers"),
+        "{err}"
+    );
+    let err = error("gemma2", |c| c["attn_logit_softcapping"] = json!("50"));
+    assert!(err.contains("`attn_logit_softcapping`"), "{err}");
+    let err = error("gemma2", |c| c["use_bidirectional_attention"] = json!(true));
+    assert!(err.contains("`use_bidirectional_attention`"), "{err}");
+}

@@ -101,6 +101,8 @@ fn transformers5_config_layouts_match_transformers() {
         "qwen3",
         "phi3",
         "phi3_bf16",
+        "gemma2",
+        "gemma2_bf16",
     ];
     for case in cases {
         let v5 = repo()

@@ -22,6 +22,7 @@ struct Fields {
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
     attention_dropout: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
 }
 
 pub struct Gemma2;
@@ -38,6 +39,9 @@ impl Family for Gemma2 {
         let f: Fields = typed(raw)?;
         if f.attention_dropout.unwrap_or(0.0) != 0.0 {
             bail!("field `attention_dropout`: dropout inside the base model is not supported; set it to 0.0 (LoRA has its own dropout)");
+        }
+        if f.use_bidirectional_attention.unwrap_or(false) {
+            bail!("field `use_bidirectional_attention`: bidirectional (encoder) attention is not supported; Feinschliff trains causal language models");
         }
         // transformers' Gemma 2 reads hidden_activation; hidden_act is a leftover it ignores.
         c.activation = Activation::parse(
