@@ -1,6 +1,7 @@
 //! Model families: each file says how its config.json differs from the shared Llama-style decoder
 //! and what `model new` writes for it. Adding a family is one new file plus one line in [`FAMILIES`].
 
+mod gemma;
 mod gemma2;
 mod llama;
 mod mistral;
