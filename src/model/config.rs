@@ -106,6 +106,9 @@ pub struct ModelConfig {
     pub sandwich_norms: bool,
     /// Token embeddings multiplied by √hidden_size (Gemma).
     pub scale_embeddings: bool,
+    /// The RoPE base of the sliding-window layers, unscaled (Gemma 3's `rope_local_base_freq`);
+    /// None: all layers use `rope_theta` and `rope_scaling`.
+    pub local_rope_theta: Option<f64>,
     /// The dtype the weights are stored in (`float32`, `bfloat16`, `float16`), if config.json says.
     pub torch_dtype: Option<String>,
 }
@@ -318,6 +321,7 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         norm_gain_offset: false,
         sandwich_norms: false,
         scale_embeddings: false,
+        local_rope_theta: None,
         torch_dtype: f.torch_dtype.or(f.dtype),
     })
 }

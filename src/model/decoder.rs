@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
 use super::checkpoint;
-use super::config::{Activation, ModelConfig};
+use super::config::{Activation, ModelConfig, RopeScaling};
 use super::cross_entropy;
 use super::kv_cache::{KvCache, LayerKv};
 use super::layout::{self, Projection, Role};
@@ -74,6 +74,8 @@ pub(crate) struct Context {
     mask: Tensor,
     /// The mask of layers with a sliding window, when the model has one.
     window_mask: Option<Tensor>,
+    /// RoPE tables of the sliding-window layers when they have their own base (Gemma 3).
+    local_tables: Option<(Tensor, Tensor)>,
     pub(crate) pass: Pass,
 }
 
@@ -167,12 +169,11 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &Context,
-        mask: &Tensor,
+        (mask, cos, sin): (&Tensor, &Tensor, &Tensor),
         past: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
         let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let (cos, sin) = (&ctx.cos, &ctx.sin);
         let [q, k, v] = self.qkv.forward(x, ctx.pass, h * d)?;
         let q = head_norm(self.q_norm.as_ref(), q, d)?;
         let q = rope::split_heads_rotated(&q, (b, t, h), cos, sin)?;
@@ -303,9 +304,16 @@ impl DecoderLayer {
             Some(window) if self.sliding => window,
             _ => &ctx.mask,
         };
-        let attended =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, ctx, mask, past)?;
+        let (cos, sin) = match &ctx.local_tables {
+            Some((cos, sin)) if self.sliding => (cos, sin),
+            _ => (&ctx.cos, &ctx.sin),
+        };
+        let attended = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            ctx,
+            (mask, cos, sin),
+            past,
+        )?;
         match &self.feedforward_norms {
             None => {
                 let h = (x + attended)?;
@@ -339,6 +347,8 @@ pub struct CausalLm {
     /// are multiplied in f32 anyway and element-wise work in f32 needs no conversions.
     activations: DType,
     rope: Rope,
+    /// The sliding-window layers' RoPE when they have their own base (Gemma 3).
+    local_rope: Option<Rope>,
     device: Device,
 }
 
@@ -459,6 +469,13 @@ impl CausalLm {
         };
         Ok(Self {
             rope: Rope::new(c),
+            local_rope: c.local_rope_theta.map(|theta| {
+                Rope::new(&ModelConfig {
+                    rope_theta: theta,
+                    rope_scaling: RopeScaling::None,
+                    ..c.clone()
+                })
+            }),
             norm: norm_of("model.norm", hid)?,
             embed_tokens,
             layers,
@@ -555,6 +572,11 @@ impl CausalLm {
         pass: Pass,
     ) -> Result<Context> {
         let (cos, sin) = self.rope.tables(position_ids, b, t, &self.device)?;
+        let local_tables = self
+            .local_rope
+            .as_ref()
+            .map(|rope| rope.tables(position_ids, b, t, &self.device))
+            .transpose()?;
         let acc = accumulation_dtype(self.dtype());
         Ok(Context {
             batch: b,
@@ -563,6 +585,7 @@ impl CausalLm {
             sin,
             mask: mask.to_dtype(acc)?,
             window_mask: window_mask.map(|m| m.to_dtype(acc)).transpose()?,
+            local_tables,
             pass,
         })
     }

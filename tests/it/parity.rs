@@ -224,3 +224,25 @@ fn peft_adapter_on_all_gemma2_projections_matches_peft() {
 fn peft_reads_a_feinschliff_gemma2_adapter_to_the_same_logits() {
     check_peft_reads_ours("gemma2");
 }
+
+/// Gemma 3 text: (1 + w) q_norm/k_norm per head, a window of 4 with RoPE base 1e4 on layer 0,
+/// base 1e6 with linear scaling 8 on the global layer 1, no soft caps.
+#[test]
+fn gemma3_with_local_and_global_rope_matches_transformers() {
+    check_base("gemma3");
+}
+
+#[test]
+fn gemma3_stored_in_bf16_matches_transformers() {
+    check_base("gemma3_bf16");
+}
+
+#[test]
+fn peft_adapter_on_all_gemma3_projections_matches_peft() {
+    check_adapted("gemma3");
+}
+
+#[test]
+fn peft_reads_a_feinschliff_gemma3_adapter_to_the_same_logits() {
+    check_peft_reads_ours("gemma3");
+}

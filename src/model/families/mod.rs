@@ -3,6 +3,7 @@
 
 mod gemma;
 mod gemma2;
+mod gemma3;
 mod llama;
 mod mistral;
 mod phi3;
@@ -33,6 +34,7 @@ pub trait Family: Sync {
 
 const FAMILIES: &[&dyn Family] = &[
     &gemma2::Gemma2,
+    &gemma3::Gemma3,
     &llama::Llama,
     &mistral::Mistral,
     &phi3::Phi3,
