@@ -173,25 +173,28 @@ fn merged_phi3_export_keeps_fused_projections_and_equals_peft() {
     }
 }
 
-/// Gemma 2's merged model (its (1 + w) norms copied as stored) gives PEFT's adapted logits.
+/// Gemma 2's and Gemma 3's merged models (their (1 + w) norms copied as stored) give PEFT's
+/// adapted logits.
 #[test]
-fn merged_gemma2_export_equals_peft_adapted_logits() {
-    let golden =
-        candle_core::safetensors::load(fixture("gemma2").join("golden.safetensors"), &Device::Cpu)
-            .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("merged");
-    merge(&options(
-        &fixture("gemma2").join("adapter"),
-        &fixture("gemma2"),
-        &out,
-    ))
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let diff = max_abs_diff(
-        &logits_of(&out, &golden["input_ids"]),
-        &golden["adapted_logits"],
-    );
-    assert!(diff <= 1e-4, "merged gemma2 vs PEFT: {diff}");
+fn merged_gemma_exports_equal_peft_adapted_logits() {
+    for case in ["gemma2", "gemma3"] {
+        let golden =
+            candle_core::safetensors::load(fixture(case).join("golden.safetensors"), &Device::Cpu)
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        merge(&options(
+            &fixture(case).join("adapter"),
+            &fixture(case),
+            &out,
+        ))
+        .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+        let diff = max_abs_diff(
+            &logits_of(&out, &golden["input_ids"]),
+            &golden["adapted_logits"],
+        );
+        assert!(diff <= 1e-4, "merged {case} vs PEFT: {diff}");
+    }
 }
 
 #[test]

@@ -66,3 +66,20 @@ fn model_new_gemma2_at_tiny_and_smol_size() {
         assert!(sliding[0] && !sliding[1], "{sliding:?}");
     }
 }
+
+/// Gemma 3 text at smol size (30 layers): every sixth layer global, the others sliding with the
+/// local RoPE base.
+#[test]
+fn model_new_gemma3_text_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("gemma3_text", size);
+        let c = &model.lm.config;
+        assert!(c.qk_norm && c.sandwich_norms && c.norm_gain_offset);
+        assert_eq!(c.local_rope_theta, Some(10_000.0));
+        assert_eq!(c.rope_theta, 1_000_000.0);
+        let sliding = c.sliding_layers.clone().unwrap();
+        let global: Vec<usize> = (0..sliding.len()).filter(|&i| !sliding[i]).collect();
+        let want: Vec<usize> = (0..sliding.len()).filter(|i| (i + 1) % 6 == 0).collect();
+        assert_eq!(global, want);
+    }
+}

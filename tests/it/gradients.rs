@@ -48,8 +48,9 @@ fn tiny_capped_gemma2() -> feinschliff::model::CausalLm {
 #[test]
 fn lora_gradients_match_finite_differences() {
     // phi3: fused qkv_proj/gate_up_proj sliced after the LoRA product, 12 of 16 dimensions rotated.
-    // gemma2: GeGLU, (1 + w) and sandwich norms, soft-capped attention and head loss.
-    for arch in ["llama", "qwen2", "qwen3", "phi3", "gemma2"] {
+    // gemma2: GeGLU, (1 + w) and sandwich norms, soft-capped attention and head loss;
+    // gemma3_text: (1 + w) q/k norms, local RoPE tables.
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"] {
         let mut lm = if arch == "gemma2" {
             tiny_capped_gemma2()
         } else {

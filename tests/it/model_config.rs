@@ -176,3 +176,39 @@ fn unsupported_gemma2_options_are_clear_errors() {
     let err = error("gemma2", |c| c["use_bidirectional_attention"] = json!(true));
     assert!(err.contains("`use_bidirectional_attention`"), "{err}");
 }
+
+/// Gemma 3: the sliding layers' RoPE must be plain; config.json fields Gemma leaves out take
+/// Gemma3TextConfig's defaults.
+#[test]
+fn gemma3_rope_layouts_and_defaults() {
+    let err = error("gemma3", |c| {
+        c["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        });
+    });
+    assert!(
+        err.contains("`rope_parameters.sliding_attention.rope_type`"),
+        "{err}"
+    );
+    let (_dir, path) = config_with("gemma3", |c| {
+        let c = c.as_object_mut().unwrap();
+        for key in [
+            "rope_theta",
+            "rope_local_base_freq",
+            "layer_types",
+            "query_pre_attn_scalar",
+        ] {
+            c.remove(key);
+        }
+        c.insert("num_hidden_layers".into(), json!(12));
+    });
+    let config = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(config.rope_theta, 1_000_000.0);
+    assert_eq!(config.local_rope_theta, Some(10_000.0));
+    assert_eq!(config.attention_scale, 1.0 / 16.0);
+    let global: Vec<usize> = (0..12)
+        .filter(|&i| !config.sliding_layers.as_ref().unwrap()[i])
+        .collect();
+    assert_eq!(global, [5, 11]);
+}

@@ -103,6 +103,8 @@ fn transformers5_config_layouts_match_transformers() {
         "phi3_bf16",
         "gemma2",
         "gemma2_bf16",
+        "gemma3",
+        "gemma3_bf16",
     ];
     for case in cases {
         let v5 = repo()
