@@ -7,7 +7,6 @@ use serde_json::Value;
 use std::path::Path;
 
 use super::families;
-use super::layout;
 
 /// How rotary position frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,18 +183,6 @@ impl ModelConfig {
             }
         }
         Ok(())
-    }
-
-    /// Parameter count of the base model (tied embeddings counted once).
-    pub fn parameter_count(&self) -> usize {
-        let (h, v) = (self.hidden_size, self.vocab_size);
-        let projections: usize = layout::projections(self)
-            .iter()
-            .map(|p| p.out * p.inp + if p.bias { p.out } else { 0 })
-            .sum();
-        let norms: usize = layout::norms(self).iter().map(|n| n.width).sum();
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * (projections + norms) + h + head
     }
 }
 

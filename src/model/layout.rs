@@ -1,6 +1,6 @@
 //! The tensors of one decoder layer as a family stores them: each projection's role, Hugging Face
 //! name, shape and bias (q/k/v and gate/up separate, or fused); each norm's name and width. The
-//! decoder, `model new`, the parameter count and LoRA's targets all read this one description.
+//! decoder, `model new` and the parameter count read this one description.
 
 use super::config::ModelConfig;
 
@@ -52,6 +52,18 @@ pub struct Norm {
     /// The module path below `model.layers.N`.
     pub path: &'static str,
     pub width: usize,
+}
+
+/// Parameter count of the base model (tied embeddings counted once).
+pub fn parameter_count(c: &ModelConfig) -> usize {
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let projections: usize = projections(c)
+        .iter()
+        .map(|p| p.out * p.inp + if p.bias { p.out } else { 0 })
+        .sum();
+    let norms: usize = norms(c).iter().map(|n| n.width).sum();
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    v * h + c.num_hidden_layers * (projections + norms) + h + head
 }
 
 /// A layer's projections, in checkpoint order.

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use feinschliff::model::new::{create, Size};
-use feinschliff::model::{Model, TokenLayout};
+use feinschliff::model::{layout, Model, TokenLayout};
 
 /// Writes `arch` at `size`, loads it and runs 6 tokens; returns the loaded model.
 fn new_model(arch: &str, size: Size) -> Model {
@@ -14,7 +14,11 @@ fn new_model(arch: &str, size: Size) -> Model {
     let stored =
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     let elements: usize = stored.values().map(|t| t.elem_count()).sum();
-    assert_eq!(elements, model.lm.config.parameter_count(), "{arch}");
+    assert_eq!(
+        elements,
+        layout::parameter_count(&model.lm.config),
+        "{arch}"
+    );
     let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap();
     let logits = model
         .lm
