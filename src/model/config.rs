@@ -58,7 +58,7 @@ impl Activation {
 /// Everything the shared decoder needs to know about a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// The family's `model_type` as written in config.json (`llama`, `mistral`, `qwen2`, `qwen3`).
+    /// The family's `model_type` as written in config.json (`llama`, `phi3`, `gemma2`, ...).
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -83,7 +83,7 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Biases on gate/up/down.
     pub mlp_bias: bool,
-    /// RMSNorm over each head's query and key before RoPE (`q_norm`/`k_norm`, Qwen3).
+    /// RMSNorm over each head's query and key before RoPE (`q_norm`/`k_norm`, Qwen3, Gemma 3).
     pub qk_norm: bool,
     pub tie_word_embeddings: bool,
     /// Attend only to the last `sliding_window` positions (Mistral), when set.

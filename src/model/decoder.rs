@@ -1,5 +1,7 @@
-//! The shared decoder of all supported families: RMSNorm, RoPE, grouped-query attention, SwiGLU.
-//! Written with differentiable candle ops only, so LoRA gradients flow through every layer.
+//! The shared decoder of all supported families: RMSNorm, RoPE, grouped-query attention, SwiGLU or
+//! GeGLU, with what families add as configuration (fused projections, head norms, sandwich norms,
+//! soft caps, per-layer windows and RoPE bases). Written with differentiable ops only, so LoRA
+//! gradients flow through every layer.
 
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -153,7 +155,7 @@ impl QkvProj {
 pub struct Attention {
     pub qkv: QkvProj,
     pub o_proj: Linear,
-    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
