@@ -161,7 +161,7 @@ impl ModelConfig {
         if let Some(layers) = &self.sliding_layers {
             if layers.len() != self.num_hidden_layers {
                 bail!(
-                    "layer_types names {} layers, but num_hidden_layers is {}",
+                    "field `layer_types` names {} layers, but num_hidden_layers is {}: give one entry per layer",
                     layers.len(),
                     self.num_hidden_layers
                 );
@@ -176,7 +176,7 @@ impl ModelConfig {
             let half = self.rotary_dim / 2;
             if short_factor.len() != half || long_factor.len() != half {
                 bail!(
-                    "longrope short_factor and long_factor need {half} entries each (half the rotary dimensions), not {} and {}",
+                    "longrope fields `short_factor` and `long_factor` need {half} entries each (half of head_dim × partial_rotary_factor), not {} and {}: check them against head_dim and partial_rotary_factor",
                     short_factor.len(),
                     long_factor.len()
                 );
@@ -270,7 +270,7 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         })
         .unwrap_or(1.0);
     if !(partial > 0.0 && partial <= 1.0) {
-        bail!("partial_rotary_factor {partial} must be in (0, 1]");
+        bail!("field `partial_rotary_factor`: {partial} is not in (0, 1]; it is the share of each head that RoPE rotates (1.0 for most models, 0.75 for Phi-4-mini)");
     }
     // transformers: int(head_dim * partial_rotary_factor).
     let rotary_dim = (head_dim as f64 * partial) as usize;
