@@ -1,5 +1,6 @@
 //! `model new --arch` for the families beyond Llama: checkpoints at the tiny and smol sizes that
-//! load, hold exactly the tensors the family's layout names, and run.
+//! load, hold exactly the tensors the family's layout names, and run; and each such family through
+//! the command line: train, inspect, eval and export --merge.
 
 use candle_core::{DType, Device, Tensor};
 use feinschliff::model::new::{create, Size};
@@ -85,5 +86,122 @@ fn model_new_gemma3_text_at_tiny_and_smol_size() {
         let global: Vec<usize> = (0..sliding.len()).filter(|&i| !sliding[i]).collect();
         let want: Vec<usize> = (0..sliding.len()).filter(|i| (i + 1) % 6 == 0).collect();
         assert_eq!(global, want);
+    }
+}
+
+fn feinschliff(args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "feinschliff {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Phi-3, Gemma 2 and Gemma 3 through the binary: `model new`, `train` (gradient checkpointing
+/// on, LoRA on every projection), `model inspect --adapter`, `eval` with the adapter (perplexity
+/// and generation), `export --merge`, and `model inspect` of the merged model.
+#[test]
+fn new_families_train_evaluate_and_export_from_the_command_line() {
+    for arch in ["phi3", "gemma2", "gemma3_text"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        feinschliff(&["model", "new", "--arch", arch, "--out", "base"], d);
+        let lines: String = (0..16)
+            .map(|i| {
+                let row = serde_json::json!({
+                    "prompt": format!("Frage {i}: Wann ist das Kundenzentrum offen?\nAntwort:"),
+                    "completion": format!(" Montag bis Freitag ab {} Uhr.", 7 + i % 3),
+                });
+                format!("{row}\n")
+            })
+            .collect();
+        std::fs::write(d.join("train.jsonl"), lines).unwrap();
+        let recipe = r#"
+[model]
+base = "base"
+
+[lora]
+r = 4
+alpha = 8
+target_modules = "all-linear"
+
+[data]
+format = "completion"
+max_seq_len = 48
+validation_fraction = 0.0
+
+[[data.train]]
+path = "train.jsonl"
+
+[train]
+batch_size = 4
+max_steps = 3
+gradient_checkpointing = true
+device = "cpu"
+
+[output]
+dir = "adapter"
+"#;
+        std::fs::write(d.join("recipe.toml"), recipe).unwrap();
+        let suite = r#"name = "smoke"
+max_length = 32
+
+[[task]]
+name = "ppl"
+kind = "perplexity"
+dataset = { path = "train.jsonl" }
+license = "CC0-1.0"
+context = "{{ prompt }}{{ completion }}"
+
+[[task]]
+name = "answer"
+kind = "generate"
+dataset = { path = "train.jsonl" }
+license = "CC0-1.0"
+context = "{{ prompt }}"
+target = "{{ completion }}"
+until = ["\n"]
+max_gen_toks = 4
+"#;
+        std::fs::write(d.join("suite.toml"), suite).unwrap();
+        feinschliff(&["train", "recipe.toml"], d);
+        feinschliff(&["model", "inspect", "base", "--adapter", "adapter"], d);
+        let eval = [
+            "eval",
+            "--model",
+            "base",
+            "--adapter",
+            "adapter",
+            "--suite",
+            "suite.toml",
+            "--limit",
+            "2",
+            "--out",
+            "eval",
+            "--device",
+            "cpu",
+        ];
+        feinschliff(&eval, d);
+        let merge = [
+            "export",
+            "--merge",
+            "--adapter",
+            "adapter",
+            "--base",
+            "base",
+            "--any-base",
+            "--out",
+            "merged",
+            "--device",
+            "cpu",
+        ];
+        feinschliff(&merge, d);
+        feinschliff(&["model", "inspect", "merged"], d);
     }
 }
