@@ -132,6 +132,21 @@ fn qwen2_with_biases_matches_transformers() {
     check_base("qwen2");
 }
 
+/// Qwen2's partial window: use_sliding_window with max_window_layers 1, so only layer 1 slides
+/// (window 4 < 12 tokens). Without `layer_types` (older configs) max_window_layers gives the same.
+#[test]
+fn qwen2_window_on_later_layers_matches_transformers() {
+    check_base("qwen2_window");
+    let config = ModelConfig::from_file(&case_dir("qwen2_window").join("config.json")).unwrap();
+    assert_eq!(config.sliding_layers, Some(vec![false, true]));
+    let mut raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(case_dir("qwen2_window").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    raw.as_object_mut().unwrap().remove("layer_types");
+    assert_eq!(ModelConfig::from_json(&raw).unwrap(), config);
+}
+
 /// Qwen3: per-head q_norm/k_norm before RoPE (norm weights away from 1), head_dim 16 with
 /// hidden 32 and 4 heads.
 #[test]

@@ -92,16 +92,8 @@ fn sliding_layers(
     pattern: usize,
     layers: usize,
 ) -> Result<Vec<bool>> {
-    let Some(types) = layer_types else {
-        return Ok((0..layers).map(|i| (i + 1) % pattern.max(1) != 0).collect());
-    };
-    types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| match t.as_str() {
-            "sliding_attention" => Ok(true),
-            "full_attention" => Ok(false),
-            other => bail!("field `layer_types[{i}]`: `{other}` is not a layer type (sliding_attention, full_attention)"),
-        })
-        .collect()
+    match layer_types {
+        Some(types) => super::sliding_layers(&types),
+        None => Ok((0..layers).map(|i| (i + 1) % pattern.max(1) != 0).collect()),
+    }
 }

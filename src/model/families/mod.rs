@@ -53,6 +53,19 @@ pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
     }
 }
 
+/// Which layers slide, from config.json's `layer_types` (transformers ≥ 4.53 writes it).
+pub(super) fn sliding_layers(layer_types: &[String]) -> Result<Vec<bool>> {
+    layer_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => bail!("field `layer_types[{i}]`: `{other}` is not a layer type (sliding_attention, full_attention)"),
+        })
+        .collect()
+}
+
 /// The `model_type`s Feinschliff can load.
 pub fn supported() -> Vec<&'static str> {
     FAMILIES.iter().map(|f| f.model_type()).collect()

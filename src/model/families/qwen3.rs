@@ -28,7 +28,8 @@ impl Family for Qwen3 {
         c.qkv_bias = typed::<Fields>(raw)?.attention_bias.unwrap_or(false);
         c.o_bias = c.qkv_bias;
         c.qk_norm = true;
-        c.sliding_window = super::qwen2::sliding_window(raw, c.num_hidden_layers)?;
+        (c.sliding_window, c.sliding_layers) =
+            super::qwen2::sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
     }
     fn new_config_fields(&self, layers: usize) -> Value {
