@@ -248,9 +248,7 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         r: 16,
         alpha: 32.0,
         dropout: 0.0,
-        target_modules: TargetModules::Names(
-            lora::LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
-        ),
+        target_modules: TargetModules::Pattern("all-linear".into()),
         use_rslora: false,
     };
     lora::attach(&mut lm, &lora_config, 0)?;

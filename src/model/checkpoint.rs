@@ -56,7 +56,7 @@ fn adapters(layer: &DecoderLayer) -> Vec<Var> {
     layer
         .projections()
         .into_iter()
-        .filter_map(|l| l.lora.as_ref())
+        .filter_map(|(_, l)| l.lora.as_ref())
         .flat_map(|l| [l.a.clone(), l.b.clone()])
         .collect()
 }

@@ -5,7 +5,8 @@
 //! forward pass also computes each row's gradient direction softmax·W − W[target] (a [rows, hidden]
 //! tensor), so the backward is one multiplication and nothing of vocabulary size outlives a block.
 //! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype; on the CPU
-//! they are one vectorised pass per row over f32 logits.
+//! they are one vectorised pass per row over f32 logits. Soft-capped logits (Gemma 2's
+//! cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into the direction.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -27,18 +28,20 @@ pub fn block_rows(rows: usize, vocab: usize) -> usize {
 }
 
 /// −log softmax(h·Wᵀ)[target] for hidden states h [n, hidden], the LM head W [vocab, hidden] and
-/// targets [n] (u32), in blocks of `block` rows: [n], in f32 (f64 for an f64 model).
-/// Gradients flow to h only; the head is frozen.
+/// targets [n] (u32), in blocks of `block` rows: [n], in f32 (f64 for an f64 model); with
+/// `softcap`, the logits are cap·tanh(logit/cap) first. Gradients flow to h only; the head is
+/// frozen.
 pub fn head_nll(
     hidden: &Tensor,
     head: &FrozenWeight,
     targets: &Tensor,
     block: usize,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let products = if hidden.track_op() { 2 } else { 1 };
     let flops = products * 2 * hidden.elem_count() * head.tensor().dim(0)?;
     timed(Phase::LmHead, flops, || {
-        blockwise_nll(hidden, head, targets, block)
+        blockwise_nll(hidden, head, targets, block, softcap)
     })
 }
 
@@ -48,6 +51,7 @@ fn blockwise_nll(
     head: &FrozenWeight,
     targets: &Tensor,
     block: usize,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let acc = accumulation_dtype(hidden.dtype());
@@ -58,7 +62,7 @@ fn blockwise_nll(
             &hidden.detach().narrow(0, start, len)?,
             head,
             &targets.narrow(0, start, len)?,
-            acc,
+            (acc, softcap),
             with_grad,
         )?;
         nll.push(n);
@@ -79,19 +83,26 @@ fn blockwise_nll(
 }
 
 /// One block's losses [len] and, `with_grad`, their gradient directions softmax·W − W[target]
-/// [len, hidden] (dL/dh of a row is its loss gradient times its direction).
+/// [len, hidden] (dL/dh of a row is its loss gradient times its direction); capped logits weigh
+/// each vocabulary row of W by its slope 1 − tanh².
 fn block_loss(
     hidden: &Tensor,
     frozen_head: &FrozenWeight,
     targets: &Tensor,
-    acc: DType,
+    (acc, softcap): (DType, Option<f64>),
     with_grad: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     if let Some(logits) = frozen_head.transposed_product_f32(hidden)? {
-        return cpu_block_loss(logits, hidden, frozen_head, targets, with_grad);
+        return cpu_block_loss(logits, hidden, frozen_head, targets, (softcap, with_grad));
     }
     let head = frozen_head.tensor();
-    let logits = matmul_wide(hidden, &head.t()?)?;
+    let mut logits = matmul_wide(hidden, &head.t()?)?;
+    let mut slope = None;
+    if let Some(cap) = softcap {
+        let t = (logits / cap)?.tanh()?;
+        slope = Some(t.sqr()?.affine(-1.0, 1.0)?);
+        logits = (t * cap)?;
+    }
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
@@ -100,20 +111,25 @@ fn block_loss(
     if !with_grad {
         return Ok((nll, None));
     }
-    let probs = exp.broadcast_div(&sum)?.to_dtype(hidden.dtype())?;
-    let expected = matmul_wide(&probs, head)?;
-    let direction = (expected - head.index_select(targets, 0)?.to_dtype(acc)?)?;
-    Ok((nll, Some(direction)))
+    let mut probs = exp.broadcast_div(&sum)?;
+    let mut chosen = head.index_select(targets, 0)?.to_dtype(acc)?;
+    if let Some(slope) = slope {
+        chosen = chosen.broadcast_mul(&slope.gather(&targets.unsqueeze(1)?, 1)?)?;
+        probs = (probs * slope)?;
+    }
+    let expected = matmul_wide(&probs.to_dtype(hidden.dtype())?, head)?;
+    Ok((nll, Some((expected - chosen)?)))
 }
 
-/// [`block_loss`] on the CPU for f32 logits: one pass per row (in parallel) computes the maximum,
-/// the exponentials and the loss, and, `with_grad`, turns the row into its softmax in place.
+/// [`block_loss`] on the CPU for f32 logits: one pass per row (in parallel) caps the logits when
+/// `softcap`, computes the maximum, the exponentials and the loss, and, `with_grad`, turns the row
+/// into its softmax (times the cap's slopes) in place.
 fn cpu_block_loss(
     mut logits: Vec<f32>,
     hidden: &Tensor,
     frozen_head: &FrozenWeight,
     targets: &Tensor,
-    with_grad: bool,
+    (softcap, with_grad): (Option<f64>, bool),
 ) -> Result<(Tensor, Option<Tensor>)> {
     let head = frozen_head.tensor();
     let vocab = head.dim(0)?;
@@ -121,19 +137,36 @@ fn cpu_block_loss(
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
     }
-    let nll: Vec<f32> = logits
+    let cap = softcap.map(|c| c as f32);
+    // Each row's slopes of the cap (one unused element per row without a cap).
+    let slope_width = if cap.is_some() { vocab } else { 1 };
+    let mut slopes = vec![0f32; ids.len() * slope_width];
+    let (nll, target_slopes): (Vec<f32>, Vec<f32>) = logits
         .par_chunks_mut(vocab)
         .zip(ids.par_iter())
-        .map(|(row, &target)| {
+        .zip(slopes.par_chunks_mut(slope_width))
+        .map(|((row, &target), slope)| {
+            if let Some(cap) = cap {
+                for (x, slope) in row.iter_mut().zip(slope.iter_mut()) {
+                    let t = (*x / cap).tanh();
+                    *x = t * cap;
+                    *slope = 1.0 - t * t;
+                }
+            }
             let target_logit = row[target as usize];
             let max = vector_math::max(row);
             let sum = vector_math::exp_shifted_sum(row, max);
+            let mut target_slope = 1.0;
             if with_grad {
                 vector_math::scale(row, 1.0 / sum);
+                if cap.is_some() {
+                    row.iter_mut().zip(slope.iter()).for_each(|(p, s)| *p *= *s);
+                    target_slope = slope[target as usize];
+                }
             }
-            (sum.ln() + max) - target_logit
+            ((sum.ln() + max) - target_logit, target_slope)
         })
-        .collect();
+        .unzip();
     let device = hidden.device();
     let nll = Tensor::from_vec(nll, ids.len(), device)?;
     if !with_grad {
@@ -141,8 +174,12 @@ fn cpu_block_loss(
     }
     let probs = Tensor::from_vec(logits, (ids.len(), vocab), device)?;
     let expected = frozen_head.times(&probs)?.to_dtype(DType::F32)?;
-    let direction = (expected - head.index_select(targets, 0)?.to_dtype(DType::F32)?)?;
-    Ok((nll, Some(direction)))
+    let mut chosen = head.index_select(targets, 0)?.to_dtype(DType::F32)?;
+    if cap.is_some() {
+        let target_slopes = Tensor::from_vec(target_slopes, (ids.len(), 1), device)?;
+        chosen = chosen.broadcast_mul(&target_slopes)?;
+    }
+    Ok((nll, Some((expected - chosen)?)))
 }
 
 /// Re-attaches the per-row losses computed outside the graph to the hidden states.

@@ -1,21 +1,25 @@
-//! The shared decoder of all supported families: RMSNorm, RoPE, grouped-query attention, SwiGLU.
-//! Written with differentiable candle ops only, so LoRA gradients flow through every layer.
+//! The shared decoder of all supported families: RMSNorm, RoPE, grouped-query attention, SwiGLU or
+//! GeGLU, with what families add as configuration (fused projections, head norms, sandwich norms,
+//! soft caps, per-layer windows and RoPE bases). Written with differentiable ops only, so LoRA
+//! gradients flow through every layer.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
 
 use super::checkpoint;
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig, RopeScaling};
 use super::cross_entropy;
 use super::frozen_weight::FrozenWeight;
 use super::kv_cache::{KvCache, LayerKv};
+use super::layout::{self, Projection, Role};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
 use super::matmul::matmul_wide;
 use super::phases::{timed, Phase};
 use super::rms_norm;
 use super::rope::{self, Rope};
-use super::sdpa;
+use super::sdpa::{self, Scoring};
 use super::swiglu;
 use super::weights::Weights;
 
@@ -71,6 +75,10 @@ pub(crate) struct Context {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    /// The mask of layers with a sliding window, when the model has one.
+    window_mask: Option<Tensor>,
+    /// RoPE tables of the sliding-window layers when they have their own base (Gemma 3).
+    local_tables: Option<(Tensor, Tensor)>,
     pub(crate) pass: Pass,
 }
 
@@ -113,50 +121,82 @@ fn head_norm(norm: Option<&RmsNorm>, y: Tensor, head_dim: usize) -> Result<Tenso
     Ok(heads.reshape((rows, width))?)
 }
 
+/// The query, key and value projections: three matrices, or one fused `qkv_proj` whose output
+/// columns are q, k and v in that order.
+#[derive(Clone)]
+pub enum QkvProj {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl QkvProj {
+    /// q [rows, heads·d], k and v [rows, kv_heads·d] for rows x.
+    fn forward(&self, x: &Tensor, pass: Pass, q_width: usize) -> Result<[Tensor; 3]> {
+        match self {
+            QkvProj::Separate { q, k, v } => Ok([
+                q.forward(x, pass)?,
+                k.forward(x, pass)?,
+                v.forward(x, pass)?,
+            ]),
+            QkvProj::Fused(qkv) => {
+                let y = qkv.forward(x, pass)?;
+                let kv_width = (y.dim(D::Minus1)? - q_width) / 2;
+                Ok([
+                    y.narrow(D::Minus1, 0, q_width)?,
+                    y.narrow(D::Minus1, q_width, kv_width)?,
+                    y.narrow(D::Minus1, q_width + kv_width, kv_width)?
+                        .contiguous()?,
+                ])
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: QkvProj,
     pub o_proj: Linear,
-    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    scoring: Scoring,
 }
 
 impl Attention {
     /// Attention over `x` [batch, seq, hidden]; with `past`, the new tokens also attend to the
     /// cached keys and values, and their own are appended to the cache.
-    fn forward(&self, x: &Tensor, ctx: &Context, past: Option<&mut LayerKv>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        (mask, cos, sin): (&Tensor, &Tensor, &Tensor),
+        past: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let q = head_norm(self.q_norm.as_ref(), self.q_proj.forward(x, ctx.pass)?, d)?;
+        let [q, k, v] = self.qkv.forward(x, ctx.pass, h * d)?;
+        let q = head_norm(self.q_norm.as_ref(), q, d)?;
         let q = rope::split_heads_rotated(&q, (b, t, h), cos, sin)?;
-        let k = head_norm(self.k_norm.as_ref(), self.k_proj.forward(x, ctx.pass)?, d)?;
+        let k = head_norm(self.k_norm.as_ref(), k, d)?;
         let k = rope::split_heads_rotated(&k, (b, t, kvh), cos, sin)?;
-        let v = self
-            .v_proj
-            .forward(x, ctx.pass)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
         // are stacked along the rows.
         let q = q.reshape((b, kvh, (h / kvh) * t, d))?;
         let out = match past {
             Some(past) if !past.is_empty() => {
                 let (k, v) = past.append(&k, &v)?;
-                sdpa::attention_after_past(&q, &k, &v, &ctx.mask)?
+                sdpa::attention_after_past(&q, &k, &v, mask, self.scoring)?
             }
             first => {
                 if let Some(past) = first {
                     past.append(&k, &v)?;
                 }
-                sdpa::attention(&q, &k, &v, &ctx.mask, sdpa::block_rows(b, h, t))?
+                let block = sdpa::block_rows(b, h, t);
+                sdpa::attention(&q, &k, &v, mask, block, self.scoring)?
             }
         };
         let out = out
@@ -167,18 +207,38 @@ impl Attention {
     }
 }
 
+/// The gate and up projections: two matrices, or one fused `gate_up_proj` (gate columns first).
+#[derive(Clone)]
+pub enum GateUpProj {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 #[derive(Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUpProj,
     pub down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, pass)?;
-        let up = self.up_proj.forward(x, pass)?;
-        self.down_proj.forward(&swiglu::silu_mul(&gate, &up)?, pass)
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Separate { gate, up } => (gate.forward(x, pass)?, up.forward(x, pass)?),
+            GateUpProj::Fused(gate_up) => {
+                let y = gate_up.forward(x, pass)?;
+                let i = y.dim(D::Minus1)? / 2;
+                (
+                    y.narrow(D::Minus1, 0, i)?.contiguous()?,
+                    y.narrow(D::Minus1, i, i)?.contiguous()?,
+                )
+            }
+        };
+        let hidden = match self.activation {
+            Activation::Silu => swiglu::silu_mul(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        self.down_proj.forward(&hidden, pass)
     }
 }
 
@@ -186,23 +246,51 @@ impl Mlp {
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// Before the MLP; with sandwich norms, on the attention output instead.
     pub post_attention_layernorm: RmsNorm,
+    /// Sandwich norms (Gemma 2): `pre_feedforward_layernorm` before the MLP and
+    /// `post_feedforward_layernorm` on its output.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     pub mlp: Mlp,
+    /// Attends within the model's sliding window (all layers of Mistral, every other of Gemma 2).
+    sliding: bool,
 }
 
 impl DecoderLayer {
-    /// The layer's seven projections, in the order of [`MODULE_PATHS`].
-    pub fn projections(&self) -> [&Linear; 7] {
+    /// The layer's projections with their roles, in checkpoint order.
+    pub fn projections(&self) -> Vec<(Role, &Linear)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+        let mut out = match &a.qkv {
+            QkvProj::Separate { q, k, v } => vec![(Role::Q, q), (Role::K, k), (Role::V, v)],
+            QkvProj::Fused(qkv) => vec![(Role::Qkv, qkv)],
+        };
+        out.push((Role::O, &a.o_proj));
+        match &m.gate_up {
+            GateUpProj::Separate { gate, up } => {
+                out.extend([(Role::Gate, gate), (Role::Up, up)]);
+            }
+            GateUpProj::Fused(gate_up) => out.push((Role::GateUp, gate_up)),
+        }
+        out.push((Role::Down, &m.down_proj));
+        out
+    }
+
+    /// The layer's projections with their roles, mutable (to attach or replace adapters).
+    pub fn projections_mut(&mut self) -> Vec<(Role, &mut Linear)> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let mut out = match &mut a.qkv {
+            QkvProj::Separate { q, k, v } => vec![(Role::Q, q), (Role::K, k), (Role::V, v)],
+            QkvProj::Fused(qkv) => vec![(Role::Qkv, qkv)],
+        };
+        out.push((Role::O, &mut a.o_proj));
+        match &mut m.gate_up {
+            GateUpProj::Separate { gate, up } => {
+                out.extend([(Role::Gate, gate), (Role::Up, up)]);
+            }
+            GateUpProj::Fused(gate_up) => out.push((Role::GateUp, gate_up)),
+        }
+        out.push((Role::Down, &mut m.down_proj));
+        out
     }
 
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
@@ -215,14 +303,34 @@ impl DecoderLayer {
         ctx: &Context,
         past: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, past)?)?;
-        let out = (&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.pass)?)?;
-        Ok(out)
+        let mask = match &ctx.window_mask {
+            Some(window) if self.sliding => window,
+            _ => &ctx.mask,
+        };
+        let (cos, sin) = match &ctx.local_tables {
+            Some((cos, sin)) if self.sliding => (cos, sin),
+            _ => (&ctx.cos, &ctx.sin),
+        };
+        let attended = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            ctx,
+            (mask, cos, sin),
+            past,
+        )?;
+        match &self.feedforward_norms {
+            None => {
+                let h = (x + attended)?;
+                let mlp = self
+                    .mlp
+                    .forward(&self.post_attention_layernorm.forward(&h)?, ctx.pass)?;
+                Ok((h + mlp)?)
+            }
+            Some((pre, post)) => {
+                let h = (x + self.post_attention_layernorm.forward(&attended)?)?;
+                let mlp = self.mlp.forward(&pre.forward(&h)?, ctx.pass)?;
+                Ok((&h + post.forward(&mlp)?)?)
+            }
+        }
     }
 }
 
@@ -242,6 +350,8 @@ pub struct CausalLm {
     /// are multiplied in f32 anyway and element-wise work in f32 needs no conversions.
     activations: DType,
     rope: Rope,
+    /// The sliding-window layers' RoPE when they have their own base (Gemma 3).
+    local_rope: Option<Rope>,
     device: Device,
 }
 
@@ -255,17 +365,13 @@ impl CausalLm {
             DType::BF16 | DType::F16 if device.is_cpu() => DType::F32,
             dtype => dtype,
         };
-        let (hid, inter) = (c.hidden_size, c.intermediate_size);
-        let (qd, kvd) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias {
+        let hid = c.hidden_size;
+        let linear = |name: &str, p: &Projection| -> Result<Linear> {
+            let w = weights.get(&format!("{name}.weight"), &[p.out, p.inp])?;
+            let b = if p.bias {
                 Some(
                     weights
-                        .get(&format!("{name}.bias"), &[out])?
+                        .get(&format!("{name}.bias"), &[p.out])?
                         .to_dtype(activations)?,
                 )
             } else {
@@ -274,37 +380,89 @@ impl CausalLm {
             Ok(Linear::new(w, b))
         };
         let norm_of = |name: &str, width: usize| -> Result<RmsNorm> {
+            let mut weight = weights.get(&format!("{name}.weight"), &[width])?;
+            if c.norm_gain_offset {
+                // (1 + w) in f32 (f64 for an f64 model), as transformers' Gemma computes it.
+                let acc = accumulation_dtype(weight.dtype());
+                weight = (weight.to_dtype(acc)? + 1.0)?;
+            }
             Ok(RmsNorm {
-                weight: weights
-                    .get(&format!("{name}.weight"), &[width])?
-                    .to_dtype(activations)?,
+                weight: weight.to_dtype(activations)?,
                 eps: c.rms_norm_eps,
             })
         };
-        let norm = |name: &str| norm_of(name, hid);
-        let head_norm = |name: String| c.qk_norm.then(|| norm_of(&name, c.head_dim)).transpose();
+        let projections = layout::projections(c);
+        let norms = layout::norms(c);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let mut linears = HashMap::new();
+            for proj in &projections {
+                let name = format!("{p}.{}", proj.role.path());
+                linears.insert(proj.role, linear(&name, proj)?);
+            }
+            let mut norm_by_path = HashMap::new();
+            for n in &norms {
+                norm_by_path.insert(n.path, norm_of(&format!("{p}.{}", n.path), n.width)?);
+            }
+            let mut take = |role: Role| {
+                linears
+                    .remove(&role)
+                    .with_context(|| format!("{p}: the layout has no {}", role.path()))
+            };
+            let qkv = if c.fused_projections {
+                QkvProj::Fused(take(Role::Qkv)?)
+            } else {
+                QkvProj::Separate {
+                    q: take(Role::Q)?,
+                    k: take(Role::K)?,
+                    v: take(Role::V)?,
+                }
+            };
+            let gate_up = if c.fused_projections {
+                GateUpProj::Fused(take(Role::GateUp)?)
+            } else {
+                GateUpProj::Separate {
+                    gate: take(Role::Gate)?,
+                    up: take(Role::Up)?,
+                }
+            };
+            let (o_proj, down_proj) = (take(Role::O)?, take(Role::Down)?);
+            let mut norm = |path: &str| {
+                norm_by_path
+                    .remove(path)
+                    .with_context(|| format!("{p}: the layout has no {path}"))
+            };
             layers.push(DecoderLayer {
-                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                input_layernorm: norm("input_layernorm")?,
                 self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, hid, c.qkv_bias)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kvd, hid, c.qkv_bias)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kvd, hid, c.qkv_bias)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hid, qd, c.o_bias)?,
-                    q_norm: head_norm(format!("{p}.self_attn.q_norm"))?,
-                    k_norm: head_norm(format!("{p}.self_attn.k_norm"))?,
+                    qkv,
+                    o_proj,
+                    q_norm: c.qk_norm.then(|| norm("self_attn.q_norm")).transpose()?,
+                    k_norm: c.qk_norm.then(|| norm("self_attn.k_norm")).transpose()?,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
+                    scoring: Scoring {
+                        scale: c.attention_scale,
+                        softcap: c.attn_logit_softcapping,
+                    },
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                feedforward_norms: if c.sandwich_norms {
+                    Some((
+                        norm("pre_feedforward_layernorm")?,
+                        norm("post_feedforward_layernorm")?,
+                    ))
+                } else {
+                    None
+                },
                 mlp: Mlp {
-                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hid, c.mlp_bias)?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hid, c.mlp_bias)?,
-                    down_proj: linear(&format!("{p}.mlp.down_proj"), hid, inter, c.mlp_bias)?,
+                    gate_up,
+                    down_proj,
+                    activation: c.activation,
                 },
+                sliding: c.sliding_layers.as_ref().is_none_or(|s| s[i]),
             });
         }
         let head = FrozenWeight::new(if c.tie_word_embeddings {
@@ -314,7 +472,14 @@ impl CausalLm {
         });
         Ok(Self {
             rope: Rope::new(c),
-            norm: norm("model.norm")?,
+            local_rope: c.local_rope_theta.map(|theta| {
+                Rope::new(&ModelConfig {
+                    rope_theta: theta,
+                    rope_scaling: RopeScaling::None,
+                    ..c.clone()
+                })
+            }),
+            norm: norm_of("model.norm", hid)?,
             embed_tokens,
             layers,
             head,
@@ -343,8 +508,14 @@ impl CausalLm {
         step: Option<u64>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let mask = layout.mask(self.config.sliding_window, &self.device)?;
-        let ctx = self.context(&layout.position_ids, (b, t), mask, Pass::new(step))?;
+        let mask = layout.mask(None, &self.device)?;
+        let window_mask = self
+            .config
+            .sliding_window
+            .map(|w| layout.mask(Some(w), &self.device))
+            .transpose()?;
+        let masks = (mask, window_mask);
+        let ctx = self.context(&layout.position_ids, (b, t), masks, Pass::new(step))?;
         let mut x = self.embed(input_ids)?;
         let checkpointing = self.gradient_checkpointing && step.is_some();
         for layer in &self.layers {
@@ -371,8 +542,14 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let step = cache.extend(real, t, self.config.sliding_window)?;
-        let mask = Tensor::from_vec(step.mask, (b, 1, t, cache.len()), &self.device)?;
-        let ctx = self.context(&step.position_ids, (b, t), mask, Pass::new(None))?;
+        let shape = (b, 1, t, cache.len());
+        let mask = Tensor::from_vec(step.mask, shape, &self.device)?;
+        let window_mask = step
+            .window_mask
+            .map(|m| Tensor::from_vec(m, shape, &self.device))
+            .transpose()?;
+        let masks = (mask, window_mask);
+        let ctx = self.context(&step.position_ids, (b, t), masks, Pass::new(None))?;
         let mut x = self.embed(input_ids)?;
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
             x = layer.forward_with_past(&x, &ctx, Some(past))?;
@@ -388,21 +565,30 @@ impl CausalLm {
         KvCache::new(self.layers.len(), batch, capacity)
     }
 
-    /// The per-forward tables: RoPE at the given positions, the mask in the accumulation dtype.
+    /// The per-forward tables: RoPE at the given positions, the masks (without and with the
+    /// sliding window) in the accumulation dtype.
     fn context(
         &self,
         position_ids: &[u32],
         (b, t): (usize, usize),
-        mask: Tensor,
+        (mask, window_mask): (Tensor, Option<Tensor>),
         pass: Pass,
     ) -> Result<Context> {
         let (cos, sin) = self.rope.tables(position_ids, b, t, &self.device)?;
+        let local_tables = self
+            .local_rope
+            .as_ref()
+            .map(|rope| rope.tables(position_ids, b, t, &self.device))
+            .transpose()?;
+        let acc = accumulation_dtype(self.dtype());
         Ok(Context {
             batch: b,
             seq: t,
             cos,
             sin,
-            mask: mask.to_dtype(accumulation_dtype(self.dtype()))?,
+            mask: mask.to_dtype(acc)?,
+            window_mask: window_mask.map(|m| m.to_dtype(acc)).transpose()?,
+            local_tables,
             pass,
         })
     }
@@ -410,10 +596,17 @@ impl CausalLm {
     /// Token embeddings [batch·seq, hidden] of ids [batch, seq]: the layers work on rows, so
     /// that no reshape (each a copy in candle's backward) sits between their ops.
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        Ok(self
+        let x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
-            .to_dtype(self.activations)?)
+            .to_dtype(self.activations)?;
+        if !self.config.scale_embeddings {
+            return Ok(x);
+        }
+        // transformers rounds √hidden to the activations' dtype first.
+        let normalizer = Tensor::new((self.config.hidden_size as f64).sqrt(), &self.device)?
+            .to_dtype(self.activations)?;
+        Ok(x.broadcast_mul(&normalizer)?)
     }
 
     /// The adapter gradients that checkpointed layers computed since the last call, by variable.
@@ -423,30 +616,40 @@ impl CausalLm {
         checkpoint::take(&self.checkpoint_grads)
     }
 
-    /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden].
+    /// Logits [n, vocab] (f32, or f64 for an f64 model) for hidden states [n, hidden], capped
+    /// to cap·tanh(logit/cap) when the model caps them.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if hidden.track_op() {
-            return Ok(
-                frozen_matmul(hidden, &self.head)?.to_dtype(accumulation_dtype(self.dtype()))?
-            );
-        }
-        let head = self.head.tensor();
-        let flops = 2 * hidden.elem_count() * head.dim(0)?;
-        Ok(timed(Phase::LmHead, flops, || {
-            match self.head.transposed_product_f32(hidden)? {
-                Some(logits) => {
-                    Tensor::from_vec(logits, (hidden.dim(0)?, head.dim(0)?), hidden.device())
+        let logits = if hidden.track_op() {
+            frozen_matmul(hidden, &self.head)?.to_dtype(accumulation_dtype(self.dtype()))?
+        } else {
+            let head = self.head.tensor();
+            let flops = 2 * hidden.elem_count() * head.dim(0)?;
+            timed(Phase::LmHead, flops, || {
+                match self.head.transposed_product_f32(hidden)? {
+                    Some(logits) => {
+                        Tensor::from_vec(logits, (hidden.dim(0)?, head.dim(0)?), hidden.device())
+                    }
+                    None => matmul_wide(hidden, &head.t()?),
                 }
-                None => matmul_wide(hidden, &head.t()?),
-            }
-        })?)
+            })?
+        };
+        Ok(match self.config.final_logit_softcapping {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 
     /// −log p(target) [n] (f32, or f64 for an f64 model) for hidden states [n, hidden] and target
     /// ids [n]; the logits exist one block of rows at a time.
     pub fn target_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let block = cross_entropy::block_rows(hidden.dim(0)?, self.config.vocab_size);
-        Ok(cross_entropy::head_nll(hidden, &self.head, targets, block)?)
+        Ok(cross_entropy::head_nll(
+            hidden,
+            &self.head,
+            targets,
+            block,
+            self.config.final_logit_softcapping,
+        )?)
     }
 
     /// Logits [batch, seq, vocab] in the accumulation dtype (f32 unless the model is f64).
@@ -466,11 +669,10 @@ impl CausalLm {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let all = l.projections();
             out.extend(
-                all.into_iter()
-                    .zip(MODULE_PATHS)
-                    .map(|(lin, p)| (format!("model.layers.{i}.{p}"), lin)),
+                l.projections()
+                    .into_iter()
+                    .map(|(role, lin)| (format!("model.layers.{i}.{}", role.path()), lin)),
             );
         }
         out
@@ -480,33 +682,12 @@ impl CausalLm {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            let all = [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ];
             out.extend(
-                all.into_iter()
-                    .zip(MODULE_PATHS)
-                    .map(|(lin, p)| (format!("model.layers.{i}.{p}"), lin)),
+                l.projections_mut()
+                    .into_iter()
+                    .map(|(role, lin)| (format!("model.layers.{i}.{}", role.path()), lin)),
             );
         }
         out
     }
 }
-
-/// Paths of a layer's projections below `model.layers.N`, in the order [`CausalLm::linears`] lists them.
-const MODULE_PATHS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];

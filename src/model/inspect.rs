@@ -46,9 +46,33 @@ pub fn summary(model: &Model) -> Result<String> {
         c.rope_theta, c.rope_scaling
     )?;
     if let Some(w) = c.sliding_window {
-        writeln!(s, "window       {w}")?;
+        match &c.sliding_layers {
+            Some(layers) => {
+                let n = layers.iter().filter(|s| **s).count();
+                writeln!(s, "window       {w} on {n} of {} layers", layers.len())?
+            }
+            None => writeln!(s, "window       {w}")?,
+        }
     }
-    writeln!(s, "parameters   {}", c.parameter_count())?;
+    if let Some(theta) = c.local_rope_theta {
+        writeln!(s, "local rope   theta {theta} on the window layers")?;
+    }
+    if c.rotary_dim < c.head_dim {
+        writeln!(
+            s,
+            "rotary       {} of {} dimensions",
+            c.rotary_dim, c.head_dim
+        )?;
+    }
+    for (what, cap) in [
+        ("scores", c.attn_logit_softcapping),
+        ("logits", c.final_logit_softcapping),
+    ] {
+        if let Some(cap) = cap {
+            writeln!(s, "softcap      {what} at {cap}")?;
+        }
+    }
+    writeln!(s, "parameters   {}", super::layout::parameter_count(c))?;
     writeln!(s, "dtype        {} (stored)", model.storage)?;
     writeln!(
         s,

@@ -68,6 +68,8 @@ pub struct Step {
     pub position_ids: Vec<u32>,
     /// [batch, t, slots] (0 or −∞): what each new token may attend to, its own slot included.
     pub mask: Vec<f32>,
+    /// The same within the sliding window, for the layers that have one.
+    pub window_mask: Option<Vec<f32>>,
 }
 
 /// The cache of a whole model for a batch of rows.
@@ -104,8 +106,8 @@ impl KvCache {
     }
 
     /// Takes `t` new slots in every row, of which row r's first `real[r]` are real tokens, and
-    /// returns their positions and the mask: a real token sees the real slots before it (within
-    /// `window` positions, when the model has a sliding window); padding sees only itself.
+    /// returns their positions and the masks: a real token sees the real slots before it (in the
+    /// window mask, only those within `window` positions); padding sees only itself.
     pub fn extend(&mut self, real: &[usize], t: usize, window: Option<usize>) -> Result<Step> {
         if real.len() != self.rows.len() || real.iter().any(|&n| n > t) {
             bail!(
@@ -117,6 +119,7 @@ impl KvCache {
         let slots = self.len() + t;
         let mut position_ids = Vec::with_capacity(real.len() * t);
         let mut mask = vec![f32::NEG_INFINITY; real.len() * t * slots];
+        let mut window_mask = window.map(|_| mask.clone());
         for (r, (row, &n)) in self.rows.iter_mut().zip(real).enumerate() {
             let old = row.real.len();
             for j in 0..t {
@@ -128,24 +131,36 @@ impl KvCache {
                 let q_slot = old + j;
                 let q_pos = row.positions[q_slot];
                 position_ids.push(q_pos);
-                let line = &mut mask[(r * t + j) * slots..(r * t + j + 1) * slots];
+                let range = (r * t + j) * slots..(r * t + j + 1) * slots;
+                let line = &mut mask[range.clone()];
+                let mut window_line = window_mask.as_mut().map(|m| &mut m[range]);
                 if !row.real[q_slot] {
                     line[q_slot] = 0.0;
+                    if let Some(w) = window_line.as_deref_mut() {
+                        w[q_slot] = 0.0;
+                    }
                     continue;
                 }
                 for (k_slot, m) in line.iter_mut().enumerate().take(q_slot + 1) {
                     let k_pos = row.positions[k_slot];
-                    let visible = row.real[k_slot]
-                        && k_pos <= q_pos
-                        && window.is_none_or(|w| ((q_pos - k_pos) as usize) < w);
-                    if visible {
-                        *m = 0.0;
+                    if !(row.real[k_slot] && k_pos <= q_pos) {
+                        continue;
+                    }
+                    *m = 0.0;
+                    if let (Some(w), Some(line)) = (window, window_line.as_deref_mut()) {
+                        if ((q_pos - k_pos) as usize) < w {
+                            line[k_slot] = 0.0;
+                        }
                     }
                 }
             }
             row.next_position += n as u32;
         }
-        Ok(Step { position_ids, mask })
+        Ok(Step {
+            position_ids,
+            mask,
+            window_mask,
+        })
     }
 
     /// Each layer's cache, to hand to the layers in order.

@@ -11,17 +11,6 @@ use super::decoder::CausalLm;
 use super::frozen_weight::FrozenWeight;
 use super::lora_linear::lora_linear;
 
-/// The projections of the shared decoder that LoRA can target ("all-linear" means all of them).
-pub const LINEAR_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// Which linear layers get adapters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -59,7 +48,7 @@ impl TargetModules {
                 {
                     bail!(
                         "target_modules entry `{n}` matches no linear layer of this model; choose from {} or \"all-linear\"",
-                        LINEAR_MODULES.join(", ")
+                        short_names(available).join(", ")
                     );
                 }
             }
@@ -79,6 +68,19 @@ impl TargetModules {
         short.sort();
         Ok(short)
     }
+}
+
+/// The distinct last parts of module names (`q_proj` of `model.layers.0.self_attn.q_proj`), in
+/// order of first appearance.
+fn short_names(modules: &[String]) -> Vec<String> {
+    let mut short: Vec<String> = Vec::new();
+    for full in modules {
+        let s = full.rsplit('.').next().unwrap_or(full).to_string();
+        if !short.contains(&s) {
+            short.push(s);
+        }
+    }
+    short
 }
 
 /// The hyper-parameters of a LoRA adapter.

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod inspect;
 pub mod kv_cache;
+pub mod layout;
 pub mod linear;
 pub mod lora;
 pub mod lora_linear;

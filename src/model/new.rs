@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 use super::families;
+use super::layout;
 use super::weights::save_safetensors;
 use crate::fsutil::{write_atomic, StagedDir};
 
@@ -107,7 +108,7 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
         "max_position_embeddings": 2048,
         "initializer_range": shape.init_std,
         "rms_norm_eps": 1e-6,
-        "rope_theta": if arch.starts_with("qwen") { 1_000_000.0 } else { 10_000.0 },
+        "rope_theta": 10_000.0,
         "tie_word_embeddings": tie,
         "attention_dropout": 0.0,
         "use_cache": true,
@@ -116,19 +117,7 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
         "pad_token_id": 0,
         "torch_dtype": "float32",
     });
-    let extra = match arch {
-        "llama" => {
-            json!({"attention_bias": false, "mlp_bias": false, "rope_scaling": null, "pretraining_tp": 1})
-        }
-        "mistral" => json!({"sliding_window": null}),
-        "qwen2" => {
-            json!({"use_sliding_window": false, "sliding_window": 4096, "max_window_layers": shape.layers})
-        }
-        "qwen3" => {
-            json!({"attention_bias": false, "use_sliding_window": false, "sliding_window": null, "max_window_layers": shape.layers})
-        }
-        _ => json!({}),
-    };
+    let extra = family.new_config_fields(shape.layers);
     if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
         c.extend(extra.clone());
     }
@@ -151,52 +140,38 @@ pub fn weight_specs(
     tie: bool,
 ) -> Result<Vec<(String, Vec<usize>, Init)>> {
     let config = super::ModelConfig::from_json(&config_json(arch, shape, tie)?)?;
-    let (h, i, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
-    let (qd, kvd) = (
-        config.num_attention_heads * config.head_dim,
-        config.num_key_value_heads * config.head_dim,
-    );
+    let (h, v) = (config.hidden_size, config.vocab_size);
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![v, h],
         Init::Normal,
     )];
+    let (projections, norms) = (layout::projections(&config), layout::norms(&config));
+    // A gain stored as w and applied as (1 + w) starts at 0.
+    let norm_init = if config.norm_gain_offset {
+        Init::Zeros
+    } else {
+        Init::Ones
+    };
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, rows, cols) in [
-            ("self_attn.q_proj", qd, h),
-            ("self_attn.k_proj", kvd, h),
-            ("self_attn.v_proj", kvd, h),
-            ("self_attn.o_proj", h, qd),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
-            out.push((format!("{p}.{name}.weight"), vec![rows, cols], Init::Normal));
-            let has_bias = config.qkv_bias
-                && matches!(
-                    name,
-                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
-                );
-            if has_bias {
-                out.push((format!("{p}.{name}.bias"), vec![rows], Init::Zeros));
+        for proj in &projections {
+            let name = format!("{p}.{}", proj.role.path());
+            out.push((
+                format!("{name}.weight"),
+                vec![proj.out, proj.inp],
+                Init::Normal,
+            ));
+            if proj.bias {
+                out.push((format!("{name}.bias"), vec![proj.out], Init::Zeros));
             }
         }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            out.push((format!("{p}.{norm}.weight"), vec![h], Init::Ones));
-        }
-        if config.qk_norm {
-            for norm in ["self_attn.q_norm", "self_attn.k_norm"] {
-                let d = config.head_dim;
-                out.push((format!("{p}.{norm}.weight"), vec![d], Init::Ones));
-            }
+        for norm in &norms {
+            let name = format!("{p}.{}.weight", norm.path);
+            out.push((name, vec![norm.width], norm_init));
         }
     }
-    out.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
+    out.push(("model.norm.weight".to_string(), vec![h], norm_init));
     if !tie {
         out.push(("lm_head.weight".to_string(), vec![v, h], Init::Normal));
     }
@@ -299,7 +274,7 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
 
 /// Writes a complete checkpoint for `arch` and `size` into `out` (refused if it exists, unless `force`).
 pub fn create(arch: &str, size: Size, seed: u64, out: &Path, force: bool) -> Result<()> {
-    families::by_model_type(arch)?;
+    let family = families::by_model_type(arch)?;
     let mut shape = size.shape();
     let tokenizer = train_tokenizer(shape.vocab)?;
     let trained = tokenizer.get_vocab_size(true);
@@ -312,7 +287,7 @@ pub fn create(arch: &str, size: Size, seed: u64, out: &Path, force: bool) -> Res
     // A small corpus may yield fewer merges than asked: the embedding keeps the full size,
     // as many released models pad their vocabulary.
     shape.vocab = shape.vocab.max(trained);
-    let tie = arch.starts_with("qwen") || size.tied();
+    let tie = family.ties_embeddings() || size.tied();
     let staged = StagedDir::create(out, force)?;
     let dir = staged.path();
     let config = config_json(arch, &shape, tie)?;

@@ -32,7 +32,49 @@ pub fn block_rows(batch: usize, heads: usize, seq: usize) -> usize {
 /// (a block sees only the keys up to its last row), at the cost of more, smaller products.
 const CAUSAL_BLOCK: usize = 64;
 
-/// softmax(Q·Kᵀ/√d + mask)·V in blocks of `block` query positions.
+/// How scores are formed from q·kᵀ: times `scale`, then capped to cap·tanh(s/cap) when `softcap`
+/// is set (Gemma 2), before the mask is added.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    pub scale: f64,
+    pub softcap: Option<f64>,
+}
+
+impl Scoring {
+    /// 1/√head_dim, uncapped: what most families use.
+    pub fn standard(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
+        }
+    }
+
+    /// The scores of q [.., rows, d] and k [.., keys, d] in the dtype of `acc`, and, when capped
+    /// and `slopes`, the cap's derivative 1 − tanh² of each.
+    fn scores(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        acc: DType,
+        slopes: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let raw = (matmul_wide(q, &k.t()?)?.to_dtype(acc)? * self.scale)?;
+        match self.softcap {
+            None => Ok((raw, None)),
+            Some(cap) => {
+                let t = (raw / cap)?.tanh()?;
+                let slope = if slopes {
+                    Some(t.sqr()?.affine(-1.0, 1.0)?)
+                } else {
+                    None
+                };
+                Ok(((t * cap)?, slope))
+            }
+        }
+    }
+}
+
+/// softmax(scoring(Q·Kᵀ) + mask)·V in blocks of `block` query positions.
 ///
 /// q: [batch, kv_heads, groups·seq, d], the `groups` query heads that share a K/V head stacked
 /// along the rows; k, v: [batch, kv_heads, seq, d]; mask: [batch, 1, seq, seq], additive, in the
@@ -44,8 +86,9 @@ pub fn attention(
     v: &Tensor,
     mask: &Tensor,
     block: usize,
+    scoring: Scoring,
 ) -> Result<Tensor> {
-    let shape = Shapes::of(q, k, block)?;
+    let shape = Shapes::of(q, k, block, scoring)?;
     let flops = 4 * shape.scores() * k.dim(3)?;
     let square_mask = mask.dims() == [shape.batch, 1, shape.seq, shape.seq];
     if let Some(dtype) = fused_cpu_dtype(q, k, v, mask).filter(|_| square_mask) {
@@ -94,6 +137,8 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
         seq: shape.seq,
         head_dim: k.dim(3)?,
         block: shape.block,
+        scale: shape.scoring.scale,
+        softcap: shape.scoring.softcap,
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mask = mask.contiguous()?;
@@ -192,28 +237,48 @@ impl CustomOp3 for FusedCpuAttention {
 /// groups·t, d] (t new positions), k, v [batch, kv_heads, slots, d], mask [batch, 1, t, slots]
 /// in the softmax dtype. The new tokens are few (one per step in generation), so their scores
 /// are computed at once. Returns [batch, kv_heads, groups·t, d].
-pub fn attention_after_past(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+pub fn attention_after_past(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scoring: Scoring,
+) -> Result<Tensor> {
     let t = mask.dim(2)?;
     let rows = q.dim(2)?;
     if t == 0 || rows % t != 0 {
         candle_core::bail!("attention: {rows} query rows do not fit {t} new positions");
     }
     timed(Phase::Attention, 4 * q.elem_count() * k.dim(2)?, || {
-        matmul(&probabilities(q, k, mask)?.to_dtype(v.dtype())?, v)
+        matmul(
+            &probabilities(q, k, mask, scoring, false)?
+                .0
+                .to_dtype(v.dtype())?,
+            v,
+        )
     })
 }
 
-/// softmax(q·kᵀ/√d + mask) for q [batch, kv_heads, groups·len, d] (`groups` query heads per K/V
-/// head stacked along the rows), k [batch, kv_heads, keys, d] and mask [batch, 1, len, keys]:
-/// [batch, kv_heads, groups·len, keys], in the mask's dtype.
-fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, kvh, keys, d) = k.dims4()?;
+/// softmax(scoring(q·kᵀ) + mask) for q [batch, kv_heads, groups·len, d] (`groups` query heads
+/// per K/V head stacked along the rows), k [batch, kv_heads, keys, d] and mask [batch, 1, len,
+/// keys]: [batch, kv_heads, groups·len, keys], in the mask's dtype; with `slopes`, also the
+/// derivative of a capped score's cap, in the same layout.
+fn probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scoring: Scoring,
+    slopes: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, kvh, keys, _) = k.dims4()?;
     let len = mask.dim(2)?;
     let g = q.dim(2)? / len;
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = matmul_wide(q, &k.t()?)?.reshape((b, kvh * g, len, keys))?;
-    let scores = (scores * scale)?.broadcast_add(mask)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kvh, g * len, keys))
+    let (scores, slope) = scoring.scores(q, k, mask.dtype(), slopes)?;
+    let scores = scores
+        .reshape((b, kvh * g, len, keys))?
+        .broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kvh, g * len, keys))?;
+    Ok((probs, slope))
 }
 
 /// The sizes of one attention call.
@@ -224,10 +289,11 @@ struct Shapes {
     groups: usize,
     seq: usize,
     block: usize,
+    scoring: Scoring,
 }
 
 impl Shapes {
-    fn of(q: &Tensor, k: &Tensor, block: usize) -> Result<Self> {
+    fn of(q: &Tensor, k: &Tensor, block: usize, scoring: Scoring) -> Result<Self> {
         let (batch, kv_heads, seq, _) = k.dims4()?;
         let rows = q.dim(2)?;
         if seq == 0 || rows % seq != 0 {
@@ -239,6 +305,7 @@ impl Shapes {
             groups: rows / seq,
             seq,
             block: block.clamp(1, seq),
+            scoring,
         })
     }
 
@@ -286,25 +353,27 @@ impl Shapes {
 
     /// The attention probabilities of one block, [batch, kv_heads, groups·len, start + len], in
     /// the mask's dtype: the keys up to the block's last query position, the only ones a causal
-    /// mask lets it see (later keys would only add exp(−∞) = 0).
+    /// mask lets it see (later keys would only add exp(−∞) = 0). With `slopes`, also the
+    /// derivative of the score cap.
     fn probs(
         &self,
         q_rows: &Tensor,
         k: &Tensor,
         mask: &Tensor,
-        start: usize,
-        len: usize,
-    ) -> Result<Tensor> {
+        (start, len): (usize, usize),
+        slopes: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let keys = start + len;
         let mask = mask.narrow(2, start, len)?.narrow(3, 0, keys)?;
-        probabilities(q_rows, &k.narrow(2, 0, keys)?, &mask)
+        probabilities(q_rows, &k.narrow(2, 0, keys)?, &mask, self.scoring, slopes)
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let blocks = self
             .blocks()
             .map(|(start, len)| {
-                let p = self.probs(&self.rows(q, start, len)?, k, mask, start, len)?;
+                let (p, _) =
+                    self.probs(&self.rows(q, start, len)?, k, mask, (start, len), false)?;
                 matmul(&p.to_dtype(v.dtype())?, &v.narrow(2, 0, start + len)?)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -322,7 +391,7 @@ impl Shapes {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let acc = mask.dtype();
-        let scale = 1.0 / (k.dim(3)? as f64).sqrt();
+        let scale = self.scoring.scale;
         let (mut dq, mut dk, mut dv) = (
             Vec::new(),
             k.zeros_like()?.to_dtype(acc)?,
@@ -331,14 +400,18 @@ impl Shapes {
         for (start, len) in self.blocks() {
             let q_rows = self.rows(q, start, len)?;
             let grad_rows = self.rows(grad, start, len)?;
-            let p = self.probs(&q_rows, k, mask, start, len)?;
+            let (p, slope) = self.probs(&q_rows, k, mask, (start, len), true)?;
             let (keys, later) = (start + len, self.seq - start - len);
             let (k_seen, v_seen) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
             let dv_seen = matmul(&p.to_dtype(v.dtype())?.t()?, &grad_rows)?.to_dtype(acc)?;
             dv = (dv + dv_seen.pad_with_zeros(2, 0, later)?)?;
             let dp = matmul(&grad_rows, &v_seen.t()?)?.to_dtype(acc)?;
             let row_dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p * dp.broadcast_sub(&row_dot)?)? * scale)?.to_dtype(q.dtype())?;
+            let mut ds = ((p * dp.broadcast_sub(&row_dot)?)? * scale)?;
+            if let Some(slope) = slope {
+                ds = (ds * slope)?;
+            }
+            let ds = ds.to_dtype(q.dtype())?;
             dq.push(matmul(&ds, &k_seen)?);
             let dk_seen = matmul(&ds.t()?, &q_rows)?.to_dtype(acc)?;
             dk = (dk + dk_seen.pad_with_zeros(2, 0, later)?)?;

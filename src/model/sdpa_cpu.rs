@@ -60,11 +60,31 @@ pub(crate) struct Dims {
     pub head_dim: usize,
     /// Query positions per block (the block's scores [rows, keys] should stay in cache).
     pub block: usize,
+    /// The factor on q·kᵀ.
+    pub scale: f64,
+    /// Scores capped to cap·tanh(s/cap) before the mask (Gemma 2), when set.
+    pub softcap: Option<f64>,
 }
 
 impl Dims {
     fn scale<T: Element>(&self) -> T {
-        T::from(1.0 / (self.head_dim as f64).sqrt()).unwrap_or_else(T::one)
+        T::from(self.scale).unwrap_or_else(T::one)
+    }
+
+    /// Caps a row of scaled scores in place when the scores are capped; with `slopes`, writes
+    /// the cap's derivative 1 − tanh² of each score there.
+    fn cap<T: Element>(&self, row: &mut [T], slopes: Option<&mut [T]>) {
+        let Some(cap) = self.softcap.and_then(T::from) else {
+            return;
+        };
+        match slopes {
+            Some(slopes) => row.iter_mut().zip(slopes).for_each(|(x, slope)| {
+                let t = (*x / cap).tanh();
+                *x = t * cap;
+                *slope = T::one() - t * t;
+            }),
+            None => row.iter_mut().for_each(|x| *x = (*x / cap).tanh() * cap),
+        }
     }
 
     /// The query rows of one (batch, kv head, group) triple in q: seq × d elements.
@@ -116,6 +136,7 @@ pub(crate) fn forward<T: Element>(
             let mut p = vec![T::zero(); len * keys];
             scores(&mut p, q_rows, k_seen, scale, len, keys);
             for (r, row) in p.chunks_mut(keys).enumerate() {
+                dims.cap(row, None);
                 let mask_row = &mask[(batch * t + start + r) * t..][..keys];
                 row.iter_mut().zip(mask_row).for_each(|(x, m)| *x += *m);
                 let max = T::row_max(row);
@@ -169,6 +190,8 @@ pub(crate) fn backward<T: Element>(
             let batch = kv / dims.kv_heads;
             let mut p = vec![T::zero(); dims.block.min(t) * t];
             let mut dp = vec![T::zero(); dims.block.min(t) * t];
+            let capped = dims.softcap.is_some();
+            let mut slopes = vec![T::zero(); if capped { dims.block.min(t) * t } else { 0 }];
             for group in 0..g {
                 let head = kv * g + group;
                 for (start, len) in blocks::ranges(t, dims.block) {
@@ -180,9 +203,11 @@ pub(crate) fn backward<T: Element>(
                     let v_seen = matrix(v, kv * t * d, keys, d);
                     let p = &mut p[..len * keys];
                     let dp = &mut dp[..len * keys];
+                    let slopes = &mut slopes[..if capped { len * keys } else { 0 }];
                     // The probabilities, from the scores and the forward's log-sum-exp.
                     scores(p, q_rows, k_seen, scale, len, keys);
                     for (r, row) in p.chunks_mut(keys).enumerate() {
+                        dims.cap(row, capped.then(|| &mut slopes[r * keys..][..keys]));
                         let mask_row = &mask[(batch * t + start + r) * t..][..keys];
                         row.iter_mut().zip(mask_row).for_each(|(x, m)| *x += *m);
                         T::exp_shifted_sum(row, lse[rows + r]);
@@ -206,7 +231,8 @@ pub(crate) fn backward<T: Element>(
                         T::ONE,
                         Par::Seq,
                     );
-                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, written over P.
+                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, written over P; capped scores
+                    // also carry the cap's slope 1 − tanh².
                     for (r, (p_row, dp_row)) in p.chunks_mut(keys).zip(dp.chunks(keys)).enumerate()
                     {
                         let o = &out[(rows + r) * d..][..d];
@@ -216,6 +242,10 @@ pub(crate) fn backward<T: Element>(
                             .iter_mut()
                             .zip(dp_row)
                             .for_each(|(p, dp)| *p = *p * (*dp - row_dot) * scale);
+                        if capped {
+                            let slope_row = &slopes[r * keys..][..keys];
+                            p_row.iter_mut().zip(slope_row).for_each(|(p, s)| *p *= *s);
+                        }
                     }
                     let ds = matrix(p, 0, len, keys);
                     // dQ = dS·K

@@ -94,7 +94,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         "model {} ({}, {} parameters) on {}; frozen base in {:?}, LoRA weights, gradients, AdamW state, norms, softmax and loss in f32; LoRA r {} on {} ({} trainable parameters)",
         base.dir.display(),
         model.lm.config.model_type,
-        model.lm.config.parameter_count(),
+        crate::model::layout::parameter_count(&model.lm.config),
         crate::device::describe(&device),
         recipe.model.dtype,
         model.lora.as_ref().map(|l| l.r).unwrap_or(recipe.lora.r),

@@ -6,7 +6,7 @@
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
-use feinschliff::model::sdpa;
+use feinschliff::model::sdpa::{self, Scoring};
 
 /// [batch, 1, seq, seq]: causal, with row 0 packed as two samples (positions 0..3 and 3..seq).
 fn packed_causal_mask(batch: usize, seq: usize) -> Tensor {
@@ -26,6 +26,20 @@ fn packed_causal_mask(batch: usize, seq: usize) -> Tensor {
 
 /// softmax(Q·Kᵀ/√d + mask)·V with K/V repeated for each query head of a group.
 fn eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Tensor {
+    let d = k.dim(3).unwrap();
+    eager_scored(q, k, v, mask, groups, Scoring::standard(d))
+}
+
+/// softmax(scores + mask)·V, the scores scale·Q·Kᵀ capped to cap·tanh(s/cap) when `scoring` caps
+/// them (transformers' Gemma 2 eager attention), differentiated by candle.
+fn eager_scored(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    groups: usize,
+    scoring: Scoring,
+) -> Tensor {
     let (b, kvh, t, d) = k.dims4().unwrap();
     let q = q.reshape((b, kvh * groups, t, d)).unwrap();
     let repeat = |x: &Tensor| {
@@ -36,7 +50,10 @@ fn eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, groups: usize) -> Te
             .reshape((b, kvh * groups, t, d))
             .unwrap()
     };
-    let scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+    let mut scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scoring.scale).unwrap();
+    if let Some(cap) = scoring.softcap {
+        scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
+    }
     let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask).unwrap(), D::Minus1).unwrap();
     probs
         .matmul(&repeat(v))
@@ -84,11 +101,59 @@ fn blockwise_attention_equals_eager_attention_and_its_gradients() {
     });
     for block in [8, 3, 1] {
         let got = with_gradients((&q, &k, &v), &weights, |q, k, v| {
-            sdpa::attention(q, k, v, &mask, block).unwrap()
+            sdpa::attention(q, k, v, &mask, block, Scoring::standard(d)).unwrap()
         });
         for (name, (got, want)) in NAMES.iter().zip(got.iter().zip(&want)) {
             let diff = max_abs_diff(got, want);
             assert!(diff < 1e-12, "block {block}: {name} differs by {diff}");
+        }
+    }
+}
+
+/// Gemma 2's soft-capped scores with a scale other than 1/√d: the fused kernel (f64) and the
+/// composed path (f64 operands with an f32 mask) equal eager attention with tanh, gradients
+/// included (the backward carries the cap's 1 − tanh²).
+#[test]
+fn soft_capped_attention_equals_eager_attention_and_its_gradients() {
+    let (b, kvh, groups, t, d) = (2, 2, 2, 9, 4);
+    let dev = Device::Cpu;
+    let q = (Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap() * 3.0).unwrap();
+    let k = (Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap() * 3.0).unwrap();
+    let v = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+    let weights = Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+    let mask = packed_causal_mask(b, t);
+    let scoring = Scoring {
+        scale: 0.3,
+        softcap: Some(2.0),
+    };
+    let want = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+        eager_scored(q, k, v, &mask, groups, scoring)
+    });
+    let uncapped = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+        eager_scored(
+            q,
+            k,
+            v,
+            &mask,
+            groups,
+            Scoring {
+                softcap: None,
+                ..scoring
+            },
+        )
+    });
+    assert!(
+        max_abs_diff(&want[0], &uncapped[0]) > 1e-2,
+        "the cap must matter"
+    );
+    let mask32 = mask.to_dtype(DType::F32).unwrap();
+    for (path, mask, tolerance) in [("fused", &mask, 1e-12), ("composed", &mask32, 1e-5)] {
+        let got = with_gradients((&q, &k, &v), &weights, |q, k, v| {
+            sdpa::attention(q, k, v, mask, 4, scoring).unwrap()
+        });
+        for (name, (got, want)) in NAMES.iter().zip(got.iter().zip(&want)) {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < tolerance, "{path}: {name} differs by {diff}");
         }
     }
 }
@@ -110,7 +175,7 @@ fn fused_attention_in_f32_over_several_blocks_equals_eager_attention() {
     );
     let mask32 = mask.to_dtype(DType::F32).unwrap();
     let got = with_gradients((&q, &k, &v), &weights, |q, k, v| {
-        sdpa::attention(q, k, v, &mask32, 64).unwrap()
+        sdpa::attention(q, k, v, &mask32, 64, Scoring::standard(d)).unwrap()
     });
     for (name, (got, want)) in NAMES.iter().zip(got.iter().zip(&want)) {
         let diff = max_abs_diff(got, want);
@@ -131,11 +196,11 @@ fn composed_attention_in_bf16_stays_close_to_f32_with_its_gradients() {
     let weights = Tensor::randn(0f32, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
     let mask = packed_causal_mask(b, t).to_dtype(DType::F32).unwrap();
     let full = with_gradients((&q, &k, &v), &weights, |q, k, v| {
-        sdpa::attention(q, k, v, &mask, t).unwrap()
+        sdpa::attention(q, k, v, &mask, t, Scoring::standard(d)).unwrap()
     });
     let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
     let half = with_gradients((&bf(&q), &bf(&k), &bf(&v)), &weights, |q, k, v| {
-        sdpa::attention(q, k, v, &mask, 5).unwrap()
+        sdpa::attention(q, k, v, &mask, 5, Scoring::standard(d)).unwrap()
     });
     for (name, (full, half)) in NAMES.iter().zip(full.iter().zip(&half)) {
         let scale = full

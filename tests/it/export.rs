@@ -138,6 +138,66 @@ fn merged_qwen3_export_equals_peft_adapted_logits() {
     assert!(merged.contains_key("model.layers.1.self_attn.k_norm.weight"));
 }
 
+/// Phi-3's merged model keeps the fused qkv_proj and gate_up_proj (adapter deltas added to the
+/// fused matrices, nothing split) and gives PEFT's adapted logits.
+#[test]
+fn merged_phi3_export_keeps_fused_projections_and_equals_peft() {
+    let golden =
+        candle_core::safetensors::load(fixture("phi3").join("golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    merge(&options(
+        &fixture("phi3").join("adapter"),
+        &fixture("phi3"),
+        &out,
+    ))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let diff = max_abs_diff(
+        &logits_of(&out, &golden["input_ids"]),
+        &golden["adapted_logits"],
+    );
+    assert!(diff <= 1e-4, "merged phi3 vs PEFT: {diff}");
+    let merged =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let base =
+        candle_core::safetensors::load(fixture("phi3").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = merged.keys().collect();
+    names.sort();
+    let mut base_names: Vec<&String> = base.keys().collect();
+    base_names.sort();
+    assert_eq!(names, base_names);
+    for fused in ["self_attn.qkv_proj", "mlp.gate_up_proj"] {
+        let name = format!("model.layers.0.{fused}.weight");
+        assert!(max_abs_diff(&merged[&name], &base[&name]) > 1e-3, "{name}");
+    }
+}
+
+/// Gemma 2's and Gemma 3's merged models (their (1 + w) norms copied as stored) give PEFT's
+/// adapted logits.
+#[test]
+fn merged_gemma_exports_equal_peft_adapted_logits() {
+    for case in ["gemma2", "gemma3"] {
+        let golden =
+            candle_core::safetensors::load(fixture(case).join("golden.safetensors"), &Device::Cpu)
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        merge(&options(
+            &fixture(case).join("adapter"),
+            &fixture(case),
+            &out,
+        ))
+        .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+        let diff = max_abs_diff(
+            &logits_of(&out, &golden["input_ids"]),
+            &golden["adapted_logits"],
+        );
+        assert!(diff <= 1e-4, "merged {case} vs PEFT: {diff}");
+    }
+}
+
 #[test]
 fn merged_export_in_bf16_is_written_as_bf16() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use feinschliff::data::{Batch, Example, IGNORE_INDEX};
-use feinschliff::model::{lora, LoraConfig, TargetModules};
+use feinschliff::model::new::{config_json, random_weights, Size};
+use feinschliff::model::weights::Weights;
+use feinschliff::model::{lora, LoraConfig, ModelConfig, TargetModules};
 use feinschliff::train::loss::summed_nll;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,10 +28,34 @@ fn set_element(var: &Var, index: usize, value: f64) {
         .unwrap();
 }
 
+/// A tiny f64 Gemma 2 whose soft caps bite (scores capped at 1, logits at 2) and whose window (3)
+/// is shorter than the rows, so the gradients pass through tanh and both masks.
+fn tiny_capped_gemma2() -> feinschliff::model::CausalLm {
+    let shape = Size::Tiny.shape();
+    let mut json = config_json("gemma2", &shape, false).unwrap();
+    json["attn_logit_softcapping"] = 1.0.into();
+    json["final_logit_softcapping"] = 2.0.into();
+    json["sliding_window"] = 3.into();
+    let config = ModelConfig::from_json(&json).unwrap();
+    let weights = Weights::from_tensors(
+        random_weights("gemma2", &shape, false, 7).unwrap(),
+        DType::F64,
+        &Device::Cpu,
+    );
+    feinschliff::model::CausalLm::load(config, &weights, &Device::Cpu).unwrap()
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
-    for arch in ["llama", "qwen2", "qwen3"] {
-        let mut lm = tiny_lm(arch, DType::F64, 7);
+    // phi3: fused qkv_proj/gate_up_proj sliced after the LoRA product, 12 of 16 dimensions rotated.
+    // gemma2: GeGLU, (1 + w) and sandwich norms, soft-capped attention and head loss;
+    // gemma3_text: (1 + w) q/k norms, local RoPE tables.
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"] {
+        let mut lm = if arch == "gemma2" {
+            tiny_capped_gemma2()
+        } else {
+            tiny_lm(arch, DType::F64, 7)
+        };
         let config = super::common::all_linear_lora(2, 4.0, 0.0);
         lora::attach(&mut lm, &config, 3).unwrap();
         let trainable = lora::trainable(&lm);

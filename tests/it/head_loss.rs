@@ -1,5 +1,6 @@
 //! The LM head's blockwise cross-entropy equals log-softmax + gather differentiated by candle, in
-//! the per-row losses and in the hidden states' gradient, for any block size.
+//! the per-row losses and in the hidden states' gradient, for any block size, with and without
+//! Gemma 2's soft-capped logits (cap·tanh(logit/cap)).
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -9,12 +10,15 @@ use feinschliff::model::frozen_weight::FrozenWeight;
 #[test]
 fn blockwise_head_loss_equals_log_softmax_and_its_gradient() {
     // In f64 and in f32 (at f32 precision).
+    // f64 runs the composed path, f32 the CPU row kernel.
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-        head_loss_matches(dtype, tol);
+        for softcap in [None, Some(1.5)] {
+            head_loss_matches(dtype, tol, softcap);
+        }
     }
 }
 
-fn head_loss_matches(dtype: DType, tol: f64) {
+fn head_loss_matches(dtype: DType, tol: f64, softcap: Option<f64>) {
     let (rows, hidden, vocab) = (7, 5, 11);
     let dev = Device::Cpu;
     let h = Var::from_tensor(
@@ -34,8 +38,11 @@ fn head_loss_matches(dtype: DType, tol: f64) {
         .to_dtype(dtype)
         .unwrap();
 
-    let log_probs =
-        candle_nn::ops::log_softmax(&h.matmul(&head.t().unwrap()).unwrap(), D::Minus1).unwrap();
+    let mut logits = h.matmul(&head.t().unwrap()).unwrap();
+    if let Some(cap) = softcap {
+        logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+    }
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     let reference = log_probs
         .gather(&targets.unsqueeze(1).unwrap(), 1)
         .unwrap()
@@ -51,11 +58,11 @@ fn head_loss_matches(dtype: DType, tol: f64) {
         .unwrap();
     let ref_grad = ref_grad.get(&h).unwrap();
     for block in [7, 3, 1] {
-        let nll =
-            cross_entropy::head_nll(&h, &FrozenWeight::new(head.clone()), &targets, block).unwrap();
+        let frozen = FrozenWeight::new(head.clone());
+        let nll = cross_entropy::head_nll(&h, &frozen, &targets, block, softcap).unwrap();
         assert!(
             max_abs_diff(&nll, &reference) < tol,
-            "block {block}: losses differ"
+            "block {block}, cap {softcap:?}: losses differ"
         );
         let grads = (&nll * &weights)
             .unwrap()
@@ -64,7 +71,10 @@ fn head_loss_matches(dtype: DType, tol: f64) {
             .backward()
             .unwrap();
         let diff = max_abs_diff(grads.get(&h).unwrap(), ref_grad);
-        assert!(diff < tol, "block {block}: gradient differs by {diff}");
+        assert!(
+            diff < tol,
+            "block {block}, cap {softcap:?}: gradient differs by {diff}"
+        );
         assert!(grads.get(&head).is_none(), "the frozen head got a gradient");
     }
 }
@@ -75,10 +85,11 @@ fn bf16_head_loss_is_computed_in_f32() {
     let h = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
     let head = Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap();
     let targets = Tensor::new(&[1u32, 2, 3, 49], &dev).unwrap();
-    let full = cross_entropy::head_nll(&h, &FrozenWeight::new(head.clone()), &targets, 4).unwrap();
+    let full =
+        cross_entropy::head_nll(&h, &FrozenWeight::new(head.clone()), &targets, 4, None).unwrap();
     let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
     let half =
-        cross_entropy::head_nll(&bf(&h), &FrozenWeight::new(bf(&head)), &targets, 3).unwrap();
+        cross_entropy::head_nll(&bf(&h), &FrozenWeight::new(bf(&head)), &targets, 3, None).unwrap();
     assert_eq!(half.dtype(), DType::F32);
     assert!(max_abs_diff(&full, &half) < 0.1);
 }

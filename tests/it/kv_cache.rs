@@ -31,9 +31,11 @@ fn padded(rows: &[&[u32]], pad: u32) -> (Tensor, Vec<usize>) {
 
 #[test]
 fn cached_context_and_continuations_equal_the_whole_sequences() {
-    for arch in ["llama", "mistral", "qwen2"] {
+    // gemma2: the window on every other layer only, soft-capped scores; phi3: fused projections;
+    // gemma3_text: both tiny layers slide, with the local RoPE base.
+    for arch in ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text"] {
         let mut lm = tiny_lm(arch, DType::F64, 3);
-        if arch == "mistral" {
+        if matches!(arch, "mistral" | "gemma2" | "gemma3_text") {
             // A window shorter than the sequences, so that it matters.
             lm.config.sliding_window = Some(5);
         }

@@ -8,6 +8,7 @@ mod common;
 mod data;
 mod eval;
 mod export;
+mod families;
 mod faults;
 mod fuzz;
 mod gguf;

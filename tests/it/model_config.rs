@@ -105,3 +105,110 @@ fn absent_and_null_fields_take_transformers_defaults() {
     assert_eq!(config.num_key_value_heads, config.num_attention_heads);
     assert_eq!(config.rope_scaling, RopeScaling::None);
 }
+
+/// Phi-3 options Feinschliff cannot honour, and longrope tables that do not fit the heads, are
+/// errors that name the field and the fix.
+#[test]
+fn unsupported_phi3_options_are_clear_errors() {
+    let err = error("phi3", |c| c["resid_pdrop"] = json!(0.1));
+    assert!(
+        err.contains("`resid_pdrop`") && err.contains("0.0"),
+        "{err}"
+    );
+    let err = error("phi3", |c| {
+        c.as_object_mut()
+            .unwrap()
+            .remove("original_max_position_embeddings");
+    });
+    assert!(err.contains("`original_max_position_embeddings`"), "{err}");
+    let err = error("phi3", |c| {
+        c["rope_scaling"]["short_factor"] = json!([1.0, 1.0, 1.0])
+    });
+    assert!(
+        err.contains("short_factor") && err.contains("2 entries"),
+        "{err}"
+    );
+    let err = error("phi3", |c| c["rope_scaling"]["long_factor"] = json!("3"));
+    assert!(err.contains("`rope_scaling.long_factor`"), "{err}");
+    let err = error("phi3", |c| c["partial_rotary_factor"] = json!(1.5));
+    assert!(err.contains("partial_rotary_factor"), "{err}");
+}
+
+/// LongRoPE's attention factor: √(1 + ln(max/original) / ln original), unless given.
+#[test]
+fn phi3_longrope_attention_factor_follows_transformers() {
+    let (_dir, path) = config_with("phi3", |_| {});
+    let config = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(config.rotary_dim, 4);
+    assert!(config.fused_projections);
+    let RopeScaling::LongRope {
+        attention_factor,
+        original_max_position_embeddings,
+        ..
+    } = config.rope_scaling
+    else {
+        panic!("{:?}", config.rope_scaling)
+    };
+    assert_eq!(original_max_position_embeddings, 8);
+    let expected = (1.0 + (256.0f64 / 8.0).ln() / 8.0f64.ln()).sqrt();
+    assert!((attention_factor - expected).abs() < 1e-12);
+}
+
+/// Gemma 2 options Feinschliff cannot honour are errors naming the field.
+#[test]
+fn unsupported_gemma2_options_are_clear_errors() {
+    let err = error("gemma2", |c| c["hidden_activation"] = json!("relu"));
+    assert!(
+        err.contains("`hidden_activation`") && err.contains("gelu_pytorch_tanh"),
+        "{err}"
+    );
+    let err = error("gemma2", |c| {
+        c["layer_types"] = json!(["sliding_attention", "chunked"])
+    });
+    assert!(err.contains("`layer_types[1]`"), "{err}");
+    let err = error("gemma2", |c| c["layer_types"] = json!(["full_attention"]));
+    assert!(
+        err.contains("layer_types") && err.contains("num_hidden_layers"),
+        "{err}"
+    );
+    let err = error("gemma2", |c| c["attn_logit_softcapping"] = json!("50"));
+    assert!(err.contains("`attn_logit_softcapping`"), "{err}");
+    let err = error("gemma2", |c| c["use_bidirectional_attention"] = json!(true));
+    assert!(err.contains("`use_bidirectional_attention`"), "{err}");
+}
+
+/// Gemma 3: the sliding layers' RoPE must be plain; config.json fields Gemma leaves out take
+/// Gemma3TextConfig's defaults.
+#[test]
+fn gemma3_rope_layouts_and_defaults() {
+    let err = error("gemma3", |c| {
+        c["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        });
+    });
+    assert!(
+        err.contains("`rope_parameters.sliding_attention.rope_type`"),
+        "{err}"
+    );
+    let (_dir, path) = config_with("gemma3", |c| {
+        let c = c.as_object_mut().unwrap();
+        for key in [
+            "rope_theta",
+            "rope_local_base_freq",
+            "layer_types",
+            "query_pre_attn_scalar",
+        ] {
+            c.remove(key);
+        }
+        c.insert("num_hidden_layers".into(), json!(12));
+    });
+    let config = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(config.rope_theta, 1_000_000.0);
+    assert_eq!(config.local_rope_theta, Some(10_000.0));
+    assert_eq!(config.attention_scale, 1.0 / 16.0);
+    let global: Vec<usize> = (0..12)
+        .filter(|&i| !config.sliding_layers.as_ref().unwrap()[i])
+        .collect();
+    assert_eq!(global, [5, 11]);
+}

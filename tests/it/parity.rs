@@ -99,6 +99,12 @@ fn transformers5_config_layouts_match_transformers() {
         "mistral",
         "qwen2",
         "qwen3",
+        "phi3",
+        "phi3_bf16",
+        "gemma2",
+        "gemma2_bf16",
+        "gemma3",
+        "gemma3_bf16",
     ];
     for case in cases {
         let v5 = repo()
@@ -126,6 +132,21 @@ fn qwen2_with_biases_matches_transformers() {
     check_base("qwen2");
 }
 
+/// Qwen2's partial window: use_sliding_window with max_window_layers 1, so only layer 1 slides
+/// (window 4 < 12 tokens). Without `layer_types` (older configs) max_window_layers gives the same.
+#[test]
+fn qwen2_window_on_later_layers_matches_transformers() {
+    check_base("qwen2_window");
+    let config = ModelConfig::from_file(&case_dir("qwen2_window").join("config.json")).unwrap();
+    assert_eq!(config.sliding_layers, Some(vec![false, true]));
+    let mut raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(case_dir("qwen2_window").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    raw.as_object_mut().unwrap().remove("layer_types");
+    assert_eq!(ModelConfig::from_json(&raw).unwrap(), config);
+}
+
 /// Qwen3: per-head q_norm/k_norm before RoPE (norm weights away from 1), head_dim 16 with
 /// hidden 32 and 4 heads.
 #[test]
@@ -151,4 +172,94 @@ fn peft_adapter_on_llama3_matches_peft() {
 #[test]
 fn peft_rslora_all_linear_adapter_on_qwen2_matches_peft() {
     check_adapted("qwen2");
+}
+
+/// Phi-3: fused qkv_proj and gate_up_proj, half of each head rotated (partial_rotary_factor 0.5),
+/// longrope past an original context of 8 positions (so the 12 tokens use the long factors, with
+/// the attention factor on cos and sin).
+#[test]
+fn phi3_with_fused_projections_and_long_factors_matches_transformers() {
+    check_base("phi3");
+}
+
+/// Phi-4-mini-like: tied, 6 of 8 dimensions rotated, short factors, bf16 on disk.
+#[test]
+fn phi3_stored_in_bf16_with_short_factors_matches_transformers() {
+    check_base("phi3_bf16");
+}
+
+/// PEFT's adapter on the fused modules (qkv_proj, gate_up_proj) as well as o_proj and down_proj.
+#[test]
+fn peft_adapter_on_fused_phi3_projections_matches_peft() {
+    check_adapted("phi3");
+}
+
+/// An adapter `feinschliff train` made on the case's model, loaded by PEFT: the same logits here.
+fn check_peft_reads_ours(case: &str) {
+    let g = candle_core::safetensors::load(
+        case_dir(case).join("peft_reads_ours.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut lm = load_lm(case);
+    let base = logits(&lm, &g["input_ids"]);
+    adapter::load(&case_dir(case).join("feinschliff_adapter"), &Device::Cpu)
+        .unwrap()
+        .apply(&mut lm)
+        .unwrap();
+    let ours = logits(&lm, &g["input_ids"]);
+    let diff = max_abs_diff(&ours, &g["logits"]);
+    assert!(diff <= TOLERANCE, "{case}: max |diff| {diff} against PEFT");
+    assert!(max_abs_diff(&base, &ours) > 1e-3);
+}
+
+#[test]
+fn peft_reads_a_feinschliff_phi3_adapter_to_the_same_logits() {
+    check_peft_reads_ours("phi3");
+}
+
+/// Gemma 2: GeGLU, (1 + w) gains, four norms per layer, embeddings × √hidden, attention scale
+/// query_pre_attn_scalar^−½ with head_dim 16, soft-capped scores and logits, a window of 4 on
+/// layer 0 only.
+#[test]
+fn gemma2_with_soft_caps_and_alternating_window_matches_transformers() {
+    check_base("gemma2");
+}
+
+#[test]
+fn gemma2_stored_in_bf16_matches_transformers() {
+    check_base("gemma2_bf16");
+}
+
+#[test]
+fn peft_adapter_on_all_gemma2_projections_matches_peft() {
+    check_adapted("gemma2");
+}
+
+/// Trained through the soft-capped head loss and attention: PEFT reads it to the same logits.
+#[test]
+fn peft_reads_a_feinschliff_gemma2_adapter_to_the_same_logits() {
+    check_peft_reads_ours("gemma2");
+}
+
+/// Gemma 3 text: (1 + w) q_norm/k_norm per head, a window of 4 with RoPE base 1e4 on layer 0,
+/// base 1e6 with linear scaling 8 on the global layer 1, no soft caps.
+#[test]
+fn gemma3_with_local_and_global_rope_matches_transformers() {
+    check_base("gemma3");
+}
+
+#[test]
+fn gemma3_stored_in_bf16_matches_transformers() {
+    check_base("gemma3_bf16");
+}
+
+#[test]
+fn peft_adapter_on_all_gemma3_projections_matches_peft() {
+    check_adapted("gemma3");
+}
+
+#[test]
+fn peft_reads_a_feinschliff_gemma3_adapter_to_the_same_logits() {
+    check_peft_reads_ours("gemma3");
 }

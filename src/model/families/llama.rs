@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
@@ -30,5 +30,8 @@ impl Family for Llama {
         c.o_bias = c.qkv_bias;
         c.mlp_bias = f.mlp_bias.unwrap_or(false);
         Ok(c)
+    }
+    fn new_config_fields(&self, _layers: usize) -> Value {
+        json!({"attention_bias": false, "mlp_bias": false, "rope_scaling": null, "pretraining_tp": 1})
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
@@ -26,5 +26,8 @@ impl Family for Mistral {
         let mut c = parse_common(raw, self.model_type())?;
         c.sliding_window = typed::<Fields>(raw)?.sliding_window;
         Ok(c)
+    }
+    fn new_config_fields(&self, _layers: usize) -> Value {
+        json!({"sliding_window": null})
     }
 }

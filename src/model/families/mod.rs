@@ -1,8 +1,12 @@
-//! Model families: each file says how its config.json differs from the shared Llama-style decoder.
-//! Adding a family is one new file plus one line in [`by_model_type`].
+//! Model families: each file says how its config.json differs from the shared Llama-style decoder
+//! and what `model new` writes for it. Adding a family is one new file plus one line in [`FAMILIES`].
 
+mod gemma;
+mod gemma2;
+mod gemma3;
 mod llama;
 mod mistral;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -19,11 +23,21 @@ pub trait Family: Sync {
     fn architecture(&self) -> &'static str;
     /// Parses config.json into the shared config, setting this family's flags.
     fn parse(&self, raw: &Value) -> Result<ModelConfig>;
+    /// The fields `model new` writes into config.json beyond the shared shape (they replace
+    /// shared ones of the same name), for a model of `layers` layers.
+    fn new_config_fields(&self, layers: usize) -> Value;
+    /// Whether the family's released models tie the LM head to the embeddings at every size.
+    fn ties_embeddings(&self) -> bool {
+        false
+    }
 }
 
 const FAMILIES: &[&dyn Family] = &[
+    &gemma2::Gemma2,
+    &gemma3::Gemma3,
     &llama::Llama,
     &mistral::Mistral,
+    &phi3::Phi3,
     &qwen2::Qwen2,
     &qwen3::Qwen3,
 ];
@@ -37,6 +51,19 @@ pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
             supported().join(", ")
         ),
     }
+}
+
+/// Which layers slide, from config.json's `layer_types` (transformers ≥ 4.53 writes it).
+pub(super) fn sliding_layers(layer_types: &[String]) -> Result<Vec<bool>> {
+    layer_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => bail!("field `layer_types[{i}]`: `{other}` is not a layer type (sliding_attention, full_attention)"),
+        })
+        .collect()
 }
 
 /// The `model_type`s Feinschliff can load.

@@ -1,8 +1,9 @@
-//! Qwen2 (and DeepSeek-R1-Distill-Qwen): the Llama decoder with biases on q/k/v.
+//! Qwen2 (and DeepSeek-R1-Distill-Qwen): the Llama decoder with biases on q/k/v and an optional
+//! sliding window on the layers from `max_window_layers` on.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
@@ -13,6 +14,7 @@ struct Fields {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     sliding_window: Option<usize>,
+    layer_types: Option<Vec<String>>,
 }
 
 pub struct Qwen2;
@@ -27,21 +29,34 @@ impl Family for Qwen2 {
     fn parse(&self, raw: &Value) -> Result<ModelConfig> {
         let mut c = parse_common(raw, self.model_type())?;
         c.qkv_bias = true;
-        c.sliding_window = sliding_window(raw, c.num_hidden_layers)?;
+        (c.sliding_window, c.sliding_layers) = sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
+    }
+    fn new_config_fields(&self, layers: usize) -> Value {
+        json!({"rope_theta": 1_000_000.0, "use_sliding_window": false, "sliding_window": 4096, "max_window_layers": layers})
+    }
+    fn ties_embeddings(&self) -> bool {
+        true
     }
 }
 
-/// The attention window of Qwen2 and Qwen3 configs: layers from `max_window_layers` on use the
-/// sliding window (transformers' semantics); a window on only some layers is refused.
-pub(super) fn sliding_window(raw: &Value, layers: usize) -> Result<Option<usize>> {
+/// The attention window of Qwen2 and Qwen3 configs and the layers that use it, as transformers
+/// reads them: no window unless `use_sliding_window`; then the layers `layer_types` names, or
+/// (without it) those from `max_window_layers` (default 28) on.
+pub(super) fn sliding_window(
+    raw: &Value,
+    layers: usize,
+) -> Result<(Option<usize>, Option<Vec<bool>>)> {
     let f: Fields = typed(raw)?;
-    if !f.use_sliding_window.unwrap_or(false) {
-        return Ok(None);
+    if !f.use_sliding_window.unwrap_or(false) || f.sliding_window.is_none() {
+        return Ok((None, None));
     }
-    match f.max_window_layers.unwrap_or(0) {
-        0 => Ok(f.sliding_window),
-        some if some < layers => bail!("use_sliding_window on only some layers (max_window_layers {some} < num_hidden_layers {layers}) is not supported"),
-        _ => Ok(None),
-    }
+    let sliding = match f.layer_types {
+        Some(types) => super::sliding_layers(&types)?,
+        None => {
+            let first = f.max_window_layers.unwrap_or(28);
+            (0..layers).map(|i| i >= first).collect()
+        }
+    };
+    Ok((f.sliding_window, Some(sliding)))
 }

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
@@ -28,7 +28,14 @@ impl Family for Qwen3 {
         c.qkv_bias = typed::<Fields>(raw)?.attention_bias.unwrap_or(false);
         c.o_bias = c.qkv_bias;
         c.qk_norm = true;
-        c.sliding_window = super::qwen2::sliding_window(raw, c.num_hidden_layers)?;
+        (c.sliding_window, c.sliding_layers) =
+            super::qwen2::sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
+    }
+    fn new_config_fields(&self, layers: usize) -> Value {
+        json!({"rope_theta": 1_000_000.0, "attention_bias": false, "use_sliding_window": false, "sliding_window": null, "max_window_layers": layers})
+    }
+    fn ties_embeddings(&self) -> bool {
+        true
     }
 }

@@ -198,6 +198,9 @@ fn model_metadata(name: &str, c: &ModelConfig, quant: Quant) -> Result<Vec<(Stri
         crate::model::config::RopeScaling::Llama3 { .. } => {
             bail!("cannot write Llama 3.1 RoPE scaling as GGUF yet (it needs a rope_freqs tensor)")
         }
+        crate::model::config::RopeScaling::LongRope { .. } => {
+            bail!("cannot write Phi-3 longrope scaling as GGUF yet (it needs rope factor tensors)")
+        }
     }
     Ok(m)
 }

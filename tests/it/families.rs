@@ -1,0 +1,207 @@
+//! `model new --arch` for the families beyond Llama: checkpoints at the tiny and smol sizes that
+//! load, hold exactly the tensors the family's layout names, and run; and each such family through
+//! the command line: train, inspect, eval and export --merge.
+
+use candle_core::{DType, Device, Tensor};
+use feinschliff::model::new::{create, Size};
+use feinschliff::model::{layout, Model, TokenLayout};
+
+/// Writes `arch` at `size`, loads it and runs 6 tokens; returns the loaded model.
+fn new_model(arch: &str, size: Size) -> Model {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(arch);
+    create(arch, size, 1, &out, false).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+    let model = Model::load(&out, None, &Device::Cpu).unwrap();
+    let stored =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let elements: usize = stored.values().map(|t| t.elem_count()).sum();
+    assert_eq!(
+        elements,
+        layout::parameter_count(&model.lm.config),
+        "{arch}"
+    );
+    let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap();
+    let logits = model
+        .lm
+        .forward(&ids, &TokenLayout::causal(1, 6), None)
+        .unwrap();
+    let max = logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(max.is_finite() && max > 0.0, "{arch}: logits {max}");
+    model
+}
+
+#[test]
+fn model_new_phi3_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("phi3", size);
+        let c = &model.lm.config;
+        assert!(c.fused_projections);
+        assert_eq!(
+            c.rotary_dim * 4,
+            c.head_dim * 3,
+            "partial_rotary_factor 0.75"
+        );
+        let names: Vec<String> = model.lm.linears().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"model.layers.0.self_attn.qkv_proj".to_string()));
+        assert!(names.contains(&"model.layers.0.mlp.gate_up_proj".to_string()));
+        assert!(!names
+            .iter()
+            .any(|n| n.ends_with("q_proj") || n.ends_with("gate_proj")));
+    }
+}
+
+#[test]
+fn model_new_gemma2_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("gemma2", size);
+        let c = &model.lm.config;
+        assert!(c.sandwich_norms && c.norm_gain_offset && c.scale_embeddings);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.attn_logit_softcapping, Some(50.0));
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        let sliding = c.sliding_layers.clone().unwrap();
+        assert!(sliding[0] && !sliding[1], "{sliding:?}");
+    }
+}
+
+/// Gemma 3 text at smol size (30 layers): every sixth layer global, the others sliding with the
+/// local RoPE base.
+#[test]
+fn model_new_gemma3_text_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("gemma3_text", size);
+        let c = &model.lm.config;
+        assert!(c.qk_norm && c.sandwich_norms && c.norm_gain_offset);
+        assert_eq!(c.local_rope_theta, Some(10_000.0));
+        assert_eq!(c.rope_theta, 1_000_000.0);
+        let sliding = c.sliding_layers.clone().unwrap();
+        let global: Vec<usize> = (0..sliding.len()).filter(|&i| !sliding[i]).collect();
+        let want: Vec<usize> = (0..sliding.len()).filter(|i| (i + 1) % 6 == 0).collect();
+        assert_eq!(global, want);
+    }
+}
+
+fn feinschliff(args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "feinschliff {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Phi-3, Gemma 2 and Gemma 3 through the binary: `model new`, `train` (gradient checkpointing
+/// on, LoRA on every projection), `model inspect --adapter`, `eval` with the adapter (perplexity
+/// and generation), `export --merge`, and `model inspect` of the merged model.
+#[test]
+fn new_families_train_evaluate_and_export_from_the_command_line() {
+    for arch in ["phi3", "gemma2", "gemma3_text"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        feinschliff(&["model", "new", "--arch", arch, "--out", "base"], d);
+        let lines: String = (0..16)
+            .map(|i| {
+                let row = serde_json::json!({
+                    "prompt": format!("Frage {i}: Wann ist das Kundenzentrum offen?\nAntwort:"),
+                    "completion": format!(" Montag bis Freitag ab {} Uhr.", 7 + i % 3),
+                });
+                format!("{row}\n")
+            })
+            .collect();
+        std::fs::write(d.join("train.jsonl"), lines).unwrap();
+        let recipe = r#"
+[model]
+base = "base"
+
+[lora]
+r = 4
+alpha = 8
+target_modules = "all-linear"
+
+[data]
+format = "completion"
+max_seq_len = 48
+validation_fraction = 0.0
+
+[[data.train]]
+path = "train.jsonl"
+
+[train]
+batch_size = 4
+max_steps = 3
+gradient_checkpointing = true
+device = "cpu"
+
+[output]
+dir = "adapter"
+"#;
+        std::fs::write(d.join("recipe.toml"), recipe).unwrap();
+        let suite = r#"name = "smoke"
+max_length = 32
+
+[[task]]
+name = "ppl"
+kind = "perplexity"
+dataset = { path = "train.jsonl" }
+license = "CC0-1.0"
+context = "{{ prompt }}{{ completion }}"
+
+[[task]]
+name = "answer"
+kind = "generate"
+dataset = { path = "train.jsonl" }
+license = "CC0-1.0"
+context = "{{ prompt }}"
+target = "{{ completion }}"
+until = ["\n"]
+max_gen_toks = 4
+"#;
+        std::fs::write(d.join("suite.toml"), suite).unwrap();
+        feinschliff(&["train", "recipe.toml"], d);
+        feinschliff(&["model", "inspect", "base", "--adapter", "adapter"], d);
+        let eval = [
+            "eval",
+            "--model",
+            "base",
+            "--adapter",
+            "adapter",
+            "--suite",
+            "suite.toml",
+            "--limit",
+            "2",
+            "--out",
+            "eval",
+            "--device",
+            "cpu",
+        ];
+        feinschliff(&eval, d);
+        let merge = [
+            "export",
+            "--merge",
+            "--adapter",
+            "adapter",
+            "--base",
+            "base",
+            "--any-base",
+            "--out",
+            "merged",
+            "--device",
+            "cpu",
+        ];
+        feinschliff(&merge, d);
+        feinschliff(&["model", "inspect", "merged"], d);
+    }
+}
