@@ -2,7 +2,9 @@
 # The CPU figures of README's performance table, Feinschliff and the Python references side by
 # side in one run (about 15 minutes on 2 cores; run it on an otherwise idle machine):
 #  - LoRA train step (tiny and SmolLM2-135M shapes, f32; smol with a bf16 base, on AMX tiles where
-#    the CPU has them and with FEINSCHLIFF_AMX=0) beside PyTorch + PEFT (bf16: autocast);
+#    the CPU has them, with FEINSCHLIFF_AMX=0 (AVX512_BF16 where the CPU has it) and with both kernels
+#    off (bf16 widened to f32)) beside PyTorch + PEFT (bf16: autocast);
+#  - the bf16 kernels alone (`bench kernels`: GFLOP/s on the smol projection shapes);
 #  - forward scoring (f32, bf16) beside PyTorch under inference_mode;
 #  - greedy generation with the KV cache (batch 1 and 8, 32-token prompts, 128 new tokens) beside
 #    transformers' generate;
@@ -23,12 +25,14 @@ step() { echo "+ $*"; timeout 900 "$@" 2>&1 | grep -E "tokens/s|s/step|wall|acc|
   date -u +"%Y-%m-%d %H:%M UTC"
   lscpu | grep -E "Model name|^CPU\(s\)"
   echo "CPU features: $(grep -o -w -E 'avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  "$bin" bench kernels
   step "$bin" bench train --size tiny --steps 40
   step "$py" "$ref" --shape tiny --steps 40
   step "$bin" bench train --size smol --steps 5
   step "$py" "$ref" --shape smol --steps 5
   step "$bin" bench train --size smol --steps 5 --dtype bf16
   step env FEINSCHLIFF_AMX=0 "$bin" bench train --size smol --steps 5 --dtype bf16
+  step env FEINSCHLIFF_AMX=0 FEINSCHLIFF_AVX512_BF16=0 "$bin" bench train --size smol --steps 5 --dtype bf16
   step "$py" "$ref" --shape smol --steps 5 --dtype bf16
   step "$bin" bench score --size smol --steps 5
   step "$py" "$ref" --mode score --shape smol --steps 5
