@@ -63,13 +63,13 @@ const TOP: f64 = 40.0;
 const BASE_COLOUR: &str = "#9aa5b1";
 const ADAPTED_COLOUR: &str = "#2b6cb0";
 
-/// The chart as a standalone SVG document.
-pub fn svg(title: &str, rows: &[Row]) -> String {
+/// The chart of suite `suite` as a standalone SVG document.
+pub fn svg(suite: &str, rows: &[Row]) -> String {
     let row_height = 2.0 * BAR_HEIGHT + ROW_GAP;
     let height = TOP + row_height * rows.len() as f64 + 10.0;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"15\">{}</text>\n<rect x=\"{LABEL_WIDTH}\" y=\"26\" width=\"10\" height=\"10\" fill=\"{BASE_COLOUR}\"/><text x=\"{}\" y=\"35\">base</text>\n<rect x=\"{}\" y=\"26\" width=\"10\" height=\"10\" fill=\"{ADAPTED_COLOUR}\"/><text x=\"{}\" y=\"35\">adapted</text>\n",
-        escape(title),
+        escape(&format!("Evaluation: {suite}")),
         LABEL_WIDTH + 14.0,
         LABEL_WIDTH + 60.0,
         LABEL_WIDTH + 74.0,
@@ -135,9 +135,9 @@ fn bar(s: &mut String, y: f64, m: &Measured, scale: f64, colour: &str) {
     );
 }
 
-/// Writes eval.svg and eval_chart.json into `dir`.
-pub fn write(dir: &Path, title: &str, rows: &[Row]) -> Result<()> {
-    write_atomic(&dir.join(CHART_FILE), svg(title, rows).as_bytes())?;
+/// Writes eval.svg and eval_chart.json of suite `suite` into `dir`.
+pub fn write(dir: &Path, suite: &str, rows: &[Row]) -> Result<()> {
+    write_atomic(&dir.join(CHART_FILE), svg(suite, rows).as_bytes())?;
     write_atomic(
         &dir.join("eval_chart.json"),
         serde_json::to_string_pretty(rows)?.as_bytes(),

@@ -163,8 +163,7 @@ pub fn write_reports(
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
     report::write_samples(dir, results)?;
-    let title = format!("Evaluation: {}", suite.name);
-    chart::write(dir, &title, &chart::rows(results, base_results))?;
+    chart::write(dir, &suite.name, &chart::rows(results, base_results))?;
     write_atomic(
         &dir.join("report.md"),
         report::markdown(suite, &scores, baseline, &gates).as_bytes(),

@@ -309,31 +309,36 @@ impl CardInput {
     }
 }
 
-/// Writes README.md into `dir` for the adapter in `adapter_dir`.
+/// Writes README.md into `dir` for the adapter in `adapter_dir`, with the charts it shows copied
+/// beside it when `dir` is another folder.
 pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Result<()> {
     let card = CardInput::gather(adapter_dir, base_model, kind)?;
-    let chart = crate::train::plot::CHART_FILE;
-    if card.loss_chart && dir != adapter_dir {
-        let bytes = std::fs::read(adapter_dir.join(chart))
-            .with_context(|| format!("cannot read {}", adapter_dir.join(chart).display()))?;
-        crate::fsutil::write_atomic(&dir.join(chart), &bytes)?;
-    }
     if dir != adapter_dir {
-        for eval in card.evals.iter().filter(|e| e.chart) {
-            let (from, to) = (
-                adapter_dir.join(eval.chart_path()),
-                dir.join(eval.chart_path()),
-            );
-            let bytes =
-                std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-            }
-            crate::fsutil::write_atomic(&to, &bytes)?;
+        let loss = card
+            .loss_chart
+            .then(|| crate::train::plot::CHART_FILE.to_string());
+        let evals = card
+            .evals
+            .iter()
+            .filter(|e| e.chart)
+            .map(SuiteEval::chart_path);
+        for chart in loss.into_iter().chain(evals) {
+            copy_beside(adapter_dir, dir, &chart)?;
         }
     }
     crate::fsutil::write_atomic(&dir.join("README.md"), card.render().as_bytes())
+}
+
+/// Copies `relative` from `from` into `to` under the same relative path.
+fn copy_beside(from: &Path, to: &Path, relative: &str) -> Result<()> {
+    let (source, target) = (from.join(relative), to.join(relative));
+    let bytes =
+        std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    crate::fsutil::write_atomic(&target, &bytes)
 }
 
 fn yaml_str(s: &str) -> String {

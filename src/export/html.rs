@@ -122,10 +122,7 @@ fn eval_section(h: &mut String, suite: &SuiteResults) {
     }
     h.push_str("</table>\n");
     let rows = crate::eval::chart::rows(&suite.adapted, suite.base.as_deref());
-    h.push_str(&crate::eval::chart::svg(
-        &format!("Evaluation: {}", suite.name),
-        &rows,
-    ));
+    h.push_str(&crate::eval::chart::svg(&suite.name, &rows));
     if !suite.gates.is_empty() {
         h.push_str("<h3>Gates</h3>\n<ul>\n");
         for g in &suite.gates {

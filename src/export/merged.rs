@@ -99,8 +99,12 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         let name = base.name();
         let tensors = merged(DType::F32)?;
         crate::model::gguf::write(&file, &name, &parts.config, tokenizer, tensors, quant)?;
-        let card = super::card::CardInput::gather(&opts.adapter, &name, super::card::Kind::Merged)?;
-        write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
+        super::card::write(
+            staged.path(),
+            &opts.adapter,
+            &name,
+            super::card::Kind::Merged,
+        )?;
         return staged.commit();
     }
     let tensors = merged(dtype)?;
@@ -132,9 +136,12 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
             }
         }
     }
-    let card =
-        super::card::CardInput::gather(&opts.adapter, &base.name(), super::card::Kind::Merged)?;
-    write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
+    super::card::write(
+        staged.path(),
+        &opts.adapter,
+        &base.name(),
+        super::card::Kind::Merged,
+    )?;
     staged.commit()
 }
 
@@ -304,8 +311,11 @@ pub fn copy_adapter(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
             recipe.naming_base(base).to_toml()?.as_bytes(),
         )?;
     }
-    let card =
-        super::card::CardInput::gather(&opts.adapter, &base.name(), super::card::Kind::Adapter)?;
-    write_atomic(&staged.path().join("README.md"), card.render().as_bytes())?;
+    super::card::write(
+        staged.path(),
+        &opts.adapter,
+        &base.name(),
+        super::card::Kind::Adapter,
+    )?;
     staged.commit()
 }

@@ -177,7 +177,7 @@ pub fn product_packed<A: ToBf16>(
     let (m, k, n) = (a.rows, a.cols, b.n);
     assert!(
         b.k == k && out.len() == m * n,
-        "AMX product: shapes do not fit"
+        "bf16 product: shapes do not fit"
     );
     if m * n == 0 {
         return;

@@ -99,9 +99,7 @@ fn block_loss(
     let mut logits = matmul_wide(hidden, &head.t()?)?;
     let mut slope = None;
     if let Some(cap) = softcap {
-        let t = (logits / cap)?.tanh()?;
-        slope = Some(t.sqr()?.affine(-1.0, 1.0)?);
-        logits = (t * cap)?;
+        (logits, slope) = super::softcap::tensor(&logits, cap, true)?;
     }
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;
@@ -147,11 +145,7 @@ fn cpu_block_loss(
         .zip(slopes.par_chunks_mut(slope_width))
         .map(|((row, &target), slope)| {
             if let Some(cap) = cap {
-                for (x, slope) in row.iter_mut().zip(slope.iter_mut()) {
-                    let t = (*x / cap).tanh();
-                    *x = t * cap;
-                    *slope = 1.0 - t * t;
-                }
+                super::softcap::row(row, cap, Some(slope));
             }
             let target_logit = row[target as usize];
             let max = vector_math::max(row);

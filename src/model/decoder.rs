@@ -634,7 +634,7 @@ impl CausalLm {
             })?
         };
         Ok(match self.config.final_logit_softcapping {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            Some(cap) => super::softcap::tensor(&logits, cap, false)?.0,
             None => logits,
         })
     }

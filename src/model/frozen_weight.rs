@@ -58,12 +58,9 @@ impl FrozenWeight {
     /// x·Wᵀ for f32 activations x [n, in] on the CPU as an owned f32 buffer [n, out] (for ops that
     /// work on the product in place, such as the LM head's softmax); None for other operands.
     pub fn transposed_product_f32(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
-        let packed = self.on_cpu(x, |x, w| {
-            cpu_packed_product(x.0, x.1, w.0, &w.1.transpose(0, 1)?, &self.packs.transposed)
-        })?;
-        match packed {
-            Some((out, _)) => Ok(Some(out)),
-            None => cpu_product_f32(x, &self.tensor.t()?),
+        match self.on_cpu(x, |x, w| self.cpu_transposed_product(x, w))? {
+            Some((CpuStorage::F32(out), _)) => Ok(Some(out)),
+            _ => cpu_product_f32(x, &self.tensor.t()?),
         }
     }
 

@@ -535,8 +535,8 @@ fn bf16_kernel(dims: &ProductDims) -> Option<super::amx::Bf16Kernel> {
     super::amx::bf16_kernel()
 }
 
-/// Products with a bf16 right operand (the weights): on AMX tiles where the CPU has them and the
-/// product is large enough, else widened to f32.
+/// Products with a bf16 right operand (the weights): on a bf16 kernel (AMX tiles or AVX512_BF16)
+/// where the CPU has one and the product is large enough, else widened to f32.
 fn bf16_products<A: Widen + super::amx::ToBf16>(
     a: &[A],
     b: &[bf16],
@@ -551,7 +551,7 @@ fn bf16_products<A: Widen + super::amx::ToBf16>(
         let rhs = strided(b, ob, (k, n), dims.b_strides);
         super::amx::product(kernel, strided(a, oa, (m, k), dims.a_strides), rhs, dst);
     }
-    // SAFETY: the AMX product writes every element of each batch's output.
+    // SAFETY: the bf16 kernel writes every element of each batch's output.
     unsafe { assume_init(out) }
 }
 
@@ -591,7 +591,7 @@ pub(crate) fn cpu_packed_product(
         rhs,
         &mut out,
     );
-    // SAFETY: the AMX product writes every element.
+    // SAFETY: the bf16 kernel writes every element.
     Ok(Some((unsafe { assume_init(out) }, dims.out_shape)))
 }
 

@@ -29,6 +29,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod sdpa;
 mod sdpa_cpu;
+mod softcap;
 mod swiglu;
 pub mod tokenizer;
 pub mod vector_math;

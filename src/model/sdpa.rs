@@ -61,15 +61,7 @@ impl Scoring {
         let raw = (matmul_wide(q, &k.t()?)?.to_dtype(acc)? * self.scale)?;
         match self.softcap {
             None => Ok((raw, None)),
-            Some(cap) => {
-                let t = (raw / cap)?.tanh()?;
-                let slope = if slopes {
-                    Some(t.sqr()?.affine(-1.0, 1.0)?)
-                } else {
-                    None
-                };
-                Ok(((t * cap)?, slope))
-            }
+            Some(cap) => super::softcap::tensor(&raw, cap, slopes),
         }
     }
 }

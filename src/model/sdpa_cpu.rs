@@ -74,16 +74,8 @@ impl Dims {
     /// Caps a row of scaled scores in place when the scores are capped; with `slopes`, writes
     /// the cap's derivative 1 − tanh² of each score there.
     fn cap<T: Element>(&self, row: &mut [T], slopes: Option<&mut [T]>) {
-        let Some(cap) = self.softcap.and_then(T::from) else {
-            return;
-        };
-        match slopes {
-            Some(slopes) => row.iter_mut().zip(slopes).for_each(|(x, slope)| {
-                let t = (*x / cap).tanh();
-                *x = t * cap;
-                *slope = T::one() - t * t;
-            }),
-            None => row.iter_mut().for_each(|x| *x = (*x / cap).tanh() * cap),
+        if let Some(cap) = self.softcap.and_then(T::from) {
+            super::softcap::row(row, cap, slopes);
         }
     }
 

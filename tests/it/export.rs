@@ -408,6 +408,19 @@ fn recipe_trains_evaluates_and_writes_a_card() {
             "report.html is not self-contained: {banned}"
         );
     }
+    // A merged export carries the card with the charts it links.
+    let merged_dir = merge(&options(&out, &tiny_llama_dir(), &d.join("merged"))).unwrap();
+    let merged_card = std::fs::read_to_string(merged_dir.join("README.md")).unwrap();
+    for chart in ["loss.svg", "eval/domain/eval.svg"] {
+        assert!(
+            merged_card.contains(&format!("]({chart})")),
+            "{merged_card}"
+        );
+        assert!(
+            merged_dir.join(chart).is_file(),
+            "{chart} missing beside the merged card"
+        );
+    }
     // A gate that cannot pass fails the run after the reports and the card are written.
     let failing = r.clone();
     let mut failing = failing;

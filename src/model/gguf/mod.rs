@@ -10,6 +10,15 @@ mod write;
 
 pub use write::{write, Quant};
 
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+mod token_type {
+    pub const NORMAL: i32 = 1;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
+    pub const UNUSED: i32 = 5;
+    pub const BYTE: i32 = 6;
+}
+
 use anyhow::{anyhow, Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device};

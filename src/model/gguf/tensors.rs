@@ -219,7 +219,7 @@ impl TensorReader for Layout {
             .and_then(|q| q.dequantize(&cpu))
             .with_context(|| format!("cannot read tensor `{gguf}` of {}", self.path.display()))?;
         match e.expected.unpermute_heads {
-            Some(heads) => unpermute(&t, heads),
+            Some(heads) => permute(&t, heads, false),
             None => Ok(t),
         }
     }
@@ -256,25 +256,18 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{name}.{kind}"))
 }
 
-/// convert_hf_to_gguf.py's `permute` of llama Q/K rows: transformers' (head, half, pair) become
-/// GGUF's (head, pair, half).
-pub fn permute(t: &Tensor, heads: usize) -> Result<Tensor> {
+/// convert_hf_to_gguf.py's `permute` of llama Q/K rows (`to_gguf`) or its inverse: each head's
+/// rows are (half, pair) in transformers' order and (pair, half) in GGUF's.
+pub fn permute(t: &Tensor, heads: usize, to_gguf: bool) -> Result<Tensor> {
     let rows = t.dim(0)?;
     let cols = t.elem_count() / rows.max(1);
     let half = rows / heads / 2;
-    Ok(t.reshape((heads, 2, half, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(t.shape())?)
-}
-
-/// Undoes convert_hf_to_gguf.py's `permute` of llama Q/K rows: GGUF rows are (head, pair, half),
-/// transformers' are (head, half, pair).
-fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let rows = t.dim(0)?;
-    let cols = t.elem_count() / rows.max(1);
-    let half = rows / heads / 2;
-    Ok(t.reshape((heads, half, 2, cols))?
+    let grouped = if to_gguf {
+        (heads, 2, half, cols)
+    } else {
+        (heads, half, 2, cols)
+    };
+    Ok(t.reshape(grouped)?
         .transpose(1, 2)?
         .contiguous()?
         .reshape(t.shape())?)

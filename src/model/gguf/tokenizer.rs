@@ -11,11 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::metadata::Metadata;
+use super::token_type::{CONTROL, USER_DEFINED};
 use crate::model::ModelTokenizer;
-
-/// llama.cpp's token types.
-const CONTROL: u64 = 3;
-const USER_DEFINED: u64 = 4;
 
 /// transformers' split regexes by `tokenizer.ggml.pre`.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -285,7 +282,7 @@ fn added_tokens(tokens: &[&str], types: Option<&[u64]>, byte_level: bool) -> Val
     };
     let mut out = Vec::new();
     for (id, (token, kind)) in tokens.iter().zip(types).enumerate() {
-        match *kind {
+        match i32::try_from(*kind).unwrap_or_default() {
             CONTROL if !byte_level || token.chars().all(|c| alphabet.contains(&c)) => {
                 out.push(entry(id, token, true))
             }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::path::Path;
 
 use super::tensors::{gguf_name, permute};
+use super::token_type::{BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED};
 use super::tokenizer::pre_name;
 use crate::model::{ModelConfig, ModelTokenizer};
 
@@ -60,13 +61,6 @@ impl Quant {
     }
 }
 
-/// llama.cpp's token types.
-const NORMAL: i32 = 1;
-const CONTROL: i32 = 3;
-const USER_DEFINED: i32 = 4;
-const UNUSED: i32 = 5;
-const BYTE: i32 = 6;
-
 /// Writes `tensors` (transformers' names, f32) of a model of `config` with `tokenizer` to `path`.
 pub fn write(
     path: &Path,
@@ -92,18 +86,13 @@ pub fn write(
             None
         };
         let t = match heads {
-            Some(h) => permute(&t, h)?,
+            Some(h) => permute(&t, h, true)?,
             None => t,
         };
         let dtype = if t.rank() == 1 {
             GgmlDType::F32
         } else {
-            storage(
-                &gguf,
-                t.dims()[t.rank() - 1],
-                config.num_hidden_layers,
-                quant,
-            )
+            storage(&gguf, t.dims()[t.rank() - 1], config, quant)
         };
         let q = QTensor::quantize(&t.to_dtype(candle_core::DType::F32)?, dtype)
             .with_context(|| format!("cannot store tensor `{gguf}` as {dtype:?}"))?;
@@ -121,10 +110,11 @@ pub fn write(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The storage of 2-D weight `name` with rows of `row` values in a model of `layers` layers.
+/// The storage of 2-D weight `name` with rows of `row` values in a model of `config`'s shape.
 /// Types whose blocks do not divide the row fall back as llama.cpp does (Q4_K to Q5_0, Q6_K and
 /// Q5_0 to Q8_0, Q8_0 to F16).
-fn storage(name: &str, row: usize, layers: usize, quant: Quant) -> GgmlDType {
+fn storage(name: &str, row: usize, config: &ModelConfig, quant: Quant) -> GgmlDType {
+    let layers = config.num_hidden_layers;
     let wanted = match quant {
         Quant::F16 => GgmlDType::F16,
         Quant::Q8_0 => GgmlDType::Q8_0,
@@ -138,7 +128,10 @@ fn storage(name: &str, row: usize, layers: usize, quant: Quant) -> GgmlDType {
                 i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2
             });
             let sensitive = name.contains(".attn_v.") || name.contains(".ffn_down.");
-            if name == "output.weight" || (sensitive && more_bits) {
+            // The LM head: output.weight, or the embeddings that stand in for it when tied.
+            let head = name == "output.weight"
+                || (config.tie_word_embeddings && name == "token_embd.weight");
+            if head || (sensitive && more_bits) {
                 GgmlDType::Q6K
             } else {
                 GgmlDType::Q4K
@@ -182,7 +175,7 @@ fn model_metadata(name: &str, c: &ModelConfig, quant: Quant) -> Result<Vec<(Stri
         (key("attention.head_count_kv"), u(c.num_key_value_heads)),
         (key("attention.key_length"), u(c.head_dim)),
         (key("attention.value_length"), u(c.head_dim)),
-        (key("rope.dimension_count"), u(c.head_dim)),
+        (key("rope.dimension_count"), u(c.rotary_dim)),
         (
             key("attention.layer_norm_rms_epsilon"),
             Gguf::F32(c.rms_norm_eps as f32),
