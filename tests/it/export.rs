@@ -409,7 +409,7 @@ fn recipe_trains_evaluates_and_writes_a_card() {
         );
     }
     // A merged export carries the card with the charts it links.
-    let merged_dir = merge(&options(&out, &tiny_llama_dir(), &d.join("merged"))).unwrap();
+    let merged_dir = merge(&options(&out, tiny_llama_dir(), &d.join("merged"))).unwrap();
     let merged_card = std::fs::read_to_string(merged_dir.join("README.md")).unwrap();
     for chart in ["loss.svg", "eval/domain/eval.svg"] {
         assert!(
