@@ -2,8 +2,8 @@
 # The CPU figures of README's performance table, Feinschliff and the Python references side by
 # side in one run (about 15 minutes on 2 cores; run it on an otherwise idle machine):
 #  - LoRA train step (tiny and SmolLM2-135M shapes, f32; smol with a bf16 base, on AMX tiles where
-#    the CPU has them, with FEINSCHLIFF_AMX=0 (AVX512_BF16 where the CPU has it) and with both kernels
-#    off (bf16 widened to f32)) beside PyTorch + PEFT (bf16: autocast);
+#    the CPU has them, with the tiles off and the AVX512_BF16 kernel forced where the CPU has it, and
+#    with both kernels off (bf16 widened to f32)) beside PyTorch + PEFT (bf16: autocast);
 #  - the bf16 kernels alone (`bench kernels`: GFLOP/s on the smol projection shapes);
 #  - forward scoring (f32, bf16) beside PyTorch under inference_mode;
 #  - greedy generation with the KV cache (batch 1 and 8, 32-token prompts, 128 new tokens) beside
@@ -31,7 +31,7 @@ step() { echo "+ $*"; timeout 900 "$@" 2>&1 | grep -E "tokens/s|s/step|wall|acc|
   step "$bin" bench train --size smol --steps 5
   step "$py" "$ref" --shape smol --steps 5
   step "$bin" bench train --size smol --steps 5 --dtype bf16
-  step env FEINSCHLIFF_AMX=0 "$bin" bench train --size smol --steps 5 --dtype bf16
+  step env FEINSCHLIFF_AMX=0 FEINSCHLIFF_AVX512_BF16=1 "$bin" bench train --size smol --steps 5 --dtype bf16
   step env FEINSCHLIFF_AMX=0 FEINSCHLIFF_AVX512_BF16=0 "$bin" bench train --size smol --steps 5 --dtype bf16
   step "$py" "$ref" --shape smol --steps 5 --dtype bf16
   step "$bin" bench score --size smol --steps 5

@@ -28,7 +28,7 @@ pub fn run() -> Result<String> {
         (Bf16Kernel::Amx, amx::available()),
         (
             Bf16Kernel::Avx512Bf16,
-            crate::model::avx512_bf16::available(),
+            crate::model::avx512_bf16::supported(),
         ),
     ];
     let mut table = format!(

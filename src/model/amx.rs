@@ -35,11 +35,11 @@ pub enum Bf16Kernel {
     Avx512Bf16,
 }
 
-/// The fastest bf16 kernel this CPU runs, if any.
+/// The kernel bf16 products take on this CPU, if any: AMX tiles, else AVX512_BF16 where preferred.
 pub fn bf16_kernel() -> Option<Bf16Kernel> {
     if available() {
         Some(Bf16Kernel::Amx)
-    } else if super::avx512_bf16::available() {
+    } else if super::avx512_bf16::preferred() {
         Some(Bf16Kernel::Avx512Bf16)
     } else {
         None

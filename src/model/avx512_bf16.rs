@@ -1,20 +1,32 @@
 //! bf16 matrix products with AVX512_BF16's `VDPBF16PS` (each of 16 f32 lanes adds the products of
-//! one pair of bf16 values), for CPUs that have AVX512_BF16 but no AMX tiles: AMD Zen 4 and 5,
-//! Intel Cooper Lake. It multiplies the same packed operands as the AMX kernel in [`super::amx`]
-//! (which picks it at run time), so results differ from the tiles' only in summation order.
-//! `FEINSCHLIFF_AVX512_BF16=0` turns it off (products then widen bf16 to f32).
+//! one pair of bf16 values), for AMD Zen 4 and 5, which have AVX512_BF16 but no AMX tiles. It
+//! multiplies the same packed operands as the AMX kernel in [`super::amx`] (which picks it at run
+//! time), so results differ from the tiles' only in summation order.
+//!
+//! On AMD's cores one `VDPBF16PS` does twice the multiply-adds of an f32 FMA; on Intel's it does
+//! as many, at half the FMAs' issue rate, and on this project's Xeon (AMX off) it reached 167–210
+//! GFLOP/s against 268–285 for f32 products (`feinschliff bench kernels`). So it runs by default
+//! on AMD only; `FEINSCHLIFF_AVX512_BF16=1` runs it on any CPU that has the instructions, `=0`
+//! never (products then widen bf16 to f32).
 
 use std::sync::OnceLock;
 
-/// Whether this CPU runs AVX512_BF16 instructions (checked once).
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if std::env::var("FEINSCHLIFF_AVX512_BF16").is_ok_and(|v| v == "0") {
-            return false;
-        }
-        detect()
-    })
+/// Whether this CPU executes AVX512_BF16 instructions (checked once).
+pub fn supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(detect)
+}
+
+/// Whether bf16 products take this kernel where there are no AMX tiles (decided once).
+pub fn preferred() -> bool {
+    static PREFERRED: OnceLock<bool> = OnceLock::new();
+    *PREFERRED.get_or_init(
+        || match std::env::var("FEINSCHLIFF_AVX512_BF16").as_deref() {
+            Ok("0") => false,
+            Ok("1") => supported(),
+            _ => supported() && amd(),
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -25,6 +37,22 @@ fn detect() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> bool {
+    false
+}
+
+/// Whether the CPU's vendor string is AMD's ("AuthenticAMD").
+#[cfg(target_arch = "x86_64")]
+fn amd() -> bool {
+    let leaf = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    vendor == b"AuthenticAMD"
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amd() -> bool {
     false
 }
 
@@ -40,7 +68,7 @@ const L2_BUDGET: usize = 1 << 20;
 /// groups of 16 columns ([`super::amx::PackedRhs`]).
 ///
 /// Safety: `out` points to m × n f32 that no other thread writes in these columns; the CPU has
-/// AVX512F and AVX512_BF16 ([`available`]).
+/// AVX512F and AVX512_BF16 ([`supported`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn compute(

@@ -182,7 +182,7 @@ fn each_bf16_kernel_this_cpu_runs_equals_the_exact_product_of_bf16_values() {
         (Bf16Kernel::Amx, amx::available()),
         (
             Bf16Kernel::Avx512Bf16,
-            feinschliff::model::avx512_bf16::available(),
+            feinschliff::model::avx512_bf16::supported(),
         ),
     ]
     .into_iter()
