@@ -251,9 +251,9 @@ fn bad_workbook_input_names_file_sheet_and_row() {
 
 /// An .ods as LibreOffice writes it: a stored `mimetype` first, the manifest, then the content.
 fn write_ods(path: &Path, rows: &str) {
-    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut zip = ::zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored = ::zip::write::SimpleFileOptions::default()
+        .compression_method(::zip::CompressionMethod::Stored);
     zip.start_file("mimetype", stored).unwrap();
     zip.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
         .unwrap();
