@@ -164,7 +164,7 @@ impl Default for Columns {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
-    /// A file or glob of parquet, jsonl/ndjson, json, csv or tsv files.
+    /// A file or glob of parquet, jsonl/ndjson, json, csv, tsv, xlsx/xlsm/xls or ods files.
     #[serde(default)]
     pub path: Option<String>,
     /// A Hub dataset id (`org/name`), read from its parquet files, the hub cache or the mirror.
@@ -203,9 +203,17 @@ pub struct SourceSpec {
     /// csv/tsv: whether the first line names the columns.
     #[serde(default = "yes")]
     pub has_header: bool,
-    /// Read the files as this type (`parquet`, `jsonl`, `json`, `csv`, `tsv`) whatever their extension.
+    /// Read the files as this type (`parquet`, `jsonl`, `json`, `csv`, `tsv`, `xlsx`, ...) whatever
+    /// their extension.
     #[serde(default)]
     pub file_type: Option<String>,
+    /// Workbooks: the sheet, by name or 0-based index (default: the first).
+    #[serde(default)]
+    pub sheet: Option<crate::data::excel::SheetRef>,
+    /// Workbooks: the row (from 1, as Excel numbers rows) that names the columns (default: the
+    /// first non-empty row).
+    #[serde(default)]
+    pub header_row: Option<u32>,
 }
 
 fn one() -> f64 {
@@ -224,6 +232,8 @@ impl SourceSpec {
             quote: self.quote.clone(),
             encoding: self.encoding.clone(),
             has_header: self.has_header,
+            sheet: self.sheet.clone(),
+            header_row: self.header_row,
             ..Default::default()
         }
     }
@@ -602,6 +612,32 @@ impl Recipe {
             if src.path.is_some() == src.hub.is_some() {
                 return Err(anyhow!(
                     "recipe {}: data source {} ({}) must set exactly one of `path` and `hub`",
+                    self.source.display(),
+                    i + 1,
+                    src.label()
+                ));
+            }
+            let kind = crate::data::source::file_kind(
+                Path::new(src.path.as_deref().unwrap_or_default()),
+                src.file_type.as_deref(),
+            );
+            let stray = crate::data::excel::stray_option(
+                &kind,
+                src.sheet.is_some(),
+                src.header_row.is_some(),
+            );
+            if let Some(key) = stray {
+                return Err(anyhow!(
+                    "recipe {}: data source {} ({}): `{key}` applies only to Excel and OpenDocument workbooks (.xlsx, .xlsm, .xls, .ods), not to {}",
+                    self.source.display(),
+                    i + 1,
+                    src.label(),
+                    if src.hub.is_some() { "a Hub dataset".to_string() } else { format!("`{kind}` files") }
+                ));
+            }
+            if src.header_row == Some(0) {
+                return Err(anyhow!(
+                    "recipe {}: data source {} ({}): `header_row` counts from 1, as Excel numbers rows",
                     self.source.display(),
                     i + 1,
                     src.label()

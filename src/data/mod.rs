@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod encode;
+pub mod excel;
 pub mod format;
 pub mod inspect;
 mod locate;

@@ -1,5 +1,5 @@
 //! Reading data into Polars DataFrames: local files and globs (parquet, jsonl/ndjson, json, csv,
-//! tsv, plain text), nested JSON records (SQuAD), and Hub datasets through a local mirror folder
+//! tsv, plain text, Excel and OpenDocument workbooks), nested JSON records (SQuAD), and Hub datasets through a local mirror folder
 //! (`<mirror>/<org>/<name>/...` or a `mirror.toml` index) or the hub cache.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::excel::{self, SheetRef};
 use super::text_encoding;
 use crate::recipe::{Recipe, SourceSpec};
 
@@ -30,6 +31,11 @@ pub struct ReadOptions {
     /// json: the path of nested record arrays to flatten (SQuAD: `data/paragraphs/qas`); each
     /// record gets the fields of its parents.
     pub records: Option<String>,
+    /// xlsx/xlsm/xls/ods: the sheet, by name or 0-based index (default: the first).
+    pub sheet: Option<SheetRef>,
+    /// xlsx/xlsm/xls/ods: the row (from 1, as Excel numbers rows) that names the columns
+    /// (default: the first non-empty row).
+    pub header_row: Option<u32>,
     /// Columns renamed after reading (old = new).
     pub rename: BTreeMap<String, String>,
 }
@@ -43,6 +49,8 @@ impl Default for ReadOptions {
             encoding: None,
             has_header: true,
             records: None,
+            sheet: None,
+            header_row: None,
             rename: BTreeMap::new(),
         }
     }
@@ -227,7 +235,9 @@ fn mirror_index(
 }
 
 /// Data file extensions the readers know.
-const DATA_EXTENSIONS: &[&str] = &["parquet", "jsonl", "ndjson", "json", "csv", "tsv"];
+const DATA_EXTENSIONS: &[&str] = &[
+    "parquet", "jsonl", "ndjson", "json", "csv", "tsv", "xlsx", "xlsm", "xls", "ods",
+];
 
 /// The files of a split in a dataset folder, trying the layouts datasets use, first match wins:
 /// `<config>/<split>/*`, `<config>/<split>.*`, `<config>/<split>-*`, `<split>/*`, `<split>.*`,
@@ -270,14 +280,15 @@ pub fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec
 
 /// Reads one file with the reader its type calls for, then renames columns.
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
-    let kind = match &options.file_type {
-        Some(t) => t.to_lowercase(),
-        None => path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_lowercase(),
-    };
+    let kind = file_kind(path, options.file_type.as_deref());
+    if let Some(key) =
+        excel::stray_option(&kind, options.sheet.is_some(), options.header_row.is_some())
+    {
+        bail!(
+            "{}: `{key}` applies only to Excel and OpenDocument workbooks (.xlsx, .xlsm, .xls, .ods), not to `{kind}`",
+            path.display()
+        );
+    }
     let open =
         || std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
     let mut df = match kind.as_str() {
@@ -287,6 +298,7 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
         "json" => read_json(open()?, JsonFormat::Json).map_err(|e| explain(path, e))?,
         "parquet" => read_parquet(path, open()?)?,
         "csv" | "tsv" => read_csv(path, options, kind == "tsv")?,
+        k if excel::EXTENSIONS.contains(&k) => excel::read(path, options.sheet.as_ref(), options.header_row)?,
         "text" | "paragraphs" => {
             let text = decoded_text(path, options)?;
             let rows: Vec<String> = if kind == "text" {
@@ -297,7 +309,7 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
             df!("text" => rows)?
         }
         other => bail!(
-            "{}: unsupported file type `{other}`; use .parquet, .jsonl, .ndjson, .json, .csv or .tsv (or set file_type)",
+            "{}: unsupported file type `{other}`; use .parquet, .jsonl, .ndjson, .json, .csv, .tsv, .xlsx, .xlsm, .xls or .ods (or set file_type)",
             path.display()
         ),
     };
@@ -310,6 +322,14 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
         })?;
     }
     Ok(df)
+}
+
+/// How a file is read: its `file_type`, else its extension, in lower case.
+pub fn file_kind(path: &Path, file_type: Option<&str>) -> String {
+    file_type
+        .or_else(|| path.extension().and_then(|e| e.to_str()))
+        .unwrap_or("")
+        .to_lowercase()
 }
 
 /// JSON or JSON lines, with the schema inferred from every row (a field only late rows have must

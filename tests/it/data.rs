@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::common::{tiny_llama_dir, trained_ids};
 
-fn tokenizer() -> ModelTokenizer {
+pub(super) fn tokenizer() -> ModelTokenizer {
     ModelTokenizer::from_dir(tiny_llama_dir()).unwrap()
 }
 
@@ -33,7 +33,7 @@ fn recipe(dir: &Path, data: &str) -> Recipe {
     Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn prepare(dir: &Path, data: &str) -> anyhow::Result<Prepared> {
+pub(super) fn prepare(dir: &Path, data: &str) -> anyhow::Result<Prepared> {
     data::prepare(&recipe(dir, data), &tokenizer())
 }
 

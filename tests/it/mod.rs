@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod data;
 mod eval;
+mod excel;
 mod export;
 mod families;
 mod faults;

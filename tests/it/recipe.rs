@@ -171,3 +171,40 @@ fn hub_id_and_allow_local_base_are_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn workbook_options_on_other_sources_name_the_field() {
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "path = \"train.jsonl\"",
+            "path = \"faq.csv\"\nsheet = \"FAQ\"",
+        ),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(
+        err.contains("r.toml") && err.contains("`sheet`") && err.contains("`csv`"),
+        "{err}"
+    );
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "path = \"train.jsonl\"",
+            "hub = \"org/faq\"\nheader_row = 2",
+        ),
+    );
+    let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+    assert!(err.contains("`header_row`"), "{err}");
+    let (_dir, path) = write_temp(
+        "r.toml",
+        &GOOD.replace(
+            "path = \"train.jsonl\"",
+            "path = \"daten/*.xlsx\"\nsheet = 1\nheader_row = 2",
+        ),
+    );
+    let r = Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        r.data.train[0].sheet,
+        Some(feinschliff::data::excel::SheetRef::Index(1))
+    );
+}
