@@ -432,7 +432,7 @@ pub struct ExportSection {
     /// `safetensors` (Hugging Face layout) or `gguf` (one file for llama.cpp).
     #[serde(default)]
     pub format: ExportFormat,
-    /// Weights of a GGUF export: `f16` (default) or `q8_0`.
+    /// Weights of a GGUF export: `f16` (default), `q8_0` or `q4_k_m`.
     #[serde(default)]
     pub quant: Option<crate::model::gguf::Quant>,
 }
@@ -568,6 +568,22 @@ impl Recipe {
                 self.source.display()
             )
         };
+        if let Some(e) = &self.export {
+            if e.format == ExportFormat::Gguf && e.dtype.is_some() {
+                return Err(fail(
+                    "export",
+                    "dtype",
+                    "applies to safetensors exports; a GGUF export's types come from `quant` (f16, q8_0, q4_k_m)".into(),
+                ));
+            }
+            if e.format == ExportFormat::Safetensors && e.quant.is_some() {
+                return Err(fail(
+                    "export",
+                    "quant",
+                    "applies to `format = \"gguf\"` only; set the format or remove quant".into(),
+                ));
+            }
+        }
         let l = &self.lora;
         if l.r == 0 {
             return Err(fail(

@@ -71,12 +71,20 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         deltas.len(),
         crate::device::describe(&device)
     );
-    let tokenizer = match (opts.format, &parts.tokenizer) {
-        (Format::Gguf(_), None) => bail!(
-            "a GGUF export needs the base's tokenizer; {} has no tokenizer.json",
-            base_dir.display()
-        ),
-        (_, tokenizer) => tokenizer,
+    let gguf = match opts.format {
+        Format::Gguf(quant) => {
+            if opts.dtype.is_some() {
+                bail!("--dtype applies to safetensors exports; a GGUF export's types come from --quant (f16, q8_0, q4_k_m)");
+            }
+            let Some(tokenizer) = &parts.tokenizer else {
+                bail!(
+                    "a GGUF export needs the base's tokenizer; {} has no tokenizer.json",
+                    base_dir.display()
+                );
+            };
+            Some((quant, tokenizer))
+        }
+        Format::Safetensors => None,
     };
     let staged = StagedDir::create(&opts.out, opts.force)?;
     // Each merged tensor leaves the device once it is cast, so a GPU holds the base and one tensor.
@@ -94,7 +102,7 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
             })
             .collect()
     };
-    if let (Format::Gguf(quant), Some(tokenizer)) = (opts.format, tokenizer) {
+    if let Some((quant, tokenizer)) = gguf {
         let file = staged.path().join(format!("model-{}.gguf", quant.name()));
         let name = base.name();
         let tensors = merged(DType::F32)?;

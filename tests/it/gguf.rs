@@ -392,7 +392,8 @@ fn train_and_merge(dir: &Path, case: &str, quant: Quant) -> (PathBuf, PathBuf) {
         let opts = feinschliff::export::MergeOptions {
             adapter: dir.join("out"),
             out: dir.join(out),
-            dtype: Some(DType::F32),
+            // --dtype applies to safetensors only; GGUF's types come from the quantisation.
+            dtype: matches!(format, Format::Safetensors).then_some(DType::F32),
             max_shard_bytes: 5_000_000_000,
             device: "cpu".into(),
             force: false,
@@ -400,6 +401,23 @@ fn train_and_merge(dir: &Path, case: &str, quant: Quant) -> (PathBuf, PathBuf) {
         };
         feinschliff::export::merge(&opts, &base).unwrap()
     };
+    let refused = feinschliff::export::MergeOptions {
+        adapter: dir.join("out"),
+        out: dir.join("refused"),
+        dtype: Some(DType::BF16),
+        max_shard_bytes: 5_000_000_000,
+        device: "cpu".into(),
+        force: false,
+        format: Format::Gguf(quant),
+    };
+    let err = format!(
+        "{:#}",
+        feinschliff::export::merge(&refused, &base).unwrap_err()
+    );
+    assert!(
+        err.contains("--quant") && !dir.join("refused").exists(),
+        "{err}"
+    );
     let hf = merge("merged", Format::Safetensors);
     let gguf =
         merge("merged-gguf", Format::Gguf(quant)).join(format!("model-{}.gguf", quant.name()));

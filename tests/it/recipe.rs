@@ -91,6 +91,19 @@ fn bad_value_names_section_key_and_line() {
 }
 
 #[test]
+fn export_dtype_and_quant_only_where_the_format_takes_them() {
+    for (export, key) in [
+        ("format = \"gguf\"\ndtype = \"bf16\"", "[export] dtype"),
+        ("quant = \"q8_0\"", "[export] quant"),
+    ] {
+        let recipe = format!("{GOOD}\n[export]\nout = \"merged\"\n{export}\n");
+        let (_dir, path) = write_temp("r.toml", &recipe);
+        let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
+        assert!(err.contains(key) && err.contains("line"), "{err}");
+    }
+}
+
+#[test]
 fn missing_section_is_named() {
     let (_dir, path) = write_temp("r.toml", "[model]\nbase = \"m\"\n[output]\ndir = \"o\"\n");
     let err = format!("{:#}", Recipe::load(&path, &[]).unwrap_err());
