@@ -241,6 +241,15 @@ struct RopeFields {
     partial_rotary_factor: Option<f64>,
 }
 
+/// Refuses dropout inside the base model (config field `name` = `p`): only LoRA trains, with its
+/// own dropout.
+pub fn refuse_dropout(name: &str, p: Option<f64>) -> Result<()> {
+    if p.unwrap_or(0.0) != 0.0 {
+        bail!("field `{name}`: dropout inside the base model is not supported; set it to 0.0 (LoRA has its own dropout)");
+    }
+    Ok(())
+}
+
 /// Fields every Llama-like config.json carries; families add their own flags on top. Absent fields
 /// take transformers' defaults for these families.
 pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {

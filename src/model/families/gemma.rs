@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::model::config::{parse_common, typed, Activation, ModelConfig};
+use crate::model::config::{parse_common, refuse_dropout, typed, Activation, ModelConfig};
 
 /// The defaults of a Gemma config class for fields config.json may leave out.
 pub(super) struct Defaults {
@@ -39,9 +39,7 @@ pub(super) fn parse(raw: &Value, model_type: &str, defaults: &Defaults) -> Resul
     let raw = with_defaults(raw, defaults);
     let mut c = parse_common(&raw, model_type)?;
     let f: Fields = typed(&raw)?;
-    if f.attention_dropout.unwrap_or(0.0) != 0.0 {
-        bail!("field `attention_dropout`: dropout inside the base model is not supported; set it to 0.0 (LoRA has its own dropout)");
-    }
+    refuse_dropout("attention_dropout", f.attention_dropout)?;
     if f.use_bidirectional_attention.unwrap_or(false) {
         bail!("field `use_bidirectional_attention`: bidirectional (encoder) attention is not supported; Feinschliff trains causal language models");
     }

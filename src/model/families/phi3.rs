@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::Family;
-use crate::model::config::{parse_common, typed, ModelConfig, RopeScaling};
+use crate::model::config::{parse_common, refuse_dropout, typed, ModelConfig, RopeScaling};
 
 /// Phi-3's own fields of config.json.
 #[derive(Deserialize)]
@@ -36,9 +36,7 @@ impl Family for Phi3 {
             ("embd_pdrop", f.embd_pdrop),
             ("attention_dropout", f.attention_dropout),
         ] {
-            if p.unwrap_or(0.0) != 0.0 {
-                bail!("field `{name}`: dropout inside the base model is not supported; set it to 0.0 (LoRA has its own dropout)");
-            }
+            refuse_dropout(name, p)?;
         }
         if matches!(c.rope_scaling, RopeScaling::LongRope { .. })
             && f.original_max_position_embeddings.is_none()

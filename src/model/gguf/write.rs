@@ -276,7 +276,7 @@ fn tokenizer_metadata(t: &ModelTokenizer, vocab_size: usize) -> Result<Vec<(Stri
             "tokenizer.ggml.model".to_string(),
             Gguf::String(kind.into()),
         ),
-        ("tokenizer.ggml.tokens".into(), Gguf::Array(names.clone())),
+        ("tokenizer.ggml.tokens".into(), Gguf::Array(names)),
         ("tokenizer.ggml.token_type".into(), Gguf::Array(types)),
         (
             "tokenizer.ggml.merges".into(),
