@@ -6,10 +6,6 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
 
-/// llama.cpp architectures and the transformers `model_type` the shared decoder loads them as.
-const ARCHITECTURES: &[(&str, &str)] =
-    &[("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")];
-
 /// The metadata of one file.
 pub struct Metadata<'a> {
     map: &'a HashMap<String, Value>,
@@ -38,13 +34,7 @@ impl<'a> Metadata<'a> {
     }
 
     pub fn float(&self, key: &str) -> Result<Option<f64>> {
-        self.get(key)
-            .map(|v| match v {
-                Value::F32(x) => Ok(*x as f64),
-                Value::F64(x) => Ok(*x),
-                other => bail!("metadata key `{key}` should be a float, is {}", kind(other)),
-            })
-            .transpose()
+        self.get(key).map(|v| as_float(v, key)).transpose()
     }
 
     pub fn bool(&self, key: &str) -> Result<Option<bool>> {
@@ -57,15 +47,7 @@ impl<'a> Metadata<'a> {
     }
 
     pub fn string(&self, key: &str) -> Result<Option<&'a str>> {
-        self.get(key)
-            .map(|v| match v {
-                Value::String(s) => Ok(s.as_str()),
-                other => bail!(
-                    "metadata key `{key}` should be a string, is {}",
-                    kind(other)
-                ),
-            })
-            .transpose()
+        self.get(key).map(|v| as_str(v, key)).transpose()
     }
 
     fn array(&self, key: &str) -> Result<Option<&'a [Value]>> {
@@ -81,50 +63,30 @@ impl<'a> Metadata<'a> {
     }
 
     pub fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
-        let Some(items) = self.array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) => Ok(s.as_str()),
-                other => bail!(
-                    "metadata key `{key}`[{i}] should be a string, is {}",
-                    kind(other)
-                ),
-            })
-            .collect::<Result<_>>()
-            .map(Some)
+        self.each(key, as_str)
     }
 
     pub fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
-        let Some(items) = self.array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::F32(x) => Ok(*x),
-                Value::F64(x) => Ok(*x as f32),
-                other => bail!(
-                    "metadata key `{key}`[{i}] should be a float, is {}",
-                    kind(other)
-                ),
-            })
-            .collect::<Result<_>>()
-            .map(Some)
+        self.each(key, |v, k| as_float(v, k).map(|x| x as f32))
     }
 
     pub fn uints(&self, key: &str) -> Result<Option<Vec<u64>>> {
+        self.each(key, as_uint)
+    }
+
+    /// Every item of array `key` through `convert` (given the item and its name, `key[i]`).
+    fn each<T>(
+        &self,
+        key: &str,
+        convert: impl Fn(&'a Value, &str) -> Result<T>,
+    ) -> Result<Option<Vec<T>>> {
         let Some(items) = self.array(key)? else {
             return Ok(None);
         };
         items
             .iter()
             .enumerate()
-            .map(|(i, v)| as_uint(v, &format!("{key}[{i}]")))
+            .map(|(i, v)| convert(v, &format!("{key}[{i}]")))
             .collect::<Result<_>>()
             .map(Some)
     }
@@ -149,12 +111,25 @@ impl<'a> Metadata<'a> {
         }
     }
 
+    /// The head width and the key it comes from: `<arch>.attention.key_length`, else
+    /// `<arch>.rope.dimension_count`; None when the file has neither (then it is hidden / heads).
+    pub fn head_dim(&self) -> Result<Option<(u64, String)>> {
+        let arch = self.architecture()?;
+        for k in ["attention.key_length", "rope.dimension_count"] {
+            let key = format!("{arch}.{k}");
+            if let Some(d) = self.uint(&key)? {
+                return Ok(Some((d, key)));
+            }
+        }
+        Ok(None)
+    }
+
     /// config.json as transformers would write it for this model. Which optional tensors exist
     /// decides the flags metadata does not carry (biases, tied embeddings).
     pub fn config_json(&self, content: &Content) -> Result<Json> {
         let arch = self.architecture()?;
-        let Some((_, model_type)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
-            let names: Vec<&str> = ARCHITECTURES.iter().map(|(a, _)| *a).collect();
+        let Some(model_type) = super::model_type_of(arch) else {
+            let names: Vec<&str> = super::ARCHITECTURES.iter().map(|(a, _)| *a).collect();
             bail!(
                 "metadata key `general.architecture` is `{arch}`, which is not supported (supported: {})",
                 names.join(", ")
@@ -173,10 +148,7 @@ impl<'a> Metadata<'a> {
         let heads = self.required_uint(&key("attention.head_count"))?;
         let hidden = self.required_uint(&key("embedding_length"))?;
         // Without either key, head_dim is hidden / heads (config parsing checks divisibility).
-        let head_dim = match self.uint(&key("attention.key_length"))? {
-            Some(d) => Some(d),
-            None => self.uint(&key("rope.dimension_count"))?,
-        };
+        let head_dim = self.head_dim()?.map(|(d, _)| d);
         let mut c = Map::new();
         c.insert("model_type".into(), json!(model_type));
         c.insert("vocab_size".into(), json!(self.vocab()?.0));
@@ -214,7 +186,7 @@ impl<'a> Metadata<'a> {
         c.insert("rope_scaling".into(), self.rope_scaling(arch)?);
         c.insert("tie_word_embeddings".into(), json!(!has("output.weight")));
         let attention_bias = has("blk.0.attn_q.bias");
-        match *model_type {
+        match model_type {
             "llama" => {
                 c.insert("attention_bias".into(), json!(attention_bias));
                 c.insert("mlp_bias".into(), json!(has("blk.0.ffn_up.bias")));
@@ -253,6 +225,26 @@ impl<'a> Metadata<'a> {
                 "metadata key `{type_key}` is `{other}`, which is not supported (supported: none, linear)"
             ),
         }
+    }
+}
+
+/// A float value of either width.
+fn as_float(v: &Value, key: &str) -> Result<f64> {
+    match v {
+        Value::F32(x) => Ok(*x as f64),
+        Value::F64(x) => Ok(*x),
+        other => bail!("metadata key `{key}` should be a float, is {}", kind(other)),
+    }
+}
+
+/// A string value.
+fn as_str<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
+    match v {
+        Value::String(s) => Ok(s.as_str()),
+        other => bail!(
+            "metadata key `{key}` should be a string, is {}",
+            kind(other)
+        ),
     }
 }
 

@@ -282,16 +282,13 @@ pub fn expected(config: &ModelConfig, meta: &Metadata) -> Result<Vec<Expected>> 
     let (vocab, vocab_key) = meta.vocab()?;
     let hidden = (c.hidden_size, key("embedding_length"));
     let inter = (c.intermediate_size, key("feed_forward_length"));
-    let head_dim_key = if meta.uint(&key("attention.key_length"))?.is_some() {
-        key("attention.key_length")
-    } else if meta.uint(&key("rope.dimension_count"))?.is_some() {
-        key("rope.dimension_count")
-    } else {
-        format!(
+    let head_dim_key = match meta.head_dim()? {
+        Some((_, from)) => from,
+        None => format!(
             "{} / {}",
             key("embedding_length"),
             key("attention.head_count")
-        )
+        ),
     };
     let q = (
         c.num_attention_heads * c.head_dim,
@@ -302,8 +299,7 @@ pub fn expected(config: &ModelConfig, meta: &Metadata) -> Result<Vec<Expected>> 
         format!("{} × {head_dim_key}", key("attention.head_count_kv")),
     );
     let head = (c.head_dim, head_dim_key.clone());
-    // llama.cpp permutes Q/K rows for the Llama architecture only (its RoPE pairs adjacent values).
-    let permuted = arch == "llama";
+    let permuted = super::permutes_qk(arch);
     let mut out = Vec::new();
     let mut add = |hf: String, dims: Vec<(usize, String)>, heads: Option<usize>| {
         out.push(Expected {

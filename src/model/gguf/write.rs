@@ -72,7 +72,7 @@ pub fn write(
 ) -> Result<()> {
     let mut metadata = model_metadata(name, config, quant)?;
     metadata.extend(tokenizer_metadata(tokenizer, config.vocab_size)?);
-    let permuted = config.model_type == "llama" || config.model_type == "mistral";
+    let permuted = super::architecture_of(&config.model_type).is_some_and(super::permutes_qk);
     let mut stored = Vec::with_capacity(tensors.len());
     for (hf, t) in tensors {
         let gguf = gguf_name(&hf).with_context(|| format!("tensor `{hf}` has no GGUF name"))?;
@@ -151,11 +151,8 @@ fn storage(name: &str, row: usize, config: &ModelConfig, quant: Quant) -> GgmlDT
 
 /// `general.*` and the `<arch>.*` keys of the config.
 fn model_metadata(name: &str, c: &ModelConfig, quant: Quant) -> Result<Vec<(String, Gguf)>> {
-    let arch = match c.model_type.as_str() {
-        "llama" | "mistral" => "llama",
-        "qwen2" => "qwen2",
-        "qwen3" => "qwen3",
-        other => bail!("cannot write a `{other}` model as GGUF"),
+    let Some(arch) = super::architecture_of(&c.model_type) else {
+        bail!("cannot write a `{}` model as GGUF", c.model_type);
     };
     if c.sliding_window.is_some() {
         bail!("cannot write a model with a sliding attention window as GGUF");
