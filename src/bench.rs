@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use crate::data::Batch;
 use crate::device::{gb, peak_rss_bytes, MemoryPeak, PeakMemory};
+use crate::model::kernels::phases::{self, Phase};
 use crate::model::new::{config_json, weight_specs, Init, Size};
-use crate::model::phases::{self, Phase};
 use crate::model::weights::Weights;
-use crate::model::{lora, CausalLm, LoraConfig, ModelConfig, TargetModules, TokenLayout};
+use crate::model::{adapter, CausalLm, LoraConfig, ModelConfig, TargetModules, TokenLayout};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::step::optimizer_step;
 
@@ -251,8 +251,8 @@ pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         target_modules: TargetModules::Pattern("all-linear".into()),
         use_rslora: false,
     };
-    lora::attach(&mut lm, &lora_config, 0)?;
-    let trainable = lora::trainable(&lm);
+    adapter::attach(&mut lm, &lora_config, 0)?;
+    let trainable = adapter::trainable(&lm);
     let params = AdamWParams::default();
     let mut optimizer = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params)?;
     let batches = [random_batch(

@@ -9,7 +9,8 @@ use std::fmt::Write;
 use std::mem::MaybeUninit;
 use std::time::Instant;
 
-use crate::model::amx::{self, Bf16Kernel, PackedRhs, Strided};
+use crate::model::kernels::amx::{self, Bf16Kernel, PackedRhs};
+use crate::model::kernels::elements::Strided;
 
 /// (rows, in, out) of the smol model's projections: q/o, k/v, gate/up, down.
 const SHAPES: [(usize, usize, usize); 4] = [
@@ -28,7 +29,7 @@ pub fn run() -> Result<String> {
         (Bf16Kernel::Amx, amx::available()),
         (
             Bf16Kernel::Avx512Bf16,
-            crate::model::avx512_bf16::supported(),
+            crate::model::kernels::avx512_bf16::supported(),
         ),
     ];
     let mut table = format!(

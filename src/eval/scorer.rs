@@ -13,8 +13,9 @@ use indicatif::ProgressBar;
 use std::collections::HashMap;
 
 use crate::data::Batch;
+use crate::model::kernels::{blocks, cross_entropy};
 use crate::model::kv_cache::right_padded;
-use crate::model::{blocks, cross_entropy, generate, Model};
+use crate::model::{generate, Model};
 
 /// The log-likelihood of one continuation, and whether greedy decoding would produce it.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,16 +1,20 @@
-//! PEFT's on-disk adapter format: `adapter_config.json` and `adapter_model.safetensors` with keys
+//! LoRA adapters on a model: attaching fresh ones to the targeted projections, and PEFT's on-disk
+//! format, `adapter_config.json` and `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::base::BaseModel;
+use super::decoder::CausalLm;
 use super::lora::{LoraAdapter, LoraConfig, TargetModules};
 use super::weights::save_safetensors;
-use super::{BaseModel, CausalLm, Model};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -47,23 +51,31 @@ pub fn config_json(config: &LoraConfig, target_modules: &[String], base: &BaseMo
     })
 }
 
-/// Writes the model's adapters, made on `base`, into `dir` (which must exist).
-pub fn save(model: &Model, base: &BaseModel, dir: &Path) -> Result<()> {
-    let config = model
-        .lora
-        .as_ref()
-        .context("the model has no LoRA adapters to save")?;
-    let tensors: Vec<(String, Tensor)> = model
-        .trainable()
+/// Writes the adapters of `lm`, made with `config` on `base`, into `dir` (which must exist).
+pub fn save(lm: &CausalLm, config: &LoraConfig, base: &BaseModel, dir: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = trainable(lm)
         .into_iter()
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
     save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let json = config_json(config, &model.adapted_module_names(), base);
+    let json = config_json(config, &adapted_module_names(lm), base);
     crate::fsutil::write_atomic(
         &dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )
+}
+
+/// The short module names that carry adapters (`q_proj`, ...), sorted.
+pub fn adapted_module_names(lm: &CausalLm) -> Vec<String> {
+    let mut names: Vec<String> = lm
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.lora.is_some())
+        .filter_map(|(n, _)| n.rsplit('.').next().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// An adapter read from disk: its config and tensors.
@@ -250,7 +262,7 @@ impl LoadedAdapter {
         let weights = self.dir.join(WEIGHTS_FILE);
         let weights = weights.display();
         let mut attached = 0;
-        let master = super::decoder::accumulation_dtype(lm.dtype());
+        let master = super::kernels::accumulation_dtype(lm.dtype());
         for (i, (name, linear)) in lm.linears_mut().into_iter().enumerate() {
             let (ka, kb) = (peft_key(&name, "lora_A"), peft_key(&name, "lora_B"));
             match (tensors.remove(&ka), tensors.remove(&kb)) {
@@ -288,4 +300,46 @@ impl LoadedAdapter {
         }
         Ok(config)
     }
+}
+
+/// Attaches freshly initialised adapters to the layers of `lm` that `config` targets.
+pub fn attach(lm: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<()> {
+    if config.r == 0 {
+        bail!("lora r must be at least 1");
+    }
+    let names: Vec<String> = lm.linears().into_iter().map(|(n, _)| n).collect();
+    config.target_modules.resolve(&names)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let device = lm.device().clone();
+    // Master weights in f32 whatever the base dtype (f64 only for an f64 model, e.g. gradient checks).
+    let master = super::kernels::accumulation_dtype(lm.dtype());
+    for (name, linear) in lm.linears_mut() {
+        if config.target_modules.matches(&name)? {
+            let (i, o) = (linear.in_features(), linear.out_features());
+            let mut adapter = LoraAdapter::init(config, i, o, &mut rng, &device)?;
+            if master == DType::F64 {
+                adapter = LoraAdapter::from_tensors(
+                    config,
+                    adapter.a.as_tensor().clone(),
+                    adapter.b.as_tensor().clone(),
+                    master,
+                    adapter.dropout_seed,
+                )?;
+            }
+            linear.lora = Some(adapter);
+        }
+    }
+    Ok(())
+}
+
+/// The adapters' variables with their PEFT names, in layer order (A before B).
+pub fn trainable(lm: &CausalLm) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (name, linear) in lm.linears() {
+        if let Some(l) = &linear.lora {
+            out.push((peft_key(&name, "lora_A"), l.a.clone()));
+            out.push((peft_key(&name, "lora_B"), l.b.clone()));
+        }
+    }
+    out
 }

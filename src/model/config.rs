@@ -4,9 +4,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use std::path::Path;
-
-use super::families;
 
 /// How rotary position frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,28 +110,8 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and validates `config.json`; `path` is only used in error messages.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::fsutil::read_text(path, "model config")?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        Self::from_json(&raw).with_context(|| format!("in model config {}", path.display()))
-    }
-
-    /// Builds the config from parsed config.json, dispatching on `model_type`.
-    pub fn from_json(raw: &Value) -> Result<Self> {
-        #[derive(Deserialize)]
-        struct ModelType {
-            model_type: String,
-        }
-        let ModelType { model_type } = typed(raw)?;
-        let family = families::by_model_type(&model_type)?;
-        let config = family.parse(raw)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    fn validate(&self) -> Result<()> {
+    /// Checks what every family's config must satisfy.
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             bail!("num_attention_heads and num_key_value_heads must be positive");
         }

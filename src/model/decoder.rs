@@ -7,21 +7,45 @@ use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
-use super::checkpoint;
 use super::config::{Activation, ModelConfig, RopeScaling};
-use super::cross_entropy;
-use super::frozen_weight::FrozenWeight;
+use super::kernels::cross_entropy;
+use super::kernels::frozen_weight::FrozenWeight;
+use super::kernels::matmul::matmul_wide;
+use super::kernels::phases::{timed, Phase};
+use super::kernels::rms_norm;
+use super::kernels::sdpa::{self, Scoring};
+use super::kernels::swiglu;
+use super::kernels::{accumulation_dtype, checkpoint};
 use super::kv_cache::{KvCache, LayerKv};
 use super::layout::{self, Projection, Role};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
-use super::matmul::matmul_wide;
-use super::phases::{timed, Phase};
-use super::rms_norm;
 use super::rope::{self, Rope};
-use super::sdpa::{self, Scoring};
-use super::swiglu;
 use super::weights::Weights;
+
+/// A decoder layer with the context of one forward pass, recomputed in the backward pass when
+/// gradient checkpointing is on.
+struct CheckpointedLayer {
+    layer: DecoderLayer,
+    ctx: Context,
+}
+
+impl checkpoint::Recompute for CheckpointedLayer {
+    fn run(&self, x: &Tensor, track: bool) -> Result<Tensor> {
+        let mut ctx = self.ctx.clone();
+        ctx.pass.track = track;
+        self.layer.forward(x, &ctx)
+    }
+
+    fn trainable(&self) -> Vec<candle_core::Var> {
+        self.layer
+            .projections()
+            .into_iter()
+            .filter_map(|(_, l)| l.lora.as_ref())
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+}
 
 /// Where each token sits: its position id and the sample it belongs to (packed rows hold several).
 #[derive(Debug, Clone)]
@@ -80,15 +104,6 @@ pub(crate) struct Context {
     /// RoPE tables of the sliding-window layers when they have their own base (Gemma 3).
     local_tables: Option<(Tensor, Tensor)>,
     pub(crate) pass: Pass,
-}
-
-/// The dtype reductions (norms, softmax, logits) run in: f32, or f64 for an f64 model.
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 /// Root-mean-square layer norm, computed in f32 as transformers does.
@@ -520,7 +535,11 @@ impl CausalLm {
         let checkpointing = self.gradient_checkpointing && step.is_some();
         for layer in &self.layers {
             x = if checkpointing {
-                checkpoint::forward(layer, &x, &ctx, &self.checkpoint_grads)?
+                let block = CheckpointedLayer {
+                    layer: layer.clone(),
+                    ctx: ctx.clone(),
+                };
+                checkpoint::forward(block, &x, &self.checkpoint_grads)?
             } else {
                 layer.forward(&x, &ctx)?
             };
@@ -634,7 +653,7 @@ impl CausalLm {
             })?
         };
         Ok(match self.config.final_logit_softcapping {
-            Some(cap) => super::softcap::tensor(&logits, cap, false)?.0,
+            Some(cap) => super::kernels::softcap::tensor(&logits, cap, false)?.0,
             None => logits,
         })
     }

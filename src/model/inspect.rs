@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{weights, Model, ModelTokenizer, TokenLayout};
+use super::{adapter, weights, Model, ModelTokenizer, TokenLayout};
 
 /// A human-readable summary of the model (and adapter, when attached).
 pub fn summary(model: &Model) -> Result<String> {
@@ -91,7 +91,7 @@ pub fn summary(model: &Model) -> Result<String> {
             l.r,
             l.alpha,
             if l.use_rslora { "(rsLoRA) " } else { "" },
-            model.adapted_module_names().join(","),
+            adapter::adapted_module_names(&model.lm).join(","),
             model.trainable_parameter_count()
         )?;
     }

@@ -2,16 +2,16 @@
 //!
 //! candle's matmul backward always computes the weight gradient, even for a frozen weight; for a
 //! LoRA step that is a third of the work wasted. [`frozen_matmul`] is a custom op that runs the
-//! fast product of [`super::matmul`] forward (with the weight packed once, see
+//! fast product of [`super::kernels::matmul`] forward (with the weight packed once, see
 //! [`FrozenWeight`]) and whose backward returns only the input gradient.
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::frozen_weight::FrozenWeight;
+use super::kernels::frozen_weight::FrozenWeight;
+use super::kernels::matmul::product_transposed;
+use super::kernels::phases::{timed, Phase};
 use super::lora::{LoraAdapter, Pass};
-use super::matmul::product_transposed;
-use super::phases::{timed, Phase};
 
 /// One linear layer of the base model; the base weight never trains.
 #[derive(Clone)]

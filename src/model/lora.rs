@@ -7,9 +7,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::decoder::CausalLm;
-use super::frozen_weight::FrozenWeight;
-use super::lora_linear::lora_linear;
+use super::kernels::frozen_weight::FrozenWeight;
+use super::kernels::lora_linear::lora_linear;
 
 /// Which linear layers get adapters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,46 +216,4 @@ impl LoraAdapter {
             .matmul(self.a.as_tensor())?
             .affine(self.scale, 0.0)?)
     }
-}
-
-/// Attaches freshly initialised adapters to the layers of `lm` that `config` targets.
-pub fn attach(lm: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<()> {
-    if config.r == 0 {
-        bail!("lora r must be at least 1");
-    }
-    let names: Vec<String> = lm.linears().into_iter().map(|(n, _)| n).collect();
-    config.target_modules.resolve(&names)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let device = lm.device().clone();
-    // Master weights in f32 whatever the base dtype (f64 only for an f64 model, e.g. gradient checks).
-    let master = super::decoder::accumulation_dtype(lm.dtype());
-    for (name, linear) in lm.linears_mut() {
-        if config.target_modules.matches(&name)? {
-            let (i, o) = (linear.in_features(), linear.out_features());
-            let mut adapter = LoraAdapter::init(config, i, o, &mut rng, &device)?;
-            if master == DType::F64 {
-                adapter = LoraAdapter::from_tensors(
-                    config,
-                    adapter.a.as_tensor().clone(),
-                    adapter.b.as_tensor().clone(),
-                    master,
-                    adapter.dropout_seed,
-                )?;
-            }
-            linear.lora = Some(adapter);
-        }
-    }
-    Ok(())
-}
-
-/// The adapters' variables with their PEFT names, in layer order (A before B).
-pub fn trainable(lm: &CausalLm) -> Vec<(String, Var)> {
-    let mut out = Vec::new();
-    for (name, linear) in lm.linears() {
-        if let Some(l) = &linear.lora {
-            out.push((super::adapter::peft_key(&name, "lora_A"), l.a.clone()));
-            out.push((super::adapter::peft_key(&name, "lora_B"), l.b.clone()));
-        }
-    }
-    out
 }

@@ -2,37 +2,22 @@
 //! decoder, with LoRA adapters attached, saved and loaded in PEFT's format.
 
 pub mod adapter;
-pub mod amx;
-pub mod avx512_bf16;
 pub mod base;
-pub mod blocks;
-pub mod checkpoint;
 pub mod config;
-mod cpu_slices;
-pub mod cross_entropy;
 pub mod decoder;
 pub mod families;
-pub mod frozen_weight;
 pub mod generate;
 pub mod gguf;
 pub mod inspect;
+pub mod kernels;
 pub mod kv_cache;
 pub mod layout;
 pub mod linear;
 pub mod lora;
-pub mod lora_linear;
-pub mod matmul;
 pub mod new;
-pub mod phases;
-mod precomputed;
-pub mod rms_norm;
+pub mod parts;
 pub mod rope;
-pub mod sdpa;
-mod sdpa_cpu;
-mod softcap;
-mod swiglu;
 pub mod tokenizer;
-pub mod vector_math;
 pub mod weights;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +28,7 @@ pub use base::{locate, BaseModel};
 pub use config::ModelConfig;
 pub use decoder::{CausalLm, TokenLayout};
 pub use lora::{LoraConfig, TargetModules};
+pub use parts::Parts;
 pub use tokenizer::ModelTokenizer;
 
 /// A loaded checkpoint: the network, its tokenizer, and the LoRA config when adapters are attached.
@@ -53,18 +39,6 @@ pub struct Model {
     pub tokenizer: ModelTokenizer,
     pub lora: Option<LoraConfig>,
     /// How the checkpoint stores its weights (`f32`, `bf16`, `GGUF Q4_K ×14, F32 ×5`), for summaries.
-    pub storage: String,
-}
-
-/// A checkpoint's parts as read from disk: config, tensors under transformers' names, tokenizer.
-pub struct Parts {
-    pub config: ModelConfig,
-    /// config.json as read, or as the GGUF metadata describes it.
-    pub config_json: serde_json::Value,
-    pub weights: weights::Weights,
-    /// None for a folder without tokenizer.json (a merge needs none).
-    pub tokenizer: Option<ModelTokenizer>,
-    /// How the weights are stored, for summaries.
     pub storage: String,
 }
 
@@ -135,7 +109,7 @@ impl Model {
 
     /// Attaches freshly initialised adapters (PEFT init) to the targeted layers; `seed` fixes A.
     pub fn attach_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<()> {
-        lora::attach(&mut self.lm, config, seed)?;
+        adapter::attach(&mut self.lm, config, seed)?;
         self.lora = Some(config.clone());
         Ok(())
     }
@@ -149,21 +123,16 @@ impl Model {
 
     /// The trainable tensors with their PEFT names (`base_model.model.<module>.lora_A.weight`).
     pub fn trainable(&self) -> Vec<(String, Var)> {
-        lora::trainable(&self.lm)
+        adapter::trainable(&self.lm)
     }
 
-    /// The short module names that carry adapters (`q_proj`, ...), sorted.
-    pub fn adapted_module_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .lm
-            .linears()
-            .into_iter()
-            .filter(|(_, l)| l.lora.is_some())
-            .filter_map(|(n, _)| n.rsplit('.').next().map(str::to_string))
-            .collect();
-        names.sort();
-        names.dedup();
-        names
+    /// Writes the adapters, made on `base`, into `dir` (which must exist) in PEFT's format.
+    pub fn save_adapter(&self, base: &BaseModel, dir: &Path) -> Result<()> {
+        let config = self
+            .lora
+            .as_ref()
+            .context("the model has no LoRA adapters to save")?;
+        adapter::save(&self.lm, config, base, dir)
     }
 
     /// Number of trainable LoRA parameters.

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, W
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu_slices::{contiguous, with_cpu_slices};
+use super::kernels::cpu_slices::{contiguous, with_cpu_slices};
 
 use super::config::{ModelConfig, RopeScaling};
 

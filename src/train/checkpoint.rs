@@ -229,7 +229,7 @@ pub fn save(
         .with_context(|| format!("cannot create {}", tmp.display()))
         .runtime()?;
     let written = (|| -> Result<()> {
-        adapter::save(model, base, &tmp)?;
+        model.save_adapter(base, &tmp)?;
         let (m, v, _) = optimizer.state();
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * m.len());
         for (i, (m, v)) in m.iter().zip(v).enumerate() {

@@ -98,7 +98,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         crate::device::describe(&device),
         recipe.model.dtype,
         model.lora.as_ref().map(|l| l.r).unwrap_or(recipe.lora.r),
-        model.adapted_module_names().join(","),
+        adapter::adapted_module_names(&model.lm).join(","),
         model.trainable_parameter_count()
     );
 
@@ -299,7 +299,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         tracing::info!("{peak} on {}", crate::device::describe(&device));
     }
 
-    adapter::save(&model, base, out.path())?;
+    model.save_adapter(base, out.path())?;
     log.finish()?;
     plot::write(out.path())?;
     let checkpoints = out.path().join(checkpoint::DIR);

@@ -8,7 +8,7 @@ use super::loss::summed_nll;
 use super::optim::{self, AdamW, AdamWParams};
 use super::schedule;
 use crate::data::Batch;
-use crate::model::phases::{timed, Phase};
+use crate::model::kernels::phases::{timed, Phase};
 use crate::model::CausalLm;
 use crate::recipe::TrainSection;
 

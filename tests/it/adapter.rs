@@ -1,7 +1,7 @@
 //! Adapters written in PEFT's format load back to identical logits; PEFT's naming and config.
 
 use candle_core::{DType, Device, Tensor};
-use feinschliff::model::{adapter, lora, BaseModel, LoraConfig, Model, TargetModules, TokenLayout};
+use feinschliff::model::{adapter, BaseModel, LoraConfig, Model, TargetModules, TokenLayout};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -41,7 +41,7 @@ fn adapter_save_load_round_trip_reproduces_logits() {
         hub_id: Some("acme/tiny-llama".into()),
         revision: Some("0123abc".into()),
     };
-    adapter::save(&model, &base, out.path()).unwrap();
+    model.save_adapter(&base, out.path()).unwrap();
 
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
@@ -91,7 +91,7 @@ fn fresh_adapter_follows_peft_init() {
             None,
         )
         .unwrap();
-    lora::attach(&mut lm, &config, 0).unwrap();
+    adapter::attach(&mut lm, &config, 0).unwrap();
     let after = lm
         .forward(
             &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),
@@ -153,9 +153,9 @@ fn adapter_for_another_base_is_refused() {
         target_modules: TargetModules::Names(vec!["q_proj".into()]),
         use_rslora: false,
     };
-    lora::attach(&mut small, &config, 0).unwrap();
+    adapter::attach(&mut small, &config, 0).unwrap();
     // Same layer names, wrong shapes: write A with a different in-features count.
-    let tensors: Vec<(String, Tensor)> = lora::trainable(&small)
+    let tensors: Vec<(String, Tensor)> = adapter::trainable(&small)
         .into_iter()
         .map(|(k, v)| {
             let t = v.as_tensor().clone();

@@ -6,7 +6,7 @@
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
-use feinschliff::model::sdpa::{self, Scoring};
+use feinschliff::model::kernels::sdpa::{self, Scoring};
 
 /// [batch, 1, seq, seq]: causal, with row 0 packed as two samples (positions 0..3 and 3..seq).
 fn packed_causal_mask(batch: usize, seq: usize) -> Tensor {
@@ -236,7 +236,7 @@ fn blocks_hold_a_bounded_number_of_scores() {
 
 #[test]
 fn fused_rms_norm_equals_the_composed_formula_and_its_gradient() {
-    use feinschliff::model::rms_norm::rms_norm;
+    use feinschliff::model::kernels::rms_norm::rms_norm;
     let dev = Device::Cpu;
     let x = Var::randn(0f64, 1.0, (3, 5, 24), &dev).unwrap();
     let w = Tensor::randn(1f64, 0.2, 24, &dev).unwrap();

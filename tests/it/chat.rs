@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use feinschliff::chat::{self, sampling::SamplingOptions, ChatOptions};
 use feinschliff::data::template::{ChatTemplate, Message};
-use feinschliff::model::{adapter, BaseModel, Model};
+use feinschliff::model::{BaseModel, Model};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -150,7 +150,7 @@ fn piped_turns_compare_base_and_adapter_until_end_of_input() {
     };
     let adapter_dir = dir.path().join("adapter");
     std::fs::create_dir(&adapter_dir).unwrap();
-    adapter::save(&model, &base, &adapter_dir).unwrap();
+    model.save_adapter(&base, &adapter_dir).unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_feinschliff"))
         .args(["chat", "--model"])

@@ -305,8 +305,8 @@ fn packed_loss_equals_unpacked_loss() {
     let model = Model::load(tiny_llama_dir(), None, &Device::Cpu).unwrap();
     let mut lm = model.lm;
     let cfg = super::common::all_linear_lora(4, 8.0, 0.0);
-    feinschliff::model::lora::attach(&mut lm, &cfg, 1).unwrap();
-    for (_, v) in feinschliff::model::lora::trainable(&lm) {
+    feinschliff::model::adapter::attach(&mut lm, &cfg, 1).unwrap();
+    for (_, v) in feinschliff::model::adapter::trainable(&lm) {
         v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
             .unwrap();
     }

@@ -448,7 +448,7 @@ fn seeds() -> &'static Seeds {
             hub_id: Some("acme/tiny-llama".into()),
             revision: None,
         };
-        feinschliff::model::adapter::save(&model, &base, out.path()).unwrap();
+        model.save_adapter(&base, out.path()).unwrap();
         Seeds {
             config: serde_json::to_vec_pretty(&config).unwrap(),
             tokenizer: read("tokenizer.json"),

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use feinschliff::data::{Batch, Example};
 use feinschliff::model::new::{config_json, random_weights, Size};
 use feinschliff::model::weights::Weights;
-use feinschliff::model::{lora, CausalLm, ModelConfig};
+use feinschliff::model::{adapter, CausalLm, ModelConfig};
 use feinschliff::train::optim::{AdamW, AdamWParams};
 use feinschliff::train::step::optimizer_step;
 
@@ -27,7 +27,7 @@ fn train_three_steps(
     );
     let mut lm = CausalLm::load(config, &weights, device).unwrap();
     let lora_config = super::common::all_linear_lora(4, 8.0, dropout);
-    lora::attach(&mut lm, &lora_config, 9).unwrap();
+    adapter::attach(&mut lm, &lora_config, 9).unwrap();
     lm.gradient_checkpointing = checkpointing;
     let examples: Vec<Example> = (0..4)
         .map(|k| {
@@ -42,7 +42,7 @@ fn train_three_steps(
         Batch::pad(&refs[..2], 0, device).unwrap(),
         Batch::pad(&refs[2..], 0, device).unwrap(),
     ];
-    let trainable = lora::trainable(&lm);
+    let trainable = adapter::trainable(&lm);
     let params = AdamWParams::default();
     let mut opt = AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
     let (mut losses, mut norms) = (Vec::new(), Vec::new());

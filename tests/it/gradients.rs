@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use feinschliff::data::{Batch, Example, IGNORE_INDEX};
 use feinschliff::model::new::{config_json, random_weights, Size};
 use feinschliff::model::weights::Weights;
-use feinschliff::model::{lora, LoraConfig, ModelConfig, TargetModules};
+use feinschliff::model::{adapter, LoraConfig, ModelConfig, TargetModules};
 use feinschliff::train::loss::summed_nll;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -57,8 +57,8 @@ fn lora_gradients_match_finite_differences() {
             tiny_lm(arch, DType::F64, 7)
         };
         let config = super::common::all_linear_lora(2, 4.0, 0.0);
-        lora::attach(&mut lm, &config, 3).unwrap();
-        let trainable = lora::trainable(&lm);
+        adapter::attach(&mut lm, &config, 3).unwrap();
+        let trainable = adapter::trainable(&lm);
         // Non-zero B, so that A's gradient is non-zero too.
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         for (name, var) in &trainable {
@@ -131,8 +131,8 @@ fn only_lora_parameters_receive_gradients() {
         target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
         use_rslora: false,
     };
-    lora::attach(&mut lm, &config, 0).unwrap();
-    let trainable = lora::trainable(&lm);
+    adapter::attach(&mut lm, &config, 0).unwrap();
+    let trainable = adapter::trainable(&lm);
     assert_eq!(trainable.len(), 2 * 2 * lm.config.num_hidden_layers);
     assert!(trainable
         .iter()
@@ -159,8 +159,8 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
     let make = |checkpointing: bool| {
         let mut lm = tiny_lm("qwen2", DType::F64, 5);
         let config = super::common::all_linear_lora(4, 8.0, 0.1);
-        lora::attach(&mut lm, &config, 9).unwrap();
-        for (i, (_, var)) in lora::trainable(&lm).iter().enumerate() {
+        adapter::attach(&mut lm, &config, 9).unwrap();
+        for (i, (_, var)) in adapter::trainable(&lm).iter().enumerate() {
             if i % 2 == 1 {
                 var.set(&(var.as_tensor().ones_like().unwrap() * 0.01).unwrap())
                     .unwrap();
@@ -189,7 +189,7 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
     let mut outcomes = Vec::new();
     for checkpointing in [false, true] {
         let lm = make(checkpointing);
-        let trainable = lora::trainable(&lm);
+        let trainable = adapter::trainable(&lm);
         let mut opt =
             AdamW::new(trainable.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
         let o = feinschliff::train::step::optimizer_step(

@@ -4,8 +4,8 @@
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
-use feinschliff::model::cross_entropy;
-use feinschliff::model::frozen_weight::FrozenWeight;
+use feinschliff::model::kernels::cross_entropy;
+use feinschliff::model::kernels::frozen_weight::FrozenWeight;
 
 #[test]
 fn blockwise_head_loss_equals_log_softmax_and_its_gradient() {

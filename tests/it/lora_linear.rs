@@ -3,8 +3,8 @@
 //! in f32 (where the CPU accumulates the adapter product into the base product).
 
 use candle_core::{DType, Device, Tensor, Var};
-use feinschliff::model::frozen_weight::FrozenWeight;
-use feinschliff::model::lora_linear::lora_linear;
+use feinschliff::model::kernels::frozen_weight::FrozenWeight;
+use feinschliff::model::kernels::lora_linear::lora_linear;
 
 use super::common::max_abs_diff;
 

@@ -4,7 +4,7 @@
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
-use feinschliff::model::matmul::matmul;
+use feinschliff::model::kernels::matmul::matmul;
 
 /// Seeded standard-normal values of shape `dims`, in f64.
 fn random(dims: &[usize], seed: u64) -> Tensor {
@@ -100,7 +100,7 @@ fn tracked_operands_keep_their_gradients() {
 
 #[test]
 fn amx_tiles_equal_the_exact_product_of_bf16_values() {
-    if !feinschliff::model::amx::available() {
+    if !feinschliff::model::kernels::amx::available() {
         eprintln!("skipped: this CPU (or kernel) offers no AMX-BF16 tiles; the widening f32 path ran in the other tests");
         return;
     }
@@ -117,7 +117,7 @@ fn amx_tiles_equal_the_exact_product_of_bf16_values() {
     let x_bf16 = x.to_dtype(DType::BF16).unwrap();
     let want = exact(&x_bf16);
     for lhs in [x_bf16, x] {
-        let got = feinschliff::model::matmul::matmul_wide(&lhs, &w.t().unwrap()).unwrap();
+        let got = feinschliff::model::kernels::matmul::matmul_wide(&lhs, &w.t().unwrap()).unwrap();
         assert_eq!(got.dtype(), DType::F32);
         let err = max_abs_diff(&got, &want);
         assert!(err < 1e-3, "{:?} lhs: {err}", lhs.dtype());
@@ -125,7 +125,7 @@ fn amx_tiles_equal_the_exact_product_of_bf16_values() {
     // Batched, with the weight transposed the other way (the backward pass's grad · W).
     let g = random(&[2, 33, 403], 7).to_dtype(DType::BF16).unwrap();
     let wb = w.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap();
-    let got = feinschliff::model::matmul::matmul_wide(&g, &wb).unwrap();
+    let got = feinschliff::model::kernels::matmul::matmul_wide(&g, &wb).unwrap();
     let want = g
         .to_dtype(DType::F64)
         .unwrap()
@@ -136,9 +136,9 @@ fn amx_tiles_equal_the_exact_product_of_bf16_values() {
 
 #[test]
 fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
-    use feinschliff::model::frozen_weight::FrozenWeight;
+    use feinschliff::model::kernels::frozen_weight::FrozenWeight;
     use feinschliff::model::linear::frozen_matmul;
-    if !feinschliff::model::amx::available() {
+    if !feinschliff::model::kernels::amx::available() {
         eprintln!("skipped: this CPU (or kernel) offers no AMX-BF16 tiles, so nothing is packed");
         return;
     }
@@ -148,7 +148,8 @@ fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
     for (rows, seed) in [(37, 9), (70, 10), (37, 11)] {
         let x = random(&[rows, 300], seed).to_dtype(DType::F32).unwrap();
         let packed = frozen_matmul(&x, &frozen).unwrap();
-        let per_call = feinschliff::model::matmul::matmul_wide(&x, &w.t().unwrap()).unwrap();
+        let per_call =
+            feinschliff::model::kernels::matmul::matmul_wide(&x, &w.t().unwrap()).unwrap();
         assert_eq!(max_abs_diff(&packed, &per_call), 0.0, "x·Wᵀ, {rows} rows");
         let logits = frozen.transposed_product_f32(&x).unwrap().unwrap();
         assert_eq!(
@@ -159,7 +160,7 @@ fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
             .to_dtype(DType::F32)
             .unwrap();
         let packed = frozen.times(&g).unwrap();
-        let per_call = feinschliff::model::matmul::matmul_wide(&g, &w).unwrap();
+        let per_call = feinschliff::model::kernels::matmul::matmul_wide(&g, &w).unwrap();
         assert_eq!(max_abs_diff(&packed, &per_call), 0.0, "g·W, {rows} rows");
         let (c, d) = (
             random(&[rows, 5], seed + 200),
@@ -177,12 +178,13 @@ fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
 
 #[test]
 fn each_bf16_kernel_this_cpu_runs_equals_the_exact_product_of_bf16_values() {
-    use feinschliff::model::amx::{self, Bf16Kernel, PackedRhs, Strided};
+    use feinschliff::model::kernels::amx::{self, Bf16Kernel, PackedRhs};
+    use feinschliff::model::kernels::elements::Strided;
     let kernels: Vec<Bf16Kernel> = [
         (Bf16Kernel::Amx, amx::available()),
         (
             Bf16Kernel::Avx512Bf16,
-            feinschliff::model::avx512_bf16::supported(),
+            feinschliff::model::kernels::avx512_bf16::supported(),
         ),
     ]
     .into_iter()

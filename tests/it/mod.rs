@@ -25,6 +25,7 @@ mod lm_eval_tasks;
 mod lora_linear;
 mod matmul;
 mod model_config;
+mod module_cycles;
 mod parity;
 mod publish;
 mod recipe;

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use feinschliff::data::{Batch, Example};
 use feinschliff::model::weights::Weights;
-use feinschliff::model::{adapter, lora, CausalLm, ModelConfig, TokenLayout};
+use feinschliff::model::{adapter, CausalLm, ModelConfig, TokenLayout};
 use feinschliff::recipe::{Schedule, TrainSection};
 use feinschliff::train::step::Optimization;
 use serde::Deserialize;
@@ -110,7 +110,7 @@ fn check(scenario: &str) {
         ..TrainSection::default()
     };
     let lm = model_with(&fixture().join("initial_adapter"));
-    let trainable = lora::trainable(&lm);
+    let trainable = adapter::trainable(&lm);
     let mut optimization = Optimization::new(trainable.clone(), &train, s.steps.len()).unwrap();
     for (i, step) in s.steps.iter().enumerate() {
         let examples: Vec<Vec<Example>> = step

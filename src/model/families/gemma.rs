@@ -91,7 +91,7 @@ fn sliding_layers(
     layers: usize,
 ) -> Result<Vec<bool>> {
     match layer_types {
-        Some(types) => super::sliding_layers(&types),
+        Some(types) => super::family::sliding_layers(&types),
         None => Ok((0..layers).map(|i| (i + 1) % pattern.max(1) != 0).collect()),
     }
 }

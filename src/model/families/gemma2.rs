@@ -5,8 +5,8 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 
+use super::family::Family;
 use super::gemma::{self, Defaults};
-use super::Family;
 use crate::model::config::ModelConfig;
 
 pub struct Gemma2;

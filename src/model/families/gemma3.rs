@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::family::Family;
 use super::gemma::{self, Defaults};
-use super::Family;
 use crate::model::config::{typed, ModelConfig};
 
 /// Gemma 3's own fields of config.json (transformers 4.x layout).

@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Family;
+use super::family::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
 
 /// Mistral's own field of config.json.

@@ -1,6 +1,7 @@
 //! Model families: each file says how its config.json differs from the shared Llama-style decoder
 //! and what `model new` writes for it. Adding a family is one new file plus one line in [`FAMILIES`].
 
+mod family;
 mod gemma;
 mod gemma2;
 mod gemma3;
@@ -10,27 +11,13 @@ mod phi3;
 mod qwen2;
 mod qwen3;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use serde_json::Value;
+use std::path::Path;
 
-use super::config::ModelConfig;
-
-/// What a family contributes: reading its config.json, and the names it is written under.
-pub trait Family: Sync {
-    /// `model_type` in config.json.
-    fn model_type(&self) -> &'static str;
-    /// `architectures[0]` in config.json for a causal LM.
-    fn architecture(&self) -> &'static str;
-    /// Parses config.json into the shared config, setting this family's flags.
-    fn parse(&self, raw: &Value) -> Result<ModelConfig>;
-    /// The fields `model new` writes into config.json beyond the shared shape (they replace
-    /// shared ones of the same name), for a model of `layers` layers.
-    fn new_config_fields(&self, layers: usize) -> Value;
-    /// Whether the family's released models tie the LM head to the embeddings at every size.
-    fn ties_embeddings(&self) -> bool {
-        false
-    }
-}
+use super::config::{typed, ModelConfig};
+pub use family::Family;
 
 const FAMILIES: &[&dyn Family] = &[
     &gemma2::Gemma2,
@@ -42,6 +29,30 @@ const FAMILIES: &[&dyn Family] = &[
     &qwen3::Qwen3,
 ];
 
+/// Reading config.json is choosing the family by `model_type` and letting it parse.
+impl ModelConfig {
+    /// Reads and validates `config.json`; `path` is only used in error messages.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = crate::fsutil::read_text(path, "model config")?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        Self::from_json(&raw).with_context(|| format!("in model config {}", path.display()))
+    }
+
+    /// Builds the config from parsed config.json, dispatching on `model_type`.
+    pub fn from_json(raw: &Value) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct ModelType {
+            model_type: String,
+        }
+        let ModelType { model_type } = typed(raw)?;
+        let family = by_model_type(&model_type)?;
+        let config = family.parse(raw)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 /// The family for a config.json `model_type`.
 pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
     match FAMILIES.iter().find(|f| f.model_type() == model_type) {
@@ -51,19 +62,6 @@ pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
             supported().join(", ")
         ),
     }
-}
-
-/// Which layers slide, from config.json's `layer_types` (transformers ≥ 4.53 writes it).
-pub(super) fn sliding_layers(layer_types: &[String]) -> Result<Vec<bool>> {
-    layer_types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| match t.as_str() {
-            "sliding_attention" => Ok(true),
-            "full_attention" => Ok(false),
-            other => bail!("field `layer_types[{i}]`: `{other}` is not a layer type (sliding_attention, full_attention)"),
-        })
-        .collect()
 }
 
 /// The `model_type`s Feinschliff can load.

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Family;
+use super::family::Family;
 use crate::model::config::{parse_common, refuse_dropout, typed, ModelConfig, RopeScaling};
 
 /// Phi-3's own fields of config.json.

@@ -5,7 +5,7 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Family;
+use super::family::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
 
 /// Qwen2's own fields of config.json.
@@ -52,7 +52,7 @@ pub(super) fn sliding_window(
         return Ok((None, None));
     }
     let sliding = match f.layer_types {
-        Some(types) => super::sliding_layers(&types)?,
+        Some(types) => super::family::sliding_layers(&types)?,
         None => {
             let first = f.max_window_layers.unwrap_or(28);
             (0..layers).map(|i| i >= first).collect()

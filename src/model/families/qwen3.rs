@@ -5,7 +5,7 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Family;
+use super::family::Family;
 use crate::model::config::{parse_common, typed, ModelConfig};
 
 /// Qwen3's own field of config.json.

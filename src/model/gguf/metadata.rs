@@ -128,8 +128,11 @@ impl<'a> Metadata<'a> {
     /// decides the flags metadata does not carry (biases, tied embeddings).
     pub fn config_json(&self, content: &Content) -> Result<Json> {
         let arch = self.architecture()?;
-        let Some(model_type) = super::model_type_of(arch) else {
-            let names: Vec<&str> = super::ARCHITECTURES.iter().map(|(a, _)| *a).collect();
+        let Some(model_type) = super::architecture::model_type_of(arch) else {
+            let names: Vec<&str> = super::architecture::ARCHITECTURES
+                .iter()
+                .map(|(a, _)| *a)
+                .collect();
             bail!(
                 "metadata key `general.architecture` is `{arch}`, which is not supported (supported: {})",
                 names.join(", ")

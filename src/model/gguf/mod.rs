@@ -3,59 +3,22 @@
 //! tokenizer rebuilt from `tokenizer.ggml.*`; everything is checked before any tensor is read, and
 //! every error names the file and the key or tensor at fault. [`write`] writes a model the other way.
 
+mod architecture;
 mod metadata;
 mod tensors;
+mod token_type;
 mod tokenizer;
 mod write;
 
 pub use write::{write, Quant};
-
-/// llama.cpp's architectures and the transformers `model_type`s written as each; a file is read
-/// as the first of them.
-const ARCHITECTURES: &[(&str, &[&str])] = &[
-    ("llama", &["llama", "mistral"]),
-    ("qwen2", &["qwen2"]),
-    ("qwen3", &["qwen3"]),
-];
-
-/// The `model_type` a file of llama.cpp architecture `arch` loads as.
-fn model_type_of(arch: &str) -> Option<&'static str> {
-    ARCHITECTURES
-        .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, types)| types[0])
-}
-
-/// The llama.cpp architecture a model of `model_type` is written as.
-fn architecture_of(model_type: &str) -> Option<&'static str> {
-    ARCHITECTURES
-        .iter()
-        .find(|(_, types)| types.contains(&model_type))
-        .map(|(a, _)| *a)
-}
-
-/// Whether llama.cpp permutes the Q/K rows of architecture `arch` (the Llama architecture only:
-/// its RoPE pairs adjacent values).
-fn permutes_qk(arch: &str) -> bool {
-    arch == "llama"
-}
-
-/// llama.cpp's token types (`tokenizer.ggml.token_type`).
-mod token_type {
-    pub const NORMAL: i32 = 1;
-    pub const CONTROL: i32 = 3;
-    pub const USER_DEFINED: i32 = 4;
-    pub const UNUSED: i32 = 5;
-    pub const BYTE: i32 = 6;
-}
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device};
 use std::path::Path;
 
+use super::parts::Parts;
 use super::weights::Weights;
-use super::Parts;
 
 /// The magic number every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -84,7 +47,7 @@ pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Parts> {
         .len();
     let meta = metadata::Metadata::new(&content);
     let config_json = meta.config_json(&content).with_context(at)?;
-    let config = super::ModelConfig::from_json(&config_json)
+    let config = super::config::ModelConfig::from_json(&config_json)
         .with_context(|| format!("{}: the config its metadata describes", at()))?;
     let expected = tensors::expected(&config, &meta).with_context(at)?;
     let tokenizer = tokenizer::build(&meta, path).with_context(at);

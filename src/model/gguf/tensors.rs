@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::metadata::Metadata;
+use crate::model::config::ModelConfig;
 use crate::model::weights::TensorReader;
-use crate::model::ModelConfig;
 
 /// The storage types read, with llama.cpp's names; others are refused by name.
 const SUPPORTED: &[(GgmlDType, &str)] = &[
@@ -299,7 +299,7 @@ pub fn expected(config: &ModelConfig, meta: &Metadata) -> Result<Vec<Expected>> 
         format!("{} × {head_dim_key}", key("attention.head_count_kv")),
     );
     let head = (c.head_dim, head_dim_key.clone());
-    let permuted = super::permutes_qk(arch);
+    let permuted = super::architecture::permutes_qk(arch);
     let mut out = Vec::new();
     let mut add = |hf: String, dims: Vec<(usize, String)>, heads: Option<usize>| {
         out.push(Expected {

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::metadata::Metadata;
 use super::token_type::{CONTROL, USER_DEFINED};
-use crate::model::ModelTokenizer;
+use crate::model::tokenizer::ModelTokenizer;
 
 /// transformers' split regexes by `tokenizer.ggml.pre`.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

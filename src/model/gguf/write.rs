@@ -13,7 +13,8 @@ use std::path::Path;
 use super::tensors::{gguf_name, permute};
 use super::token_type::{BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED};
 use super::tokenizer::pre_name;
-use crate::model::{ModelConfig, ModelTokenizer};
+use crate::model::config::ModelConfig;
+use crate::model::tokenizer::ModelTokenizer;
 
 /// The storage of the 2-D weights.
 #[derive(
@@ -72,7 +73,8 @@ pub fn write(
 ) -> Result<()> {
     let mut metadata = model_metadata(name, config, quant)?;
     metadata.extend(tokenizer_metadata(tokenizer, config.vocab_size)?);
-    let permuted = super::architecture_of(&config.model_type).is_some_and(super::permutes_qk);
+    let permuted = super::architecture::architecture_of(&config.model_type)
+        .is_some_and(super::architecture::permutes_qk);
     let mut stored = Vec::with_capacity(tensors.len());
     for (hf, t) in tensors {
         let gguf = gguf_name(&hf).with_context(|| format!("tensor `{hf}` has no GGUF name"))?;
@@ -151,7 +153,7 @@ fn storage(name: &str, row: usize, config: &ModelConfig, quant: Quant) -> GgmlDT
 
 /// `general.*` and the `<arch>.*` keys of the config.
 fn model_metadata(name: &str, c: &ModelConfig, quant: Quant) -> Result<Vec<(String, Gguf)>> {
-    let Some(arch) = super::architecture_of(&c.model_type) else {
+    let Some(arch) = super::architecture::architecture_of(&c.model_type) else {
         bail!("cannot write a `{}` model as GGUF", c.model_type);
     };
     if c.sliding_window.is_some() {

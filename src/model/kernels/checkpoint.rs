@@ -1,42 +1,39 @@
-//! Gradient checkpointing for decoder layers: the forward pass keeps only each layer's input and
-//! output; the backward pass recomputes the layer with the graph on and backpropagates through it.
-//! candle has no checkpoint primitive, so a custom op carries the layer: its forward hands over the
-//! output (computed outside the graph), its backward recomputes and returns the input's
-//! gradient, and puts the adapters' gradients into a side store that the train step merges.
+//! Gradient checkpointing: the forward pass keeps only a block's input and output; the backward
+//! pass recomputes the block with the graph on and backpropagates through it. candle has no
+//! checkpoint primitive, so a custom op carries the block: its forward hands over the output
+//! (computed outside the graph), its backward recomputes and returns the input's gradient, and
+//! puts the gradients of the block's trainable variables into a side store that the train step
+//! merges.
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::decoder::{Context, DecoderLayer};
-use super::lora::Pass;
 use super::precomputed::Precomputed;
 
-/// Adapter gradients by variable, filled during backward passes.
+/// Trainable-variable gradients by variable, filled during backward passes.
 pub type SideGrads = Arc<Mutex<HashMap<TensorId, Tensor>>>;
 
-/// Runs `layer` on `x` without keeping its activations; gradients arrive in the backward pass.
-pub(crate) fn forward(
-    layer: &DecoderLayer,
-    x: &Tensor,
-    ctx: &Context,
-    grads: &SideGrads,
-) -> Result<Tensor> {
-    let mut untracked = ctx.clone();
-    untracked.pass = Pass {
-        track: false,
-        ..ctx.pass
-    };
-    let y = layer.forward(&x.detach(), &untracked)?;
-    // One of the layer's adapter variables joins the op so that it is recorded even when x is not
-    // tracked (the first layer's input comes from the frozen embeddings).
-    let Some(anchor) = adapters(layer).into_iter().next() else {
-        return layer.forward(x, ctx);
+/// A block whose activations are recomputed in the backward pass (a decoder layer with its
+/// context).
+pub trait Recompute: Send + Sync + 'static {
+    /// The block's output; `track`: whether its trainable variables join the autograd graph.
+    fn run(&self, x: &Tensor, track: bool) -> Result<Tensor>;
+    /// The trainable variables inside the block.
+    fn trainable(&self) -> Vec<Var>;
+}
+
+/// Runs `block` on `x` without keeping its activations; gradients arrive in the backward pass.
+pub fn forward(block: impl Recompute, x: &Tensor, grads: &SideGrads) -> Result<Tensor> {
+    let y = block.run(&x.detach(), false)?;
+    // One of the block's trainable variables joins the op so that it is recorded even when x is
+    // not tracked (the first layer's input comes from the frozen embeddings).
+    let Some(anchor) = block.trainable().into_iter().next() else {
+        return block.run(x, true);
     };
     let op = Checkpoint {
-        layer: layer.clone(),
-        ctx: ctx.clone(),
+        block: Box::new(block),
         grads: grads.clone(),
         output: Precomputed::new(y),
     };
@@ -51,19 +48,8 @@ pub fn take(grads: &SideGrads) -> HashMap<TensorId, Tensor> {
         .unwrap_or_default()
 }
 
-/// The adapter variables of a layer.
-fn adapters(layer: &DecoderLayer) -> Vec<Var> {
-    layer
-        .projections()
-        .into_iter()
-        .filter_map(|(_, l)| l.lora.as_ref())
-        .flat_map(|l| [l.a.clone(), l.b.clone()])
-        .collect()
-}
-
 struct Checkpoint {
-    layer: DecoderLayer,
-    ctx: Context,
+    block: Box<dyn Recompute>,
     grads: SideGrads,
     output: Precomputed,
 }
@@ -102,18 +88,15 @@ impl CustomOp2 for Checkpoint {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let input = Var::from_tensor(&x.detach())?;
-        let out = self
-            .layer
-            .forward(input.as_tensor(), &self.ctx)
-            .map_err(|e| {
-                candle_core::Error::Msg(format!("recomputing a checkpointed layer: {e:#}"))
-            })?;
+        let out = self.block.run(input.as_tensor(), true).map_err(|e| {
+            candle_core::Error::Msg(format!("recomputing a checkpointed block: {e:#}"))
+        })?;
         let store = (out * grad.detach())?.sum_all()?.backward()?;
         let mut side = self
             .grads
             .lock()
             .map_err(|_| candle_core::Error::Msg("checkpoint gradient store poisoned".into()))?;
-        for var in adapters(&self.layer) {
+        for var in self.block.trainable() {
             if let Some(g) = store.get(var.as_tensor()) {
                 let sum = match side.remove(&var.id()) {
                     Some(prev) => (prev + g)?,

@@ -10,8 +10,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
+use super::accumulation_dtype;
 use super::blocks;
-use super::decoder::accumulation_dtype;
 use super::frozen_weight::FrozenWeight;
 use super::matmul::matmul_wide;
 use super::phases::{timed, Phase};

@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor}
 use faer::{Accum, MatMut, MatRef, Par};
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use super::elements::{gather, narrow_bf16};
 use std::mem::MaybeUninit;
 
 /// a·b for a [..., m, k] and b [..., k, n] with equal leading dims; no gradient flows through it
@@ -26,7 +28,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// operands (on the CPU a half-precision product is never rounded to its type and back), f64 for
 /// f64 operands. For logits and attention scores, which go on into a softmax.
 pub fn matmul_wide(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let wide = super::decoder::accumulation_dtype(a.dtype());
+    let wide = super::accumulation_dtype(a.dtype());
     if a.track_op() || b.track_op() || !a.device().is_cpu() {
         return matmul(a, b)?.to_dtype(wide);
     }
@@ -491,18 +493,6 @@ impl Widen for f16 {
     }
 }
 
-/// f32 → bf16, rounding to nearest even (NaN stays NaN), as half's `from_f32` but branch-free
-/// enough to vectorise.
-#[inline]
-pub(crate) fn narrow_bf16(f: f32) -> bf16 {
-    let bits = f.to_bits();
-    if f.is_nan() {
-        return bf16::from_bits(((bits >> 16) | 0x40) as u16);
-    }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    bf16::from_bits((rounded >> 16) as u16)
-}
-
 /// Rounds an f32 buffer to a half type, in parallel for large buffers.
 fn narrow<H: Copy + Send + Default>(src: &[f32], one: fn(f32) -> H) -> Vec<H> {
     let mut out = vec![H::default(); src.len()];
@@ -537,7 +527,7 @@ fn bf16_kernel(dims: &ProductDims) -> Option<super::amx::Bf16Kernel> {
 
 /// Products with a bf16 right operand (the weights): on a bf16 kernel (AMX tiles or AVX512_BF16)
 /// where the CPU has one and the product is large enough, else widened to f32.
-fn bf16_products<A: Widen + super::amx::ToBf16>(
+fn bf16_products<A: Widen + super::elements::ToBf16>(
     a: &[A],
     b: &[bf16],
     dims: &ProductDims,
@@ -601,8 +591,8 @@ fn strided<T>(
     offset: usize,
     (rows, cols): (usize, usize),
     strides: (usize, usize),
-) -> super::amx::Strided<'_, T> {
-    super::amx::Strided {
+) -> super::elements::Strided<'_, T> {
+    super::elements::Strided {
         data,
         offset,
         rows,
@@ -687,26 +677,4 @@ unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
-}
-
-/// Copies `src[start + i·stride]` for i < `dst.len()` into `dst`, converted by `convert`: one row
-/// or column of a strided matrix, for widening, rounding or packing operands.
-#[inline]
-pub(crate) fn gather<S: Copy, D>(
-    dst: &mut [D],
-    src: &[S],
-    start: usize,
-    stride: usize,
-    convert: impl Fn(S) -> D,
-) {
-    let len = dst.len();
-    if stride == 1 {
-        for (d, s) in dst.iter_mut().zip(&src[start..start + len]) {
-            *d = convert(*s);
-        }
-    } else {
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = convert(src[start + i * stride]);
-        }
-    }
 }

@@ -8,9 +8,7 @@
 //! neither kernel runs. The left operand is rounded to bf16 (as PyTorch's autocast does),
 //! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the tiles off (to compare paths).
 
-use half::bf16;
-
-use super::matmul::gather;
+use super::elements::{gather, Strided, ToBf16};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -83,42 +81,6 @@ fn request_tile_permission() -> bool {
 #[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
 fn request_tile_permission() -> bool {
     false
-}
-
-/// Elements the kernel reads: rounded (f32) or taken (bf16) as bf16 bits.
-pub trait ToBf16: Copy + Sync {
-    fn bf16_bits(self) -> u16;
-}
-
-impl ToBf16 for f32 {
-    #[inline]
-    fn bf16_bits(self) -> u16 {
-        super::matmul::narrow_bf16(self).to_bits()
-    }
-}
-
-impl ToBf16 for bf16 {
-    #[inline]
-    fn bf16_bits(self) -> u16 {
-        self.to_bits()
-    }
-}
-
-/// A strided matrix: element (r, c) at `offset + r·rows_stride + c·cols_stride`.
-#[derive(Clone, Copy)]
-pub struct Strided<'a, T> {
-    pub data: &'a [T],
-    pub offset: usize,
-    pub rows: usize,
-    pub cols: usize,
-    pub strides: (usize, usize),
-}
-
-impl<T: Copy> Strided<'_, T> {
-    #[inline]
-    fn at(&self, r: usize, c: usize) -> T {
-        self.data[self.offset + r * self.strides.0 + c * self.strides.1]
-    }
 }
 
 /// Rows per block of the left operand and columns per block of the right one (2 × 2 tiles).
