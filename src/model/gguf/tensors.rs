@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::metadata::Metadata;
 use crate::model::config::ModelConfig;
+use crate::model::layout::{self, Role};
 use crate::model::weights::TensorReader;
 
 /// The storage types read, with llama.cpp's names; others are refused by name.
@@ -316,37 +317,39 @@ pub fn expected(config: &ModelConfig, meta: &Metadata) -> Result<Vec<Expected>> 
     );
     for i in 0..c.num_hidden_layers {
         let h = format!("model.layers.{i}");
-        let q_heads = permuted.then_some(c.num_attention_heads);
-        let k_heads = permuted.then_some(c.num_key_value_heads);
-        let projections = [
-            ("self_attn.q_proj", &q, &hidden, c.qkv_bias, q_heads),
-            ("self_attn.k_proj", &kv, &hidden, c.qkv_bias, k_heads),
-            ("self_attn.v_proj", &kv, &hidden, c.qkv_bias, None),
-            ("self_attn.o_proj", &hidden, &q, c.o_bias, None),
-            ("mlp.gate_proj", &inter, &hidden, c.mlp_bias, None),
-            ("mlp.up_proj", &inter, &hidden, c.mlp_bias, None),
-            ("mlp.down_proj", &hidden, &inter, c.mlp_bias, None),
-        ];
-        for (name, rows, cols, bias, heads) in projections {
+        for p in layout::projections(c) {
+            let (rows, cols) = match p.role {
+                Role::Q => (&q, &hidden),
+                Role::K | Role::V => (&kv, &hidden),
+                Role::O => (&hidden, &q),
+                Role::Gate | Role::Up => (&inter, &hidden),
+                Role::Down => (&hidden, &inter),
+                Role::Qkv | Role::GateUp => bail!(
+                    "{arch}: fused projections ({}) have no llama.cpp tensor names",
+                    p.role.path()
+                ),
+            };
+            let heads = match p.role {
+                Role::Q => permuted.then_some(c.num_attention_heads),
+                Role::K => permuted.then_some(c.num_key_value_heads),
+                _ => None,
+            };
+            let name = format!("{h}.{}", p.role.path());
             add(
-                format!("{h}.{name}.weight"),
+                format!("{name}.weight"),
                 vec![rows.clone(), cols.clone()],
                 heads,
             );
-            if bias {
-                add(format!("{h}.{name}.bias"), vec![rows.clone()], heads);
+            if p.bias {
+                add(format!("{name}.bias"), vec![rows.clone()], heads);
             }
         }
-        let mut norms = vec![
-            ("input_layernorm", &hidden),
-            ("post_attention_layernorm", &hidden),
-        ];
-        if c.qk_norm {
-            norms.push(("self_attn.q_norm", &head));
-            norms.push(("self_attn.k_norm", &head));
-        }
-        for (name, width) in norms {
-            add(format!("{h}.{name}.weight"), vec![width.clone()], None);
+        for n in layout::norms(c) {
+            let width = match n.path {
+                "self_attn.q_norm" | "self_attn.k_norm" => &head,
+                _ => &hidden,
+            };
+            add(format!("{h}.{}.weight", n.path), vec![width.clone()], None);
         }
     }
     add("model.norm.weight".into(), vec![hidden.clone()], None);
