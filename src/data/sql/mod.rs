@@ -14,10 +14,11 @@ use polars::prelude::*;
 use std::collections::HashSet;
 
 use crate::recipe::{Recipe, SourceSpec};
-pub use connection::{without_password, Connection};
+pub use connection::without_password;
+use connection::Connection;
 
 /// One value of a result row.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Cell {
     Null,
     Int(i64),

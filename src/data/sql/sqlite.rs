@@ -24,7 +24,7 @@ pub fn query(path: &Path, sql: &str) -> Result<Rows> {
     .map_err(|e| anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
     let mut statement = db.prepare(sql).map_err(failed)?;
     let names: Vec<String> = statement.column_names().map(str::to_string).collect();
-    let mut cells: Vec<Vec<Cell>> = vec![Vec::new(); names.len()];
+    let mut cells: Vec<Vec<Cell>> = names.iter().map(|_| Vec::new()).collect();
     let mut rows = statement.query([]).map_err(failed)?;
     let mut number = 0;
     while let Some(row) = rows.next().map_err(failed)? {
