@@ -160,7 +160,7 @@ impl Default for Columns {
     }
 }
 
-/// One data source: local files (path or glob) or a Hub dataset.
+/// One data source: local files (path or glob), a Hub dataset, or an SQL query.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
@@ -176,6 +176,16 @@ pub struct SourceSpec {
     pub split: Option<String>,
     #[serde(default)]
     pub revision: Option<String>,
+    /// An SQL query whose result rows are the source's rows (with `connection`).
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// Where `sql` runs: `sqlite://FILE` (from the recipe's folder) or
+    /// `postgres://USER@HOST[:PORT]/DB`; never with a password.
+    #[serde(default)]
+    pub connection: Option<String>,
+    /// PostgreSQL: a file that holds the password (else PGPASSWORD, else ~/.pgpass or PGPASSFILE).
+    #[serde(default)]
+    pub password_file: Option<String>,
     /// Rows taken from this source relative to its size (0.5: a seeded half; 2: every row twice).
     #[serde(default = "one")]
     pub weight: f64,
@@ -238,20 +248,27 @@ impl SourceSpec {
         }
     }
 
-    /// A short name for messages and reports.
+    /// A short name for messages and reports (an SQL source: its connection, without secrets).
     pub fn label(&self) -> String {
-        match (&self.path, &self.hub) {
-            (Some(p), _) => p.clone(),
-            (None, Some(h)) => format!(
+        match (&self.path, &self.hub, &self.connection) {
+            (Some(p), _, _) => p.clone(),
+            (None, Some(h), _) => format!(
                 "hub:{h}{}",
                 self.split
                     .as_ref()
                     .map(|s| format!(":{s}"))
                     .unwrap_or_default()
             ),
-            (None, None) => "<no source>".into(),
+            (None, None, Some(c)) => crate::data::sql::without_password(c),
+            (None, None, None) if self.sql.is_some() => "sql without connection".into(),
+            (None, None, None) => "<no source>".into(),
         }
     }
+}
+
+/// How messages name a source: `[[data.train]] 1` is the first training source.
+pub fn source_name(table: &str, index: usize) -> String {
+    format!("[[data.{table}]] {}", index + 1)
 }
 
 /// `[data]`: where the examples come from, how they are rendered, masked, filtered and packed.
@@ -624,15 +641,27 @@ impl Recipe {
                 "needs at least one source: [[data.train]] path = \"...\"".into(),
             ));
         }
-        for (i, src) in d.train.iter().chain(&d.validation).enumerate() {
-            if src.path.is_some() == src.hub.is_some() {
+        let train = d.train.iter().enumerate();
+        let validation = d.validation.iter().enumerate();
+        let named = train
+            .map(|(i, src)| (source_name("train", i), src))
+            .chain(validation.map(|(i, src)| (source_name("validation", i), src)));
+        for (name, src) in named {
+            let kinds = [&src.path, &src.hub, &src.sql];
+            if kinds.iter().filter(|k| k.is_some()).count() != 1 {
                 return Err(anyhow!(
-                    "recipe {}: data source {} ({}) must set exactly one of `path` and `hub`",
+                    "recipe {}: {name} ({}) must set exactly one of `path`, `hub` and `sql`",
                     self.source.display(),
-                    i + 1,
                     src.label()
                 ));
             }
+            crate::data::sql::check(src, self).map_err(|e| {
+                anyhow!(
+                    "recipe {}: {name} ({}): {e}",
+                    self.source.display(),
+                    src.label()
+                )
+            })?;
             let kind = crate::data::source::file_kind(
                 Path::new(src.path.as_deref().unwrap_or_default()),
                 src.file_type.as_deref(),
@@ -644,24 +673,22 @@ impl Recipe {
             );
             if let Some(key) = stray {
                 return Err(anyhow!(
-                    "recipe {}: data source {} ({}): `{key}` applies only to Excel and OpenDocument workbooks (.xlsx, .xlsm, .xls, .ods), not to {}",
+                    "recipe {}: {name} ({}): `{key}` applies only to Excel and OpenDocument workbooks (.xlsx, .xlsm, .xls, .ods), not to {}",
                     self.source.display(),
-                    i + 1,
                     src.label(),
                     if src.hub.is_some() { "a Hub dataset".to_string() } else { format!("`{kind}` files") }
                 ));
             }
             if src.header_row == Some(0) {
                 return Err(anyhow!(
-                    "recipe {}: data source {} ({}): `header_row` counts from 1, as Excel numbers rows",
+                    "recipe {}: {name} ({}): `header_row` counts from 1, as Excel numbers rows",
                     self.source.display(),
-                    i + 1,
                     src.label()
                 ));
             }
             if !(src.weight >= 0.0 && src.weight.is_finite()) {
                 return Err(anyhow!(
-                    "recipe {}: data source {}: weight must be >= 0, got {}",
+                    "recipe {}: {name} ({}): weight must be >= 0, got {}",
                     self.source.display(),
                     src.label(),
                     src.weight

@@ -1,11 +1,10 @@
 //! Rows of a DataFrame → [`Sample`]s, for each format and with the recipe's column mapping.
 //! Rows that cannot train anything (empty or null text) are dropped and counted; rows that are
-//! wrong (unknown roles, wrong types, missing columns) are errors naming the file and row.
+//! wrong (unknown roles, wrong types, missing columns) are errors naming the file (or query) and row.
 
 use anyhow::{anyhow, bail, Result};
 use polars::prelude::*;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use super::template::Message;
 use crate::recipe::{Columns, DataFormat};
@@ -33,14 +32,14 @@ pub struct RowMapping<'a> {
 }
 
 impl RowMapping<'_> {
-    /// The samples of one frame read from `file`.
-    pub fn samples(&self, df: &DataFrame, file: &Path, drops: &mut Drops) -> Result<Vec<Sample>> {
+    /// The samples of one frame read from `origin` (a file, or an SQL connection).
+    pub fn samples(&self, df: &DataFrame, origin: &str, drops: &mut Drops) -> Result<Vec<Sample>> {
         let c = self.columns;
         let mut out = Vec::with_capacity(df.height());
         let mut drop = |reason: String| *drops.entry(reason).or_default() += 1;
         match self.format {
             DataFormat::Text => {
-                for text in text_column(df, &c.text, file)? {
+                for text in text_column(df, &c.text, origin)? {
                     match text.filter(|t| !t.trim().is_empty()) {
                         Some(t) => out.push(Sample::Text(t)),
                         None => drop(format!("empty `{}`", c.text)),
@@ -48,8 +47,8 @@ impl RowMapping<'_> {
                 }
             }
             DataFormat::Completion => {
-                let prompts = text_column(df, &c.prompt, file)?;
-                let completions = text_column(df, &c.completion, file)?;
+                let prompts = text_column(df, &c.prompt, origin)?;
+                let completions = text_column(df, &c.completion, origin)?;
                 for (prompt, completion) in prompts.into_iter().zip(completions) {
                     match completion.filter(|t| !t.trim().is_empty()) {
                         Some(completion) => out.push(Sample::Completion {
@@ -61,10 +60,10 @@ impl RowMapping<'_> {
                 }
             }
             DataFormat::Instruction => {
-                let instructions = text_column(df, &c.instruction, file)?;
-                let outputs = text_column(df, &c.output, file)?;
-                let inputs = optional_text_column(df, &c.input, file)?;
-                let systems = optional_text_column(df, &c.system, file)?;
+                let instructions = text_column(df, &c.instruction, origin)?;
+                let outputs = text_column(df, &c.output, origin)?;
+                let inputs = optional_text_column(df, &c.input, origin)?;
+                let systems = optional_text_column(df, &c.system, origin)?;
                 for (i, (instruction, output)) in instructions.into_iter().zip(outputs).enumerate()
                 {
                     let (Some(instruction), Some(output)) = (
@@ -105,12 +104,12 @@ impl RowMapping<'_> {
                 }
             }
             DataFormat::Chat => {
-                for (i, messages) in self.conversations(df, file)?.into_iter().enumerate() {
+                for (i, messages) in self.conversations(df, origin)?.into_iter().enumerate() {
                     let Some(messages) = messages else {
                         drop(format!("null `{}`", c.messages));
                         continue;
                     };
-                    let messages = self.map_roles(messages, file, i)?;
+                    let messages = self.map_roles(messages, origin, i)?;
                     if messages.iter().any(|m| m.content.trim().is_empty()) {
                         drop("a message with empty content".into());
                     } else if !messages.iter().any(|m| m.role == "assistant") {
@@ -125,7 +124,7 @@ impl RowMapping<'_> {
     }
 
     /// Maps the data's role names to system/user/assistant; an unknown role is an error.
-    fn map_roles(&self, messages: Vec<Message>, file: &Path, row: usize) -> Result<Vec<Message>> {
+    fn map_roles(&self, messages: Vec<Message>, origin: &str, row: usize) -> Result<Vec<Message>> {
         messages
             .into_iter()
             .map(|m| {
@@ -134,7 +133,7 @@ impl RowMapping<'_> {
                     None if ["system", "user", "assistant"].contains(&m.role.as_str()) => m.role,
                     None => bail!(
                         "{} row {}: unknown role `{}`; map it in the recipe, e.g. [data.roles] {} = \"assistant\" (allowed: system, user, assistant)",
-                        file.display(),
+                        origin,
                         row + 1,
                         m.role,
                         m.role
@@ -146,15 +145,15 @@ impl RowMapping<'_> {
     }
 
     /// The message lists of the messages column: a list of structs, or JSON text.
-    fn conversations(&self, df: &DataFrame, file: &Path) -> Result<Vec<Option<Vec<Message>>>> {
+    fn conversations(&self, df: &DataFrame, origin: &str) -> Result<Vec<Option<Vec<Message>>>> {
         let c = self.columns;
-        let col = column(df, &c.messages, file)?;
+        let col = column(df, &c.messages, origin)?;
         match col.dtype() {
             DataType::List(inner) => {
                 let DataType::Struct(fields) = inner.as_ref() else {
                     bail!(
                         "{}: column `{}` must hold lists of messages (objects), found {}",
-                        file.display(),
+                        origin,
                         c.messages,
                         col.dtype()
                     );
@@ -164,7 +163,7 @@ impl RowMapping<'_> {
                     if !names.contains(want) {
                         bail!(
                             "{}: messages in column `{}` have fields [{}] but no `{want}`; set [data.columns] role = \"...\" and content = \"...\" (ShareGPT: role = \"from\", content = \"value\")",
-                            file.display(),
+                            origin,
                             c.messages,
                             names.join(", ")
                         );
@@ -184,7 +183,7 @@ impl RowMapping<'_> {
                         roles.str().map_err(|_| {
                             anyhow!(
                                 "{} row {}: message `{}` must be text",
-                                file.display(),
+                                origin,
                                 row + 1,
                                 c.role
                             )
@@ -192,7 +191,7 @@ impl RowMapping<'_> {
                         contents.str().map_err(|_| {
                             anyhow!(
                                 "{} row {}: message `{}` must be text",
-                                file.display(),
+                                origin,
                                 row + 1,
                                 c.content
                             )
@@ -210,7 +209,7 @@ impl RowMapping<'_> {
                 }
                 Ok(out)
             }
-            DataType::String => text_column(df, &c.messages, file)?
+            DataType::String => text_column(df, &c.messages, origin)?
                 .into_iter()
                 .enumerate()
                 .map(|(row, text)| match text {
@@ -218,18 +217,13 @@ impl RowMapping<'_> {
                     Some(t) => parse_json_messages(&t, &c.role, &c.content)
                         .map(Some)
                         .map_err(|e| {
-                            anyhow!(
-                                "{} row {}: column `{}`: {e}",
-                                file.display(),
-                                row + 1,
-                                c.messages
-                            )
+                            anyhow!("{} row {}: column `{}`: {e}", origin, row + 1, c.messages)
                         }),
                 })
                 .collect(),
             other => bail!(
                 "{}: column `{}` must hold a list of messages, found {other}",
-                file.display(),
+                origin,
                 c.messages
             ),
         }
@@ -260,8 +254,8 @@ fn parse_json_messages(text: &str, role: &str, content: &str) -> Result<Vec<Mess
         .collect()
 }
 
-/// The column `name`, or an error naming the file and the nearest existing column.
-fn column<'a>(df: &'a DataFrame, name: &str, file: &Path) -> Result<&'a Column> {
+/// The column `name`, or an error naming the origin and the nearest existing column.
+fn column<'a>(df: &'a DataFrame, name: &str, origin: &str) -> Result<&'a Column> {
     df.column(name).map_err(|_| {
         let names: Vec<String> = df
             .get_column_names()
@@ -275,22 +269,22 @@ fn column<'a>(df: &'a DataFrame, name: &str, file: &Path) -> Result<&'a Column> 
             .unwrap_or_default();
         anyhow!(
             "{} has no column `{name}` (columns: {}){nearest}",
-            file.display(),
+            origin,
             names.join(", ")
         )
     })
 }
 
 /// A text column's values (null stays None); a non-text column is an error.
-fn text_column(df: &DataFrame, name: &str, file: &Path) -> Result<Vec<Option<String>>> {
-    let col = column(df, name, file)?;
+fn text_column(df: &DataFrame, name: &str, origin: &str) -> Result<Vec<Option<String>>> {
+    let col = column(df, name, origin)?;
     if col.dtype() == &DataType::Null {
         return Ok(vec![None; col.len()]);
     }
     let s = col.str().map_err(|_| {
         anyhow!(
             "{}: column `{name}` must hold text, found {}",
-            file.display(),
+            origin,
             col.dtype()
         )
     })?;
@@ -301,10 +295,10 @@ fn text_column(df: &DataFrame, name: &str, file: &Path) -> Result<Vec<Option<Str
 fn optional_text_column(
     df: &DataFrame,
     name: &str,
-    file: &Path,
+    origin: &str,
 ) -> Result<Option<Vec<Option<String>>>> {
     if df.column(name).is_err() {
         return Ok(None);
     }
-    text_column(df, name, file).map(Some)
+    text_column(df, name, origin).map(Some)
 }

@@ -52,10 +52,14 @@ pub fn report_text(r: &DataReport, max_seq_len: usize) -> String {
     let mut s = String::new();
     let mut sources = |title: &str, list: &[SourceReport]| {
         for src in list {
+            let files = src
+                .files
+                .map(|n| format!("{n} file(s), "))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "{title} {}: {} file(s), {} rows read, {} samples kept",
-                src.label, src.files, src.rows_read, src.samples
+                "{title} {}: {files}{} rows read, {} samples kept",
+                src.label, src.rows_read, src.samples
             );
             for (reason, n) in &src.dropped {
                 let _ = writeln!(s, "    dropped {n}: {reason}");

@@ -9,10 +9,11 @@ pub mod inspect;
 mod locate;
 pub mod pack;
 pub mod source;
+pub mod sql;
 pub mod template;
 pub mod text_encoding;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,7 +21,7 @@ use rayon::prelude::*;
 use std::collections::HashSet;
 
 use crate::model::ModelTokenizer;
-use crate::recipe::{Recipe, SourceSpec};
+use crate::recipe::{source_name, Recipe, SourceSpec};
 use encode::{Encoded, Encoder};
 use format::{Drops, RowMapping, Sample};
 
@@ -60,7 +61,8 @@ impl Example {
 #[derive(Debug, Clone, Default)]
 pub struct SourceReport {
     pub label: String,
-    pub files: usize,
+    /// Files read; None for an SQL source (one query).
+    pub files: Option<usize>,
     pub rows_read: usize,
     pub samples: usize,
     pub dropped: Drops,
@@ -101,8 +103,13 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     let mut report = DataReport::default();
     let mut seen = HashSet::new();
 
-    let (train_sets, reports) =
-        load_sources(recipe, &d.train, &mut seen, &mut report.duplicates_dropped)?;
+    let (train_sets, reports) = load_sources(
+        recipe,
+        "train",
+        &d.train,
+        &mut seen,
+        &mut report.duplicates_dropped,
+    )?;
     report.train_sources = reports;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut train_sets, validation) = if d.validation.is_empty() {
@@ -110,6 +117,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     } else {
         let (sets, reports) = load_sources(
             recipe,
+            "validation",
             &d.validation,
             &mut seen,
             &mut report.duplicates_dropped,
@@ -158,44 +166,67 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     })
 }
 
-/// Reads each source into samples, dropping exact duplicates (across all sources) when asked.
+/// Reads each source of `[[data.<table>]]` (`specs`) into samples, dropping exact duplicates
+/// (across all sources) when asked. An error names the recipe and the source.
 fn load_sources(
     recipe: &Recipe,
+    table: &str,
     specs: &[SourceSpec],
     seen: &mut HashSet<Sample>,
     duplicates: &mut usize,
 ) -> Result<(Vec<Vec<Sample>>, Vec<SourceReport>)> {
-    let d = &recipe.data;
     let mut sets = Vec::new();
     let mut reports = Vec::new();
-    for spec in specs {
-        let mapping = RowMapping {
-            format: spec.format.unwrap_or(d.format),
-            columns: spec.columns.as_ref().unwrap_or(&d.columns),
-            roles: &d.roles,
-        };
+    for (i, spec) in specs.iter().enumerate() {
         let mut r = SourceReport {
             label: spec.label(),
             ..Default::default()
         };
-        let mut samples = Vec::new();
-        for frame in source::read(recipe, spec)? {
-            r.files += 1;
-            r.rows_read += frame.frame.height();
-            for s in mapping.samples(&frame.frame, &frame.file, &mut r.dropped)? {
-                if d.dedup && !seen.insert(s.clone()) {
-                    *duplicates += 1;
-                    *r.dropped.entry("exact duplicate".into()).or_default() += 1;
-                } else {
-                    samples.push(s);
-                }
-            }
-        }
+        let samples = load_source(recipe, spec, &mut r, seen, duplicates).with_context(|| {
+            format!(
+                "recipe {}: {} ({})",
+                recipe.source.display(),
+                source_name(table, i),
+                r.label
+            )
+        })?;
         r.samples = samples.len();
         sets.push(samples);
         reports.push(r);
     }
     Ok((sets, reports))
+}
+
+/// The samples of one source, counted into its report.
+fn load_source(
+    recipe: &Recipe,
+    spec: &SourceSpec,
+    r: &mut SourceReport,
+    seen: &mut HashSet<Sample>,
+    duplicates: &mut usize,
+) -> Result<Vec<Sample>> {
+    let d = &recipe.data;
+    let mapping = RowMapping {
+        format: spec.format.unwrap_or(d.format),
+        columns: spec.columns.as_ref().unwrap_or(&d.columns),
+        roles: &d.roles,
+    };
+    let mut samples = Vec::new();
+    for frame in source::read(recipe, spec)? {
+        if spec.sql.is_none() {
+            *r.files.get_or_insert(0) += 1;
+        }
+        r.rows_read += frame.frame.height();
+        for s in mapping.samples(&frame.frame, &frame.origin, &mut r.dropped)? {
+            if d.dedup && !seen.insert(s.clone()) {
+                *duplicates += 1;
+                *r.dropped.entry("exact duplicate".into()).or_default() += 1;
+            } else {
+                samples.push(s);
+            }
+        }
+    }
+    Ok(samples)
 }
 
 /// Moves a seeded `fraction` of every source's samples to validation.

@@ -1,6 +1,7 @@
 //! Reading data into Polars DataFrames: local files and globs (parquet, jsonl/ndjson, json, csv,
-//! tsv, plain text, Excel and OpenDocument workbooks), nested JSON records (SQuAD), and Hub datasets through a local mirror folder
-//! (`<mirror>/<org>/<name>/...` or a `mirror.toml` index) or the hub cache.
+//! tsv, plain text, Excel and OpenDocument workbooks), nested JSON records (SQuAD), Hub datasets
+//! through a local mirror folder (`<mirror>/<org>/<name>/...` or a `mirror.toml` index) or the
+//! hub cache, and SQL queries (see [`super::sql`]).
 
 use anyhow::{anyhow, bail, Context, Result};
 use polars::prelude::*;
@@ -63,9 +64,10 @@ pub struct DatasetFiles {
     pub options: ReadOptions,
 }
 
-/// The frame of one file, with the file for messages.
+/// The frame of one file or query, with where it came from (the file, the connection) for
+/// messages.
 pub struct SourceFrame {
-    pub file: PathBuf,
+    pub origin: String,
     pub frame: DataFrame,
 }
 
@@ -74,8 +76,14 @@ pub fn mirror_dir(configured: Option<PathBuf>) -> Option<PathBuf> {
     configured.or_else(|| std::env::var_os("FEINSCHLIFF_MIRROR").map(PathBuf::from))
 }
 
-/// Reads every file of a recipe source.
+/// Reads every file of a recipe source, or runs its query.
 pub fn read(recipe: &Recipe, spec: &SourceSpec) -> Result<Vec<SourceFrame>> {
+    if spec.sql.is_some() {
+        return Ok(vec![SourceFrame {
+            frame: super::sql::read(recipe, spec)?,
+            origin: spec.label(),
+        }]);
+    }
     let options = spec.read_options();
     let resolved = if let Some(hub) = &spec.hub {
         let mirror = mirror_dir(recipe.data.mirror.as_ref().map(|m| recipe.resolve(m)));
@@ -90,12 +98,7 @@ pub fn read(recipe: &Recipe, spec: &SourceSpec) -> Result<Vec<SourceFrame>> {
         )?
     } else {
         let pattern = spec.path.as_deref().context("source without path")?;
-        let files = expand(&recipe.resolve(pattern)).map_err(|e| {
-            anyhow!(
-                "recipe {}: data source `{pattern}`: {e}",
-                recipe.source.display()
-            )
-        })?;
+        let files = expand(&recipe.resolve(pattern))?;
         DatasetFiles { files, options }
     };
     resolved
@@ -104,7 +107,7 @@ pub fn read(recipe: &Recipe, spec: &SourceSpec) -> Result<Vec<SourceFrame>> {
         .map(|file| {
             Ok(SourceFrame {
                 frame: read_file(&file, &resolved.options)?,
-                file,
+                origin: file.display().to_string(),
             })
         })
         .collect()

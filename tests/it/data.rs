@@ -117,7 +117,7 @@ path = "glob/*.jsonl""#,
     .unwrap_or_else(|e| panic!("{e:#}"));
     let rows: Vec<usize> = p.report.train_sources.iter().map(|s| s.rows_read).collect();
     assert_eq!(rows, vec![2, 1, 2, 1, 1, 1, 2, 3]);
-    assert_eq!(p.report.train_sources[7].files, 3);
+    assert_eq!(p.report.train_sources[7].files, Some(3));
     assert_eq!(p.train.len(), 13);
     let tok = tokenizer();
     let all: Vec<String> = p

@@ -735,7 +735,7 @@ fn read_rows(dir: &Path, file: &str) -> Result<(), TestCaseError> {
             columns: &columns,
             roles: &roles,
         };
-        if let Err(e) = mapping.samples(&frame, &path, &mut Drops::new()) {
+        if let Err(e) = mapping.samples(&frame, &path.display().to_string(), &mut Drops::new()) {
             let msg = format!("{e:#}");
             prop_assert!(msg.contains(file), "the error does not name {file}: {msg}");
         }
