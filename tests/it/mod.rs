@@ -27,6 +27,7 @@ mod matmul;
 mod model_config;
 mod parity;
 mod publish;
+mod quant;
 mod recipe;
 mod special_tokens;
 mod train_parity;
