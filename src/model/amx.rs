@@ -217,7 +217,7 @@ unsafe fn run(
 }
 
 /// a · b into columns 0..n of `out` on the calling thread, a packed by [`pack_rows`] and b by
-/// [`pack_panel`] (b [k, n]); `out` holds m rows of `ldo` f32 (a panel of a wider product).
+/// [`packed_index`] (b [k, n]); `out` holds m rows of `ldo` f32 (a panel of a wider product).
 ///
 /// Safety: no other thread writes these columns of `out`; `kernel` is one this CPU runs
 /// ([`bf16_kernel`]).
@@ -264,7 +264,7 @@ pub(crate) fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
 /// The right operand in the tiles' pair-interleaved (VNNI) layout: for each group of 16 columns
 /// and each step of 32 k, 16 rows of (k pair) × 16 columns × 2, zero-padded to whole tiles.
 fn pack_vnni<B: ToBf16>(b: &Strided<B>, kp: usize) -> Vec<u16> {
-    let mut packed = vec![0u16; vnni_len(b.cols, kp)];
+    let mut packed = vec![0u16; packed_len(b.cols, kp)];
     packed
         .par_chunks_mut(kp / K_STEP * TILE)
         .enumerate()
@@ -272,19 +272,23 @@ fn pack_vnni<B: ToBf16>(b: &Strided<B>, kp: usize) -> Vec<u16> {
     packed
 }
 
-/// b packed as [`pack_vnni`] packs it, on the calling thread: a panel of a product that one
-/// thread computes ([`compute_columns`]).
-pub(crate) fn pack_panel<B: ToBf16>(b: &Strided<B>, kp: usize) -> Vec<u16> {
-    let mut packed = vec![0u16; vnni_len(b.cols, kp)];
-    for (g, group) in packed.chunks_mut(kp / K_STEP * TILE).enumerate() {
-        pack_group(b, g, group);
-    }
-    packed
+/// u16 of a packed right operand of `cols` columns and `kp` rows.
+pub(crate) fn packed_len(cols: usize, kp: usize) -> usize {
+    round_up(cols, BLOCK) / 16 * (kp / K_STEP) * TILE
 }
 
-/// u16 of a packed right operand of `cols` columns and `kp` rows.
-fn vnni_len(cols: usize, kp: usize) -> usize {
-    round_up(cols, BLOCK) / 16 * (kp / K_STEP) * TILE
+/// Where element (kk, col) of a right operand of `kp` rows goes when packed: for each group of
+/// 16 columns and each step of 32 rows, 16 rows of (row pair) × 16 columns × 2.
+#[inline(always)]
+pub(crate) fn packed_index(kk: usize, col: usize, kp: usize) -> usize {
+    (col / 16) * kp * 16 + slot(kk, col % 16)
+}
+
+/// Where element (kk, col) of one group of 16 columns goes within the group.
+#[inline(always)]
+fn slot(kk: usize, col: usize) -> usize {
+    let (step, within) = (kk / K_STEP, kk % K_STEP);
+    step * TILE + (within / 2) * 32 + col * 2 + within % 2
 }
 
 /// u16 per tile: 16 rows of 32 bf16.
@@ -297,11 +301,6 @@ fn pack_group<B: ToBf16>(b: &Strided<B>, g: usize, group: &mut [u16]) {
     if cols == 0 {
         return; // a padding group
     }
-    // Where element (kk, col) of this group goes.
-    let slot = |kk: usize, col: usize| {
-        let (step, within) = (kk / K_STEP, kk % K_STEP);
-        step * TILE + (within / 2) * 32 + col * 2 + within % 2
-    };
     if b.strides.1 == 1 {
         // Rows of b contiguous (b is a weight W [k, n] as stored).
         for kk in 0..b.rows {

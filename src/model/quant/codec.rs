@@ -5,7 +5,8 @@
 //! A block keeps one scale (as f32 here; Q4_0 and Q8_0 store it as f16) and one code per value:
 //! 4-bit codes two to a byte with the first value in the high nibble (bitsandbytes' packing),
 //! 8-bit codes offset by 128 so that a byte holds them. A value decodes as `table[code] · scale`
-//! (Q4_0: code − 8; NF4: the code book) or `(code − 128) · scale` (Q8_0).
+//! (Q4_0: code − 8; NF4: the code book) or `(code − 128) · scale` (Q8_0); [`super::panels`]
+//! decodes blocks, [`super::QuantizedWeight::dequantize`] whole weights with candle ops.
 
 use super::Quantization;
 
@@ -101,26 +102,20 @@ fn pack_nibbles(x: &[f32], codes: &mut [u8], code: impl Fn(f32) -> u8) {
     }
 }
 
-/// Decodes one block: the values of `codes` times `scale` into `out` (`format.block()` values).
+/// The values of a 4-bit format's codes (None for Q8_0, whose value is [`q8_0_value`]).
 #[inline]
-pub fn decode(format: Quantization, codes: &[u8], scale: f32, out: &mut [f32]) {
+pub fn table(format: Quantization) -> Option<&'static [f32; 16]> {
     match format {
-        Quantization::Q8_0 => {
-            for (o, &c) in out.iter_mut().zip(codes) {
-                *o = (f32::from(c) - Q8_BIAS) * scale;
-            }
-        }
-        Quantization::Q4_0 => decode_nibbles(&Q4_0_CODE, codes, scale, out),
-        Quantization::Nf4 => decode_nibbles(&NF4_CODE, codes, scale, out),
+        Quantization::Q4_0 => Some(&Q4_0_CODE),
+        Quantization::Nf4 => Some(&NF4_CODE),
+        Quantization::Q8_0 => None,
     }
 }
 
+/// The value of a Q8_0 code in a block of scale `scale`.
 #[inline]
-fn decode_nibbles(table: &[f32; 16], codes: &[u8], scale: f32, out: &mut [f32]) {
-    for (pair, &c) in out.chunks_exact_mut(2).zip(codes) {
-        pair[0] = table[usize::from(c >> 4)] * scale;
-        pair[1] = table[usize::from(c & 15)] * scale;
-    }
+pub fn q8_0_value(code: u8, scale: f32) -> f32 {
+    (f32::from(code) - Q8_BIAS) * scale
 }
 
 /// A Q4_0 or Q8_0 block as a GGUF file stores it (f16 d, then codes; Q4_0: value i in the low

@@ -42,46 +42,116 @@ pub enum Scales<'a> {
 const MAX_PANEL: usize = 256;
 
 impl Planes<'_> {
-    /// Decodes blocks `blocks` of row `row` into `out`, in order.
-    #[inline]
-    fn decode(&self, row: usize, blocks: Range<usize>, out: &mut [f32]) {
-        let f = self.format;
-        let (block, bytes) = (f.block(), f.code_bytes());
-        let first = row * (self.dims.1 / block);
-        for (b, out) in blocks.zip(out.chunks_exact_mut(block)) {
-            let b = first + b;
-            let scale = match self.scales {
-                Scales::F16(s) => s[b].to_f32(),
-                Scales::F32(s) => s[b],
-            };
-            codec::decode(f, &self.codes[b * bytes..(b + 1) * bytes], scale, out);
+    /// Calls `put(i, value)` for the values of block `b` in order, each `convert`ed from f32;
+    /// 4-bit codes convert their 16 scaled code values once per block.
+    #[inline(always)]
+    fn block<T: Copy>(
+        &self,
+        b: usize,
+        convert: impl Fn(f32) -> T + Copy,
+        mut put: impl FnMut(usize, T),
+    ) {
+        let bytes = self.format.code_bytes();
+        let codes = &self.codes[b * bytes..(b + 1) * bytes];
+        let scale = match self.scales {
+            // Inlined (half's to_f32 is a call that checks for F16C each time).
+            Scales::F16(s) => s[b].to_f32_const(),
+            Scales::F32(s) => s[b],
+        };
+        match codec::table(self.format) {
+            Some(table) => {
+                let values: [T; 16] = std::array::from_fn(|q| convert(table[q] * scale));
+                for (j, &c) in codes.iter().enumerate() {
+                    put(2 * j, values[usize::from(c >> 4)]);
+                    put(2 * j + 1, values[usize::from(c & 15)]);
+                }
+            }
+            None => {
+                for (i, &c) in codes.iter().enumerate() {
+                    put(i, convert(codec::q8_0_value(c, scale)));
+                }
+            }
         }
     }
 
-    /// The right operand's columns `cols` (of Wᵀ, or of W) decoded into `out` [k, cols.len()];
-    /// returns its (row, column) strides: rows of W are decoded whole, so Wᵀ's columns are
-    /// contiguous; W's columns come a block of each row at a time, so its rows are.
-    fn decode_panel(
+    /// The right operand's columns `cols` (of Wᵀ, or of W) as f32 [k, cols.len()] rounded by
+    /// `round`, with Wᵀ's columns or W's rows contiguous: rows of W are decoded whole into Wᵀ's
+    /// columns; of W, each row's blocks that the columns cover.
+    #[inline(always)]
+    fn fill_f32(
         &self,
         orientation: Orientation,
         cols: Range<usize>,
+        round: fn(f32) -> f32,
         out: &mut [f32],
-    ) -> (usize, usize) {
+    ) {
         let (rows, width) = self.dims;
         let block = self.format.block();
+        let per_row = width / block;
+        let p = cols.len();
         match orientation {
             Orientation::Transposed => {
-                for (r, dst) in cols.zip(out.chunks_exact_mut(width)) {
-                    self.decode(r, 0..width / block, dst);
+                for (col, r) in cols.enumerate() {
+                    let dst = &mut out[col * width..(col + 1) * width];
+                    for b in 0..per_row {
+                        let k0 = b * block;
+                        self.block(r * per_row + b, round, |i, v| dst[k0 + i] = v);
+                    }
                 }
-                (1, width)
             }
             Orientation::Plain => {
-                let p = cols.len();
-                for (r, dst) in out.chunks_exact_mut(p).take(rows).enumerate() {
-                    self.decode(r, cols.start / block..cols.end / block, dst);
+                let first = cols.start / block;
+                for r in 0..rows {
+                    let dst = &mut out[r * p..(r + 1) * p];
+                    for b in first..cols.end / block {
+                        let c0 = (b - first) * block;
+                        self.block(r * per_row + b, round, |i, v| dst[c0 + i] = v);
+                    }
                 }
-                (p, 1)
+            }
+        }
+    }
+
+    /// The right operand's columns `cols` (of Wᵀ, or of W) as bf16 bits, packed for the bf16
+    /// kernels with `kp` rows ([`amx::packed_index`]): a value's place steps by 32 per pair of
+    /// rows and by one group (kp·16) per 16 columns.
+    #[inline(always)]
+    fn fill_packed(
+        &self,
+        orientation: Orientation,
+        cols: Range<usize>,
+        kp: usize,
+        out: &mut [u16],
+    ) {
+        let (rows, width) = self.dims;
+        let block = self.format.block();
+        let per_row = width / block;
+        let bits = |v: f32| narrow_bf16(v).to_bits();
+        match orientation {
+            Orientation::Transposed => {
+                for (col, r) in cols.enumerate() {
+                    let column = amx::packed_index(0, col, kp);
+                    for b in 0..per_row {
+                        // Row k0 = b·block starts at k0·16 (whole steps of 32 rows).
+                        let start = column + b * block * 16;
+                        self.block(r * per_row + b, bits, |i, v| {
+                            out[start + (i / 2) * 32 + i % 2] = v
+                        });
+                    }
+                }
+            }
+            Orientation::Plain => {
+                let first = cols.start / block;
+                for kk in 0..rows {
+                    let row = amx::packed_index(kk, 0, kp);
+                    for b in first..cols.end / block {
+                        // Column c0 = (b − first)·block starts a group (c0 is a multiple of 32).
+                        let start = row + (b - first) * block / 16 * kp * 16;
+                        self.block(kk * per_row + b, bits, |i, v| {
+                            out[start + (i / 16) * kp * 16 + (i % 16) * 2] = v
+                        });
+                    }
+                }
             }
         }
     }
@@ -120,16 +190,9 @@ pub fn product(w: &Planes, orientation: Orientation, compute: DType, a: Strided<
             let kp = k.next_multiple_of(32);
             let packed_a = amx::pack_rows(&a, kp);
             for_each(parallel, &panels, |cols| {
-                let mut values = vec![0f32; k * cols.len()];
-                let strides = w.decode_panel(orientation, cols.clone(), &mut values);
-                let b = Strided {
-                    data: &values,
-                    offset: 0,
-                    rows: k,
-                    cols: cols.len(),
-                    strides,
-                };
-                let packed = amx::pack_panel(&b, kp);
+                let p = cols.len();
+                let mut packed = vec![0u16; amx::packed_len(p, kp)];
+                w.fill_packed(orientation, cols.clone(), kp, &mut packed);
                 // SAFETY: only this panel writes these columns of every row of `out` (m × n);
                 // the kernel is one this CPU runs.
                 unsafe {
@@ -137,7 +200,7 @@ pub fn product(w: &Planes, orientation: Orientation, compute: DType, a: Strided<
                         kernel,
                         &packed_a,
                         &packed,
-                        (m, kp, cols.len()),
+                        (m, kp, p),
                         dst.at(cols.start),
                         n,
                     )
@@ -150,10 +213,12 @@ pub fn product(w: &Planes, orientation: Orientation, compute: DType, a: Strided<
             for_each(parallel, &panels, |cols| {
                 let p = cols.len();
                 let mut values = vec![0f32; k * p];
-                let strides = w.decode_panel(orientation, cols.clone(), &mut values);
-                if let Some(round) = round {
-                    values.iter_mut().for_each(|v| *v = round(*v));
-                }
+                w.fill_f32(orientation, cols.clone(), round, &mut values);
+                // Wᵀ's columns are contiguous (rows of W decoded whole), W's rows.
+                let strides = match orientation {
+                    Orientation::Transposed => (1, k),
+                    Orientation::Plain => (p, 1),
+                };
                 let rhs = view(&values, 0, k, p, strides);
                 // SAFETY: columns cols of the m × n output, written by this panel only; faer
                 // writes them all without reading (Replace).
@@ -176,11 +241,11 @@ fn for_each(parallel: bool, panels: &[Range<usize>], run: impl Fn(Range<usize>) 
     }
 }
 
-/// Rounds an f32 to `compute` and back, as a dense weight of that dtype holds it; None for f32.
-fn rounding(compute: DType) -> Option<fn(f32) -> f32> {
+/// Rounds an f32 to `compute` and back, as a dense weight of that dtype holds it.
+fn rounding(compute: DType) -> fn(f32) -> f32 {
     match compute {
-        DType::BF16 => Some(|v| f32::from_bits(u32::from(narrow_bf16(v).to_bits()) << 16)),
-        DType::F16 => Some(|v| f16::from_f32(v).to_f32()),
-        _ => None,
+        DType::BF16 => |v| f32::from_bits(u32::from(narrow_bf16(v).to_bits()) << 16),
+        DType::F16 => |v| f16::from_f32(v).to_f32(),
+        _ => |v| v,
     }
 }
