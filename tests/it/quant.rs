@@ -301,7 +301,7 @@ fn a_bad_quantize_names_the_field_and_the_choices() {
     for set in ["model.quantize=q5_k", "model.quantize=Q4_0"] {
         let err = format!("{:#}", run(dir.path(), &[set], false).unwrap_err());
         assert!(
-            err.contains("quantize") && err.contains("q4_0, q8_0 or nf4"),
+            err.contains("[model] quantize") && err.contains("q4_0, q8_0 or nf4"),
             "{set}: {err}"
         );
     }
@@ -315,7 +315,7 @@ fn a_bad_quantize_names_the_field_and_the_choices() {
         feinschliff::recipe::Recipe::load(&path, &[]).unwrap_err()
     );
     assert!(
-        err.contains("line 9") && err.contains("quantize") && err.contains("`int4`"),
+        err.contains("line 9") && err.contains("[model] quantize") && err.contains("`int4`"),
         "{err}"
     );
 }

@@ -91,15 +91,16 @@ impl std::str::FromStr for Quantization {
         Self::ALL
             .into_iter()
             .find(|q| q.name() == s)
-            .ok_or_else(|| format!("`quantize` takes q4_0, q8_0 or nf4, not `{s}`"))
+            .ok_or_else(|| format!("`{s}` is not a quantization: use q4_0, q8_0 or nf4"))
     }
 }
 
+/// As the recipe's `[model] quantize` reads it.
 impl TryFrom<String> for Quantization {
     type Error = String;
 
     fn try_from(s: String) -> std::result::Result<Self, String> {
-        s.parse()
+        s.parse().map_err(|e| format!("[model] quantize: {e}"))
     }
 }
 
@@ -207,11 +208,6 @@ impl QuantizedWeight {
     /// (rows, cols) = (out_features, in_features) of the projection.
     pub fn dims(&self) -> (usize, usize) {
         self.dims
-    }
-
-    /// The dtype products run in.
-    pub fn compute_dtype(&self) -> DType {
-        self.compute
     }
 
     /// The codes, U8 [rows, cols·bits/8].

@@ -33,6 +33,7 @@ pub struct Planes<'a> {
     pub scales: Scales<'a>,
 }
 
+/// The scales of a plane: f16 (Q4_0, Q8_0) or f32 (NF4).
 pub enum Scales<'a> {
     F16(&'a [f16]),
     F32(&'a [f32]),
