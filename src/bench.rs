@@ -3,17 +3,21 @@
 //! `score`: forward scoring without gradients as the eval harness runs it (batch 8 × 256);
 //! `generate`: greedy decoding with the KV cache (batch 1, a 32-token prompt, 128 new tokens).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::Instant;
 
 use crate::data::Batch;
 use crate::device::{gb, peak_rss_bytes, MemoryPeak, PeakMemory};
 use crate::model::kernels::phases::{self, Phase};
 use crate::model::new::{config_json, weight_specs, Init, Size};
-use crate::model::weights::Weights;
+use crate::model::kernels::phases::{self, Phase};
+use crate::model::kernels::quant::Quantization;
+use crate::model::weights::{TensorReader, Weights};
 use crate::model::{adapter, CausalLm, LoraConfig, ModelConfig, TargetModules, TokenLayout};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::step::optimizer_step;
@@ -25,6 +29,7 @@ pub struct BenchReport {
     pub arch: String,
     pub size: Size,
     pub dtype: DType,
+    pub quantize: Option<Quantization>,
     pub batch: usize,
     pub seq: usize,
     pub steps: usize,
@@ -54,9 +59,13 @@ impl std::fmt::Display for BenchReport {
         } else {
             String::new()
         };
+        let quantized = self
+            .quantize
+            .map(|q| format!(" projections {q}"))
+            .unwrap_or_default();
         write!(
             f,
-            "bench {} {} {:?} {:?} on {}: batch {} x {}{labelled}, {} steps, {:.3} s/step, {:.0} tokens/s, {peak}",
+            "bench {} {} {:?} {:?}{quantized} on {}: batch {} x {}{labelled}, {} steps, {:.3} s/step, {:.0} tokens/s, {peak}",
             self.what,
             self.arch,
             self.size,
@@ -110,27 +119,39 @@ pub struct BenchSpec {
     pub batch: usize,
     pub seq: usize,
     pub dtype: DType,
+    /// Hold the projection weights quantized (`[model] quantize`).
+    pub quantize: Option<Quantization>,
     pub steps: usize,
     pub gradient_checkpointing: bool,
     /// Train and score: the share of each row's positions that carry a label (1.0: every position).
     pub trained_fraction: f64,
 }
 
-/// A random `arch` model of `size` on `device`, its frozen weights in `dtype`, drawn on the device
-/// itself (a 1B model's weights take a minute to draw on one CPU core, a moment on a GPU).
-fn random_model(arch: &str, size: Size, dtype: DType, device: &Device) -> Result<CausalLm> {
-    let shape = size.shape();
-    let tie = size.tied();
-    let config = ModelConfig::from_json(&config_json(arch, &shape, tie)?)?;
-    let tensors = weight_specs(arch, &shape, tie)?
+/// A random `arch` model of the spec's size on `device`, its frozen weights in the spec's dtype,
+/// drawn on the device itself (a 1B model's weights take a minute to draw on one CPU core, a
+/// moment on a GPU). With `quantize`, the projections are held quantized, each drawn on the CPU
+/// and quantized before the next is drawn, so that no dense copy of the model ever exists.
+fn random_model(spec: &BenchSpec, device: &Device) -> Result<CausalLm> {
+    let shape = spec.size.shape();
+    let tie = spec.size.tied();
+    let config = ModelConfig::from_json(&config_json(&spec.arch, &shape, tie)?)?;
+    let specs = weight_specs(&spec.arch, &shape, tie)?;
+    let dtype = spec.dtype;
+    if let Some(format) = spec.quantize {
+        let reader = RandomTensors {
+            specs: specs.into_iter().map(|(n, d, i)| (n, (d, i))).collect(),
+            std: shape.init_std,
+        };
+        let weights = Weights::from_reader(Path::new("<random>"), Box::new(reader), dtype, device);
+        return CausalLm::load_quantized(config, &weights, device, Some(format));
+    }
+    let tensors = specs
         .into_iter()
         .map(|(name, dims, init)| {
-            let t = match init {
-                Init::Normal => Tensor::randn(0f32, shape.init_std, dims, device)?,
-                Init::Zeros => Tensor::zeros(dims, DType::F32, device)?,
-                Init::Ones => Tensor::ones(dims, DType::F32, device)?,
-            };
-            Ok((name, t.to_dtype(dtype)?))
+            Ok((
+                name,
+                draw(&dims, init, shape.init_std, device)?.to_dtype(dtype)?,
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
     CausalLm::load(
@@ -138,6 +159,39 @@ fn random_model(arch: &str, size: Size, dtype: DType, device: &Device) -> Result
         &Weights::from_tensors(tensors, dtype, device),
         device,
     )
+}
+
+/// A random tensor as `init` says, f32 on `device`.
+fn draw(dims: &[usize], init: Init, std: f32, device: &Device) -> Result<Tensor> {
+    Ok(match init {
+        Init::Normal => Tensor::randn(0f32, std, dims, device)?,
+        Init::Zeros => Tensor::zeros(dims, DType::F32, device)?,
+        Init::Ones => Tensor::ones(dims, DType::F32, device)?,
+    })
+}
+
+/// The tensors of a random model, each drawn on the CPU when it is read.
+struct RandomTensors {
+    specs: HashMap<String, (Vec<usize>, Init)>,
+    std: f32,
+}
+
+impl TensorReader for RandomTensors {
+    fn names(&self) -> Vec<String> {
+        self.specs.keys().cloned().collect()
+    }
+
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.specs.get(name).map(|(dims, _)| dims.clone())
+    }
+
+    fn read(&self, name: &str) -> Result<Tensor> {
+        let (dims, init) = self
+            .specs
+            .get(name)
+            .with_context(|| format!("no tensor `{name}`"))?;
+        draw(dims, *init, self.std, &Device::Cpu)
+    }
 }
 
 /// A batch of random tokens whose last `trained` share of each row are targets (the rest is
@@ -177,7 +231,7 @@ fn random_batch(
 /// Times `steps` forward scoring passes (after one warm-up pass), no gradients.
 pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     let memory = PeakMemory::watch(device);
-    let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
+    let lm = random_model(spec, device)?;
     let vocab = spec.size.shape().vocab;
     let b = random_batch(spec.batch, spec.seq, vocab, spec.trained_fraction, device)?;
     crate::train::loss::summed_nll(&lm, &b, None)?;
@@ -194,7 +248,7 @@ pub fn score(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
 /// (after one short warm-up); tokens/s counts generated tokens of all rows.
 pub fn generate(spec: &BenchSpec, new_tokens: usize, device: &Device) -> Result<BenchReport> {
     let memory = PeakMemory::watch(device);
-    let lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
+    let lm = random_model(spec, device)?;
     let vocab = spec.size.shape().vocab as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let prompts: Vec<Vec<u32>> = (0..spec.batch)
@@ -227,6 +281,7 @@ fn report(
         arch: spec.arch.clone(),
         size: spec.size,
         dtype: spec.dtype,
+        quantize: spec.quantize,
         batch: spec.batch,
         seq: spec.seq,
         steps: spec.steps,
@@ -242,7 +297,7 @@ fn report(
 /// Times `steps` LoRA train steps (after one warm-up step) on a random `arch` model of `size`.
 pub fn train(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     let memory = PeakMemory::watch(device);
-    let mut lm = random_model(&spec.arch, spec.size, spec.dtype, device)?;
+    let mut lm = random_model(spec, device)?;
     lm.gradient_checkpointing = spec.gradient_checkpointing;
     let lora_config = LoraConfig {
         r: 16,

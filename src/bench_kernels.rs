@@ -2,8 +2,11 @@
 //! runs — AMX tiles, AVX512_BF16 dot products, and f32 (faer, the weight widened beforehand) — on the projection
 //! shapes of a SmolLM2-135M train step (4 × 256 rows), with the weight packed once as in training.
 //! Shows which kernel a machine picks and what it gains (`lscpu` says which features exist).
+//! A second table times the same products with the weight quantized (`[model] quantize`, decoded a
+//! panel at a time) against the packed bf16 weight, forward (x·Wᵀ) and for the input gradient (g·W).
 
 use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use std::fmt::Write;
 use std::mem::MaybeUninit;
@@ -11,6 +14,10 @@ use std::time::Instant;
 
 use crate::model::kernels::amx::{self, Bf16Kernel, PackedRhs};
 use crate::model::kernels::elements::Strided;
+use crate::model::kernels::frozen_weight::FrozenWeight;
+use crate::model::kernels::projection_weight::ProjectionWeight;
+use crate::model::kernels::quant::{Quantization, QuantizedWeight};
+use crate::model::linear::frozen_matmul;
 
 /// (rows, in, out) of the smol model's projections: q/o, k/v, gate/up, down.
 const SHAPES: [(usize, usize, usize); 4] = [
@@ -93,6 +100,47 @@ pub fn run() -> Result<String> {
             cells[0],
             cells[1],
             cells[2]
+        )?;
+    }
+    table.push_str(&quantized()?);
+    Ok(table)
+}
+
+/// The quantized products beside the packed bf16 weight's, in bf16 compute, GFLOP/s.
+fn quantized() -> Result<String> {
+    let mut table = format!(
+        "quantized W (bf16 compute), x·Wᵀ | g·W, GFLOP/s\n{:>18} {:>13} {:>13} {:>13} {:>13}\n",
+        "rows × in × out", "bf16 (packed)", "q4_0", "q8_0", "nf4"
+    );
+    for (m, k, n) in SHAPES {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
+        let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)? * 0.05)?;
+        let mut weights = vec![ProjectionWeight::from(FrozenWeight::new(
+            w.to_dtype(DType::BF16)?,
+        ))];
+        for format in Quantization::ALL {
+            weights.push(QuantizedWeight::quantize(&w, format, DType::BF16, &Device::Cpu)?.into());
+        }
+        let flops = 2.0 * (m * k * n) as f64;
+        let mut cells = Vec::new();
+        for w in &weights {
+            let forward = seconds(|| drop(frozen_matmul(&x, w)));
+            let backward = seconds(|| drop(w.times(&g)));
+            cells.push(format!(
+                "{:.0} | {:.0}",
+                flops / forward / 1e9,
+                flops / backward / 1e9
+            ));
+        }
+        writeln!(
+            table,
+            "{:>18} {:>13} {:>13} {:>13} {:>13}",
+            format!("{m} × {k} × {n}"),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3]
         )?;
     }
     Ok(table)

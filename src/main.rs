@@ -263,6 +263,9 @@ struct BenchArgs {
     /// Compute dtype of the frozen weights.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
+    /// Hold the projection weights quantized, as `[model] quantize` does: q4_0, q8_0 or nf4.
+    #[arg(long)]
+    quantize: Option<feinschliff::model::kernels::quant::Quantization>,
     /// Timed steps (after one warm-up); default 20 for tiny, 3 otherwise.
     #[arg(long)]
     steps: Option<usize>,
@@ -294,6 +297,7 @@ impl BenchArgs {
             batch: self.batch.unwrap_or(default_batch),
             seq: self.seq,
             dtype: dtype_of(&self.dtype),
+            quantize: self.quantize,
             steps: self
                 .steps
                 .unwrap_or(if self.size == Size::Tiny { 20 } else { 3 }),

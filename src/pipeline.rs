@@ -104,7 +104,13 @@ fn evaluate(
         .iter()
         .map(|p| Suite::load(&recipe.resolve(p)))
         .collect::<Result<Vec<_>>>()?;
-    let mut model = Model::load(&base.dir, Some(recipe.model.dtype.dtype()), &device)?;
+    // The base the adapter was trained on: quantized as it was in training.
+    let mut model = Model::load_quantized(
+        &base.dir,
+        Some(recipe.model.dtype.dtype()),
+        recipe.model.quantize,
+        &device,
+    )?;
     let max_positions = model.lm.config.max_position_embeddings;
     let base_name = base.name();
     let info = |suite: &Suite, adapter: Option<&'static str>| report::RunInfo {

@@ -49,6 +49,9 @@ pub struct ModelSection {
     /// Compute dtype of the frozen base weights.
     #[serde(default)]
     pub dtype: Precision,
+    /// Hold the frozen projection weights quantized in memory (QLoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<crate::model::kernels::quant::Quantization>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

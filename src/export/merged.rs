@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::fsutil::{write_atomic, StagedDir};
+use crate::model::kernels::projection_weight::ProjectionWeight;
+use crate::model::kernels::quant::Quantization;
 use crate::model::weights::{save_safetensors, Weights};
 use crate::model::{adapter, BaseModel, CausalLm, ModelTokenizer, Parts};
 use crate::recipe::Recipe;
@@ -50,10 +52,14 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let base_dir = &base.dir;
     let parts = Parts::open(base_dir, DType::F32, &device)?;
     let stored = parts.weights;
-    let mut lm = CausalLm::load(parts.config.clone(), &stored, &device)?;
-    let dtype = match opts.dtype {
-        Some(d) => d,
-        None => stored.stored_dtype().unwrap_or(DType::F32),
+    let quantize = trained_quantization(&opts.adapter)?;
+    let mut lm = CausalLm::load_quantized(parts.config.clone(), &stored, &device, quantize)?;
+    let dtype = match (opts.dtype, quantize, stored.stored_dtype()) {
+        (Some(d), _, _) => d,
+        // A quantized base is dequantised to 16 bits, as PEFT merges into a 4-bit base.
+        (None, Some(_), Some(DType::F16)) => DType::F16,
+        (None, Some(_), _) => DType::BF16,
+        (None, None, stored) => stored.unwrap_or(DType::F32),
     };
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         bail!("cannot export in {dtype:?}; use f32, bf16 or f16");
@@ -65,7 +71,21 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         .filter_map(|(name, l)| l.lora.as_ref().map(|a| (format!("{name}.weight"), a)))
         .map(|(name, a)| Ok((name, a.delta_weight()?)))
         .collect::<Result<_>>()?;
+    // The projections the adapter was trained against quantized: merged into their dequantised
+    // values, not into the weights as stored.
+    let quantized: BTreeMap<String, ProjectionWeight> = lm
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.weight.quantized().is_some())
+        .map(|(name, l)| (format!("{name}.weight"), l.weight.clone()))
+        .collect();
     drop(lm);
+    if let Some(q) = quantize {
+        tracing::info!(
+            "the adapter was trained on the base quantized to {q} (its recipe.resolved.toml): {} projections are merged into their dequantised weights",
+            quantized.len()
+        );
+    }
     tracing::info!(
         "merging {} adapted projections on {}",
         deltas.len(),
@@ -93,7 +113,10 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
             .names()
             .into_iter()
             .map(|name| {
-                let t = stored.get(&name, &stored_shape(&stored, &name)?)?;
+                let t = match quantized.get(&name).and_then(ProjectionWeight::quantized) {
+                    Some(q) => q.dequantize()?,
+                    None => stored.get(&name, &stored_shape(&stored, &name)?)?,
+                };
                 let t = match deltas.get(&name) {
                     Some(d) => (t + d)?,
                     None => t,
@@ -151,6 +174,20 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         super::card::Kind::Merged,
     )?;
     staged.commit()
+}
+
+/// The quantization of the base the adapter in `dir` was trained on: `[model] quantize` of its
+/// recipe.resolved.toml (None without one: an adapter made elsewhere, or on a dense base).
+fn trained_quantization(dir: &Path) -> Result<Option<Quantization>> {
+    let path = dir.join("recipe.resolved.toml");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let recipe: Recipe = toml::from_str(&text)
+        .with_context(|| format!("{} is not a Feinschliff recipe", path.display()))?;
+    Ok(recipe.model.quantize)
 }
 
 /// tokenizer.json and tokenizer_config.json of a tokenizer that has no files of its own (a GGUF base's).

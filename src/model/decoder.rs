@@ -20,6 +20,8 @@ use super::kv_cache::{KvCache, LayerKv};
 use super::layout::{self, Projection, Role};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
+use super::kernels::projection_weight::ProjectionWeight;
+use super::kernels::quant::Quantization;
 use super::rope::{self, Rope};
 use super::weights::Weights;
 
@@ -373,6 +375,17 @@ pub struct CausalLm {
 impl CausalLm {
     /// Builds the model from checkpoint tensors with transformers' names.
     pub fn load(config: ModelConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        Self::load_quantized(config, weights, device, None)
+    }
+
+    /// As [`CausalLm::load`], with the projection weights held quantized in `quantize` (see
+    /// [`Weights::projection`]); embeddings, norms, biases and the LM head stay in the weights' dtype.
+    pub fn load_quantized(
+        config: ModelConfig,
+        weights: &Weights,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let c = &config;
         let embed_tokens =
             weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
@@ -382,7 +395,11 @@ impl CausalLm {
         };
         let hid = c.hidden_size;
         let linear = |name: &str, p: &Projection| -> Result<Linear> {
-            let w = weights.get(&format!("{name}.weight"), &[p.out, p.inp])?;
+            let (name_w, shape) = (format!("{name}.weight"), [p.out, p.inp]);
+            let w = match quantize {
+                Some(format) => weights.projection(&name_w, &shape, format)?,
+                None => FrozenWeight::new(weights.get(&name_w, &shape)?).into(),
+            };
             let b = if p.bias {
                 Some(
                     weights
@@ -639,7 +656,8 @@ impl CausalLm {
     /// to cap·tanh(logit/cap) when the model caps them.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = if hidden.track_op() {
-            frozen_matmul(hidden, &self.head)?.to_dtype(accumulation_dtype(self.dtype()))?
+            frozen_matmul(hidden, &ProjectionWeight::Dense(self.head.clone()))?
+                .to_dtype(accumulation_dtype(self.dtype()))?
         } else {
             let head = self.head.tensor();
             let flops = 2 * hidden.elem_count() * head.dim(0)?;

@@ -2,41 +2,41 @@
 //!
 //! candle's matmul backward always computes the weight gradient, even for a frozen weight; for a
 //! LoRA step that is a third of the work wasted. [`frozen_matmul`] is a custom op that runs the
-//! fast product of [`super::kernels::matmul`] forward (with the weight packed once, see
-//! [`FrozenWeight`]) and whose backward returns only the input gradient.
+//! fast product of [`super::kernels::matmul`] forward (with a dense weight packed once, see
+//! [`super::kernels::frozen_weight::FrozenWeight`]; a quantized one decoded in panels, see [`ProjectionWeight`]) and whose
+//! backward returns only the input gradient.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::kernels::frozen_weight::FrozenWeight;
-use super::kernels::matmul::product_transposed;
 use super::kernels::phases::{timed, Phase};
+use super::kernels::projection_weight::ProjectionWeight;
 use super::lora::{LoraAdapter, Pass};
 
 /// One linear layer of the base model; the base weight never trains.
 #[derive(Clone)]
 pub struct Linear {
-    /// [out_features, in_features], as stored in the checkpoint.
-    pub weight: FrozenWeight,
+    /// [out_features, in_features], as stored in the checkpoint (or quantized).
+    pub weight: ProjectionWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: ProjectionWeight, bias: Option<Tensor>) -> Self {
         Self {
-            weight: FrozenWeight::new(weight),
+            weight,
             bias,
             lora: None,
         }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.tensor().dims()[1]
+        self.weight.dims().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.tensor().dims()[0]
+        self.weight.dims().0
     }
 
     /// Applies the layer to x of shape [..., in] (rows [n, in] need no reshape, which in candle's
@@ -61,40 +61,33 @@ impl Linear {
 }
 
 /// x·Wᵀ for x [n, in] and a frozen W [out, in]; gradients flow to x only.
-pub fn frozen_matmul(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+pub fn frozen_matmul(x: &Tensor, weight: &ProjectionWeight) -> Result<Tensor> {
     let op = InputGradOnly(weight.clone());
     if x.track_op() {
-        Ok(x.apply_op2(weight.tensor(), op)?)
+        Ok(x.apply_op1(op)?)
     } else {
-        Ok(x.apply_op2_no_bwd(weight.tensor(), &op)?)
+        Ok(x.apply_op1_no_bwd(&op)?)
     }
 }
 
-/// Multiply-adds × 2 of x [n, in] · Wᵀ for W [out, in].
-fn flops(lx: &Layout, lw: &Layout) -> usize {
-    2 * lx.shape().elem_count() * lw.dims()[0]
+/// Forward: x·Wᵀ. Backward: dL/dx = dL/dy · W, nothing for W.
+struct InputGradOnly(ProjectionWeight);
+
+impl InputGradOnly {
+    /// Multiply-adds × 2 of x [n, in] · Wᵀ.
+    fn flops(&self, lx: &Layout) -> usize {
+        2 * lx.shape().elem_count() * self.0.dims().0
+    }
 }
 
-/// Forward: x·Wᵀ. Backward: dL/dx = dL/dy · W, nothing for W.
-struct InputGradOnly(FrozenWeight);
-
-impl CustomOp2 for InputGradOnly {
+impl CustomOp1 for InputGradOnly {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        timed(Phase::Projections, flops(lx, lw), || {
-            match self.0.cpu_transposed_product((x, lx), (w, lw))? {
-                Some(product) => Ok(product),
-                None => product_transposed(x, lx, w, lw),
-            }
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        timed(Phase::Projections, self.flops(lx), || {
+            self.0.cpu_forward(x, lx)
         })
     }
 
@@ -103,23 +96,20 @@ impl CustomOp2 for InputGradOnly {
         &self,
         x: &candle_core::CudaStorage,
         lx: &Layout,
-        w: &candle_core::CudaStorage,
-        lw: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        timed(Phase::Projections, flops(lx, lw), || {
-            product_transposed(x, lx, w, lw)
+        timed(Phase::Projections, self.flops(lx), || {
+            self.0.cuda_forward(x, lx)
         })
     }
 
     fn bwd(
         &self,
         _x: &Tensor,
-        weight: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let flops = 2 * grad.elem_count() * weight.dim(1)?;
+    ) -> candle_core::Result<Option<Tensor>> {
+        let flops = 2 * grad.elem_count() * self.0.dims().1;
         let dx = timed(Phase::Projections, flops, || self.0.times(&grad.detach()))?;
-        Ok((Some(dx), None))
+        Ok(Some(dx))
     }
 }

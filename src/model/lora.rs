@@ -7,8 +7,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::kernels::frozen_weight::FrozenWeight;
 use super::kernels::lora_linear::lora_linear;
+use super::kernels::projection_weight::ProjectionWeight;
 
 /// Which linear layers get adapters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,7 +168,7 @@ impl LoraAdapter {
 
     /// x·Wᵀ + s·B·A·dropout(x) for x [n, in] and the frozen W of this adapter's projection, as one
     /// op; dropout is active when the pass has a step.
-    pub fn apply(&self, x: &Tensor, weight: &FrozenWeight, pass: Pass) -> Result<Tensor> {
+    pub fn apply(&self, x: &Tensor, weight: &ProjectionWeight, pass: Pass) -> Result<Tensor> {
         let mask = match pass.step {
             Some(step) if self.dropout > 0.0 => Some(self.dropout_mask(x, step)?),
             _ => None,

@@ -94,10 +94,22 @@ impl Model {
     /// Loads the checkpoint at `path` (a folder or a GGUF file); `dtype` None keeps f32 compute
     /// (weights converted on load).
     pub fn load(path: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        Self::load_quantized(path, dtype, None, device)
+    }
+
+    /// As [`Model::load`], with the projection weights held quantized in `quantize` (see
+    /// [`weights::Weights::projection`]).
+    pub fn load_quantized(
+        path: &Path,
+        dtype: Option<DType>,
+        quantize: Option<quant::Quantization>,
+        device: &Device,
+    ) -> Result<Self> {
         let parts = Parts::open(path, dtype.unwrap_or(DType::F32), device)?;
-        let lm = CausalLm::load(parts.config, &parts.weights, device).with_context(|| {
-            format!("cannot build the checkpoint model from {}", path.display())
-        })?;
+        let lm = CausalLm::load_quantized(parts.config, &parts.weights, device, quantize)
+            .with_context(|| {
+                format!("cannot build the checkpoint model from {}", path.display())
+            })?;
         Ok(Self {
             dir: path.to_path_buf(),
             lm,

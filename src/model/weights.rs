@@ -6,6 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use super::kernels::frozen_weight::FrozenWeight;
+use super::kernels::projection_weight::ProjectionWeight;
+use super::kernels::quant::{Quantization, QuantizedWeight};
+
 /// The tensors of one checkpoint, converted to `dtype` on `device` when read.
 pub struct Weights {
     files: Vec<PathBuf>,
@@ -30,6 +34,11 @@ pub trait TensorReader: Send + Sync {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
     /// Reads tensor `name` as f32 on the CPU.
     fn read(&self, name: &str) -> Result<Tensor>;
+    /// The blocks of tensor `name` as stored, rows in transformers' order, when it is stored in a
+    /// format that quantized products use as it is (GGUF's Q4_0 and Q8_0); None for any other.
+    fn read_blocks(&self, _name: &str) -> Result<Option<(Quantization, Vec<u8>)>> {
+        Ok(None)
+    }
 }
 
 impl Weights {
@@ -125,19 +134,66 @@ impl Weights {
 
     /// The tensor `name`, which must exist and have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match &self.source {
+            // Converted on the CPU, so that a GPU receives the compute dtype's bytes only.
+            Source::Read(_) => self
+                .stored(name, shape, &Device::Cpu)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?,
+            _ => self.stored(name, shape, &self.device)?,
+        };
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Tensor `name` ([out, in]) as a frozen projection weight held in `format` on this
+    /// checkpoint's device, its products computed in this checkpoint's compute dtype. A GGUF tensor
+    /// stored as Q4_0 or Q8_0 is taken as it is stored (whatever `format`: no second rounding);
+    /// any other is quantized from its stored values. A weight whose rows are not whole blocks of
+    /// `format` stays dense.
+    pub fn projection(
+        &self,
+        name: &str,
+        shape: &[usize],
+        format: Quantization,
+    ) -> Result<ProjectionWeight> {
+        let &[rows, cols] = shape else {
+            bail!("tensor `{name}`: a projection weight has two dimensions, not {shape:?}");
+        };
+        if let Source::Read(r) = &self.source {
+            if let Some((stored, blocks)) = r.read_blocks(name)? {
+                let q = QuantizedWeight::from_gguf(
+                    stored,
+                    (rows, cols),
+                    &blocks,
+                    self.dtype,
+                    &self.device,
+                )
+                .with_context(|| format!("tensor `{name}` of {}", self.describe()))?;
+                return Ok(q.into());
+            }
+        }
+        if !cols.is_multiple_of(format.block()) {
+            return Ok(FrozenWeight::new(self.get(name, shape)?).into());
+        }
+        let stored = self.stored(name, shape, &Device::Cpu)?;
+        Ok(QuantizedWeight::quantize(&stored, format, self.dtype, &self.device)?.into())
+    }
+
+    /// Tensor `name` in its stored dtype (f32 for a file read by a [`TensorReader`]) on `device`;
+    /// it must exist and have `shape`.
+    fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         if !self.contains(name) {
             bail!("checkpoint {} has no tensor `{name}`", self.describe());
         }
         let t = match &self.source {
             Source::Mapped(m) => m
-                .load(name, &self.device)
+                .load(name, device)
                 .with_context(|| format!("cannot load tensor `{name}` from {}", self.describe()))?,
-            Source::Memory(m) => m[name].to_device(&self.device)?,
+            Source::Memory(m) => m[name].to_device(device)?,
             Source::Read(r) => r
                 .read(name)
                 .with_context(|| format!("cannot load tensor `{name}` from {}", self.describe()))?
-                .to_dtype(self.dtype)?
-                .to_device(&self.device)?,
+                .to_device(device)?,
         };
         if t.dims() != shape {
             bail!(
@@ -147,7 +203,7 @@ impl Weights {
                 shape
             );
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t)
     }
 }
 

@@ -77,7 +77,12 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         (Some(_), true) => {}
     }
 
-    let mut model = Model::load(&base.dir, Some(recipe.model.dtype.dtype()), &device)?;
+    let mut model = Model::load_quantized(
+        &base.dir,
+        Some(recipe.model.dtype.dtype()),
+        recipe.model.quantize,
+        &device,
+    )?;
     match &recipe.lora.init_from {
         Some(dir) => {
             model.load_adapter(&recipe.resolve(dir))?;
@@ -90,8 +95,13 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         }
         None => model.attach_lora(&recipe.lora.to_config(), t.seed)?,
     }
+    let quantized = crate::model::kernels::projection_weight::summary(
+        model.lm.linears().into_iter().map(|(_, l)| &l.weight),
+    )
+    .map(|s| format!(" ({s})"))
+    .unwrap_or_default();
     tracing::info!(
-        "model {} ({}, {} parameters) on {}; frozen base in {:?}, LoRA weights, gradients, AdamW state, norms, softmax and loss in f32; LoRA r {} on {} ({} trainable parameters)",
+        "model {} ({}, {} parameters) on {}; frozen base in {:?}{quantized}, LoRA weights, gradients, AdamW state, norms, softmax and loss in f32; LoRA r {} on {} ({} trainable parameters)",
         base.dir.display(),
         model.lm.config.model_type,
         crate::model::layout::parameter_count(&model.lm.config),

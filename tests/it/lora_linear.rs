@@ -44,8 +44,15 @@ fn fused_lora_linear_equals_the_composed_formula_and_its_gradients() {
                 .matmul(&b.t().unwrap())
                 .unwrap();
             let reference = (x.matmul(&w.t().unwrap()).unwrap() + (lora * scale).unwrap()).unwrap();
-            let fused =
-                lora_linear(&x, &FrozenWeight::new(w.clone()), &a, &b, scale, mask).unwrap();
+            let fused = lora_linear(
+                &x,
+                &FrozenWeight::new(w.clone()).into(),
+                &a,
+                &b,
+                scale,
+                mask,
+            )
+            .unwrap();
             let diff = max_abs_diff(&fused, &reference);
             assert!(diff < tolerance, "{dtype:?}: output differs by {diff}");
             let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
@@ -70,9 +77,17 @@ fn a_bf16_input_runs_the_adapter_in_f32() {
     let w = Tensor::randn(0f32, 0.3, (4, 8), &dev).unwrap();
     let a = Tensor::randn(0f32, 0.3, (2, 8), &dev).unwrap();
     let b = Tensor::randn(0f32, 0.3, (4, 2), &dev).unwrap();
-    let full = lora_linear(&x, &FrozenWeight::new(w.clone()), &a, &b, 2.0, None).unwrap();
+    let full = lora_linear(&x, &FrozenWeight::new(w.clone()).into(), &a, &b, 2.0, None).unwrap();
     let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
-    let half = lora_linear(&bf(&x), &FrozenWeight::new(bf(&w)), &a, &b, 2.0, None).unwrap();
+    let half = lora_linear(
+        &bf(&x),
+        &FrozenWeight::new(bf(&w)).into(),
+        &a,
+        &b,
+        2.0,
+        None,
+    )
+    .unwrap();
     assert_eq!(half.dtype(), DType::BF16);
     assert!(max_abs_diff(&full, &half) < 0.05);
 }

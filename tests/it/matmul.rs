@@ -147,7 +147,7 @@ fn a_frozen_weight_packed_once_gives_the_products_of_packing_every_time() {
     let frozen = FrozenWeight::new(w.clone());
     for (rows, seed) in [(37, 9), (70, 10), (37, 11)] {
         let x = random(&[rows, 300], seed).to_dtype(DType::F32).unwrap();
-        let packed = frozen_matmul(&x, &frozen).unwrap();
+        let packed = frozen_matmul(&x, &frozen.clone().into()).unwrap();
         let per_call =
             feinschliff::model::kernels::matmul::matmul_wide(&x, &w.t().unwrap()).unwrap();
         assert_eq!(max_abs_diff(&packed, &per_call), 0.0, "x·Wᵀ, {rows} rows");

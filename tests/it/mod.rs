@@ -29,6 +29,7 @@ mod module_cycles;
 mod parity;
 mod pg_server;
 mod publish;
+mod quant;
 mod recipe;
 mod special_tokens;
 mod sql;

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::common::tiny_llama_dir;
 
 /// A small prompt/completion set with learnable structure.
-fn write_dataset(dir: &Path) {
+pub(super) fn write_dataset(dir: &Path) {
     let cities = [
         "Berlin", "Hamburg", "München", "Köln", "Leipzig", "Dresden", "Bremen", "Kiel",
     ];
@@ -64,7 +64,7 @@ dir = "out"
 }
 
 /// Trains with the recipe above, `overrides` applied as --set does.
-fn run(
+pub(super) fn run(
     dir: &Path,
     overrides: &[&str],
     force: bool,

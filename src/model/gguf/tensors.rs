@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use super::metadata::Metadata;
 use crate::model::config::ModelConfig;
 use crate::model::layout::{self, Role};
+use crate::model::kernels::quant::Quantization;
 use crate::model::weights::TensorReader;
 
 /// The storage types read, with llama.cpp's names; others are refused by name.
@@ -223,6 +224,36 @@ impl TensorReader for Layout {
             Some(heads) => permute(&t, heads, false),
             None => Ok(t),
         }
+    }
+
+    /// The Q4_0 and Q8_0 blocks of a weight as stored (llama's Q/K rows un-permuted: blocks never
+    /// cross rows).
+    fn read_blocks(&self, name: &str) -> Result<Option<(Quantization, Vec<u8>)>> {
+        let Some(e) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        let (Some(format), [(rows, _), _]) =
+            (Quantization::of_gguf(e.dtype), e.expected.dims.as_slice())
+        else {
+            return Ok(None);
+        };
+        let gguf = &e.expected.gguf;
+        let mut file = std::fs::File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let blocks = self
+            .content
+            .tensor(&mut file, gguf, &Device::Cpu)
+            .and_then(|q| Ok(q.data()?.into_owned()))
+            .with_context(|| format!("cannot read tensor `{gguf}` of {}", self.path.display()))?;
+        Ok(Some(match e.expected.unpermute_heads {
+            Some(heads) => {
+                let row_bytes = blocks.len() / rows.max(&1);
+                let t = Tensor::from_vec(blocks, (*rows, row_bytes), &Device::Cpu)?;
+                let t = permute(&t, heads, false)?;
+                (format, t.flatten_all()?.to_vec1::<u8>()?)
+            }
+            None => (format, blocks),
+        }))
     }
 }
 

@@ -156,24 +156,60 @@ pub fn product_packed<A: ToBf16>(
         let dims = (m, kp, n);
         // Safety: each thread writes only the columns of its own column blocks, on a kernel the
         // CPU runs.
-        unsafe {
-            match kernel {
-                Bf16Kernel::Amx => compute(&packed_a, &b.data, dims, blocks, out_ptr.0),
-                Bf16Kernel::Avx512Bf16 => {
-                    super::avx512_bf16::compute(&packed_a, &b.data, dims, blocks, out_ptr.0)
-                }
-            }
-        };
+        unsafe { run(kernel, &packed_a, &b.data, dims, blocks, out_ptr.at(0), n) };
     });
 }
 
+/// The output columns of `col_blocks` on `kernel` (see [`compute`]); `out` has rows of `ldo`.
+///
+/// Safety: as [`compute`]'s; `kernel` is one this CPU runs.
+unsafe fn run(
+    kernel: Bf16Kernel,
+    a: &[u16],
+    b: &[u16],
+    dims: (usize, usize, usize),
+    col_blocks: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    match kernel {
+        Bf16Kernel::Amx => compute(a, b, dims, col_blocks, out, ldo),
+        Bf16Kernel::Avx512Bf16 => super::avx512_bf16::compute(a, b, dims, col_blocks, out, ldo),
+    }
+}
+
+/// a · b into columns 0..n of `out` on the calling thread, a packed by [`pack_rows`] and b by
+/// [`packed_index`] (b [k, n]); `out` holds m rows of `ldo` f32 (a panel of a wider product).
+///
+/// Safety: no other thread writes these columns of `out`; `kernel` is one this CPU runs
+/// ([`bf16_kernel`]).
+pub(crate) unsafe fn compute_columns(
+    kernel: Bf16Kernel,
+    a: &[u16],
+    b: &[u16],
+    (m, kp, n): (usize, usize, usize),
+    out: *mut f32,
+    ldo: usize,
+) {
+    run(kernel, a, b, (m, kp, n), 0..n.div_ceil(BLOCK), out, ldo)
+}
+
 /// A raw output pointer shared by threads that write disjoint columns.
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
+impl SendPtr {
+    /// The pointer `offset` elements on.
+    ///
+    /// Safety: the result stays inside the buffer.
+    pub(crate) unsafe fn at(&self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
 /// The left operand as bf16 rows [round_up(m, 32), kp], zero-padded.
-fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
+pub(crate) fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
     let rows = round_up(a.rows, BLOCK);
     let mut packed = vec![0u16; rows * kp];
     packed
@@ -190,50 +226,67 @@ fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
 /// The right operand in the tiles' pair-interleaved (VNNI) layout: for each group of 16 columns
 /// and each step of 32 k, 16 rows of (k pair) × 16 columns × 2, zero-padded to whole tiles.
 fn pack_vnni<B: ToBf16>(b: &Strided<B>, kp: usize) -> Vec<u16> {
-    let groups = round_up(b.cols, BLOCK) / 16;
-    let steps = kp / K_STEP;
-    let tile = 16 * 32;
-    let mut packed = vec![0u16; groups * steps * tile];
+    let mut packed = vec![0u16; packed_len(b.cols, kp)];
     packed
-        .par_chunks_mut(steps * tile)
+        .par_chunks_mut(kp / K_STEP * TILE)
         .enumerate()
-        .for_each(|(g, group)| {
-            let first = g * 16;
-            let cols = b.cols.saturating_sub(first).min(16);
-            if cols == 0 {
-                return; // a padding group
-            }
-            // Where element (kk, col) of this group goes.
-            let slot = |kk: usize, col: usize| {
-                let (step, within) = (kk / K_STEP, kk % K_STEP);
-                step * tile + (within / 2) * 32 + col * 2 + within % 2
-            };
-            if b.strides.1 == 1 {
-                // Rows of b contiguous (b is a weight W [k, n] as stored).
-                for kk in 0..b.rows {
-                    let start = b.offset + kk * b.strides.0 + first;
-                    let base = slot(kk, 0);
-                    for (col, v) in b.data[start..start + cols].iter().enumerate() {
-                        group[base + col * 2] = v.bf16_bits();
-                    }
-                }
-            } else if b.strides.0 == 1 {
-                // Columns of b contiguous (b is Wᵀ for a weight W [n, k]).
-                for col in 0..cols {
-                    let start = b.offset + (first + col) * b.strides.1;
-                    for (kk, v) in b.data[start..start + b.rows].iter().enumerate() {
-                        group[slot(kk, col)] = v.bf16_bits();
-                    }
-                }
-            } else {
-                for col in 0..cols {
-                    for kk in 0..b.rows {
-                        group[slot(kk, col)] = b.at(kk, first + col).bf16_bits();
-                    }
-                }
-            }
-        });
+        .for_each(|(g, group)| pack_group(b, g, group));
     packed
+}
+
+/// u16 of a packed right operand of `cols` columns and `kp` rows.
+pub(crate) fn packed_len(cols: usize, kp: usize) -> usize {
+    round_up(cols, BLOCK) / 16 * (kp / K_STEP) * TILE
+}
+
+/// Where element (kk, col) of a right operand of `kp` rows goes when packed: for each group of
+/// 16 columns and each step of 32 rows, 16 rows of (row pair) × 16 columns × 2.
+#[inline(always)]
+pub(crate) fn packed_index(kk: usize, col: usize, kp: usize) -> usize {
+    (col / 16) * kp * 16 + slot(kk, col % 16)
+}
+
+/// Where element (kk, col) of one group of 16 columns goes within the group.
+#[inline(always)]
+fn slot(kk: usize, col: usize) -> usize {
+    let (step, within) = (kk / K_STEP, kk % K_STEP);
+    step * TILE + (within / 2) * 32 + col * 2 + within % 2
+}
+
+/// u16 per tile: 16 rows of 32 bf16.
+const TILE: usize = 16 * 32;
+
+/// Group `g` (columns 16g..16g + 16) of b into `group` (zeroed).
+fn pack_group<B: ToBf16>(b: &Strided<B>, g: usize, group: &mut [u16]) {
+    let first = g * 16;
+    let cols = b.cols.saturating_sub(first).min(16);
+    if cols == 0 {
+        return; // a padding group
+    }
+    if b.strides.1 == 1 {
+        // Rows of b contiguous (b is a weight W [k, n] as stored).
+        for kk in 0..b.rows {
+            let start = b.offset + kk * b.strides.0 + first;
+            let base = slot(kk, 0);
+            for (col, v) in b.data[start..start + cols].iter().enumerate() {
+                group[base + col * 2] = v.bf16_bits();
+            }
+        }
+    } else if b.strides.0 == 1 {
+        // Columns of b contiguous (b is Wᵀ for a weight W [n, k]).
+        for col in 0..cols {
+            let start = b.offset + (first + col) * b.strides.1;
+            for (kk, v) in b.data[start..start + b.rows].iter().enumerate() {
+                group[slot(kk, col)] = v.bf16_bits();
+            }
+        }
+    } else {
+        for col in 0..cols {
+            for kk in 0..b.rows {
+                group[slot(kk, col)] = b.at(kk, first + col).bf16_bits();
+            }
+        }
+    }
 }
 
 /// The tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
@@ -252,10 +305,11 @@ impl TileConfig {
     }
 }
 
-/// Computes the output columns of `col_blocks` (blocks of 32) for all rows.
+/// Computes the output columns of `col_blocks` (blocks of 32, of n columns) for all rows into
+/// `out`, whose rows are `ldo` f32 apart.
 ///
-/// Safety: `out` points to m × n f32 that no other thread writes in these columns; AMX is
-/// available.
+/// Safety: `out` points to m rows of `ldo` ≥ n f32 that no other thread writes in these columns;
+/// AMX is available.
 #[cfg(target_arch = "x86_64")]
 unsafe fn compute(
     a: &[u16],
@@ -263,6 +317,7 @@ unsafe fn compute(
     (m, kp, n): (usize, usize, usize),
     col_blocks: std::ops::Range<usize>,
     out: *mut f32,
+    ldo: usize,
 ) {
     use std::arch::asm;
     let config = TileConfig::new();
@@ -320,7 +375,7 @@ unsafe fn compute(
         // A whole block goes straight to the output; a block cut by the edge goes through `block`.
         let whole = rows == BLOCK && cols == BLOCK;
         let (c, row_stride) = if whole {
-            (out.add(rb * BLOCK * n + cb * BLOCK), n)
+            (out.add(rb * BLOCK * ldo + cb * BLOCK), ldo)
         } else {
             (block.as_mut_ptr(), BLOCK)
         };
@@ -338,7 +393,7 @@ unsafe fn compute(
         );
         if !whole {
             for r in 0..rows {
-                let dst = out.add((rb * BLOCK + r) * n + cb * BLOCK);
+                let dst = out.add((rb * BLOCK + r) * ldo + cb * BLOCK);
                 std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
             }
         }
@@ -353,6 +408,7 @@ unsafe fn compute(
     _: (usize, usize, usize),
     _: std::ops::Range<usize>,
     _: *mut f32,
+    _: usize,
 ) {
     unreachable!("AMX is never available off x86-64")
 }

@@ -67,8 +67,8 @@ const L2_BUDGET: usize = 1 << 20;
 /// of `kp` elements (zero-padded to a multiple of 32 rows) and `b` packed in pair-interleaved
 /// groups of 16 columns ([`super::amx::PackedRhs`]).
 ///
-/// Safety: `out` points to m × n f32 that no other thread writes in these columns; the CPU has
-/// AVX512F and AVX512_BF16 ([`supported`]).
+/// Safety: `out` points to m rows of `ldo` ≥ n f32 that no other thread writes in these columns;
+/// the CPU has AVX512F and AVX512_BF16 ([`supported`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn compute(
@@ -77,6 +77,7 @@ pub(crate) unsafe fn compute(
     (m, kp, n): (usize, usize, usize),
     col_blocks: std::ops::Range<usize>,
     out: *mut f32,
+    ldo: usize,
 ) {
     use std::arch::x86_64::*;
     let pairs = kp / 2;
@@ -112,7 +113,7 @@ pub(crate) unsafe fn compute(
                             break;
                         }
                         let mask = (1u32 << (n - col).min(16)) - 1;
-                        _mm512_mask_storeu_ps(out.add((row0 + r) * n + col), mask as u16, *lanes);
+                        _mm512_mask_storeu_ps(out.add((row0 + r) * ldo + col), mask as u16, *lanes);
                     }
                 }
             }
@@ -128,6 +129,7 @@ pub(crate) unsafe fn compute(
     _: (usize, usize, usize),
     _: std::ops::Range<usize>,
     _: *mut f32,
+    _: usize,
 ) {
     unreachable!("AVX512_BF16 is never available off x86-64")
 }

@@ -13,7 +13,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::amx::PackedRhs;
-use super::matmul::{cpu_packed_product, cpu_product_f32, matmul, plus_product_f32};
+use super::matmul::{
+    cpu_packed_product, cpu_product_f32, matmul, plus_product_f32, product_transposed,
+};
 
 /// A frozen weight and its packed forms (shared by clones).
 #[derive(Clone)]
@@ -44,9 +46,36 @@ impl FrozenWeight {
         &self.tensor
     }
 
+    /// x·Wᵀ for x [n, in] on the CPU: through the packed weight where the bf16 kernel (AMX or
+    /// AVX512_BF16) applies, else as any product.
+    pub(crate) fn cpu_forward(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w, lw) = self.tensor.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            candle_core::bail!("frozen weight: the input is on the CPU, the weight is not");
+        };
+        match self.cpu_transposed_product((x, lx), (w, lw))? {
+            Some(product) => Ok(product),
+            None => product_transposed(x, lx, w, lw),
+        }
+    }
+
+    /// x·Wᵀ for x [n, in] on a GPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_forward(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w, lw) = self.tensor.storage_and_layout();
+        let Storage::Cuda(w) = &*w else {
+            candle_core::bail!("frozen weight: the input is on a GPU, the weight is not");
+        };
+        product_transposed(x, lx, w, lw)
+    }
+
     /// x·Wᵀ on CPU storages, `w` being this weight's storage, through the packed weight where the
     /// bf16 kernel (AMX or AVX512_BF16) applies; None where it does not.
-    pub(crate) fn cpu_transposed_product(
+    fn cpu_transposed_product(
         &self,
         (x, lx): (&CpuStorage, &Layout),
         (w, lw): (&CpuStorage, &Layout),

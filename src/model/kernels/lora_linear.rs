@@ -2,21 +2,22 @@
 //! dropout mask (or none). Composed from candle ops, the adapter leaves three [tokens, out]
 //! intermediates per projection alive until the backward pass (W·x, B·A·x, its scaled copy); here
 //! the forward runs on the backend's storages and keeps only its inputs, and the backward
-//! recomputes the small [tokens, r] product. The adapter runs in its own dtype (f32 for a bf16 base).
+//! recomputes the small [tokens, r] product. The adapter runs in its own dtype (f32 for a bf16 base)
+//! whatever the frozen weight's (dense or quantized, see [`ProjectionWeight`]).
 
 use candle_core::op::Mul;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::frozen_weight::FrozenWeight;
 use super::matmul::{matmul, product_transposed, MatmulStorage};
 use super::phases::{timed, Phase};
+use super::projection_weight::ProjectionWeight;
 
 /// x [n, in] through W [out, in] plus the adapter A [r, in], B [out, r] scaled by `scale`, with
 /// the dropout `mask` ([n, in], in the adapter's dtype) applied to the adapter's input.
 /// Gradients flow to x, A and B; W is frozen.
 pub fn lora_linear(
     x: &Tensor,
-    weight: &FrozenWeight,
+    weight: &ProjectionWeight,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
@@ -36,7 +37,7 @@ pub fn lora_linear(
 }
 
 struct LoraLinear {
-    weight: FrozenWeight,
+    weight: ProjectionWeight,
     scale: f64,
     mask: Option<Tensor>,
     rank: usize,
@@ -77,13 +78,9 @@ fn forward<S: MatmulStorage>(
     Ok((y, shape))
 }
 
-/// The storage of `t` as `S`, with its layout, for passing to [`forward`].
-macro_rules! with_storages {
-    ($self:ident, $variant:ident, |$w:ident, $m:ident| $body:expr) => {{
-        let (w_guard, lw) = $self.weight.tensor().storage_and_layout();
-        let Storage::$variant(w_storage) = &*w_guard else {
-            candle_core::bail!("LoRA linear: the frozen weight is on another device");
-        };
+/// The dropout mask's storage as `S` (None without dropout), with its layout, for [`forward`].
+macro_rules! with_mask {
+    ($self:ident, $variant:ident, |$m:ident| $body:expr) => {{
         let mask_guard = $self.mask.as_ref().map(|m| m.storage_and_layout());
         let $m = match &mask_guard {
             Some((g, lm)) => match &**g {
@@ -92,7 +89,6 @@ macro_rules! with_storages {
             },
             None => None,
         };
-        let $w = (w_storage, lw);
         $body
     }};
 }
@@ -112,13 +108,15 @@ impl CustomOp3 for LoraLinear {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         timed(Phase::Projections, self.flops(lx, 2), || {
-            with_storages!(self, Cpu, |w, m| {
-                let base = match self.weight.cpu_transposed_product((x, lx), w)? {
-                    Some(base) => base,
-                    None => product_transposed(x, lx, w.0, w.1)?,
-                };
-                forward(base, (x, lx), (a, la), (b, lb), m, self.scale)
-            })
+            let base = self.weight.cpu_forward(x, lx)?;
+            with_mask!(self, Cpu, |m| forward(
+                base,
+                (x, lx),
+                (a, la),
+                (b, lb),
+                m,
+                self.scale
+            ))
         })
     }
 
@@ -133,10 +131,15 @@ impl CustomOp3 for LoraLinear {
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         timed(Phase::Projections, self.flops(lx, 2), || {
-            with_storages!(self, Cuda, |w, m| {
-                let base = product_transposed(x, lx, w.0, w.1)?;
-                forward(base, (x, lx), (a, la), (b, lb), m, self.scale)
-            })
+            let base = self.weight.cuda_forward(x, lx)?;
+            with_mask!(self, Cuda, |m| forward(
+                base,
+                (x, lx),
+                (a, la),
+                (b, lb),
+                m,
+                self.scale
+            ))
         })
     }
 
@@ -160,7 +163,7 @@ impl LoraLinear {
     /// the adapter's size (n·r·(in + out) each).
     fn flops(&self, lx: &Layout, adapter_products: usize) -> usize {
         let (n, inp) = (lx.dims()[0], lx.dims()[1]);
-        let (out, r) = (self.weight.tensor().dims()[0], self.rank);
+        let (out, r) = (self.weight.dims().0, self.rank);
         2 * n * inp * out + adapter_products * n * r * (inp + out)
     }
 

@@ -277,7 +277,7 @@ impl ProductDims {
 }
 
 /// Below this many multiply-adds a product runs on one thread (threads cost more than they save).
-const PARALLEL_FLOPS: usize = 1 << 21;
+pub(crate) const PARALLEL_FLOPS: usize = 1 << 21;
 
 /// The product on the CPU; `wide`: half-precision products stay in f32.
 fn cpu_product(
@@ -432,7 +432,7 @@ fn products<T: Real>(a: &[T], b: &[T], dims: &ProductDims) -> Vec<T> {
 }
 
 /// A strided view of `rows` × `cols` elements of `data` starting at `offset`.
-fn view<T>(
+pub(crate) fn view<T>(
     data: &[T],
     offset: usize,
     rows: usize,
@@ -545,6 +545,21 @@ fn bf16_products<A: Widen + super::elements::ToBf16>(
     unsafe { assume_init(out) }
 }
 
+/// The bf16 kernel a product of f32 rows a [m, k] with a bf16 weight b [k, n] runs on, or None
+/// where it is widened to f32: a product too small to gain, no kernel on this CPU, or a few rows
+/// against a weight stored as Wᵀ (`transposed`: b's columns contiguous), which run as dot products.
+pub(crate) fn weight_kernel(
+    m: usize,
+    k: usize,
+    n: usize,
+    transposed: bool,
+) -> Option<super::amx::Bf16Kernel> {
+    if 2 * m * k * n < BF16_KERNEL_MIN_FLOPS || (m <= FEW_ROWS && transposed && k >= 16) {
+        return None;
+    }
+    super::amx::bf16_kernel()
+}
+
 /// a·b for f32 activations a [m, k] and a bf16 weight b [k, n] on the CPU through a bf16 kernel,
 /// with b packed once into `packed` (filled on first use; it must only ever see this same b).
 /// None where no kernel applies (other dtypes, no bf16 kernel, a product too small to gain).
@@ -559,11 +574,11 @@ pub(crate) fn cpu_packed_product(
         return Ok(None);
     };
     let dims = ProductDims::of(la, lb)?;
-    let kernel = match bf16_kernel(&dims) {
-        Some(kernel) if dims.batch == 1 && !few_rows(&dims) => kernel,
+    let (m, k, n) = (dims.m, dims.k, dims.n);
+    let kernel = match weight_kernel(m, k, n, dims.b_strides.0 == 1) {
+        Some(kernel) if dims.batch == 1 => kernel,
         _ => return Ok(None),
     };
-    let (m, k, n) = (dims.m, dims.k, dims.n);
     let (oa, ob) = dims.offsets[0];
     let rhs =
         packed.get_or_init(|| super::amx::PackedRhs::new(&strided(b, ob, (k, n), dims.b_strides)));
@@ -662,7 +677,7 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
 
 /// `len` elements left uninitialised, for products that write every one of them (zeroing a
 /// product's output first costs a pass over it).
-fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
+pub(crate) fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
     let mut out = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialisation; the capacity is `len`.
     unsafe { out.set_len(len) };
@@ -673,7 +688,7 @@ fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
 ///
 /// # Safety
 /// Every element of `v` must have been written.
-unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+pub(crate) unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }

@@ -15,6 +15,8 @@ pub mod lora_linear;
 pub mod matmul;
 pub mod phases;
 pub(crate) mod precomputed;
+pub mod projection_weight;
+pub mod quant;
 pub mod rms_norm;
 pub mod sdpa;
 mod sdpa_cpu;

@@ -1,0 +1,307 @@
+//! Quantized frozen weights for LoRA on a quantized base (QLoRA, `[model] quantize`): a projection
+//! weight W [rows, cols] kept in memory as blocks of 4- or 8-bit codes with one scale per block —
+//! llama.cpp's Q4_0 and Q8_0 (32 values a block, f16 scale, bit-exact with gguf-py) or
+//! bitsandbytes' NF4 (64 values a block, f32 absmax) — and never as a dense copy: products decode
+//! it a panel at a time on the CPU ([`panels`]), or whole per use with candle ops elsewhere.
+//!
+//! The planes are candle tensors on the model's device: codes U8 [rows, cols·bits/8] (4-bit
+//! codes two to a byte, the first in the high nibble; 8-bit codes offset by 128) and scales
+//! [rows, cols/block] (F16 for Q4_0 and Q8_0, F32 for NF4).
+
+mod codec;
+mod panels;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub(crate) use panels::Orientation;
+
+/// A block format for frozen weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Quantization {
+    /// llama.cpp's Q4_0: 32 values, f16 scale d, value = (code − 8)·d; 4.5 bits per value.
+    Q4_0,
+    /// llama.cpp's Q8_0: 32 values, f16 scale d, value = code·d; 8.5 bits per value.
+    Q8_0,
+    /// bitsandbytes' NF4: 64 values, f32 absmax, value = NF4 code book[code]·absmax; 4.5 bits.
+    Nf4,
+}
+
+impl Quantization {
+    pub const ALL: [Quantization; 3] = [Self::Q4_0, Self::Q8_0, Self::Nf4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "q4_0",
+            Self::Q8_0 => "q8_0",
+            Self::Nf4 => "nf4",
+        }
+    }
+
+    /// Values per block (each row of a weight is cut into whole blocks).
+    pub fn block(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q8_0 => 32,
+            Self::Nf4 => 64,
+        }
+    }
+
+    fn bits(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Nf4 => 4,
+            Self::Q8_0 => 8,
+        }
+    }
+
+    /// Bytes of codes per block.
+    fn code_bytes(self) -> usize {
+        self.block() * self.bits() / 8
+    }
+
+    fn scale_dtype(self) -> DType {
+        match self {
+            Self::Q4_0 | Self::Q8_0 => DType::F16,
+            Self::Nf4 => DType::F32,
+        }
+    }
+
+    /// The format of a GGUF storage type whose blocks products use as they are.
+    pub fn of_gguf(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|q| q.name() == s)
+            .ok_or_else(|| format!("`{s}` is not a quantization: use q4_0, q8_0 or nf4"))
+    }
+}
+
+/// As the recipe's `[model] quantize` reads it.
+impl TryFrom<String> for Quantization {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse().map_err(|e| format!("[model] quantize: {e}"))
+    }
+}
+
+impl From<Quantization> for String {
+    fn from(q: Quantization) -> String {
+        q.name().to_string()
+    }
+}
+
+/// A frozen weight [rows, cols] held quantized; products run in `compute` (the model's dtype:
+/// the decoded values are rounded to it, as a dense weight of that dtype would be).
+pub struct QuantizedWeight {
+    format: Quantization,
+    dims: (usize, usize),
+    codes: Tensor,
+    scales: Tensor,
+    compute: DType,
+}
+
+impl QuantizedWeight {
+    /// Quantizes `w` [rows, cols] (any dtype, any device; encoded on the CPU) into planes on
+    /// `device`. `cols` must be a multiple of the format's block.
+    pub fn quantize(
+        w: &Tensor,
+        format: Quantization,
+        compute: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let block = format.block();
+        if !cols.is_multiple_of(block) {
+            bail!("cannot quantize a weight of {cols} columns to {format}: rows must be whole blocks of {block}");
+        }
+        let values = w
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut codes = vec![0u8; rows * cols / block * format.code_bytes()];
+        let mut scales = vec![0f32; rows * cols / block];
+        codes
+            .par_chunks_mut(format.code_bytes())
+            .zip(scales.par_iter_mut())
+            .zip(values.par_chunks(block))
+            .for_each(|((codes, scale), x)| *scale = codec::encode(format, x, codes));
+        Self::from_planes(format, (rows, cols), codes, scales, compute, device)
+    }
+
+    /// A weight [rows, cols] from the Q4_0 or Q8_0 blocks a GGUF file stores (rows in order).
+    pub fn from_gguf(
+        format: Quantization,
+        (rows, cols): (usize, usize),
+        blocks: &[u8],
+        compute: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let block_bytes = 2 + format.code_bytes();
+        let count = rows * cols / format.block();
+        if format == Quantization::Nf4
+            || !cols.is_multiple_of(format.block())
+            || blocks.len() != count * block_bytes
+        {
+            bail!(
+                "{} bytes are not the {format} blocks of a [{rows}, {cols}] weight",
+                blocks.len()
+            );
+        }
+        let mut codes = vec![0u8; count * format.code_bytes()];
+        let mut scales = vec![0f32; count];
+        codes
+            .par_chunks_mut(format.code_bytes())
+            .zip(scales.par_iter_mut())
+            .zip(blocks.par_chunks(block_bytes))
+            .for_each(|((codes, scale), b)| *scale = codec::from_gguf(format, b, codes));
+        Self::from_planes(format, (rows, cols), codes, scales, compute, device)
+    }
+
+    fn from_planes(
+        format: Quantization,
+        (rows, cols): (usize, usize),
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        compute: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let blocks = cols / format.block();
+        let codes = Tensor::from_vec(codes, (rows, blocks * format.code_bytes()), device)?;
+        // The scales are f16 values already where the format stores f16: the cast is exact.
+        let scales = Tensor::from_vec(scales, (rows, blocks), &Device::Cpu)?
+            .to_dtype(format.scale_dtype())?
+            .to_device(device)?;
+        Ok(Self {
+            format,
+            dims: (rows, cols),
+            codes,
+            scales,
+            compute,
+        })
+    }
+
+    pub fn format(&self) -> Quantization {
+        self.format
+    }
+
+    /// (rows, cols) = (out_features, in_features) of the projection.
+    pub fn dims(&self) -> (usize, usize) {
+        self.dims
+    }
+
+    /// The codes, U8 [rows, cols·bits/8].
+    pub fn codes(&self) -> &Tensor {
+        &self.codes
+    }
+
+    /// The scales, [rows, cols/block].
+    pub fn scales(&self) -> &Tensor {
+        &self.scales
+    }
+
+    /// Bytes held: codes and scales.
+    pub fn bytes(&self) -> usize {
+        self.codes.elem_count() + self.scales.elem_count() * self.scales.dtype().size_in_bytes()
+    }
+
+    /// The decoded values, f32 [rows, cols] on the weight's device (candle ops; exact: each value
+    /// is one product of its code's value and its block's scale).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let (rows, cols) = self.dims;
+        let device = self.codes.device();
+        let codes = self.codes.to_dtype(DType::F32)?;
+        let values = match self.format {
+            Quantization::Q8_0 => (codes - 128.0)?,
+            Quantization::Q4_0 | Quantization::Nf4 => {
+                let high = (&codes * (1.0 / 16.0))?.floor()?;
+                let low = (&codes - (&high * 16.0)?)?;
+                let index = Tensor::stack(&[high, low], D::Minus1)?
+                    .flatten_all()?
+                    .to_dtype(DType::U32)?;
+                let table = match self.format {
+                    Quantization::Nf4 => codec::NF4_CODE,
+                    _ => codec::Q4_0_CODE,
+                };
+                Tensor::new(&table, device)?.index_select(&index, 0)?
+            }
+        };
+        let blocks = cols / self.format.block();
+        let scales = self.scales.to_dtype(DType::F32)?.unsqueeze(2)?;
+        values
+            .reshape((rows, blocks, self.format.block()))?
+            .broadcast_mul(&scales)?
+            .reshape((rows, cols))
+    }
+
+    /// The weight as a dense tensor in the compute dtype (for products off the CPU).
+    pub fn dense(&self) -> Result<Tensor> {
+        self.dequantize()?.to_dtype(self.compute)
+    }
+
+    /// a·Wᵀ (`Transposed`; a [m, cols]) or a·W (`Plain`; a [m, rows]) for f32 rows `a` on the CPU,
+    /// through panels of decoded weight; None where a or the weight is elsewhere or not f32.
+    pub(crate) fn cpu_product(
+        &self,
+        orientation: Orientation,
+        a: &CpuStorage,
+        la: &Layout,
+    ) -> Result<Option<(CpuStorage, Shape)>> {
+        let CpuStorage::F32(a) = a else {
+            return Ok(None);
+        };
+        let (m, k) = la.shape().dims2()?;
+        let (rows, cols) = self.dims;
+        let (inner, n) = match orientation {
+            Orientation::Transposed => (cols, rows),
+            Orientation::Plain => (rows, cols),
+        };
+        if k != inner {
+            bail!("quantized product: input has {k} features, the weight expects {inner}");
+        }
+        let a = super::elements::Strided {
+            data: a.as_slice(),
+            offset: la.start_offset(),
+            rows: m,
+            cols: k,
+            strides: (la.stride()[0], la.stride()[1]),
+        };
+        let (codes, _) = self.codes.storage_and_layout();
+        let (scales, _) = self.scales.storage_and_layout();
+        let planes = match (&*codes, &*scales) {
+            (Storage::Cpu(CpuStorage::U8(codes)), Storage::Cpu(scales)) => panels::Planes {
+                format: self.format,
+                dims: self.dims,
+                codes,
+                scales: match scales {
+                    CpuStorage::F16(s) => panels::Scales::F16(s),
+                    CpuStorage::F32(s) => panels::Scales::F32(s),
+                    _ => return Ok(None),
+                },
+            },
+            _ => return Ok(None),
+        };
+        let out = panels::product(&planes, orientation, self.compute, a);
+        Ok(Some((CpuStorage::F32(out), Shape::from((m, n)))))
+    }
+}
