@@ -12,6 +12,8 @@ use super::kernels::cross_entropy;
 use super::kernels::frozen_weight::FrozenWeight;
 use super::kernels::matmul::matmul_wide;
 use super::kernels::phases::{timed, Phase};
+use super::kernels::projection_weight::ProjectionWeight;
+use super::kernels::quant::Quantization;
 use super::kernels::rms_norm;
 use super::kernels::sdpa::{self, Scoring};
 use super::kernels::swiglu;
@@ -20,8 +22,6 @@ use super::kv_cache::{KvCache, LayerKv};
 use super::layout::{self, Projection, Role};
 use super::linear::{frozen_matmul, Linear};
 use super::lora::Pass;
-use super::kernels::projection_weight::ProjectionWeight;
-use super::kernels::quant::Quantization;
 use super::rope::{self, Rope};
 use super::weights::Weights;
 

@@ -102,7 +102,7 @@ impl Model {
     pub fn load_quantized(
         path: &Path,
         dtype: Option<DType>,
-        quantize: Option<quant::Quantization>,
+        quantize: Option<kernels::quant::Quantization>,
         device: &Device,
     ) -> Result<Self> {
         let parts = Parts::open(path, dtype.unwrap_or(DType::F32), device)?;

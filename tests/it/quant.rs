@@ -9,10 +9,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use feinschliff::model::kernels::frozen_weight::FrozenWeight;
-use feinschliff::model::linear::frozen_matmul;
 use feinschliff::model::kernels::lora_linear::lora_linear;
 use feinschliff::model::kernels::projection_weight::ProjectionWeight;
 use feinschliff::model::kernels::quant::{Quantization, QuantizedWeight};
+use feinschliff::model::linear::frozen_matmul;
 use feinschliff::model::{Model, Parts};
 
 use super::common::{max_abs_diff, repo};

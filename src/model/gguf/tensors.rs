@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use super::metadata::Metadata;
 use crate::model::config::ModelConfig;
-use crate::model::layout::{self, Role};
 use crate::model::kernels::quant::Quantization;
+use crate::model::layout::{self, Role};
 use crate::model::weights::TensorReader;
 
 /// The storage types read, with llama.cpp's names; others are refused by name.

@@ -8,7 +8,7 @@
 //! (Q4_0: code − 8; NF4: the code book) or `(code − 128) · scale` (Q8_0); [`super::panels`]
 //! decodes blocks, [`super::QuantizedWeight::dequantize`] whole weights with candle ops.
 
-use super::Quantization;
+use super::format::Quantization;
 
 /// bitsandbytes' NF4 code book (`_NF4_QUANT_TABLE`): the quantiles of a normal distribution,
 /// scaled to [-1, 1], with an exact zero.

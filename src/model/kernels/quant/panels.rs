@@ -13,10 +13,11 @@ use faer::{Accum, MatMut, Par};
 use half::f16;
 use rayon::prelude::*;
 
-use super::{codec, Quantization};
 use super::super::amx::{self, SendPtr};
 use super::super::elements::{narrow_bf16, Strided};
 use super::super::matmul::{assume_init, uninit, view, weight_kernel, PARALLEL_FLOPS};
+use super::codec;
+use super::format::Quantization;
 
 /// Which product with W [rows, cols]: a·Wᵀ (the forward pass; its output columns are the rows
 /// of W) or a·W (the input gradient; its output columns are the columns of W).
