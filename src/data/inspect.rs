@@ -1,5 +1,6 @@
-//! `feinschliff data inspect`: what was read, kept and dropped, token-length percentiles,
-//! truncation and packing, and rendered samples with the trained part marked.
+//! `feinschliff data inspect`: what was read, kept and dropped (and the chunks of each document,
+//! with a warning for documents without text), token-length percentiles, truncation and packing,
+//! and rendered samples with the trained part marked.
 
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -52,11 +53,34 @@ pub fn report_text(r: &DataReport, max_seq_len: usize) -> String {
     let mut s = String::new();
     let mut sources = |title: &str, list: &[SourceReport]| {
         for src in list {
+            let read = if src.documents.is_empty() {
+                "rows read"
+            } else if src.documents.len() == src.files {
+                "chunks"
+            } else {
+                "rows and chunks read"
+            };
             let _ = writeln!(
                 s,
-                "{title} {}: {} file(s), {} rows read, {} samples kept",
+                "{title} {}: {} file(s), {} {read}, {} samples kept",
                 src.label, src.files, src.rows_read, src.samples
             );
+            for doc in &src.documents {
+                if doc.chunks == 0 {
+                    let _ = writeln!(s, "    warning: {}", doc.no_text_warning());
+                } else {
+                    let pages = doc
+                        .pages
+                        .map(|p| format!("{p} page(s), "))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        s,
+                        "    {}: {pages}{} chunk(s)",
+                        doc.file.display(),
+                        doc.chunks
+                    );
+                }
+            }
             for (reason, n) in &src.dropped {
                 let _ = writeln!(s, "    dropped {n}: {reason}");
             }

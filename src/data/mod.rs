@@ -1,7 +1,9 @@
-//! The data stage: sources → samples (format + column mapping) → rendered text with trained spans
-//! → tokens and labels → filtered, split, packed examples. Entry point: [`prepare`].
+//! The data stage: sources → samples (format + column mapping, or a document's chunks) → rendered
+//! text with trained spans → tokens and labels → filtered, split, packed examples. Entry point:
+//! [`prepare`].
 
 pub mod batch;
+pub mod documents;
 pub mod encode;
 pub mod excel;
 pub mod format;
@@ -12,17 +14,21 @@ pub mod source;
 pub mod template;
 pub mod text_encoding;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::collections::HashSet;
+use std::path::Path;
 
 use crate::model::ModelTokenizer;
-use crate::recipe::{Recipe, SourceSpec};
+use crate::recipe::{DataFormat, Recipe, SourceSpec};
+use documents::chunk::Chunker;
+use documents::DocumentReport;
 use encode::{Encoded, Encoder};
 use format::{Drops, RowMapping, Sample};
+use source::ReadOptions;
 
 pub use batch::{Batch, IGNORE_INDEX};
 
@@ -61,9 +67,12 @@ impl Example {
 pub struct SourceReport {
     pub label: String,
     pub files: usize,
+    /// Rows of tables, chunks of documents.
     pub rows_read: usize,
     pub samples: usize,
     pub dropped: Drops,
+    /// Per document file (.pdf, .docx, ...): its chunks.
+    pub documents: Vec<DocumentReport>,
 }
 
 /// What the data stage did, in numbers.
@@ -101,8 +110,13 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     let mut report = DataReport::default();
     let mut seen = HashSet::new();
 
-    let (train_sets, reports) =
-        load_sources(recipe, &d.train, &mut seen, &mut report.duplicates_dropped)?;
+    let (train_sets, reports) = load_sources(
+        recipe,
+        tokenizer,
+        &d.train,
+        &mut seen,
+        &mut report.duplicates_dropped,
+    )?;
     report.train_sources = reports;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut train_sets, validation) = if d.validation.is_empty() {
@@ -110,6 +124,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     } else {
         let (sets, reports) = load_sources(
             recipe,
+            tokenizer,
             &d.validation,
             &mut seen,
             &mut report.duplicates_dropped,
@@ -159,8 +174,10 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
 }
 
 /// Reads each source into samples, dropping exact duplicates (across all sources) when asked.
+/// The files of a source are read in parallel; an error is that of the first bad file.
 fn load_sources(
     recipe: &Recipe,
+    tokenizer: &ModelTokenizer,
     specs: &[SourceSpec],
     seen: &mut HashSet<Sample>,
     duplicates: &mut usize,
@@ -168,7 +185,7 @@ fn load_sources(
     let d = &recipe.data;
     let mut sets = Vec::new();
     let mut reports = Vec::new();
-    for spec in specs {
+    for (i, spec) in specs.iter().enumerate() {
         let mapping = RowMapping {
             format: spec.format.unwrap_or(d.format),
             columns: spec.columns.as_ref().unwrap_or(&d.columns),
@@ -178,11 +195,43 @@ fn load_sources(
             label: spec.label(),
             ..Default::default()
         };
+        let found = source::files(recipe, spec)?;
+        let options = &found.options;
+        let has_documents = found
+            .files
+            .iter()
+            .any(|f| documents::is_document(&source::file_kind(f, options.file_type.as_deref())));
+        let chunker = has_documents
+            .then(|| Chunker::new(tokenizer, d.max_seq_len, spec.chunk_overlap.unwrap_or(0)))
+            .transpose()
+            .map_err(|e| {
+                anyhow!(
+                    "recipe {}: data source {} ({}): {e}",
+                    recipe.source.display(),
+                    i + 1,
+                    r.label
+                )
+            })?;
+        let read: Vec<Result<FileSamples>> = found
+            .files
+            .par_iter()
+            .map(|file| file_samples(file, options, &mapping, chunker.as_ref()))
+            .collect();
         let mut samples = Vec::new();
-        for frame in source::read(recipe, spec)? {
+        for file in read {
+            let file = file?;
             r.files += 1;
-            r.rows_read += frame.frame.height();
-            for s in mapping.samples(&frame.frame, &frame.file, &mut r.dropped)? {
+            r.rows_read += file.rows;
+            for (reason, n) in file.dropped {
+                *r.dropped.entry(reason).or_default() += n;
+            }
+            if let Some(document) = file.document {
+                if document.chunks == 0 {
+                    tracing::warn!("{}", document.no_text_warning());
+                }
+                r.documents.push(document);
+            }
+            for s in file.samples {
                 if d.dedup && !seen.insert(s.clone()) {
                     *duplicates += 1;
                     *r.dropped.entry("exact duplicate".into()).or_default() += 1;
@@ -196,6 +245,57 @@ fn load_sources(
         reports.push(r);
     }
     Ok((sets, reports))
+}
+
+/// What one file of a source gave.
+struct FileSamples {
+    /// Rows of a table, chunks of a document.
+    rows: usize,
+    samples: Vec<Sample>,
+    dropped: Drops,
+    document: Option<DocumentReport>,
+}
+
+/// The samples of one file: a table's rows through the format's mapping, or a document's chunks
+/// as text samples.
+fn file_samples(
+    file: &Path,
+    options: &ReadOptions,
+    mapping: &RowMapping,
+    chunker: Option<&Chunker>,
+) -> Result<FileSamples> {
+    let kind = source::file_kind(file, options.file_type.as_deref());
+    let mut dropped = Drops::new();
+    let Some(chunker) = chunker.filter(|_| documents::is_document(&kind)) else {
+        let frame = source::read_file(file, options)?;
+        let samples = mapping.samples(&frame, file, &mut dropped)?;
+        return Ok(FileSamples {
+            rows: frame.height(),
+            samples,
+            dropped,
+            document: None,
+        });
+    };
+    if mapping.format != DataFormat::Text {
+        bail!(
+            "{}: a document becomes text samples; set format = \"text\" on its source (or in [data])",
+            file.display()
+        );
+    }
+    let document = documents::read(file, &kind, options)?;
+    let chunks = chunker
+        .chunks(&document.blocks)
+        .map_err(|e| anyhow!("{}: {e:#}", file.display()))?;
+    Ok(FileSamples {
+        rows: chunks.len(),
+        document: Some(DocumentReport {
+            file: file.to_path_buf(),
+            pages: document.pages,
+            chunks: chunks.len(),
+        }),
+        samples: chunks.into_iter().map(Sample::Text).collect(),
+        dropped,
+    })
 }
 
 /// Moves a seeded `fraction` of every source's samples to validation.
