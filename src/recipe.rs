@@ -167,7 +167,8 @@ impl Default for Columns {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
-    /// A file or glob of parquet, jsonl/ndjson, json, csv, tsv, xlsx/xlsm/xls or ods files.
+    /// A file or glob of parquet, jsonl/ndjson, json, csv, tsv, xlsx/xlsm/xls or ods files, or of
+    /// documents (pdf, docx, html/htm, md) for `format = "text"`.
     #[serde(default)]
     pub path: Option<String>,
     /// A Hub dataset id (`org/name`), read from its parquet files, the hub cache or the mirror.
@@ -210,14 +211,15 @@ pub struct SourceSpec {
     /// csv/tsv: the quote character (default `"`; empty for none).
     #[serde(default)]
     pub quote: Option<String>,
-    /// csv/tsv: `utf8` (invalid bytes are an error) or `utf8-lossy` (replaced).
+    /// csv/tsv/text/html/md: `utf8` (invalid bytes are an error), `utf8-lossy` (replaced), ... (see
+    /// [`crate::data::text_encoding`]).
     #[serde(default)]
     pub encoding: Option<String>,
     /// csv/tsv: whether the first line names the columns.
     #[serde(default = "yes")]
     pub has_header: bool,
-    /// Read the files as this type (`parquet`, `jsonl`, `json`, `csv`, `tsv`, `xlsx`, ...) whatever
-    /// their extension.
+    /// Read the files as this type (`parquet`, `jsonl`, `json`, `csv`, `tsv`, `xlsx`, ..., or a
+    /// document's `pdf`, `docx`, `html`, `md`) whatever their extension.
     #[serde(default)]
     pub file_type: Option<String>,
     /// Workbooks: the sheet, by name or 0-based index (default: the first).
@@ -227,6 +229,10 @@ pub struct SourceSpec {
     /// first non-empty row).
     #[serde(default)]
     pub header_row: Option<u32>,
+    /// Documents: tokens each chunk cut inside a section repeats from the end of the one before
+    /// (default 0).
+    #[serde(default)]
+    pub chunk_overlap: Option<usize>,
 }
 
 fn one() -> f64 {
@@ -681,6 +687,32 @@ impl Recipe {
                     src.label(),
                     if src.hub.is_some() { "a Hub dataset".to_string() } else { format!("`{kind}` files") }
                 ));
+            }
+            if let Some(overlap) = src.chunk_overlap {
+                let format = src.format.unwrap_or(d.format);
+                let why = if src.hub.is_some() {
+                    Some("applies to documents (.pdf, .docx, .html, .htm, .md) read from `path`, not to a Hub dataset".to_string())
+                } else if format != DataFormat::Text {
+                    Some(format!(
+                        "applies to documents, which are read as format = \"text\", not as `{}`",
+                        format!("{format:?}").to_lowercase()
+                    ))
+                } else if overlap * 2 > d.max_seq_len {
+                    Some(format!(
+                        "{overlap} tokens is more than half of [data] max_seq_len ({})",
+                        d.max_seq_len
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(anyhow!(
+                        "recipe {}: data source {} ({}): `chunk_overlap` {why}",
+                        self.source.display(),
+                        i + 1,
+                        src.label()
+                    ));
+                }
             }
             if src.header_row == Some(0) {
                 return Err(anyhow!(

@@ -98,17 +98,11 @@ impl<'a> Encoder<'a> {
         if plain_text {
             // What the tokenizer adds: the prefix (BOS) is never a target, the suffix (EOS) ends
             // the trained text. The shown text gets their strings.
-            let specials = &self.tokenizer.specials;
-            let mut suffix = specials.suffix.clone();
-            if let Some(eos) = self.tokenizer.eos_id() {
-                if suffix.last() != Some(&eos) {
-                    suffix.push(eos);
-                }
-            }
-            let prefix_text = self.tokenizer.decode(&specials.prefix)?;
+            let (prefix, suffix) = text_specials(self.tokenizer);
+            let prefix_text = self.tokenizer.decode(prefix)?;
             let suffix_text = self.tokenizer.decode(&suffix)?;
-            input_ids.splice(0..0, specials.prefix.iter().copied());
-            labels.splice(0..0, specials.prefix.iter().map(|_| IGNORE_INDEX));
+            input_ids.splice(0..0, prefix.iter().copied());
+            labels.splice(0..0, prefix.iter().map(|_| IGNORE_INDEX));
             input_ids.extend(&suffix);
             labels.extend(suffix.iter().map(|&id| id as i64));
             for span in &mut trained {
@@ -131,4 +125,16 @@ impl<'a> Encoder<'a> {
             },
         })
     }
+}
+
+/// The ids around a text or completion sample's tokens: before them what the tokenizer adds (e.g.
+/// BOS), after them what it adds and EOS, once.
+pub fn text_specials(tokenizer: &ModelTokenizer) -> (&[u32], Vec<u32>) {
+    let mut suffix = tokenizer.specials.suffix.clone();
+    if let Some(eos) = tokenizer.eos_id() {
+        if suffix.last() != Some(&eos) {
+            suffix.push(eos);
+        }
+    }
+    (&tokenizer.specials.prefix, suffix)
 }

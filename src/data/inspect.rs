@@ -1,5 +1,6 @@
-//! `feinschliff data inspect`: what was read, kept and dropped, token-length percentiles,
-//! truncation and packing, and rendered samples with the trained part marked.
+//! `feinschliff data inspect`: what was read, kept and dropped (and the chunks of each document,
+//! with a warning for documents without text), token-length percentiles, truncation and packing,
+//! and rendered samples with the trained part marked.
 
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -56,11 +57,34 @@ pub fn report_text(r: &DataReport, max_seq_len: usize) -> String {
                 .files
                 .map(|n| format!("{n} file(s), "))
                 .unwrap_or_default();
+            let read = if src.documents.is_empty() {
+                "rows read"
+            } else if Some(src.documents.len()) == src.files {
+                "chunks"
+            } else {
+                "rows and chunks read"
+            };
             let _ = writeln!(
                 s,
-                "{title} {}: {files}{} rows read, {} samples kept",
+                "{title} {}: {files}{} {read}, {} samples kept",
                 src.label, src.rows_read, src.samples
             );
+            for doc in &src.documents {
+                if doc.chunks == 0 {
+                    let _ = writeln!(s, "    warning: {}", doc.no_text_warning());
+                } else {
+                    let pages = doc
+                        .pages
+                        .map(|p| format!("{p} page(s), "))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        s,
+                        "    {}: {pages}{} chunk(s)",
+                        doc.file.display(),
+                        doc.chunks
+                    );
+                }
+            }
             for (reason, n) in &src.dropped {
                 let _ = writeln!(s, "    dropped {n}: {reason}");
             }

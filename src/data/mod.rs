@@ -1,7 +1,9 @@
-//! The data stage: sources → samples (format + column mapping) → rendered text with trained spans
-//! → tokens and labels → filtered, split, packed examples. Entry point: [`prepare`].
+//! The data stage: sources → samples (format + column mapping, or a document's chunks) → rendered
+//! text with trained spans → tokens and labels → filtered, split, packed examples. Entry point:
+//! [`prepare`].
 
 pub mod batch;
+pub mod documents;
 pub mod encode;
 pub mod excel;
 pub mod format;
@@ -13,17 +15,22 @@ pub mod sql;
 pub mod template;
 pub mod text_encoding;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use polars::prelude::DataFrame;
 use rayon::prelude::*;
 use std::collections::HashSet;
+use std::path::Path;
 
 use crate::model::ModelTokenizer;
-use crate::recipe::{source_name, Recipe, SourceSpec};
+use crate::recipe::{source_name, DataFormat, Recipe, SourceSpec};
+use documents::chunk::Chunker;
+use documents::DocumentReport;
 use encode::{Encoded, Encoder};
 use format::{Drops, RowMapping, Sample};
+use source::ReadOptions;
 
 pub use batch::{Batch, IGNORE_INDEX};
 
@@ -63,9 +70,12 @@ pub struct SourceReport {
     pub label: String,
     /// Files read; None for an SQL source (one query).
     pub files: Option<usize>,
+    /// Rows of tables and queries, chunks of documents.
     pub rows_read: usize,
     pub samples: usize,
     pub dropped: Drops,
+    /// Per document file (.pdf, .docx, ...): its chunks.
+    pub documents: Vec<DocumentReport>,
 }
 
 /// What the data stage did, in numbers.
@@ -106,6 +116,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     let (train_sets, reports) = load_sources(
         recipe,
         "train",
+        tokenizer,
         &d.train,
         &mut seen,
         &mut report.duplicates_dropped,
@@ -118,6 +129,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
         let (sets, reports) = load_sources(
             recipe,
             "validation",
+            tokenizer,
             &d.validation,
             &mut seen,
             &mut report.duplicates_dropped,
@@ -171,6 +183,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
 fn load_sources(
     recipe: &Recipe,
     table: &str,
+    tokenizer: &ModelTokenizer,
     specs: &[SourceSpec],
     seen: &mut HashSet<Sample>,
     duplicates: &mut usize,
@@ -182,7 +195,7 @@ fn load_sources(
             label: spec.label(),
             ..Default::default()
         };
-        let samples = load_source(recipe, spec, &mut r, seen, duplicates).with_context(|| {
+        let samples = load_source(recipe, tokenizer, spec, &mut r, seen, duplicates).with_context(|| {
             format!(
                 "recipe {}: {} ({})",
                 recipe.source.display(),
@@ -197,9 +210,10 @@ fn load_sources(
     Ok((sets, reports))
 }
 
-/// The samples of one source, counted into its report.
+/// The samples of one source (its files, read in parallel, or its query), counted into its report.
 fn load_source(
     recipe: &Recipe,
+    tokenizer: &ModelTokenizer,
     spec: &SourceSpec,
     r: &mut SourceReport,
     seen: &mut HashSet<Sample>,
@@ -211,13 +225,40 @@ fn load_source(
         columns: spec.columns.as_ref().unwrap_or(&d.columns),
         roles: &d.roles,
     };
+    let read: Vec<Result<FileSamples>> = if spec.sql.is_some() {
+        let frame = sql::read(recipe, spec)?;
+        vec![table_samples(&frame, &r.label, &mapping)]
+    } else {
+        let found = source::files(recipe, spec)?;
+        let options = &found.options;
+        let has_documents = found
+            .files
+            .iter()
+            .any(|f| documents::is_document(&source::file_kind(f, options.file_type.as_deref())));
+        let chunker = has_documents
+            .then(|| Chunker::new(tokenizer, d.max_seq_len, spec.chunk_overlap.unwrap_or(0)))
+            .transpose()?;
+        r.files = Some(found.files.len());
+        found
+            .files
+            .par_iter()
+            .map(|file| file_samples(file, options, &mapping, chunker.as_ref()))
+            .collect()
+    };
     let mut samples = Vec::new();
-    for frame in source::read(recipe, spec)? {
-        if spec.sql.is_none() {
-            *r.files.get_or_insert(0) += 1;
+    for file in read {
+        let file = file?;
+        r.rows_read += file.rows;
+        for (reason, n) in file.dropped {
+            *r.dropped.entry(reason).or_default() += n;
         }
-        r.rows_read += frame.frame.height();
-        for s in mapping.samples(&frame.frame, &frame.origin, &mut r.dropped)? {
+        if let Some(document) = file.document {
+            if document.chunks == 0 {
+                tracing::warn!("{}", document.no_text_warning());
+            }
+            r.documents.push(document);
+        }
+        for s in file.samples {
             if d.dedup && !seen.insert(s.clone()) {
                 *duplicates += 1;
                 *r.dropped.entry("exact duplicate".into()).or_default() += 1;
@@ -227,6 +268,64 @@ fn load_source(
         }
     }
     Ok(samples)
+}
+
+/// What one file or query of a source gave.
+struct FileSamples {
+    /// Rows of a table or query, chunks of a document.
+    rows: usize,
+    samples: Vec<Sample>,
+    dropped: Drops,
+    document: Option<DocumentReport>,
+}
+
+/// The samples of a table's rows through the format's mapping; `origin` (the file, the query)
+/// names them in messages.
+fn table_samples(frame: &DataFrame, origin: &str, mapping: &RowMapping) -> Result<FileSamples> {
+    let mut dropped = Drops::new();
+    let samples = mapping.samples(frame, origin, &mut dropped)?;
+    Ok(FileSamples {
+        rows: frame.height(),
+        samples,
+        dropped,
+        document: None,
+    })
+}
+
+/// The samples of one file: a table's rows through the format's mapping, or a document's chunks
+/// as text samples.
+fn file_samples(
+    file: &Path,
+    options: &ReadOptions,
+    mapping: &RowMapping,
+    chunker: Option<&Chunker>,
+) -> Result<FileSamples> {
+    let kind = source::file_kind(file, options.file_type.as_deref());
+    let Some(chunker) = chunker.filter(|_| documents::is_document(&kind)) else {
+        let frame = source::read_file(file, options)?;
+        return table_samples(&frame, &file.display().to_string(), mapping);
+    };
+    if mapping.format != DataFormat::Text {
+        bail!(
+            "{}: a document becomes text samples; set format = \"text\" on its source (or in [data])",
+            file.display()
+        );
+    }
+    let document = documents::read(file, &kind, options)?;
+    let chunks = chunker
+        .chunks(&document.blocks)
+        .map_err(|e| anyhow!("{}: {e:#}", file.display()))?;
+    Ok(FileSamples {
+        rows: chunks.len(),
+        document: Some(DocumentReport {
+            file: file.to_path_buf(),
+            pages: document.pages,
+            chunks: chunks.len(),
+        }),
+        samples: chunks.into_iter().map(Sample::Text).collect(),
+        dropped: Drops::new(),
+    })
+}
 }
 
 /// Moves a seeded `fraction` of every source's samples to validation.

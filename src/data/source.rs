@@ -1,7 +1,8 @@
-//! Reading data into Polars DataFrames: local files and globs (parquet, jsonl/ndjson, json, csv,
-//! tsv, plain text, Excel and OpenDocument workbooks), nested JSON records (SQuAD), Hub datasets
-//! through a local mirror folder (`<mirror>/<org>/<name>/...` or a `mirror.toml` index) or the
-//! hub cache, and SQL queries (see [`super::sql`]).
+//! The files of a source (local files and globs, Hub datasets through a local mirror folder
+//! (`<mirror>/<org>/<name>/...` or a `mirror.toml` index) or the hub cache), and reading them into
+//! Polars DataFrames: parquet, jsonl/ndjson, json, csv, tsv, plain text, Excel and OpenDocument
+//! workbooks, nested JSON records (SQuAD). Documents (.pdf, .docx, ...) are read by
+//! [`super::documents`], SQL queries by [`super::sql`].
 
 use anyhow::{anyhow, bail, Context, Result};
 use polars::prelude::*;
@@ -17,14 +18,15 @@ use crate::recipe::{Recipe, SourceSpec};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReadOptions {
-    /// `parquet`, `jsonl`/`ndjson`, `json`, `csv`, `tsv`, `text` (the whole file is one `text` row)
-    /// or `paragraphs` (one `text` row per blank-line-separated paragraph); default: the extension.
+    /// `parquet`, `jsonl`/`ndjson`, `json`, `csv`, `tsv`, `text` (the whole file is one `text` row),
+    /// `paragraphs` (one `text` row per blank-line-separated paragraph), or a document kind (`pdf`,
+    /// `docx`, `html`, `md`, read by [`super::documents`]); default: the extension.
     pub file_type: Option<String>,
     /// csv/tsv: the field delimiter (one character; default `,`, or tab for tsv).
     pub delimiter: Option<String>,
     /// csv/tsv: the quote character (default `"`; empty for none).
     pub quote: Option<String>,
-    /// csv/tsv/text: `utf8` (default; invalid bytes are an error), `utf8-lossy` (replaced and
+    /// csv/tsv/text/html/md: `utf8` (default; invalid bytes are an error), `utf8-lossy` (replaced and
     /// counted), `windows-1252`, `latin-1`, `utf-16` or `auto` (see [`text_encoding`]).
     pub encoding: Option<String>,
     /// csv/tsv: whether the first line names the columns (else column_1, column_2, ...).
@@ -64,53 +66,29 @@ pub struct DatasetFiles {
     pub options: ReadOptions,
 }
 
-/// The frame of one file or query, with where it came from (the file, the connection) for
-/// messages.
-pub struct SourceFrame {
-    pub origin: String,
-    pub frame: DataFrame,
-}
-
 /// The mirror folder: the recipe's `[data] mirror`, else FEINSCHLIFF_MIRROR.
 pub fn mirror_dir(configured: Option<PathBuf>) -> Option<PathBuf> {
     configured.or_else(|| std::env::var_os("FEINSCHLIFF_MIRROR").map(PathBuf::from))
 }
 
-/// Reads every file of a recipe source, or runs its query.
-pub fn read(recipe: &Recipe, spec: &SourceSpec) -> Result<Vec<SourceFrame>> {
-    if spec.sql.is_some() {
-        return Ok(vec![SourceFrame {
-            frame: super::sql::read(recipe, spec)?,
-            origin: spec.label(),
-        }]);
-    }
+/// The files of a recipe source and how to read them.
+pub fn files(recipe: &Recipe, spec: &SourceSpec) -> Result<DatasetFiles> {
     let options = spec.read_options();
-    let resolved = if let Some(hub) = &spec.hub {
+    if let Some(hub) = &spec.hub {
         let mirror = mirror_dir(recipe.data.mirror.as_ref().map(|m| recipe.resolve(m)));
         let split = spec.split.as_deref().unwrap_or("train");
-        hub_files(
+        return hub_files(
             hub,
             spec.config.as_deref(),
             split,
             spec.revision.as_deref(),
             mirror.as_deref(),
             options,
-        )?
-    } else {
-        let pattern = spec.path.as_deref().context("source without path")?;
-        let files = expand(&recipe.resolve(pattern))?;
-        DatasetFiles { files, options }
-    };
-    resolved
-        .files
-        .into_iter()
-        .map(|file| {
-            Ok(SourceFrame {
-                frame: read_file(&file, &resolved.options)?,
-                origin: file.display().to_string(),
-            })
-        })
-        .collect()
+        );
+    }
+    let pattern = spec.path.as_deref().context("source without path")?;
+    let files = expand(&recipe.resolve(pattern))?;
+    Ok(DatasetFiles { files, options })
 }
 
 /// A path, or the sorted files a glob matches.
@@ -292,6 +270,12 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
             path.display()
         );
     }
+    if super::documents::is_document(&kind) {
+        bail!(
+            "{}: documents (.pdf, .docx, .html, .htm, .md) are read only by `[[data.train]]` and `[[data.validation]]` sources, as text samples",
+            path.display()
+        );
+    }
     let open =
         || std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
     let mut df = match kind.as_str() {
@@ -312,7 +296,7 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<DataFrame> {
             df!("text" => rows)?
         }
         other => bail!(
-            "{}: unsupported file type `{other}`; use .parquet, .jsonl, .ndjson, .json, .csv, .tsv, .xlsx, .xlsm, .xls or .ods (or set file_type)",
+            "{}: unsupported file type `{other}`; use .parquet, .jsonl, .ndjson, .json, .csv, .tsv, .xlsx, .xlsm, .xls, .ods, or a document for format = \"text\" (.pdf, .docx, .html, .htm, .md) (or set file_type)",
             path.display()
         ),
     };
@@ -393,7 +377,7 @@ fn read_csv(path: &Path, options: &ReadOptions, tsv: bool) -> Result<DataFrame> 
 
 /// The file as UTF-8 text in the source's `encoding`; says which encoding `auto` chose and how
 /// many invalid sequences `utf8-lossy` replaced.
-fn decoded_text(path: &Path, options: &ReadOptions) -> Result<String> {
+pub(crate) fn decoded_text(path: &Path, options: &ReadOptions) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let decoded = text_encoding::decode(path, bytes, options.encoding.as_deref())?;
     if options.encoding.as_deref() == Some("auto") {

@@ -6,6 +6,7 @@ mod chat;
 mod cli;
 mod common;
 mod data;
+mod documents;
 mod eval;
 mod excel;
 mod export;

@@ -61,10 +61,7 @@ fn source(sql: &str, connection: &str) -> String {
 
 /// The frame of a recipe's only source.
 fn frame(recipe: &Recipe) -> DataFrame {
-    let mut frames =
-        source::read(recipe, &recipe.data.train[0]).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(frames.len(), 1);
-    frames.remove(0).frame
+    sql::read(recipe, &recipe.data.train[0]).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn texts(df: &DataFrame, name: &str) -> Vec<Option<String>> {
