@@ -18,6 +18,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::model::ModelTokenizer;
 use crate::recipe::{Recipe, SourceSpec};
@@ -84,6 +86,14 @@ pub struct DataReport {
     pub packing_efficiency: Option<f64>,
 }
 
+/// A sample and where it was read from, for messages: the file and the row (1-based).
+#[derive(Debug, Clone)]
+struct Located {
+    sample: Sample,
+    file: Arc<Path>,
+    row: usize,
+}
+
 /// What the data stage hands to training.
 pub struct Prepared {
     pub train: Vec<Example>,
@@ -120,7 +130,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     for (set, spec) in train_sets.iter_mut().zip(&d.train) {
         apply_weight(set, spec.weight, &mut rng);
     }
-    let mut train: Vec<Sample> = train_sets.into_iter().flatten().collect();
+    let mut train: Vec<Located> = train_sets.into_iter().flatten().collect();
     train.shuffle(&mut rng);
     if let Some(max) = d.max_samples {
         train.truncate(max);
@@ -164,7 +174,7 @@ fn load_sources(
     specs: &[SourceSpec],
     seen: &mut HashSet<Sample>,
     duplicates: &mut usize,
-) -> Result<(Vec<Vec<Sample>>, Vec<SourceReport>)> {
+) -> Result<(Vec<Vec<Located>>, Vec<SourceReport>)> {
     let d = &recipe.data;
     let mut sets = Vec::new();
     let mut reports = Vec::new();
@@ -182,12 +192,17 @@ fn load_sources(
         for frame in source::read(recipe, spec)? {
             r.files += 1;
             r.rows_read += frame.frame.height();
-            for s in mapping.samples(&frame.frame, &frame.file, &mut r.dropped)? {
+            let file: Arc<Path> = frame.file.as_path().into();
+            for (row, s) in mapping.samples(&frame.frame, &frame.file, &mut r.dropped)? {
                 if d.dedup && !seen.insert(s.clone()) {
                     *duplicates += 1;
                     *r.dropped.entry("exact duplicate".into()).or_default() += 1;
                 } else {
-                    samples.push(s);
+                    samples.push(Located {
+                        sample: s,
+                        file: file.clone(),
+                        row: row + 1,
+                    });
                 }
             }
         }
@@ -199,11 +214,7 @@ fn load_sources(
 }
 
 /// Moves a seeded `fraction` of every source's samples to validation.
-fn hold_out(
-    sets: Vec<Vec<Sample>>,
-    fraction: f64,
-    rng: &mut ChaCha8Rng,
-) -> (Vec<Vec<Sample>>, Vec<Sample>) {
+fn hold_out<T>(sets: Vec<Vec<T>>, fraction: f64, rng: &mut ChaCha8Rng) -> (Vec<Vec<T>>, Vec<T>) {
     let mut validation = Vec::new();
     let mut train = Vec::new();
     for mut set in sets {
@@ -220,7 +231,7 @@ fn hold_out(
 }
 
 /// Repeats (weight > 1) or subsamples (weight < 1) a source's samples; the fraction is drawn.
-fn apply_weight(set: &mut Vec<Sample>, weight: f64, rng: &mut ChaCha8Rng) {
+fn apply_weight<T: Clone>(set: &mut Vec<T>, weight: f64, rng: &mut ChaCha8Rng) {
     if weight == 1.0 {
         return;
     }
@@ -237,15 +248,14 @@ fn apply_weight(set: &mut Vec<Sample>, weight: f64, rng: &mut ChaCha8Rng) {
     );
 }
 
-/// Renders and tokenizes in parallel; an error names the sample.
-fn encode_all(encoder: &Encoder, samples: &[Sample]) -> Result<Vec<Encoded>> {
+/// Renders and tokenizes in parallel; an error names the file and row of the sample.
+fn encode_all(encoder: &Encoder, samples: &[Located]) -> Result<Vec<Encoded>> {
     samples
         .par_iter()
-        .enumerate()
-        .map(|(i, s)| {
+        .map(|s| {
             encoder
-                .encode(s)
-                .map_err(|e| e.context(format!("sample {}", i + 1)))
+                .encode(&s.sample)
+                .map_err(|e| e.context(format!("{} row {}", s.file.display(), s.row)))
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 mod adapter;
 mod attention;
 mod chat;
+mod chat_templates;
 mod cli;
 mod common;
 mod data;
