@@ -14,6 +14,7 @@ pub mod hub;
 pub mod model;
 pub mod pipeline;
 pub mod publish;
+pub mod raster;
 pub mod recipe;
 pub mod secrets;
 pub mod train;

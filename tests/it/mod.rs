@@ -2,6 +2,7 @@
 
 mod adapter;
 mod attention;
+mod charts;
 mod chat;
 mod chat_templates;
 mod cli;
