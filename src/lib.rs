@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod hub;
 pub mod model;
 pub mod pipeline;
+pub mod progress;
 pub mod publish;
 pub mod raster;
 pub mod recipe;

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::model::ModelTokenizer;
+use crate::progress::{Progress, Unit};
 use crate::recipe::{Recipe, SourceSpec};
 use encode::{Encoded, Encoder};
 use format::{Drops, RowMapping, Sample};
@@ -136,8 +137,8 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
         train.truncate(max);
     }
 
-    let encoded_train = encode_all(&encoder, &train)?;
-    let encoded_validation = encode_all(&encoder, &validation)?;
+    let encoded_train = encode_all(&encoder, &train, "tokenizing the training data")?;
+    let encoded_validation = encode_all(&encoder, &validation, "tokenizing the validation data")?;
     let preview = encoded_train.iter().take(8).cloned().collect();
     let train = filter(encoded_train, recipe, &mut report);
     let mut ignored = DataReport::default();
@@ -248,16 +249,22 @@ fn apply_weight<T: Clone>(set: &mut Vec<T>, weight: f64, rng: &mut ChaCha8Rng) {
     );
 }
 
-/// Renders and tokenizes in parallel; an error names the file and row of the sample.
-fn encode_all(encoder: &Encoder, samples: &[Located]) -> Result<Vec<Encoded>> {
-    samples
+/// Renders and tokenizes in parallel, showing the progress as `what`; an error names the file
+/// and row of the sample.
+fn encode_all(encoder: &Encoder, samples: &[Located], what: &str) -> Result<Vec<Encoded>> {
+    let progress = Progress::new(what, samples.len() as u64, Unit::Items("samples"));
+    let encoded = samples
         .par_iter()
         .map(|s| {
-            encoder
+            let e = encoder
                 .encode(&s.sample)
-                .map_err(|e| e.context(format!("{} row {}", s.file.display(), s.row)))
+                .map_err(|e| e.context(format!("{} row {}", s.file.display(), s.row)));
+            progress.inc(1);
+            e
         })
-        .collect()
+        .collect();
+    progress.finish();
+    encoded
 }
 
 /// Applies the length filters and truncation, counting what each did.

@@ -358,6 +358,7 @@ pub struct CausalLm {
 impl CausalLm {
     /// Builds the model from checkpoint tensors with transformers' names.
     pub fn load(config: ModelConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        let _loading = weights.show_loading();
         let c = &config;
         let embed_tokens =
             weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;

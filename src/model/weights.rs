@@ -5,6 +5,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use crate::progress::{Progress, Unit};
 
 /// The tensors of one checkpoint, converted to `dtype` on `device` when read.
 pub struct Weights {
@@ -12,6 +15,26 @@ pub struct Weights {
     source: Source,
     dtype: DType,
     device: Device,
+    /// The progress of reading tensors, while a [`Loading`] guard lives.
+    loading: RwLock<Option<Progress>>,
+}
+
+/// Shows the progress of reading a checkpoint's tensors until dropped.
+pub struct Loading<'a> {
+    weights: &'a Weights,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut loading = self
+            .weights
+            .loading
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(progress) = loading.take() {
+            progress.finish();
+        }
+    }
 }
 
 /// Where the tensors live: memory-mapped files, tensors already in memory (benchmarks), or a
@@ -44,6 +67,7 @@ impl Weights {
             source: Source::Mapped(tensors),
             dtype,
             device: device.clone(),
+            loading: RwLock::new(None),
         })
     }
 
@@ -55,6 +79,7 @@ impl Weights {
             source: Source::Memory(map),
             dtype,
             device: device.clone(),
+            loading: RwLock::new(None),
         }
     }
 
@@ -70,7 +95,24 @@ impl Weights {
             source: Source::Read(reader),
             dtype,
             device: device.clone(),
+            loading: RwLock::new(None),
         }
+    }
+
+    /// Counts the tensors read (a bar on a terminal, log lines otherwise) until the guard drops.
+    pub fn show_loading(&self) -> Loading<'_> {
+        let what = match self.files.as_slice() {
+            [file] => format!("loading {}", file.display()),
+            files => format!(
+                "loading {} shards in {}",
+                files.len(),
+                files[0].parent().unwrap_or(Path::new(".")).display()
+            ),
+        };
+        let total = self.names().len() as u64;
+        *self.loading.write().unwrap_or_else(PoisonError::into_inner) =
+            Some(Progress::new(what, total, Unit::Items("tensors")));
+        Loading { weights: self }
     }
 
     /// The checkpoint's files, for messages.
@@ -139,6 +181,14 @@ impl Weights {
                 .to_dtype(self.dtype)?
                 .to_device(&self.device)?,
         };
+        if let Some(progress) = self
+            .loading
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            progress.inc(1);
+        }
         if t.dims() != shape {
             bail!(
                 "tensor `{name}` in {} has shape {:?}, the config expects {:?}",
