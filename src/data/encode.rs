@@ -49,7 +49,9 @@ impl<'a> Encoder<'a> {
                 .transpose()
                 .map_err(|e| anyhow!("{template_label}: {e:#}"))?,
             name => Some(ChatTemplate::builtin(name, bos, eos)?),
-        };
+        }
+        .map(|t| t.ending_turns_at(tokenizer.special_tokens()))
+        .transpose()?;
         Ok(Self {
             tokenizer,
             template: template_obj,

@@ -32,16 +32,22 @@ pub struct RowMapping<'a> {
 }
 
 impl RowMapping<'_> {
-    /// The samples of one frame read from `origin` (a file, or an SQL connection).
-    pub fn samples(&self, df: &DataFrame, origin: &str, drops: &mut Drops) -> Result<Vec<Sample>> {
+    /// The samples of one frame read from `origin` (a file, or an SQL connection), each with its
+    /// row (0-based) in the frame.
+    pub fn samples(
+        &self,
+        df: &DataFrame,
+        origin: &str,
+        drops: &mut Drops,
+    ) -> Result<Vec<(usize, Sample)>> {
         let c = self.columns;
         let mut out = Vec::with_capacity(df.height());
         let mut drop = |reason: String| *drops.entry(reason).or_default() += 1;
         match self.format {
             DataFormat::Text => {
-                for text in text_column(df, &c.text, origin)? {
+                for (row, text) in text_column(df, &c.text, origin)?.into_iter().enumerate() {
                     match text.filter(|t| !t.trim().is_empty()) {
-                        Some(t) => out.push(Sample::Text(t)),
+                        Some(t) => out.push((row, Sample::Text(t))),
                         None => drop(format!("empty `{}`", c.text)),
                     }
                 }
@@ -49,12 +55,16 @@ impl RowMapping<'_> {
             DataFormat::Completion => {
                 let prompts = text_column(df, &c.prompt, origin)?;
                 let completions = text_column(df, &c.completion, origin)?;
-                for (prompt, completion) in prompts.into_iter().zip(completions) {
+                for (row, (prompt, completion)) in prompts.into_iter().zip(completions).enumerate()
+                {
                     match completion.filter(|t| !t.trim().is_empty()) {
-                        Some(completion) => out.push(Sample::Completion {
-                            prompt: prompt.unwrap_or_default(),
-                            completion,
-                        }),
+                        Some(completion) => out.push((
+                            row,
+                            Sample::Completion {
+                                prompt: prompt.unwrap_or_default(),
+                                completion,
+                            },
+                        )),
                         None => drop(format!("empty `{}`", c.completion)),
                     }
                 }
@@ -100,7 +110,7 @@ impl RowMapping<'_> {
                         role: "assistant".into(),
                         content: output,
                     });
-                    out.push(Sample::Chat(messages));
+                    out.push((i, Sample::Chat(messages)));
                 }
             }
             DataFormat::Chat => {
@@ -115,7 +125,7 @@ impl RowMapping<'_> {
                     } else if !messages.iter().any(|m| m.role == "assistant") {
                         drop("no assistant message".into());
                     } else {
-                        out.push(Sample::Chat(messages));
+                        out.push((i, Sample::Chat(messages)));
                     }
                 }
             }

@@ -23,8 +23,10 @@ use polars::prelude::DataFrame;
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::model::ModelTokenizer;
+use crate::progress::{Progress, Unit};
 use crate::recipe::{source_name, DataFormat, Recipe, SourceSpec};
 use documents::chunk::Chunker;
 use documents::DocumentReport;
@@ -96,6 +98,15 @@ pub struct DataReport {
     pub packing_efficiency: Option<f64>,
 }
 
+/// A sample and where it was read from, for messages: the file (or query) and the row (1-based;
+/// for a document, its chunk).
+#[derive(Debug, Clone)]
+struct Located {
+    sample: Sample,
+    origin: Arc<str>,
+    row: usize,
+}
+
 /// What the data stage hands to training.
 pub struct Prepared {
     pub train: Vec<Example>,
@@ -140,14 +151,14 @@ pub fn prepare(recipe: &Recipe, tokenizer: &ModelTokenizer) -> Result<Prepared> 
     for (set, spec) in train_sets.iter_mut().zip(&d.train) {
         apply_weight(set, spec.weight, &mut rng);
     }
-    let mut train: Vec<Sample> = train_sets.into_iter().flatten().collect();
+    let mut train: Vec<Located> = train_sets.into_iter().flatten().collect();
     train.shuffle(&mut rng);
     if let Some(max) = d.max_samples {
         train.truncate(max);
     }
 
-    let encoded_train = encode_all(&encoder, &train)?;
-    let encoded_validation = encode_all(&encoder, &validation)?;
+    let encoded_train = encode_all(&encoder, &train, "tokenizing the training data")?;
+    let encoded_validation = encode_all(&encoder, &validation, "tokenizing the validation data")?;
     let preview = encoded_train.iter().take(8).cloned().collect();
     let train = filter(encoded_train, recipe, &mut report);
     let mut ignored = DataReport::default();
@@ -187,7 +198,7 @@ fn load_sources(
     specs: &[SourceSpec],
     seen: &mut HashSet<Sample>,
     duplicates: &mut usize,
-) -> Result<(Vec<Vec<Sample>>, Vec<SourceReport>)> {
+) -> Result<(Vec<Vec<Located>>, Vec<SourceReport>)> {
     let mut sets = Vec::new();
     let mut reports = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
@@ -218,7 +229,7 @@ fn load_source(
     r: &mut SourceReport,
     seen: &mut HashSet<Sample>,
     duplicates: &mut usize,
-) -> Result<Vec<Sample>> {
+) -> Result<Vec<Located>> {
     let d = &recipe.data;
     let mapping = RowMapping {
         format: spec.format.unwrap_or(d.format),
@@ -227,7 +238,7 @@ fn load_source(
     };
     let read: Vec<Result<FileSamples>> = if spec.sql.is_some() {
         let frame = sql::read(recipe, spec)?;
-        vec![table_samples(&frame, &r.label, &mapping)]
+        vec![table_samples(&frame, r.label.as_str().into(), &mapping)]
     } else {
         let found = source::files(recipe, spec)?;
         let options = &found.options;
@@ -258,12 +269,16 @@ fn load_source(
             }
             r.documents.push(document);
         }
-        for s in file.samples {
-            if d.dedup && !seen.insert(s.clone()) {
+        for (row, sample) in file.samples {
+            if d.dedup && !seen.insert(sample.clone()) {
                 *duplicates += 1;
                 *r.dropped.entry("exact duplicate".into()).or_default() += 1;
             } else {
-                samples.push(s);
+                samples.push(Located {
+                    sample,
+                    origin: file.origin.clone(),
+                    row: row + 1,
+                });
             }
         }
     }
@@ -272,19 +287,27 @@ fn load_source(
 
 /// What one file or query of a source gave.
 struct FileSamples {
+    /// The file, or the query's source label, for messages.
+    origin: Arc<str>,
     /// Rows of a table or query, chunks of a document.
     rows: usize,
-    samples: Vec<Sample>,
+    /// Each with its row (0-based) in the table, or its chunk's index.
+    samples: Vec<(usize, Sample)>,
     dropped: Drops,
     document: Option<DocumentReport>,
 }
 
 /// The samples of a table's rows through the format's mapping; `origin` (the file, the query)
 /// names them in messages.
-fn table_samples(frame: &DataFrame, origin: &str, mapping: &RowMapping) -> Result<FileSamples> {
+fn table_samples(
+    frame: &DataFrame,
+    origin: Arc<str>,
+    mapping: &RowMapping,
+) -> Result<FileSamples> {
     let mut dropped = Drops::new();
-    let samples = mapping.samples(frame, origin, &mut dropped)?;
+    let samples = mapping.samples(frame, &origin, &mut dropped)?;
     Ok(FileSamples {
+        origin,
         rows: frame.height(),
         samples,
         dropped,
@@ -303,7 +326,7 @@ fn file_samples(
     let kind = source::file_kind(file, options.file_type.as_deref());
     let Some(chunker) = chunker.filter(|_| documents::is_document(&kind)) else {
         let frame = source::read_file(file, options)?;
-        return table_samples(&frame, &file.display().to_string(), mapping);
+        return table_samples(&frame, file.display().to_string().into(), mapping);
     };
     if mapping.format != DataFormat::Text {
         bail!(
@@ -316,24 +339,20 @@ fn file_samples(
         .chunks(&document.blocks)
         .map_err(|e| anyhow!("{}: {e:#}", file.display()))?;
     Ok(FileSamples {
+        origin: file.display().to_string().into(),
         rows: chunks.len(),
         document: Some(DocumentReport {
             file: file.to_path_buf(),
             pages: document.pages,
             chunks: chunks.len(),
         }),
-        samples: chunks.into_iter().map(Sample::Text).collect(),
+        samples: chunks.into_iter().map(Sample::Text).enumerate().collect(),
         dropped: Drops::new(),
     })
 }
-}
 
 /// Moves a seeded `fraction` of every source's samples to validation.
-fn hold_out(
-    sets: Vec<Vec<Sample>>,
-    fraction: f64,
-    rng: &mut ChaCha8Rng,
-) -> (Vec<Vec<Sample>>, Vec<Sample>) {
+fn hold_out<T>(sets: Vec<Vec<T>>, fraction: f64, rng: &mut ChaCha8Rng) -> (Vec<Vec<T>>, Vec<T>) {
     let mut validation = Vec::new();
     let mut train = Vec::new();
     for mut set in sets {
@@ -350,7 +369,7 @@ fn hold_out(
 }
 
 /// Repeats (weight > 1) or subsamples (weight < 1) a source's samples; the fraction is drawn.
-fn apply_weight(set: &mut Vec<Sample>, weight: f64, rng: &mut ChaCha8Rng) {
+fn apply_weight<T: Clone>(set: &mut Vec<T>, weight: f64, rng: &mut ChaCha8Rng) {
     if weight == 1.0 {
         return;
     }
@@ -367,17 +386,22 @@ fn apply_weight(set: &mut Vec<Sample>, weight: f64, rng: &mut ChaCha8Rng) {
     );
 }
 
-/// Renders and tokenizes in parallel; an error names the sample.
-fn encode_all(encoder: &Encoder, samples: &[Sample]) -> Result<Vec<Encoded>> {
-    samples
+/// Renders and tokenizes in parallel, showing the progress as `what`; an error names the file
+/// and row of the sample.
+fn encode_all(encoder: &Encoder, samples: &[Located], what: &str) -> Result<Vec<Encoded>> {
+    let progress = Progress::new(what, samples.len() as u64, Unit::Items("samples"));
+    let encoded = samples
         .par_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            encoder
-                .encode(s)
-                .map_err(|e| e.context(format!("sample {}", i + 1)))
+        .map(|s| {
+            let e = encoder
+                .encode(&s.sample)
+                .map_err(|e| e.context(format!("{} row {}", s.origin, s.row)));
+            progress.inc(1);
+            e
         })
-        .collect()
+        .collect();
+    progress.finish();
+    encoded
 }
 
 /// Applies the length filters and truncation, counting what each did.

@@ -1,6 +1,14 @@
 //! Chat templates (Jinja, rendered with minijinja the way transformers renders them) and the
 //! character spans of the rendered text that belong to assistant turns, which become the loss mask.
+//!
+//! An assistant turn trains from the end of the generation prompt that precedes it (what the
+//! template writes after `<|im_start|>assistant\n`, `<start_of_turn>model\n`, `<|assistant|>\n`,
+//! so also the empty `<think>\n\n</think>\n\n` Qwen3 writes into the last turn) through its
+//! end-of-turn token: the first special token of the tokenizer (or the EOS string) after the
+//! answer. What a template writes after that token (a newline, Phi-3's closing EOS) is not
+//! trained: generation stops at the end-of-turn token, so the model never produces it.
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use anyhow::{anyhow, bail, Result};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
@@ -35,6 +43,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The strings that end an assistant turn: the EOS string, and with
+    /// [`ChatTemplate::ending_turns_at`] the tokenizer's special tokens.
+    turn_ends: Option<AhoCorasick>,
 }
 
 /// A rendered conversation and the byte ranges of its assistant turns.
@@ -63,11 +74,23 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow!("the chat template does not compile: {e}"))?;
+        let eos_token = eos_token.unwrap_or_default().to_string();
         Ok(Self {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
-            eos_token: eos_token.unwrap_or_default().to_string(),
+            turn_ends: turn_ends_matcher(std::iter::once(eos_token.clone()))?,
+            eos_token,
         })
+    }
+
+    /// Ends assistant turns at the first of `tokens` (the tokenizer's special tokens, e.g.
+    /// `<end_of_turn>`, `<|end|>`, `<|im_end|>`) or the EOS string.
+    pub fn ending_turns_at(mut self, tokens: impl IntoIterator<Item = String>) -> Result<Self> {
+        let all = tokens
+            .into_iter()
+            .chain(std::iter::once(self.eos_token.clone()));
+        self.turn_ends = turn_ends_matcher(all)?;
+        Ok(self)
     }
 
     /// A built-in template by name.
@@ -97,8 +120,8 @@ impl ChatTemplate {
         .map_err(|e| anyhow!("rendering the chat template failed: {e}"))
     }
 
-    /// Renders the conversation and finds each assistant turn's span: the text a turn adds after
-    /// the generation prompt that precedes it (its content plus the template's end-of-turn marker).
+    /// Renders the conversation and finds each assistant turn's span: from the end of the
+    /// generation prompt that precedes it through its end-of-turn token (see the module comment).
     pub fn render_with_spans(&self, messages: &[Message]) -> Result<Rendered> {
         let text = self.render(messages, false)?;
         let mut trained = Vec::new();
@@ -108,33 +131,76 @@ impl ChatTemplate {
                 continue;
             }
             let prompt = self.render(&messages[..i], true)?;
-            let upto = self.render(&messages[..=i], false)?;
-            let span =
-                if upto.starts_with(&prompt) && text.starts_with(&upto) && prompt.len() >= cursor {
-                    prompt.len()..upto.len()
-                } else {
-                    // Templates that rewrite earlier turns (e.g. dropping reasoning) are not prefix-stable:
-                    // fall back to the turn's content as it appears in the full text.
-                    let start = text[cursor..]
-                        .find(m.content.trim())
-                        .map(|p| p + cursor)
-                        .ok_or_else(|| {
-                            anyhow!(
-                                "assistant turn {} does not appear in the rendered template",
-                                i + 1
-                            )
-                        })?;
-                    let mut end = start + m.content.trim().len();
-                    if !self.eos_token.is_empty() && text[end..].starts_with(&self.eos_token) {
-                        end += self.eos_token.len();
-                    }
-                    start..end
+            let span = if text.starts_with(&prompt) && prompt.len() >= cursor {
+                let start = prompt.len();
+                // The turn is at most as long as it is when it ends the conversation (Qwen3's
+                // earlier turns are shorter: their reasoning block is dropped).
+                let upto = self.render(&messages[..=i], false)?;
+                let limit = match upto.strip_prefix(&prompt) {
+                    Some(turn) => (start + turn.len()).min(text.len()),
+                    None => text.len(),
                 };
+                let end = match self.turn_end(&text, start, limit) {
+                    Some(found) => found.end,
+                    None if text.starts_with(&upto) => upto.len(),
+                    None => content_span(&text, start, m, i)?.end,
+                };
+                start..end
+            } else {
+                // Templates whose generation prompt differs from how the history renders (e.g. a
+                // prompt that opens a reasoning block the history drops): the turn's content as
+                // it appears in the full text, and the end-of-turn token right after it.
+                let content = content_span(&text, cursor, m, i)?;
+                let end = self
+                    .turn_end(&text, content.end, text.len())
+                    .filter(|found| found.start == content.end)
+                    .map_or(content.end, |found| found.end);
+                content.start..end
+            };
             cursor = span.end;
             trained.push(span);
         }
         Ok(Rendered { text, trained })
     }
+
+    /// The first end-of-turn string in `text[from..limit]`, as a range of `text`.
+    fn turn_end(&self, text: &str, from: usize, limit: usize) -> Option<Range<usize>> {
+        let found = self
+            .turn_ends
+            .as_ref()?
+            .find(&text.as_bytes()[from..limit])?;
+        Some(from + found.start()..from + found.end())
+    }
+}
+
+/// The byte range of assistant message `i`'s (trimmed) content in `text`, searched from `from`.
+fn content_span(text: &str, from: usize, m: &Message, i: usize) -> Result<Range<usize>> {
+    let content = m.content.trim();
+    let start = text[from..]
+        .find(content)
+        .map(|p| p + from)
+        .ok_or_else(|| {
+            anyhow!(
+                "assistant turn {} does not appear in the rendered template",
+                i + 1
+            )
+        })?;
+    Ok(start..start + content.len())
+}
+
+/// A matcher of the non-empty `strings`, the leftmost (longest) first; None when there are none.
+fn turn_ends_matcher(strings: impl IntoIterator<Item = String>) -> Result<Option<AhoCorasick>> {
+    let mut strings: Vec<String> = strings.into_iter().filter(|s| !s.is_empty()).collect();
+    strings.sort_unstable();
+    strings.dedup();
+    if strings.is_empty() {
+        return Ok(None);
+    }
+    AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .build(&strings)
+        .map(Some)
+        .map_err(|e| anyhow!("cannot search for the end-of-turn tokens: {e}"))
 }
 
 /// The current UTC date and time formatted with strftime codes (Llama 3 templates ask for it).

@@ -2,6 +2,7 @@
 //! above the adapted model's, each with its ±stderr whisker and its value; `eval_chart.json` beside
 //! it holds exactly the rows drawn. Every row has its own scale (0 to its largest value plus
 //! stderr), so accuracies and perplexities can share a chart; the printed values carry the numbers.
+//! `eval.png` is the same chart as PNG.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -14,6 +15,9 @@ use crate::fsutil::write_atomic;
 
 /// The chart's file name in an eval folder.
 pub const CHART_FILE: &str = "eval.svg";
+
+/// The chart as PNG.
+pub const PNG_FILE: &str = "eval.png";
 
 /// One measured value with its standard error, if defined.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -135,9 +139,11 @@ fn bar(s: &mut String, y: f64, m: &Measured, scale: f64, colour: &str) {
     );
 }
 
-/// Writes eval.svg and eval_chart.json of suite `suite` into `dir`.
+/// Writes eval.svg, eval.png and eval_chart.json of suite `suite` into `dir`.
 pub fn write(dir: &Path, suite: &str, rows: &[Row]) -> Result<()> {
-    write_atomic(&dir.join(CHART_FILE), svg(suite, rows).as_bytes())?;
+    let svg = svg(suite, rows);
+    write_atomic(&dir.join(CHART_FILE), svg.as_bytes())?;
+    crate::raster::write_png(&svg, &dir.join(PNG_FILE))?;
     write_atomic(
         &dir.join("eval_chart.json"),
         serde_json::to_string_pretty(rows)?.as_bytes(),

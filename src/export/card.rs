@@ -309,8 +309,8 @@ impl CardInput {
     }
 }
 
-/// Writes README.md into `dir` for the adapter in `adapter_dir`, with the charts it shows copied
-/// beside it when `dir` is another folder.
+/// Writes README.md into `dir` for the adapter in `adapter_dir`, with the charts it shows (and
+/// their PNGs) copied beside it when `dir` is another folder.
 pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Result<()> {
     let card = CardInput::gather(adapter_dir, base_model, kind)?;
     if dir != adapter_dir {
@@ -324,6 +324,10 @@ pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Re
             .map(SuiteEval::chart_path);
         for chart in loss.into_iter().chain(evals) {
             copy_beside(adapter_dir, dir, &chart)?;
+            let png = chart.replace(".svg", ".png");
+            if adapter_dir.join(&png).is_file() {
+                copy_beside(adapter_dir, dir, &png)?;
+            }
         }
     }
     crate::fsutil::write_atomic(&dir.join("README.md"), card.render().as_bytes())

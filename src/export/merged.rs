@@ -12,6 +12,7 @@ use crate::model::kernels::projection_weight::ProjectionWeight;
 use crate::model::kernels::quant::Quantization;
 use crate::model::weights::{save_safetensors, Weights};
 use crate::model::{adapter, BaseModel, CausalLm, ModelTokenizer, Parts};
+use crate::progress::{Progress, Unit};
 use crate::recipe::Recipe;
 
 /// What to merge and how to write it.
@@ -109,8 +110,13 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
     let staged = StagedDir::create(&opts.out, opts.force)?;
     // Each merged tensor leaves the device once it is cast, so a GPU holds the base and one tensor.
     let merged = |dtype: DType| -> Result<Vec<(String, Tensor)>> {
-        stored
-            .names()
+        let names = stored.names();
+        let progress = Progress::new(
+            format!("merging into {}", opts.out.display()),
+            names.len() as u64,
+            Unit::Items("tensors"),
+        );
+        let tensors = names
             .into_iter()
             .map(|name| {
                 let t = match quantized.get(&name).and_then(ProjectionWeight::quantized) {
@@ -121,9 +127,12 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
                     Some(d) => (t + d)?,
                     None => t,
                 };
+                progress.inc(1);
                 Ok((name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?))
             })
-            .collect()
+            .collect();
+        progress.finish();
+        tensors
     };
     if let Some((quant, tokenizer)) = gguf {
         let file = staged.path().join(format!("model-{}.gguf", quant.name()));

@@ -386,6 +386,7 @@ impl CausalLm {
         device: &Device,
         quantize: Option<Quantization>,
     ) -> Result<Self> {
+        let _loading = weights.show_loading();
         let c = &config;
         let embed_tokens =
             weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;

@@ -206,6 +206,16 @@ impl ModelTokenizer {
             .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
+    /// The texts of the added tokens marked special (`<|im_end|>`, `<end_of_turn>`, ...).
+    pub fn special_tokens(&self) -> Vec<String> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect()
+    }
+
     fn id_of(&self, token: &Option<String>) -> Option<u32> {
         token.as_deref().and_then(|t| self.inner.token_to_id(t))
     }

@@ -5,6 +5,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use crate::progress::{Progress, Unit};
 
 use super::kernels::frozen_weight::FrozenWeight;
 use super::kernels::projection_weight::ProjectionWeight;
@@ -16,6 +19,26 @@ pub struct Weights {
     source: Source,
     dtype: DType,
     device: Device,
+    /// The progress of reading tensors, while a [`Loading`] guard lives.
+    loading: RwLock<Option<Progress>>,
+}
+
+/// Shows the progress of reading a checkpoint's tensors until dropped.
+pub struct Loading<'a> {
+    weights: &'a Weights,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut loading = self
+            .weights
+            .loading
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(progress) = loading.take() {
+            progress.finish();
+        }
+    }
 }
 
 /// Where the tensors live: memory-mapped files, tensors already in memory (benchmarks), or a
@@ -53,6 +76,7 @@ impl Weights {
             source: Source::Mapped(tensors),
             dtype,
             device: device.clone(),
+            loading: RwLock::new(None),
         })
     }
 
@@ -64,6 +88,7 @@ impl Weights {
             source: Source::Memory(map),
             dtype,
             device: device.clone(),
+            loading: RwLock::new(None),
         }
     }
 
@@ -79,7 +104,24 @@ impl Weights {
             source: Source::Read(reader),
             dtype,
             device: device.clone(),
+            loading: RwLock::new(None),
         }
+    }
+
+    /// Counts the tensors read (a bar on a terminal, log lines otherwise) until the guard drops.
+    pub fn show_loading(&self) -> Loading<'_> {
+        let what = match self.files.as_slice() {
+            [file] => format!("loading {}", file.display()),
+            files => format!(
+                "loading {} shards in {}",
+                files.len(),
+                files[0].parent().unwrap_or(Path::new(".")).display()
+            ),
+        };
+        let total = self.names().len() as u64;
+        *self.loading.write().unwrap_or_else(PoisonError::into_inner) =
+            Some(Progress::new(what, total, Unit::Items("tensors")));
+        Loading { weights: self }
     }
 
     /// The checkpoint's files, for messages.
@@ -195,6 +237,14 @@ impl Weights {
                 .with_context(|| format!("cannot load tensor `{name}` from {}", self.describe()))?
                 .to_device(device)?,
         };
+        if let Some(progress) = self
+            .loading
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            progress.inc(1);
+        }
         if t.dims() != shape {
             bail!(
                 "tensor `{name}` in {} has shape {:?}, the config expects {:?}",

@@ -3,6 +3,7 @@
 //! after checking that no file names a local base or path ([`check`]). Entry point: [`run`].
 
 pub mod check;
+mod progress;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::repository::CommitOperation;
@@ -208,6 +209,7 @@ pub fn run(opts: &PublishOptions) -> Result<PublishOutcome> {
         .commit_message(commit_message.clone())
         .maybe_revision(opts.revision.clone())
         .create_pr(opts.create_pr)
+        .progress(progress::UploadProgress::new(&opts.repo))
         .send()
         .map_err(|e| anyhow!("upload to {} failed: {e}", opts.repo))?;
     Ok(PublishOutcome {

@@ -1,6 +1,6 @@
 //! Training curves: `loss.svg` in the run folder, the train loss (raw and smoothed) and the
 //! validation loss over the steps, with the learning rate in a panel below on the same steps;
-//! `loss.json` beside it holds exactly the points plotted.
+//! `loss.png` is the same chart as PNG, `loss.json` holds exactly the points plotted.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -10,6 +10,9 @@ use crate::fsutil::write_atomic;
 
 /// The chart's file name in a run folder.
 pub const CHART_FILE: &str = "loss.svg";
+
+/// The chart as PNG.
+pub const PNG_FILE: &str = "loss.png";
 
 /// How much the smoothed curve remembers (TensorBoard's default smoothing, debiased).
 const SMOOTHING: f64 = 0.9;
@@ -80,13 +83,15 @@ impl Curves {
     }
 }
 
-/// Writes loss.svg and loss.json into `dir` from its metrics.jsonl.
+/// Writes loss.svg, loss.png and loss.json into `dir` from its metrics.jsonl.
 pub fn write(dir: &Path) -> Result<()> {
     let curves = Curves::read(&dir.join("metrics.jsonl"))?;
     if curves.loss.is_empty() {
         return Ok(());
     }
-    write_atomic(&dir.join(CHART_FILE), curves.svg()?.as_bytes())?;
+    let svg = curves.svg()?;
+    write_atomic(&dir.join(CHART_FILE), svg.as_bytes())?;
+    crate::raster::write_png(&svg, &dir.join(PNG_FILE))?;
     write_atomic(
         &dir.join("loss.json"),
         serde_json::to_string_pretty(&curves)?.as_bytes(),

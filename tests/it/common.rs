@@ -99,3 +99,33 @@ pub fn trained_ids(e: &feinschliff::data::Example) -> Vec<u32> {
         .map(|(&i, _)| i)
         .collect()
 }
+
+/// Width, height and the number of pixels that are not white of the PNG at `path`; fails unless
+/// the file is a whole, valid PNG.
+pub fn png_pixels(path: &Path) -> (u32, u32, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{} is no PNG",
+        path.display()
+    );
+    let pixmap = resvg::tiny_skia::Pixmap::decode_png(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let inked = pixmap
+        .pixels()
+        .iter()
+        .filter(|p| (p.red(), p.green(), p.blue()) != (255, 255, 255))
+        .count();
+    (pixmap.width(), pixmap.height(), inked)
+}
+
+/// Keeps a copy of `file` where a person can open it after the tests:
+/// `target/test-artifacts/<name>`.
+pub fn keep_artifact(file: &Path, name: &str) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(file, dir.join(name)).unwrap();
+}

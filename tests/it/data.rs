@@ -166,7 +166,7 @@ fn instruction_format_renders_with_the_model_template() {
     );
     assert_eq!(
         trained_text(&tokenizer(), &p.train[0]),
-        "350 Euro.<|im_end|>\n"
+        "350 Euro.<|im_end|>"
     );
 }
 
@@ -191,14 +191,14 @@ fn multi_turn_chat_trains_on_every_assistant_turn_only() {
     assert_eq!(
         spans,
         vec![
-            "Guten Tag, wie kann ich helfen?<|im_end|>\n",
-            "Montag bis Freitag, 8 bis 18 Uhr.<|im_end|>\n"
+            "Guten Tag, wie kann ich helfen?<|im_end|>",
+            "Montag bis Freitag, 8 bis 18 Uhr.<|im_end|>"
         ]
     );
     let tok = tokenizer();
     assert_eq!(
         trained_text(&tok, &p.train[0]),
-        "Guten Tag, wie kann ich helfen?<|im_end|>\nMontag bis Freitag, 8 bis 18 Uhr.<|im_end|>\n"
+        "Guten Tag, wie kann ich helfen?<|im_end|>Montag bis Freitag, 8 bis 18 Uhr.<|im_end|>"
     );
     let all = prepare(
         dir.path(),

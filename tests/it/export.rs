@@ -7,7 +7,7 @@ use feinschliff::model::weights::Weights;
 use feinschliff::model::{CausalLm, ModelConfig, TokenLayout};
 use std::path::{Path, PathBuf};
 
-use super::common::{max_abs_diff, repo, tiny_llama_dir};
+use super::common::{keep_artifact, max_abs_diff, png_pixels, repo, tiny_llama_dir};
 
 fn fixture(case: &str) -> std::path::PathBuf {
     repo().join("tests/fixtures/parity").join(case)
@@ -384,6 +384,15 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     );
     let bars = svg.matches("<rect x=").count() - 2; // the legend's two swatches
     assert_eq!(bars, 2 * rows.len(), "{svg}");
+    // eval.png: the same chart at the SVG's size, drawn, kept for a person to look at.
+    let size = |attr: &str| -> u32 {
+        let at = svg.find(&format!(" {attr}=\"")).unwrap() + attr.len() + 3;
+        svg[at..at + svg[at..].find('"').unwrap()].parse().unwrap()
+    };
+    let (width, height, inked) = png_pixels(&out.join("eval/domain/eval.png"));
+    assert_eq!((width, height), (size("width"), size("height")));
+    assert!(inked > 2_000, "eval.png looks blank: {inked} pixels drawn");
+    keep_artifact(&out.join("eval/domain/eval.png"), "eval.png");
     assert!(card.contains("](eval/domain/eval.svg)"), "{card}");
     let md = std::fs::read_to_string(out.join("eval/domain/report.md")).unwrap();
     assert!(md.contains("](eval.svg)"), "{md}");
@@ -411,6 +420,9 @@ fn recipe_trains_evaluates_and_writes_a_card() {
     // A merged export carries the card with the charts it links.
     let merged_dir = merge(&options(&out, tiny_llama_dir(), &d.join("merged"))).unwrap();
     let merged_card = std::fs::read_to_string(merged_dir.join("README.md")).unwrap();
+    for png in ["loss.png", "eval/domain/eval.png"] {
+        assert!(merged_dir.join(png).is_file(), "{png} not beside the card");
+    }
     for chart in ["loss.svg", "eval/domain/eval.svg"] {
         assert!(
             merged_card.contains(&format!("]({chart})")),

@@ -2,7 +2,9 @@
 
 mod adapter;
 mod attention;
+mod charts;
 mod chat;
+mod chat_templates;
 mod cli;
 mod common;
 mod data;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::common::tiny_llama_dir;
+use super::common::{keep_artifact, png_pixels, tiny_llama_dir};
 
 /// A small prompt/completion set with learnable structure.
 pub(super) fn write_dataset(dir: &Path) {
@@ -126,6 +126,11 @@ fn loss_falls_and_metrics_are_logged() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<svg").count(), svg.matches("</svg>").count());
     assert!(svg.contains("validation loss") && svg.contains("learning rate"));
+    // loss.png: the same chart at the SVG's size, drawn (not blank), kept for a person to look at.
+    let (width, height, inked) = png_pixels(&out.join("loss.png"));
+    assert_eq!((width, height), (800, 1000));
+    assert!(inked > 20_000, "loss.png looks blank: {inked} pixels drawn");
+    keep_artifact(&out.join("loss.png"), "loss.png");
     let plotted: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("loss.json")).unwrap()).unwrap();
     let points =
