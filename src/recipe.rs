@@ -690,8 +690,8 @@ impl Recipe {
             }
             if let Some(overlap) = src.chunk_overlap {
                 let format = src.format.unwrap_or(d.format);
-                let why = if src.hub.is_some() {
-                    Some("applies to documents (.pdf, .docx, .html, .htm, .md) read from `path`, not to a Hub dataset".to_string())
+                let why = if src.path.is_none() {
+                    Some("applies to documents (.pdf, .docx, .html, .htm, .md) read from `path`, not to a Hub dataset or an SQL query".to_string())
                 } else if format != DataFormat::Text {
                     Some(format!(
                         "applies to documents, which are read as format = \"text\", not as `{}`",
@@ -707,9 +707,8 @@ impl Recipe {
                 };
                 if let Some(why) = why {
                     return Err(anyhow!(
-                        "recipe {}: data source {} ({}): `chunk_overlap` {why}",
+                        "recipe {}: {name} ({}): `chunk_overlap` {why}",
                         self.source.display(),
-                        i + 1,
                         src.label()
                     ));
                 }

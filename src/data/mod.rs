@@ -16,10 +16,10 @@ pub mod template;
 pub mod text_encoding;
 
 use anyhow::{anyhow, bail, Context, Result};
+use polars::prelude::DataFrame;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use polars::prelude::DataFrame;
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::path::Path;
@@ -206,14 +206,15 @@ fn load_sources(
             label: spec.label(),
             ..Default::default()
         };
-        let samples = load_source(recipe, tokenizer, spec, &mut r, seen, duplicates).with_context(|| {
-            format!(
-                "recipe {}: {} ({})",
-                recipe.source.display(),
-                source_name(table, i),
-                r.label
-            )
-        })?;
+        let samples =
+            load_source(recipe, tokenizer, spec, &mut r, seen, duplicates).with_context(|| {
+                format!(
+                    "recipe {}: {} ({})",
+                    recipe.source.display(),
+                    source_name(table, i),
+                    r.label
+                )
+            })?;
         r.samples = samples.len();
         sets.push(samples);
         reports.push(r);
@@ -299,11 +300,7 @@ struct FileSamples {
 
 /// The samples of a table's rows through the format's mapping; `origin` (the file, the query)
 /// names them in messages.
-fn table_samples(
-    frame: &DataFrame,
-    origin: Arc<str>,
-    mapping: &RowMapping,
-) -> Result<FileSamples> {
+fn table_samples(frame: &DataFrame, origin: Arc<str>, mapping: &RowMapping) -> Result<FileSamples> {
     let mut dropped = Drops::new();
     let samples = mapping.samples(frame, &origin, &mut dropped)?;
     Ok(FileSamples {

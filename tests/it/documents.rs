@@ -555,7 +555,7 @@ fn documents_flow_into_text_samples_with_a_report() {
     document_folder(dir.path());
     let p = prepare(dir.path(), RECIPE_DATA).unwrap_or_else(|e| panic!("{e:#}"));
     let src = &p.report.train_sources[0];
-    assert_eq!(src.files, 5);
+    assert_eq!(src.files, Some(5));
     let chunks: Vec<(String, usize)> = src
         .documents
         .iter()

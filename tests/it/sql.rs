@@ -5,7 +5,7 @@
 //! by its source.
 
 use feinschliff::data::inspect::report_text;
-use feinschliff::data::source;
+use feinschliff::data::sql;
 use feinschliff::recipe::Recipe;
 use polars::prelude::*;
 use std::path::{Path, PathBuf};
