@@ -14,6 +14,10 @@ pub const CHART_FILE: &str = "loss.svg";
 /// The chart as PNG.
 pub const PNG_FILE: &str = "loss.png";
 
+/// The width of each panel: poloto lays out an 800-wide frame and sets the legend right of the
+/// plot, where "train loss (smoothed)" runs past 800; the panel is wider than the frame.
+const WIDTH: u32 = 980;
+
 /// How much the smoothed curve remembers (TensorBoard's default smoothing, debiased).
 const SMOOTHING: f64 = 0.9;
 
@@ -57,6 +61,14 @@ impl Curves {
 
     /// The chart: losses above, the learning rate below.
     pub fn svg(&self) -> Result<String> {
+        // Each panel's SVG header: WIDTH wide, as high as poloto's frame, light theme.
+        let dim = [f64::from(WIDTH), 500.0];
+        let panel = || {
+            poloto::header()
+                .with_dim(dim)
+                .with_viewbox(dim)
+                .light_theme()
+        };
         let losses = poloto::plots!(
             poloto::build::plot("train loss").line(self.loss.iter().copied()),
             poloto::build::plot("train loss (smoothed)").line(self.loss_smoothed.iter().copied()),
@@ -65,18 +77,18 @@ impl Curves {
         let top = poloto::frame_build()
             .data(losses)
             .build_and_label(("Training", "step", "loss"))
-            .append_to(poloto::header().light_theme())
+            .append_to(panel())
             .render_string()
             .map_err(|e| anyhow::anyhow!("cannot draw the loss chart: {e}"))?;
         let lr = poloto::plots!(poloto::build::plot("learning rate").line(self.lr.iter().copied()));
         let bottom = poloto::frame_build()
             .data(lr)
             .build_and_label(("Learning rate", "step", "lr"))
-            .append_to(poloto::header().light_theme())
+            .append_to(panel())
             .render_string()
             .map_err(|e| anyhow::anyhow!("cannot draw the learning-rate chart: {e}"))?;
         Ok(format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"1000\" viewBox=\"0 0 800 1000\">\n{}\n{}\n</svg>\n",
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"1000\" viewBox=\"0 0 {WIDTH} 1000\">\n{}\n{}\n</svg>\n",
             top.replacen("<svg ", "<svg y=\"0\" ", 1),
             bottom.replacen("<svg ", "<svg y=\"500\" ", 1)
         ))
