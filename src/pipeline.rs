@@ -9,7 +9,7 @@ use crate::export::html::{self, SuiteResults};
 use crate::export::{card, MergeOptions};
 use crate::failure::Failure;
 use crate::fsutil::StagedDir;
-use crate::model::{BaseModel, Model};
+use crate::model::BaseModel;
 use crate::publish::PublishOptions;
 use crate::recipe::{EvalSection, Recipe};
 use crate::train::{self, RunOptions, TrainSummary};
@@ -105,12 +105,7 @@ fn evaluate(
         .map(|p| Suite::load(&recipe.resolve(p)))
         .collect::<Result<Vec<_>>>()?;
     // The base the adapter was trained on: quantized as it was in training.
-    let mut model = Model::load_quantized(
-        &base.dir,
-        Some(recipe.model.dtype.dtype()),
-        recipe.model.quantize,
-        &device,
-    )?;
+    let mut model = train::load_base(recipe, base, &device)?;
     let max_positions = model.lm.config.max_position_embeddings;
     let base_name = base.name();
     let info = |suite: &Suite, adapter: Option<&'static str>| report::RunInfo {

@@ -12,6 +12,7 @@ pub mod schedule;
 pub mod step;
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Device;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -50,6 +51,17 @@ pub struct RunOptions {
     pub resume: bool,
 }
 
+/// The frozen base as the recipe trains it, and as its eval scores it: in `[model] dtype`, its
+/// projections quantized as `[model] quantize` says.
+pub fn load_base(recipe: &Recipe, base: &BaseModel, device: &Device) -> Result<Model> {
+    Model::load_quantized(
+        &base.dir,
+        Some(recipe.model.dtype.dtype()),
+        recipe.model.quantize,
+        device,
+    )
+}
+
 /// Runs the recipe's training on `base` (see [`Recipe::locate_base`]) and writes the adapter, the
 /// resolved recipe and metrics.jsonl. The output is staged in `.<name>.partial` beside it, with
 /// the run's checkpoints, and appears under its name when training is done.
@@ -77,12 +89,7 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         (Some(_), true) => {}
     }
 
-    let mut model = Model::load_quantized(
-        &base.dir,
-        Some(recipe.model.dtype.dtype()),
-        recipe.model.quantize,
-        &device,
-    )?;
+    let mut model = load_base(recipe, base, &device)?;
     match &recipe.lora.init_from {
         Some(dir) => {
             model.load_adapter(&recipe.resolve(dir))?;
