@@ -21,7 +21,7 @@ pub fn tiny_llama_dir() -> &'static Path {
             std::process::id()
         ));
         if !dir.exists() {
-            feinschliff::model::new::create("llama", Size::Tiny, 0, &dir, false)
+            feinschliff::model::new::create("llama", Size::Tiny, None, 0, &dir, false)
                 .expect("model new");
         }
         dir
