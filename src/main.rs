@@ -179,6 +179,10 @@ enum ModelCommand {
         arch: String,
         #[arg(long, value_enum, default_value = "tiny")]
         size: Size,
+        /// Width of each attention head, when it is not hidden size / heads (Mistral-Nemo's, 128
+        /// with hidden 5120 and 32 heads, is less; many Qwen3 sizes' is more).
+        #[arg(long)]
+        head_dim: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -365,12 +369,13 @@ fn run(cli: Cli) -> Result<()> {
                 ModelCommand::New {
                     arch,
                     size,
+                    head_dim,
                     seed,
                     out,
                     force,
                 },
         } => {
-            feinschliff::model::new::create(&arch, size, seed, &out, force)?;
+            feinschliff::model::new::create(&arch, size, head_dim, seed, &out, force)?;
             println!(
                 "wrote {arch} {size:?} checkpoint (seed {seed}) to {}",
                 out.display()

@@ -37,6 +37,9 @@ pub struct Shape {
     pub heads: usize,
     pub kv_heads: usize,
     pub vocab: usize,
+    /// Width of each attention head; None: hidden / heads. Mistral-Nemo's (128) is less than its
+    /// hidden / heads (5120 / 32 = 160), Qwen3's often more.
+    pub head_dim: Option<usize>,
 }
 
 impl Size {
@@ -51,6 +54,7 @@ impl Size {
                 heads: 4,
                 kv_heads: 2,
                 vocab: 1024,
+                head_dim: None,
             },
             Size::Smol => Shape {
                 init_std: 0.02,
@@ -60,6 +64,7 @@ impl Size {
                 heads: 9,
                 kv_heads: 3,
                 vocab: 49152,
+                head_dim: None,
             },
             Size::Llama1b => Shape {
                 init_std: 0.02,
@@ -69,6 +74,7 @@ impl Size {
                 heads: 32,
                 kv_heads: 8,
                 vocab: 128_256,
+                head_dim: None,
             },
         }
     }
@@ -103,7 +109,7 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
         "num_hidden_layers": shape.layers,
         "num_attention_heads": shape.heads,
         "num_key_value_heads": shape.kv_heads,
-        "head_dim": shape.hidden / shape.heads,
+        "head_dim": shape.head_dim.unwrap_or(shape.hidden / shape.heads),
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
         "initializer_range": shape.init_std,
@@ -272,10 +278,19 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Writes a complete checkpoint for `arch` and `size` into `out` (refused if it exists, unless `force`).
-pub fn create(arch: &str, size: Size, seed: u64, out: &Path, force: bool) -> Result<()> {
+/// Writes a complete checkpoint for `arch` and `size` into `out` (refused if it exists, unless
+/// `force`), with heads `head_dim` wide when given (else the size's).
+pub fn create(
+    arch: &str,
+    size: Size,
+    head_dim: Option<usize>,
+    seed: u64,
+    out: &Path,
+    force: bool,
+) -> Result<()> {
     let family = families::by_model_type(arch)?;
     let mut shape = size.shape();
+    shape.head_dim = head_dim.or(shape.head_dim);
     let tokenizer = train_tokenizer(shape.vocab)?;
     let trained = tokenizer.get_vocab_size(true);
     if trained > shape.vocab {

@@ -1,6 +1,7 @@
-//! The chat templates of Gemma 2, Gemma 3, Phi-3 and Qwen3 as the models ship them
+//! The chat templates of Gemma 2, Gemma 3, Phi-3, Qwen3 and Mistral-Nemo as the models ship them
 //! (tests/fixtures/chat_templates): rendered as transformers renders them, trained on exactly each
-//! answer and its end-of-turn token, refused with the file and row where the template raises.
+//! answer and its end-of-turn token, refused with the file and row where the template raises; and
+//! Mistral-Nemo's Tekken tokenizer, whose ids (texts and chats) equal transformers'.
 
 use feinschliff::data::{self, inspect, template::ChatTemplate, template::Message};
 use feinschliff::model::ModelTokenizer;
@@ -9,7 +10,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::common::{repo, tiny_llama_dir, trained_ids};
+use super::common::{assert_tokenizes_as, json_ids, repo, tiny_llama_dir, trained_ids};
 
 fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures/chat_templates").join(name)
@@ -42,13 +43,20 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// A copy of the tiny llama whose tokenizer has `family`'s tokens, BOS/EOS and chat template.
+/// A copy of the tiny llama whose tokenizer has `family`'s tokens, BOS/EOS and chat template; for
+/// a family with its own tokenizer folder (Mistral-Nemo), that folder's tokenizer files.
 fn family_model(family: &str) -> tempfile::TempDir {
     let spec = &read_json("families.json")[family];
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(tiny_llama_dir()).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    if let Some(folder) = spec["tokenizer"].as_str() {
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture(folder).join(f), dir.path().join(f)).unwrap();
+        }
+        return dir;
     }
     let rstrip = strings(&spec["rstrip_tokens"]);
     let path = dir.path().join("tokenizer.json");
@@ -92,7 +100,7 @@ fn family_templates_render_as_transformers_does() {
     let golden = read_json("golden.json");
     let families = read_json("families.json");
     let cases = golden["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 20);
+    assert_eq!(cases.len(), 25);
     for case in cases {
         let family = case["family"].as_str().unwrap();
         let label = format!("{family} {}", case["conversation"]);
@@ -224,6 +232,86 @@ fn family_templates_train_exactly_the_answers_and_their_end_of_turn_tokens() {
                 "{family} {name}: after the last turn: {untrained_tail:?}"
             );
         }
+    }
+}
+
+/// The Tekken-style tokenizer in Mistral-Nemo's layout (1000 special tokens first, the bytes at
+/// 1000 + byte value, Tekken's split, `<s>` added before a text): German texts with umlauts and ß,
+/// digits, CamelCase, a URL, control-token strings inside text, as transformers tokenizes them.
+#[test]
+fn mistral_nemo_tekken_tokenizer_equals_transformers() {
+    let t = ModelTokenizer::from_dir(&fixture("mistral_nemo")).unwrap();
+    let golden = read_json("mistral_nemo/tokenization.json");
+    assert_tokenizes_as(&t, &golden["mistral_nemo"], "mistral_nemo");
+    assert_eq!(t.vocab_size(), 2048);
+    assert_eq!(t.special_tokens().len(), 1000);
+    for (token, id) in [
+        ("<s>", 1),
+        ("[INST]", 3),
+        ("[/INST]", 4),
+        ("<SPECIAL_999>", 999),
+    ] {
+        assert_eq!(t.inner.token_to_id(token), Some(id), "{token}");
+    }
+    assert_eq!(
+        (&t.specials.prefix[..], &t.specials.suffix[..]),
+        (&[1][..], &[][..])
+    );
+}
+
+/// Every Mistral-Nemo conversation of golden.json through the data pipeline: the ids are those of
+/// transformers' `apply_chat_template(tokenize=True)` (also each generation prompt's), and exactly
+/// each answer and its `</s>` train — also where the template drops the system message (Nemo's
+/// puts it before the last user turn only, so a conversation ending with an answer loses it).
+#[test]
+fn mistral_nemo_chats_have_transformers_ids_and_train_each_answer_with_its_eos() {
+    let model = family_model("mistral_nemo");
+    let tokenizer = ModelTokenizer::from_dir(model.path()).unwrap();
+    let template = ChatTemplate::new(
+        tokenizer.chat_template.as_deref().unwrap(),
+        Some("<s>"),
+        Some("</s>"),
+    )
+    .unwrap();
+    let golden = read_json("golden.json");
+    let cases = golden["cases"].as_array().unwrap().iter();
+    for case in cases.filter(|c| c["family"] == "mistral_nemo") {
+        let name = case["conversation"].as_str().unwrap();
+        let all = messages(&case["messages"]);
+        let work = tempfile::tempdir().unwrap();
+        let recipe = chat_recipe(work.path(), model.path(), &[case["messages"].clone()]);
+        let prepared = data::prepare(&recipe, &tokenizer).unwrap_or_else(|e| panic!("{e:#}"));
+        let e = &prepared.train[0];
+        assert_eq!(e.input_ids, json_ids(&case["ids"]), "{name}");
+        let answers: Vec<(usize, &Message)> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == "assistant")
+            .collect();
+        for ((i, _), prompt) in answers.iter().zip(case["prompts"].as_array().unwrap()) {
+            let text = template.render(&all[..*i], true).unwrap();
+            assert_eq!(
+                tokenizer.encode(&text).unwrap(),
+                json_ids(&prompt["ids"]),
+                "{name}"
+            );
+        }
+        // The trained tokens, run by run: one run per answer, each its content and </s>.
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        for (k, (&id, &label)) in e.input_ids.iter().zip(&e.labels).enumerate() {
+            match (label >= 0, k > 0 && e.labels[k - 1] >= 0) {
+                (true, true) => runs.last_mut().unwrap().push(id),
+                (true, false) => runs.push(vec![id]),
+                _ => {}
+            }
+        }
+        let trained: Vec<String> = runs.iter().map(|r| tokenizer.decode(r).unwrap()).collect();
+        let want: Vec<String> = answers
+            .iter()
+            .map(|(_, m)| format!("{}</s>", m.content))
+            .collect();
+        assert_eq!(trained, want, "{name}: trained runs");
+        assert_eq!(e.input_ids.last(), Some(&2), "{name}: ends with </s>");
     }
 }
 

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use feinschliff::model::new::{config_json, random_weights, Size};
 use feinschliff::model::weights::Weights;
-use feinschliff::model::{CausalLm, LoraConfig, ModelConfig, TargetModules};
+use feinschliff::model::{CausalLm, LoraConfig, ModelConfig, ModelTokenizer, TargetModules};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -21,7 +21,7 @@ pub fn tiny_llama_dir() -> &'static Path {
             std::process::id()
         ));
         if !dir.exists() {
-            feinschliff::model::new::create("llama", Size::Tiny, 0, &dir, false)
+            feinschliff::model::new::create("llama", Size::Tiny, None, 0, &dir, false)
                 .expect("model new");
         }
         dir
@@ -88,6 +88,44 @@ pub fn bos_fixture_model(variant: &str) -> tempfile::TempDir {
         std::fs::copy(from, dir.path().join(f)).unwrap();
     }
     dir
+}
+
+/// The ids in a JSON array.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Checks `t` against transformers' tokenization of a case (tokenization.json of the gguf and
+/// chat_templates fixtures): BOS, EOS and pad strings, and per text the ids without and with
+/// special tokens and the decoded ids.
+pub fn assert_tokenizes_as(t: &ModelTokenizer, want: &serde_json::Value, case: &str) {
+    for (field, got) in [
+        ("bos_token", &t.bos_token),
+        ("eos_token", &t.eos_token),
+        ("pad_token", &t.pad_token),
+    ] {
+        assert_eq!(got.as_deref(), want[field].as_str(), "{case}: {field}");
+    }
+    for sample in want["texts"].as_array().unwrap() {
+        let text = sample["text"].as_str().unwrap();
+        let ids = json_ids(&sample["ids"]);
+        assert_eq!(t.encode(text).unwrap(), ids, "{case}: {text:?}");
+        assert_eq!(
+            t.encode_with_special_tokens(text).unwrap(),
+            json_ids(&sample["ids_with_special_tokens"]),
+            "{case}: {text:?} with special tokens"
+        );
+        let decoded = t.decode(&ids).unwrap();
+        assert_eq!(
+            decoded,
+            sample["decoded"].as_str().unwrap(),
+            "{case}: decoding"
+        );
+    }
 }
 
 /// The ids of an example's tokens that carry a label (the ones it trains on).

@@ -198,6 +198,40 @@ fn merged_gemma_exports_equal_peft_adapted_logits() {
     }
 }
 
+/// Mistral-Nemo's merged model keeps its explicit head_dim (q_proj [32, 40] with hidden 40) and
+/// gives PEFT's adapted logits; transformers loads it to 4.7e-6 of them (make_parity_fixtures.py).
+#[test]
+fn merged_mistral_nemo_export_keeps_its_head_dim_and_equals_peft() {
+    let golden = candle_core::safetensors::load(
+        fixture("mistral_nemo").join("golden.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    merge(&options(
+        &fixture("mistral_nemo").join("adapter"),
+        &fixture("mistral_nemo"),
+        &out,
+    ))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let diff = max_abs_diff(
+        &logits_of(&out, &golden["input_ids"]),
+        &golden["adapted_logits"],
+    );
+    assert!(diff <= 1e-4, "merged mistral_nemo vs PEFT: {diff}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["head_dim"], 8);
+    assert!(config["sliding_window"].is_null());
+    let merged =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        merged["model.layers.0.self_attn.q_proj.weight"].dims(),
+        &[32, 40]
+    );
+}
+
 #[test]
 fn merged_export_in_bf16_is_written_as_bf16() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,11 +6,12 @@ use candle_core::{DType, Device, Tensor};
 use feinschliff::model::new::{create, Size};
 use feinschliff::model::{layout, Model, TokenLayout};
 
-/// Writes `arch` at `size`, loads it and runs 6 tokens; returns the loaded model.
-fn new_model(arch: &str, size: Size) -> Model {
+/// Writes `arch` at `size` (with heads `head_dim` wide when given), loads it and runs 6 tokens;
+/// returns the loaded model.
+fn new_model(arch: &str, size: Size, head_dim: Option<usize>) -> Model {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join(arch);
-    create(arch, size, 1, &out, false).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+    create(arch, size, head_dim, 1, &out, false).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
     let model = Model::load(&out, None, &Device::Cpu).unwrap();
     let stored =
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -41,7 +42,7 @@ fn new_model(arch: &str, size: Size) -> Model {
 #[test]
 fn model_new_phi3_at_tiny_and_smol_size() {
     for size in [Size::Tiny, Size::Smol] {
-        let model = new_model("phi3", size);
+        let model = new_model("phi3", size, None);
         let c = &model.lm.config;
         assert!(c.fused_projections);
         assert_eq!(
@@ -61,7 +62,7 @@ fn model_new_phi3_at_tiny_and_smol_size() {
 #[test]
 fn model_new_gemma2_at_tiny_and_smol_size() {
     for size in [Size::Tiny, Size::Smol] {
-        let model = new_model("gemma2", size);
+        let model = new_model("gemma2", size, None);
         let c = &model.lm.config;
         assert!(c.sandwich_norms && c.norm_gain_offset && c.scale_embeddings);
         assert!(c.tie_word_embeddings);
@@ -77,7 +78,7 @@ fn model_new_gemma2_at_tiny_and_smol_size() {
 #[test]
 fn model_new_gemma3_text_at_tiny_and_smol_size() {
     for size in [Size::Tiny, Size::Smol] {
-        let model = new_model("gemma3_text", size);
+        let model = new_model("gemma3_text", size, None);
         let c = &model.lm.config;
         assert!(c.qk_norm && c.sandwich_norms && c.norm_gain_offset);
         assert_eq!(c.local_rope_theta, Some(10_000.0));
@@ -87,6 +88,53 @@ fn model_new_gemma3_text_at_tiny_and_smol_size() {
         let want: Vec<usize> = (0..sliding.len()).filter(|i| (i + 1) % 6 == 0).collect();
         assert_eq!(global, want);
     }
+}
+
+/// Mistral as Mistral 7B has it (head_dim = hidden / heads, no window) and, with `head_dim`, as
+/// Mistral-Nemo: narrower heads than hidden / heads (tiny: 12 of 16; smol: 48 of 64), so q_proj
+/// maps hidden to heads × head_dim and o_proj back.
+#[test]
+fn model_new_mistral_and_nemo_shape_at_tiny_and_smol_size() {
+    for (size, nemo_head_dim) in [(Size::Tiny, 12), (Size::Smol, 48)] {
+        let shape = size.shape();
+        let plain = new_model("mistral", size, None);
+        assert_eq!(plain.lm.config.head_dim, shape.hidden / shape.heads);
+        assert_eq!(plain.lm.config.sliding_window, None);
+        let nemo = new_model("mistral", size, Some(nemo_head_dim));
+        let c = &nemo.lm.config;
+        assert_eq!((c.head_dim, c.rotary_dim), (nemo_head_dim, nemo_head_dim));
+        let linears = nemo.lm.linears();
+        let shape_of = |name: &str| {
+            let (_, l) = linears.iter().find(|(n, _)| n == name).unwrap();
+            (l.out_features(), l.in_features())
+        };
+        let q = shape.heads * nemo_head_dim;
+        let kv = shape.kv_heads * nemo_head_dim;
+        assert_eq!(
+            shape_of("model.layers.1.self_attn.q_proj"),
+            (q, shape.hidden)
+        );
+        assert_eq!(
+            shape_of("model.layers.1.self_attn.k_proj"),
+            (kv, shape.hidden)
+        );
+        assert_eq!(
+            shape_of("model.layers.1.self_attn.o_proj"),
+            (shape.hidden, q)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let err = create(
+        "mistral",
+        Size::Tiny,
+        Some(7),
+        1,
+        &dir.path().join("odd"),
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("head_dim"), "{err:#}");
+    assert!(!dir.path().join("odd").exists());
 }
 
 fn feinschliff(args: &[&str], dir: &std::path::Path) {
@@ -103,15 +151,25 @@ fn feinschliff(args: &[&str], dir: &std::path::Path) {
     );
 }
 
-/// Phi-3, Gemma 2 and Gemma 3 through the binary: `model new`, `train` (gradient checkpointing
-/// on, LoRA on every projection), `model inspect --adapter`, `eval` with the adapter (perplexity
-/// and generation), `export --merge`, and `model inspect` of the merged model.
+/// Phi-3, Gemma 2, Gemma 3 and a Mistral-Nemo-shaped Mistral (`--head-dim`) through the binary:
+/// `model new`, `train` (gradient checkpointing on, LoRA on every projection), `model inspect
+/// --adapter`, `eval` with the adapter (perplexity and generation), `export --merge`, and `model
+/// inspect` of the merged model.
 #[test]
 fn new_families_train_evaluate_and_export_from_the_command_line() {
-    for arch in ["phi3", "gemma2", "gemma3_text"] {
+    let families: [&[&str]; 4] = [
+        &["phi3"],
+        &["gemma2"],
+        &["gemma3_text"],
+        &["mistral", "--head-dim", "12"],
+    ];
+    for arch in families {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        feinschliff(&["model", "new", "--arch", arch, "--out", "base"], d);
+        feinschliff(
+            &[&["model", "new", "--arch"], arch, &["--out", "base"]].concat(),
+            d,
+        );
         let lines: String = (0..16)
             .map(|i| {
                 let row = serde_json::json!({

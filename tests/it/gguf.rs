@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::common::{max_abs_diff, repo};
+use super::common::{assert_tokenizes_as, max_abs_diff, repo};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -97,36 +97,7 @@ fn gguf_tokenizers_equal_transformers() {
             .unwrap()
             .tokenizer
             .unwrap();
-        for (field, got) in [
-            ("bos_token", &t.bos_token),
-            ("eos_token", &t.eos_token),
-            ("pad_token", &t.pad_token),
-        ] {
-            assert_eq!(got.as_deref(), want[field].as_str(), "{case}: {field}");
-        }
-        for sample in want["texts"].as_array().unwrap() {
-            let text = sample["text"].as_str().unwrap();
-            let ids = |key: &str| -> Vec<u32> {
-                sample[key]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect()
-            };
-            assert_eq!(t.encode(text).unwrap(), ids("ids"), "{case}: {text:?}");
-            assert_eq!(
-                t.encode_with_special_tokens(text).unwrap(),
-                ids("ids_with_special_tokens"),
-                "{case}: {text:?} with special tokens"
-            );
-            let decoded = t.decode(&ids("ids")).unwrap();
-            assert_eq!(
-                decoded,
-                sample["decoded"].as_str().unwrap(),
-                "{case}: decoding"
-            );
-        }
+        assert_tokenizes_as(&t, want, case);
     }
     let qwen2 = Parts::open(&model_path("qwen2_bpe_f32"), DType::F32, &Device::Cpu).unwrap();
     assert!(qwen2

@@ -97,6 +97,8 @@ fn transformers5_config_layouts_match_transformers() {
         "llama_bf16",
         "llama_linear",
         "mistral",
+        "mistral_nemo",
+        "mistral_nemo_bf16",
         "qwen2",
         "qwen3",
         "phi3",
@@ -125,6 +127,30 @@ fn transformers5_config_layouts_match_transformers() {
 #[test]
 fn mistral_with_sliding_window_matches_transformers() {
     check_base("mistral");
+}
+
+/// Mistral-Nemo's shape: heads of 8 with hidden 40 and 4 heads (hidden/heads would be 10; Nemo:
+/// 128 of 160), so q_proj is [32, 40] and o_proj [40, 32]; no sliding window (`null`).
+#[test]
+fn mistral_nemo_with_head_dim_below_hidden_over_heads_matches_transformers() {
+    check_base("mistral_nemo");
+    let config = load_lm("mistral_nemo").config;
+    assert_eq!((config.head_dim, config.sliding_window), (8, None));
+}
+
+#[test]
+fn mistral_nemo_stored_in_bf16_matches_transformers() {
+    check_base("mistral_nemo_bf16");
+}
+
+#[test]
+fn peft_adapter_on_all_mistral_nemo_projections_matches_peft() {
+    check_adapted("mistral_nemo");
+}
+
+#[test]
+fn peft_reads_a_feinschliff_mistral_nemo_adapter_to_the_same_logits() {
+    check_peft_reads_ours("mistral_nemo");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use feinschliff::eval::scorer::Scorer;
 use feinschliff::model::{inspect, Model, ModelTokenizer};
 use serde_json::Value;
 
-use super::common::{bos_fixture_model, repo, trained_ids};
+use super::common::{bos_fixture_model, json_ids, repo, trained_ids};
 
 const VARIANTS: [&str; 4] = ["llama3_style", "llama2_style", "flag_only", "bos_eos"];
 const LM_EVAL_VARIANTS: [&str; 2] = ["llama3_style", "llama2_style"];
@@ -19,14 +19,6 @@ const LM_EVAL_VARIANTS: [&str; 2] = ["llama3_style", "llama2_style"];
 fn read(path: &str) -> Value {
     let path = repo().join("tests/fixtures/lm_eval_bos").join(path);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn tokenizer(variant: &str) -> ModelTokenizer {
@@ -41,7 +33,7 @@ fn transformers_ids(golden: &Value, text: &str) -> Vec<u32> {
         .iter()
         .find(|t| t["text"] == text)
         .unwrap();
-    ids(&entry["ids"])
+    json_ids(&entry["ids"])
 }
 
 #[test]
@@ -52,13 +44,21 @@ fn tokenizer_adds_and_skips_what_transformers_does() {
         for t in g["texts"].as_array().unwrap() {
             let text = t["text"].as_str().unwrap();
             let with = tok.encode_with_special_tokens(text).unwrap();
-            assert_eq!(with, ids(&t["ids"]), "{variant}: tokenizer({text:?})");
-            assert_eq!(tok.encode(text).unwrap(), ids(&t["plain"]), "{variant}");
+            assert_eq!(with, json_ids(&t["ids"]), "{variant}: tokenizer({text:?})");
+            assert_eq!(
+                tok.encode(text).unwrap(),
+                json_ids(&t["plain"]),
+                "{variant}"
+            );
         }
         let d = &g["decode"];
-        assert_eq!(tok.decode(&ids(&d["ids"])).unwrap(), d["text"], "{variant}");
         assert_eq!(
-            tok.decode_skipping_special(&ids(&d["ids"])).unwrap(),
+            tok.decode(&json_ids(&d["ids"])).unwrap(),
+            d["text"],
+            "{variant}"
+        );
+        assert_eq!(
+            tok.decode_skipping_special(&json_ids(&d["ids"])).unwrap(),
             d["skip_special_tokens"],
             "{variant}"
         );
@@ -118,7 +118,7 @@ fn training_samples_are_tokenized_as_transformers_does() {
         assert_eq!(e.text, chat["text"], "{variant}: rendered chat");
         assert_eq!(
             e.example.input_ids,
-            ids(&chat["ids"]),
+            json_ids(&chat["ids"]),
             "{variant}: apply_chat_template"
         );
     }
@@ -134,18 +134,30 @@ fn lm_eval_requests_are_built_as_hflm_builds_them() {
         assert_eq!(scorer.prefix_token() as u64, g["prefix_token_id"]);
         for t in g["tok_encode"].as_array().unwrap() {
             let text = t["text"].as_str().unwrap();
-            assert_eq!(scorer.tok_encode(text).unwrap(), ids(&t["ids"]), "{text:?}");
+            assert_eq!(
+                scorer.tok_encode(text).unwrap(),
+                json_ids(&t["ids"]),
+                "{text:?}"
+            );
         }
         for p in g["pairs"].as_array().unwrap() {
             let (c, x) = (p["context"].as_str().unwrap(), p["continuation"].as_str());
             let r = scorer.encode_pair(c, x.unwrap()).unwrap();
-            assert_eq!(r.context, ids(&p["context_ids"]), "{variant}: {c:?} {x:?}");
-            assert_eq!(r.continuation, ids(&p["continuation_ids"]), "{c:?} {x:?}");
+            assert_eq!(
+                r.context,
+                json_ids(&p["context_ids"]),
+                "{variant}: {c:?} {x:?}"
+            );
+            assert_eq!(
+                r.continuation,
+                json_ids(&p["continuation_ids"]),
+                "{c:?} {x:?}"
+            );
         }
         for p in g["generation_prompts"].as_array().unwrap() {
             let text = p["text"].as_str().unwrap();
             let prompt = scorer.generation_prompt(text, 48).unwrap();
-            assert_eq!(prompt, ids(&p["ids"]), "{variant}: {text:?}");
+            assert_eq!(prompt, json_ids(&p["ids"]), "{variant}: {text:?}");
         }
     }
 }
