@@ -128,7 +128,7 @@ fn loss_falls_and_metrics_are_logged() {
     assert!(svg.contains("validation loss") && svg.contains("learning rate"));
     // loss.png: the same chart at the SVG's size, drawn (not blank), kept for a person to look at.
     let (width, height, inked) = png_pixels(&out.join("loss.png"));
-    assert_eq!((width, height), (800, 1000));
+    assert_eq!((width, height), (980, 1000));
     assert!(inked > 20_000, "loss.png looks blank: {inked} pixels drawn");
     keep_artifact(&out.join("loss.png"), "loss.png");
     let plotted: serde_json::Value =
