@@ -175,7 +175,7 @@ enum Command {
 enum ModelCommand {
     /// Write a random-initialised checkpoint in Hugging Face layout (deterministic for a seed).
     New {
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(feinschliff::model::families::supported()))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(feinschliff::model::families::writable()))]
         arch: String,
         #[arg(long, value_enum, default_value = "tiny")]
         size: Size,
@@ -254,7 +254,7 @@ enum BenchCommand {
 /// The model shape, batch and dtype a benchmark runs.
 #[derive(clap::Args)]
 struct BenchArgs {
-    #[arg(long, default_value = "llama", value_parser = clap::builder::PossibleValuesParser::new(feinschliff::model::families::supported()))]
+    #[arg(long, default_value = "llama", value_parser = clap::builder::PossibleValuesParser::new(feinschliff::model::families::writable()))]
     arch: String,
     #[arg(long, value_enum, default_value = "tiny")]
     size: Size,

@@ -1,6 +1,7 @@
 //! Merging an adapter into its base: W' = W + s·B·A for every adapted projection, written as a
 //! full checkpoint (sharded safetensors with an index, config, tokenizer and generation files)
-//! that transformers loads as is.
+//! that transformers loads as is. Every other tensor, a multimodal model's vision tower and
+//! projector included, is written as stored (converted only when `--dtype` asks).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -37,13 +38,16 @@ pub enum Format {
     Gguf(crate::model::gguf::Quant),
 }
 
-/// Files copied from the base model as they are.
+/// Files copied from the base model as they are (the processor's too, for a multimodal model).
 const COPIED: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
     "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
 
 /// Writes base + adapter as one full model; its card names the base by [`BaseModel::name`].
@@ -108,6 +112,7 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         Format::Safetensors => None,
     };
     let staged = StagedDir::create(&opts.out, opts.force)?;
+    let text = parts.config.text_model;
     // Each merged tensor leaves the device once it is cast, so a GPU holds the base and one tensor.
     let merged = |dtype: DType| -> Result<Vec<(String, Tensor)>> {
         let names = stored.names();
@@ -119,11 +124,15 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         let tensors = names
             .into_iter()
             .map(|name| {
-                let t = match quantized.get(&name).and_then(ProjectionWeight::quantized) {
+                // Deltas are keyed by module names; tensors outside the text model (a vision
+                // tower's) have none and are copied as stored.
+                let module = text.module_name(&name);
+                let module = module.as_deref().unwrap_or(&name);
+                let t = match quantized.get(module).and_then(ProjectionWeight::quantized) {
                     Some(q) => q.dequantize()?,
                     None => stored.get(&name, &stored_shape(&stored, &name)?)?,
                 };
-                let t = match deltas.get(&name) {
+                let t = match deltas.get(module) {
                     Some(d) => (t + d)?,
                     None => t,
                 };

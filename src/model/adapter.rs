@@ -8,12 +8,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::base::BaseModel;
 use super::decoder::CausalLm;
 use super::lora::{LoraAdapter, LoraConfig, TargetModules};
+use super::text_model::TextModel;
 use super::weights::save_safetensors;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -26,7 +27,7 @@ pub fn peft_key(module: &str, part: &str) -> String {
 
 /// adapter_config.json as PEFT writes it for a plain LoRA adapter; the base is named by its Hub
 /// id and revision (or its folder's name), never by a local path.
-pub fn config_json(config: &LoraConfig, target_modules: &[String], base: &BaseModel) -> Value {
+pub fn config_json(config: &LoraConfig, target_modules: &TargetModules, base: &BaseModel) -> Value {
     json!({
         "alpha_pattern": {},
         "auto_mapping": null,
@@ -58,11 +59,41 @@ pub fn save(lm: &CausalLm, config: &LoraConfig, base: &BaseModel, dir: &Path) ->
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
     save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let json = config_json(config, &adapted_module_names(lm), base);
+    let json = config_json(config, &saved_targets(lm), base);
     crate::fsutil::write_atomic(
         &dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )
+}
+
+/// adapter_config.json's `target_modules` for the adapters of `lm`: their short names, as PEFT
+/// matches them anywhere in the model; for the language model of a multimodal checkpoint a
+/// pattern on its layers in both spellings (`(?:model\.language_model|language_model\.model)\.
+/// layers\.\d+\.(?:self_attn\.q_proj|...)`), so that PEFT leaves the vision tower's `q_proj`s alone.
+fn saved_targets(lm: &CausalLm) -> TargetModules {
+    let text = lm.config.text_model;
+    if !text.is_nested() {
+        return TargetModules::Names(adapted_module_names(lm));
+    }
+    let roles: BTreeSet<&str> = lm
+        .layers
+        .iter()
+        .flat_map(|l| l.projections())
+        .filter(|(_, l)| l.lora.is_some())
+        .map(|(role, _)| role.path())
+        .collect();
+    let alternatives = |names: Vec<String>| {
+        names
+            .iter()
+            .map(|n| regex::escape(n))
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    TargetModules::Pattern(format!(
+        r"(?:{})\.\d+\.(?:{})",
+        alternatives(text.spellings(&format!("{}.layers", text.decoder))),
+        alternatives(roles.into_iter().map(str::to_string).collect())
+    ))
 }
 
 /// The short module names that carry adapters (`q_proj`, ...), sorted.
@@ -263,8 +294,19 @@ impl LoadedAdapter {
         let weights = weights.display();
         let mut attached = 0;
         let master = super::kernels::accumulation_dtype(lm.dtype());
+        let text = lm.config.text_model;
         for (i, (name, linear)) in lm.linears_mut().into_iter().enumerate() {
-            let (ka, kb) = (peft_key(&name, "lora_A"), peft_key(&name, "lora_B"));
+            // The module's keys in the first of its spellings the adapter uses.
+            let keys = text
+                .spellings(&name)
+                .into_iter()
+                .map(|n| (peft_key(&n, "lora_A"), peft_key(&n, "lora_B")))
+                .collect::<Vec<_>>();
+            let (ka, kb) = keys
+                .iter()
+                .find(|(ka, kb)| tensors.contains_key(ka) || tensors.contains_key(kb))
+                .unwrap_or(&keys[0])
+                .clone();
             match (tensors.remove(&ka), tensors.remove(&kb)) {
                 (Some(a), Some(b)) => {
                     if let ([rank_a, _], [_, rank_b]) = (a.dims(), b.dims()) {
@@ -292,7 +334,12 @@ impl LoadedAdapter {
                 _ => bail!("{weights} has only one of {ka} and {kb}"),
             }
         }
+        skip_inert(&mut tensors, text, &weights.to_string())?;
         if let Some(extra) = tensors.keys().next() {
+            let module = extra.trim_start_matches("base_model.model.");
+            if text.is_nested() && text.module_name(module).is_none() {
+                bail!("{weights}: adapter tensor `{extra}` adapts a module outside the language model (the vision tower or projector), with a non-zero lora_B: Feinschliff loads and fine-tunes only the language model of a multimodal checkpoint, so it cannot apply this adapter");
+            }
             bail!("{weights}: adapter tensor `{extra}` matches no layer of the base model: the adapter was made for another base model (or targets unsupported modules)");
         }
         if attached == 0 {
@@ -300,6 +347,46 @@ impl LoadedAdapter {
         }
         Ok(config)
     }
+}
+
+/// Removes the LoRA pairs left in `tensors` that lie outside the text model of a multimodal
+/// checkpoint and whose lora_B is zero: they change nothing. PEFT attaches such pairs to the
+/// vision tower when `target_modules` names `q_proj` or `all-linear`, and text-only training
+/// leaves their B at its initial zero. `weights` names the adapter file in the warning.
+fn skip_inert(tensors: &mut HashMap<String, Tensor>, text: TextModel, weights: &str) -> Result<()> {
+    let mut inert = Vec::new();
+    for (key, b) in tensors.iter() {
+        let Some(module) = key.strip_suffix(".lora_B.weight") else {
+            continue;
+        };
+        let outside = text.is_nested()
+            && text
+                .module_name(module.trim_start_matches("base_model.model."))
+                .is_none();
+        if outside
+            && b.to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                == 0.0
+        {
+            inert.push(module.to_string());
+        }
+    }
+    if inert.is_empty() {
+        return Ok(());
+    }
+    inert.sort();
+    for module in &inert {
+        tensors.remove(&format!("{module}.lora_A.weight"));
+        tensors.remove(&format!("{module}.lora_B.weight"));
+    }
+    tracing::warn!(
+        "{weights}: skipped {} LoRA pairs on modules the model does not load (e.g. `{}`): their lora_B is zero, so they change nothing",
+        inert.len(),
+        inert[0].trim_start_matches("base_model.model.")
+    );
+    Ok(())
 }
 
 /// Attaches freshly initialised adapters to the layers of `lm` that `config` targets.

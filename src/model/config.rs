@@ -5,6 +5,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::text_model::TextModel;
+
 /// How rotary position frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -107,6 +109,9 @@ pub struct ModelConfig {
     pub local_rope_theta: Option<f64>,
     /// The dtype the weights are stored in (`float32`, `bfloat16`, `float16`), if config.json says.
     pub torch_dtype: Option<String>,
+    /// Where the decoder sits among the checkpoint's modules: alone, or as the language model of a
+    /// multimodal checkpoint.
+    pub text_model: TextModel,
 }
 
 impl ModelConfig {
@@ -296,6 +301,7 @@ pub fn parse_common(raw: &Value, model_type: &str) -> Result<ModelConfig> {
         scale_embeddings: false,
         local_rope_theta: None,
         torch_dtype: f.torch_dtype.or(f.dtype),
+        text_model: TextModel::CAUSAL_LM,
     })
 }
 

@@ -386,17 +386,29 @@ impl CausalLm {
         device: &Device,
         quantize: Option<Quantization>,
     ) -> Result<Self> {
-        let _loading = weights.show_loading();
         let c = &config;
-        let embed_tokens =
-            weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let text = c.text_model;
+        // A tensor of the text model, under the first of its spellings the checkpoint holds.
+        let stored = |name: &str| {
+            let spellings = text.spellings(name);
+            spellings
+                .iter()
+                .find(|n| weights.contains(n))
+                .unwrap_or(&spellings[0])
+                .clone()
+        };
+        let _loading = weights.show_loading(|name| text.module_name(name).is_some());
+        let embed_tokens = weights.get(
+            &stored(&format!("{}.embed_tokens.weight", text.decoder)),
+            &[c.vocab_size, c.hidden_size],
+        )?;
         let activations = match embed_tokens.dtype() {
             DType::BF16 | DType::F16 if device.is_cpu() => DType::F32,
             dtype => dtype,
         };
         let hid = c.hidden_size;
         let linear = |name: &str, p: &Projection| -> Result<Linear> {
-            let (name_w, shape) = (format!("{name}.weight"), [p.out, p.inp]);
+            let (name_w, shape) = (stored(&format!("{name}.weight")), [p.out, p.inp]);
             let w = match quantize {
                 Some(format) => weights.projection(&name_w, &shape, format)?,
                 None => FrozenWeight::new(weights.get(&name_w, &shape)?).into(),
@@ -404,7 +416,7 @@ impl CausalLm {
             let b = if p.bias {
                 Some(
                     weights
-                        .get(&format!("{name}.bias"), &[p.out])?
+                        .get(&stored(&format!("{name}.bias")), &[p.out])?
                         .to_dtype(activations)?,
                 )
             } else {
@@ -413,7 +425,7 @@ impl CausalLm {
             Ok(Linear::new(w, b))
         };
         let norm_of = |name: &str, width: usize| -> Result<RmsNorm> {
-            let mut weight = weights.get(&format!("{name}.weight"), &[width])?;
+            let mut weight = weights.get(&stored(&format!("{name}.weight")), &[width])?;
             if c.norm_gain_offset {
                 // (1 + w) in f32 (f64 for an f64 model), as transformers' Gemma computes it.
                 let acc = accumulation_dtype(weight.dtype());
@@ -428,7 +440,7 @@ impl CausalLm {
         let norms = layout::norms(c);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let p = text.layer(i);
             let mut linears = HashMap::new();
             for proj in &projections {
                 let name = format!("{p}.{}", proj.role.path());
@@ -501,7 +513,7 @@ impl CausalLm {
         let head = FrozenWeight::new(if c.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            weights.get("lm_head.weight", &[c.vocab_size, hid])?
+            weights.get(&stored("lm_head.weight"), &[c.vocab_size, hid])?
         });
         Ok(Self {
             rope: Rope::new(c),
@@ -512,7 +524,7 @@ impl CausalLm {
                     ..c.clone()
                 })
             }),
-            norm: norm_of("model.norm", hid)?,
+            norm: norm_of(&format!("{}.norm", text.decoder), hid)?,
             embed_tokens,
             layers,
             head,
@@ -703,14 +715,16 @@ impl CausalLm {
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
-    /// Every linear layer with its full module name (`model.layers.0.self_attn.q_proj`).
+    /// Every linear layer with its full module name as transformers and PEFT name it
+    /// (`model.layers.0.self_attn.q_proj`; `model.language_model.layers.0...` in a multimodal model).
     pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let text = self.config.text_model;
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             out.extend(
                 l.projections()
                     .into_iter()
-                    .map(|(role, lin)| (format!("model.layers.{i}.{}", role.path()), lin)),
+                    .map(|(role, lin)| (format!("{}.{}", text.layer(i), role.path()), lin)),
             );
         }
         out
@@ -718,12 +732,13 @@ impl CausalLm {
 
     /// Every linear layer with its full module name, mutable (to attach or replace adapters).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let text = self.config.text_model;
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             out.extend(
                 l.projections_mut()
                     .into_iter()
-                    .map(|(role, lin)| (format!("model.layers.{i}.{}", role.path()), lin)),
+                    .map(|(role, lin)| (format!("{}.{}", text.layer(i), role.path()), lin)),
             );
         }
         out

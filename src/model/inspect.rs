@@ -2,7 +2,7 @@
 //! optionally the f32 logits of a text for comparison with other tools.
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -73,6 +73,27 @@ pub fn summary(model: &Model) -> Result<String> {
         }
     }
     writeln!(s, "parameters   {}", super::layout::parameter_count(c))?;
+    if c.text_model.is_nested() {
+        // The rest of a multimodal checkpoint: counted from the file headers, never read.
+        let weights = weights::Weights::open(&model.dir, DType::F32, &Device::Cpu)?;
+        let others: Vec<String> = weights
+            .names()
+            .into_iter()
+            .filter(|n| c.text_model.module_name(n).is_none())
+            .collect();
+        let parameters: usize = others
+            .iter()
+            .filter_map(|n| weights.shape_of(n))
+            .map(|shape| shape.iter().product::<usize>())
+            .sum();
+        writeln!(
+            s,
+            "multimodal   {}: the above is its language model ({}); the vision tower and projector ({} tensors, {parameters} parameters) stay on disk",
+            super::families::by_model_type(&c.model_type)?.architecture(),
+            c.text_model.decoder,
+            others.len()
+        )?;
+    }
     writeln!(s, "dtype        {} (stored)", model.storage)?;
     writeln!(
         s,

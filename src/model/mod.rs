@@ -17,6 +17,7 @@ pub mod lora;
 pub mod new;
 pub mod parts;
 pub mod rope;
+pub mod text_model;
 pub mod tokenizer;
 pub mod weights;
 

@@ -123,7 +123,12 @@ pub fn config_json(arch: &str, shape: &Shape, tie: bool) -> Result<Value> {
         "pad_token_id": 0,
         "torch_dtype": "float32",
     });
-    let extra = family.new_config_fields(shape.layers);
+    let Some(extra) = family.new_config_fields(shape.layers) else {
+        bail!(
+            "`model new` cannot write `{arch}` checkpoints (it writes no vision tower); it writes: {}",
+            families::writable().join(", ")
+        );
+    };
     if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
         c.extend(extra.clone());
     }

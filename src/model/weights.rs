@@ -108,8 +108,9 @@ impl Weights {
         }
     }
 
-    /// Counts the tensors read (a bar on a terminal, log lines otherwise) until the guard drops.
-    pub fn show_loading(&self) -> Loading<'_> {
+    /// Counts the tensors read (a bar on a terminal, log lines otherwise) until the guard drops,
+    /// out of those whose name `loaded` accepts.
+    pub fn show_loading(&self, loaded: impl Fn(&str) -> bool) -> Loading<'_> {
         let what = match self.files.as_slice() {
             [file] => format!("loading {}", file.display()),
             files => format!(
@@ -118,7 +119,7 @@ impl Weights {
                 files[0].parent().unwrap_or(Path::new(".")).display()
             ),
         };
-        let total = self.names().len() as u64;
+        let total = self.names().iter().filter(|n| loaded(n)).count() as u64;
         *self.loading.write().unwrap_or_else(PoisonError::into_inner) =
             Some(Progress::new(what, total, Unit::Items("tensors")));
         Loading { weights: self }

@@ -177,7 +177,7 @@ fn adapter_for_another_base_is_refused() {
         hub_id: None,
         revision: None,
     };
-    let cfg = adapter::config_json(&config, &["q_proj".into()], &base);
+    let cfg = adapter::config_json(&config, &config.target_modules, &base);
     std::fs::write(other.path().join("adapter_config.json"), cfg.to_string()).unwrap();
     let err = model.load_adapter(other.path()).unwrap_err().to_string();
     assert!(err.contains("another base model"), "{err}");

@@ -112,7 +112,7 @@ fn unknown_model_type_is_a_clear_error() {
     assert!(
         err.contains("config.json")
             && err.contains("gpt2")
-            && err.contains("gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"),
+            && err.contains("gemma2, gemma3, gemma3_text, llama, mistral, phi3, qwen2, qwen3"),
         "{err}"
     );
 }

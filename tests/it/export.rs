@@ -1,5 +1,6 @@
 //! Export: merged checkpoints equal base + adapter (PEFT's golden logits), sharding, dtypes, model
-//! cards, refused inputs; a recipe that trains, evaluates and writes its card.
+//! cards, a multimodal checkpoint's vision tower kept, refused inputs; a recipe that trains,
+//! evaluates and writes its card.
 
 use candle_core::{DType, Device, Tensor};
 use feinschliff::export::{self, MergeOptions};
@@ -230,6 +231,80 @@ fn merged_mistral_nemo_export_keeps_its_head_dim_and_equals_peft() {
         merged["model.layers.0.self_attn.q_proj.weight"].dims(),
         &[32, 40]
     );
+}
+
+/// Gemma 3 multimodal: the merged checkpoint keeps config.json multimodal and every tensor
+/// outside the language model byte for byte (the vision tower and projector, under the base's
+/// names), and its text logits are those transformers computed when it loaded the export of the
+/// same adapter as Gemma3ForConditionalGeneration (and PEFT's adapted logits).
+#[test]
+fn merged_gemma3_multimodal_export_keeps_the_vision_tower_and_reads_as_in_transformers() {
+    let case = fixture("gemma3_mm");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    merge(&options(&case.join("adapter"), &case, &out)).unwrap_or_else(|e| panic!("{e:#}"));
+    let read = |path: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let (config, base_config) = (
+        read(&out.join("config.json")),
+        read(&case.join("config.json")),
+    );
+    for key in [
+        "architectures",
+        "model_type",
+        "text_config",
+        "vision_config",
+    ] {
+        assert_eq!(config[key], base_config[key], "{key}");
+    }
+    let (merged_bytes, base_bytes) = (
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(case.join("model.safetensors")).unwrap(),
+    );
+    let merged = safetensors::SafeTensors::deserialize(&merged_bytes).unwrap();
+    let base = safetensors::SafeTensors::deserialize(&base_bytes).unwrap();
+    let mut names = merged.names();
+    names.sort();
+    let mut base_names = base.names();
+    base_names.sort();
+    assert_eq!(names, base_names);
+    let others: Vec<&&str> = names
+        .iter()
+        .filter(|n| !n.starts_with("language_model."))
+        .collect();
+    assert!(others.iter().any(|n| n.starts_with("vision_tower.")));
+    assert!(others
+        .iter()
+        .any(|n| n.starts_with("multi_modal_projector.")));
+    for name in others {
+        let (m, b) = (merged.tensor(name).unwrap(), base.tensor(name).unwrap());
+        assert_eq!(
+            (m.dtype(), m.shape(), m.data()),
+            (b.dtype(), b.shape(), b.data()),
+            "{name}"
+        );
+    }
+    let q = "language_model.model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(
+        merged.tensor(q).unwrap().data(),
+        base.tensor(q).unwrap().data()
+    );
+    let transformers = candle_core::safetensors::load(
+        case.join("transformers_reads_merged.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let golden =
+        candle_core::safetensors::load(case.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let ours = logits_of(&out, &transformers["input_ids"]);
+    let diff = max_abs_diff(&ours, &transformers["logits"]);
+    assert!(
+        diff <= 1e-4,
+        "merged gemma3_mm vs transformers reading it: {diff}"
+    );
+    let diff = max_abs_diff(&ours, &golden["adapted_logits"]);
+    assert!(diff <= 1e-4, "merged gemma3_mm vs PEFT: {diff}");
 }
 
 #[test]

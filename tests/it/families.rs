@@ -1,6 +1,7 @@
 //! `model new --arch` for the families beyond Llama: checkpoints at the tiny and smol sizes that
 //! load, hold exactly the tensors the family's layout names, and run; and each such family through
-//! the command line: train, inspect, eval and export --merge.
+//! the command line: train, inspect, eval and export --merge (Gemma 3 multimodal too, from its
+//! transformers-made fixture, which `model new` does not write).
 
 use candle_core::{DType, Device, Tensor};
 use feinschliff::model::new::{create, Size};
@@ -137,7 +138,8 @@ fn model_new_mistral_and_nemo_shape_at_tiny_and_smol_size() {
     assert!(!dir.path().join("odd").exists());
 }
 
-fn feinschliff(args: &[&str], dir: &std::path::Path) {
+/// Runs the binary in `dir`, which must succeed; returns what it printed on stdout.
+fn feinschliff(args: &[&str], dir: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_feinschliff"))
         .args(args)
         .current_dir(dir)
@@ -149,6 +151,7 @@ fn feinschliff(args: &[&str], dir: &std::path::Path) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Phi-3, Gemma 2, Gemma 3 and a Mistral-Nemo-shaped Mistral (`--head-dim`) through the binary:
@@ -262,4 +265,94 @@ max_gen_toks = 4
         feinschliff(&merge, d);
         feinschliff(&["model", "inspect", "merged"], d);
     }
+}
+
+/// Gemma 3 multimodal through the binary, from the `gemma3_mm` fixture with the word-level
+/// tokenizer of tests/fixtures/training/model: `model inspect` says what it is, `train` adapts the
+/// language model (all-linear: its 14 projections, none of the vision tower), `export --merge`
+/// writes a model that inspects alike. `model new` refuses the family.
+#[test]
+fn gemma3_multimodal_trains_inspects_and_exports_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base");
+    std::fs::create_dir(&base).unwrap();
+    let repo = super::common::repo().join("tests/fixtures");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(repo.join("parity/gemma3_mm").join(f), base.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(repo.join("training/model").join(f), base.join(f)).unwrap();
+    }
+    let inspect = feinschliff(&["model", "inspect", "base"], d);
+    assert!(
+        inspect.contains("family       gemma3\n")
+            && inspect.contains("multimodal   Gemma3ForConditionalGeneration")
+            && inspect.contains("(34 tensors, 6032 parameters) stay on disk"),
+        "{inspect}"
+    );
+    let rows: String = (0..8)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"text": format!("das ist ein Satz {i}")})
+            )
+        })
+        .collect();
+    std::fs::write(d.join("train.jsonl"), rows).unwrap();
+    let recipe = r#"
+[model]
+base = "base"
+
+[lora]
+r = 4
+alpha = 8
+target_modules = "all-linear"
+
+[data]
+format = "text"
+max_seq_len = 16
+validation_fraction = 0.0
+
+[[data.train]]
+path = "train.jsonl"
+
+[train]
+batch_size = 4
+max_steps = 2
+device = "cpu"
+
+[output]
+dir = "adapter"
+"#;
+    std::fs::write(d.join("recipe.toml"), recipe).unwrap();
+    feinschliff(&["train", "recipe.toml"], d);
+    let adapted = feinschliff(&["model", "inspect", "base", "--adapter", "adapter"], d);
+    assert!(
+        adapted.contains(
+            "on down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj; 4864 trainable parameters"
+        ),
+        "{adapted}"
+    );
+    let merge = [
+        "export",
+        "--merge",
+        "--adapter",
+        "adapter",
+        "--base",
+        "base",
+        "--out",
+        "merged",
+        "--device",
+        "cpu",
+    ];
+    feinschliff(&merge, d);
+    let merged = feinschliff(&["model", "inspect", "merged"], d);
+    assert!(merged.contains("stay on disk"), "{merged}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_feinschliff"))
+        .args(["model", "new", "--arch", "gemma3", "--out", "new"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }

@@ -15,6 +15,7 @@ mod export;
 mod families;
 mod faults;
 mod fuzz;
+mod gemma3_multimodal;
 mod gguf;
 #[cfg(feature = "cuda")]
 mod gpu;

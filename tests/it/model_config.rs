@@ -212,3 +212,92 @@ fn gemma3_rope_layouts_and_defaults() {
         .collect();
     assert_eq!(global, [5, 11]);
 }
+
+/// Gemma 3 multimodal: config.json as google/gemma-3-4b-it ships it, whose `text_config` names
+/// only what differs from Gemma3TextConfig; the defaults fill the rest, the dtype comes from the
+/// top level, and the logits are never capped (Gemma3ForConditionalGeneration ignores
+/// `final_logit_softcapping`). A `text_config` that is no object, or a bidirectional one, is refused.
+#[test]
+fn gemma3_multimodal_config_reads_text_config_with_defaults() {
+    let gemma_3_4b_it = json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "boi_token_index": 255_999,
+        "eoi_token_index": 256_000,
+        "eos_token_id": [1, 106],
+        "image_token_index": 262_144,
+        "initializer_range": 0.02,
+        "mm_tokens_per_image": 256,
+        "model_type": "gemma3",
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+            "final_logit_softcapping": 30.0
+        },
+        "torch_dtype": "bfloat16",
+        "vision_config": {
+            "hidden_size": 1152,
+            "image_size": 896,
+            "intermediate_size": 4304,
+            "model_type": "siglip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": 27,
+            "patch_size": 14,
+            "vision_use_head": false
+        }
+    });
+    let c = ModelConfig::from_json(&gemma_3_4b_it).unwrap();
+    assert_eq!(c.model_type, "gemma3");
+    assert!(c.text_model.is_nested());
+    assert_eq!(c.text_model.decoder, "model.language_model");
+    assert_eq!(
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers
+        ),
+        (262_208, 2560, 10240, 34)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (8, 4, 256)
+    );
+    assert_eq!(c.max_position_embeddings, 131_072);
+    assert_eq!(c.attention_scale, 1.0 / 16.0);
+    assert_eq!(c.sliding_window, Some(1024));
+    assert_eq!(c.rope_theta, 1_000_000.0);
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+    assert_eq!(c.local_rope_theta, Some(10_000.0));
+    assert!(c.tie_word_embeddings && c.qk_norm && c.sandwich_norms && c.norm_gain_offset);
+    assert_eq!(c.final_logit_softcapping, None);
+    assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+    let sliding = c.sliding_layers.clone().unwrap();
+    let global: Vec<usize> = (0..34).filter(|&i| !sliding[i]).collect();
+    assert_eq!(global, [5, 11, 17, 23, 29]);
+    // Its text model as Gemma3ForCausalLM would read it: the same decoder, but alone and capped.
+    let mut text = gemma_3_4b_it["text_config"].clone();
+    text["torch_dtype"] = json!("bfloat16");
+    let alone = ModelConfig::from_json(&text).unwrap();
+    assert_eq!(alone.final_logit_softcapping, Some(30.0));
+    assert!(!alone.text_model.is_nested());
+    let err = error("gemma3_mm", |c| c["text_config"] = json!([1, 2]));
+    assert!(err.contains("`text_config`"), "{err}");
+    let err = error("gemma3_mm", |c| {
+        c["text_config"]["use_bidirectional_attention"] = json!(true)
+    });
+    assert!(
+        err.contains("`text_config`") && err.contains("`use_bidirectional_attention`"),
+        "{err}"
+    );
+    let err = error("gemma3_mm", |c| {
+        c["text_config"]["hidden_size"] = json!("32")
+    });
+    assert!(
+        err.contains("`text_config`") && err.contains("`hidden_size`"),
+        "{err}"
+    );
+}

@@ -12,16 +12,16 @@ use super::common::{max_abs_diff, repo};
 
 const TOLERANCE: f64 = 1e-4;
 
-fn case_dir(case: &str) -> PathBuf {
+pub(super) fn case_dir(case: &str) -> PathBuf {
     repo().join("tests/fixtures/parity").join(case)
 }
 
-fn golden(case: &str) -> HashMap<String, Tensor> {
+pub(super) fn golden(case: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(case_dir(case).join("golden.safetensors"), &Device::Cpu).unwrap()
 }
 
 /// The case's checkpoint, read with its config.json (transformers 4.57 layout).
-fn load_lm(case: &str) -> CausalLm {
+pub(super) fn load_lm(case: &str) -> CausalLm {
     load_lm_with(case, &case_dir(case).join("config.json"))
 }
 
@@ -33,7 +33,7 @@ fn load_lm_with(case: &str, config_path: &Path) -> CausalLm {
     CausalLm::load(config, &weights, &Device::Cpu).unwrap()
 }
 
-fn logits(lm: &CausalLm, ids: &Tensor) -> Tensor {
+pub(super) fn logits(lm: &CausalLm, ids: &Tensor) -> Tensor {
     let ids = ids.to_dtype(DType::U32).unwrap();
     let (b, t) = ids.dims2().unwrap();
     lm.forward(&ids, &TokenLayout::causal(b, t), None).unwrap()
@@ -107,6 +107,8 @@ fn transformers5_config_layouts_match_transformers() {
         "gemma2_bf16",
         "gemma3",
         "gemma3_bf16",
+        "gemma3_mm",
+        "gemma3_mm_bf16",
     ];
     for case in cases {
         let v5 = repo()
@@ -288,4 +290,30 @@ fn peft_adapter_on_all_gemma3_projections_matches_peft() {
 #[test]
 fn peft_reads_a_feinschliff_gemma3_adapter_to_the_same_logits() {
     check_peft_reads_ours("gemma3");
+}
+
+/// Gemma 3 multimodal (Gemma3ForConditionalGeneration): its language model, read from the
+/// `language_model.model.*` tensors with `text_config`, gives transformers' text logits.
+#[test]
+fn gemma3_multimodal_language_model_matches_transformers() {
+    check_base("gemma3_mm");
+}
+
+#[test]
+fn gemma3_multimodal_stored_in_bf16_matches_transformers() {
+    check_base("gemma3_mm_bf16");
+}
+
+/// PEFT's adapter on the language model's 7 projections (`target_modules` a pattern that leaves
+/// the vision tower alone).
+#[test]
+fn peft_adapter_on_the_gemma3_multimodal_language_model_matches_peft() {
+    check_adapted("gemma3_mm");
+}
+
+/// PEFT loads Feinschliff's adapter into Gemma3ForConditionalGeneration (every tensor, nothing on
+/// the vision tower) to the same text logits.
+#[test]
+fn peft_reads_a_feinschliff_gemma3_multimodal_adapter_to_the_same_logits() {
+    check_peft_reads_ours("gemma3_mm");
 }

@@ -14,8 +14,9 @@ pub trait Family: Sync {
     /// Parses config.json into the shared config, setting this family's flags.
     fn parse(&self, raw: &Value) -> Result<ModelConfig>;
     /// The fields `model new` writes into config.json beyond the shared shape (they replace
-    /// shared ones of the same name), for a model of `layers` layers.
-    fn new_config_fields(&self, layers: usize) -> Value;
+    /// shared ones of the same name), for a model of `layers` layers; None for a family whose
+    /// checkpoints `model new` cannot write.
+    fn new_config_fields(&self, layers: usize) -> Option<Value>;
     /// Whether the family's released models tie the LM head to the embeddings at every size.
     fn ties_embeddings(&self) -> bool {
         false

@@ -17,6 +17,26 @@ pub(super) struct Defaults {
     pub final_logit_softcapping: Option<f64>,
     /// Every `sliding_window_pattern`-th layer attends fully; the others slide.
     pub sliding_window_pattern: usize,
+    /// The shape fields (`vocab_size`, `hidden_size`, ...) and their defaults: the size the config
+    /// class describes when config.json leaves them out, as Gemma 3's multimodal configs do.
+    pub shape: &'static [(&'static str, usize)],
+}
+
+/// The shape fields of a Gemma config class with their defaults; Gemma 2's and Gemma 3's differ
+/// in vocabulary and context only.
+pub(super) const fn shape(
+    vocab_size: usize,
+    max_position_embeddings: usize,
+) -> [(&'static str, usize); 7] {
+    [
+        ("vocab_size", vocab_size),
+        ("hidden_size", 2304),
+        ("intermediate_size", 9216),
+        ("num_hidden_layers", 26),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 4),
+        ("max_position_embeddings", max_position_embeddings),
+    ]
 }
 
 /// The Gemma fields of config.json.
@@ -77,6 +97,9 @@ fn with_defaults(raw: &Value, d: &Defaults) -> Value {
         fill("attn_logit_softcapping", json!(d.attn_logit_softcapping));
         fill("final_logit_softcapping", json!(d.final_logit_softcapping));
         fill("tie_word_embeddings", json!(true));
+        for (key, value) in d.shape {
+            fill(key, json!(value));
+        }
         if !rope_given {
             fill("rope_theta", json!(d.rope_theta));
         }

@@ -9,6 +9,9 @@ use super::family::Family;
 use super::gemma::{self, Defaults};
 use crate::model::config::ModelConfig;
 
+/// Gemma2Config's shape: Gemma 2 2B.
+const SHAPE: [(&str, usize); 7] = gemma::shape(256_000, 8192);
+
 pub struct Gemma2;
 
 impl Family for Gemma2 {
@@ -24,11 +27,12 @@ impl Family for Gemma2 {
             attn_logit_softcapping: Some(50.0),
             final_logit_softcapping: Some(30.0),
             sliding_window_pattern: 2,
+            shape: &SHAPE,
         };
         gemma::parse(raw, self.model_type(), &defaults)
     }
-    fn new_config_fields(&self, _layers: usize) -> Value {
-        json!({
+    fn new_config_fields(&self, _layers: usize) -> Option<Value> {
+        Some(json!({
             "hidden_act": "gelu_pytorch_tanh",
             "hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": 64,
@@ -37,7 +41,7 @@ impl Family for Gemma2 {
             "sliding_window": 4096,
             "attention_bias": false,
             "cache_implementation": "hybrid",
-        })
+        }))
     }
     fn ties_embeddings(&self) -> bool {
         true

@@ -2,7 +2,8 @@
 //! [`super::gemma`]) with q_norm/k_norm ((1 + w) RMSNorm per head before RoPE), no soft caps
 //! unless config.json sets them, five sliding-window layers to one global layer, and RoPE base
 //! `rope_local_base_freq` (unscaled) on the sliding layers, `rope_theta` with `rope_scaling` on the
-//! global ones.
+//! global ones. It is also the language model of the multimodal checkpoints (see
+//! [`super::gemma3_multimodal`]).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -31,6 +32,10 @@ struct LocalRope {
     rope_type: Option<String>,
     rope_theta: Option<f64>,
 }
+
+/// Gemma3TextConfig's shape (which multimodal configs rely on: their `text_config` names only
+/// what differs).
+const SHAPE: [(&str, usize); 7] = gemma::shape(262_208, 131_072);
 
 pub struct Gemma3;
 
@@ -68,14 +73,15 @@ impl Family for Gemma3 {
             attn_logit_softcapping: None,
             final_logit_softcapping: None,
             sliding_window_pattern: 6,
+            shape: &SHAPE,
         };
         let mut c = gemma::parse(&raw, self.model_type(), &defaults)?;
         c.qk_norm = true;
         c.local_rope_theta = Some(local_theta);
         Ok(c)
     }
-    fn new_config_fields(&self, _layers: usize) -> Value {
-        json!({
+    fn new_config_fields(&self, _layers: usize) -> Option<Value> {
+        Some(json!({
             "hidden_act": "gelu_pytorch_tanh",
             "hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": 64,
@@ -88,7 +94,7 @@ impl Family for Gemma3 {
             "rope_scaling": null,
             "attention_bias": false,
             "cache_implementation": "hybrid",
-        })
+        }))
     }
     fn ties_embeddings(&self) -> bool {
         true

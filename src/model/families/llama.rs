@@ -31,7 +31,9 @@ impl Family for Llama {
         c.mlp_bias = f.mlp_bias.unwrap_or(false);
         Ok(c)
     }
-    fn new_config_fields(&self, _layers: usize) -> Value {
-        json!({"attention_bias": false, "mlp_bias": false, "rope_scaling": null, "pretraining_tp": 1})
+    fn new_config_fields(&self, _layers: usize) -> Option<Value> {
+        Some(
+            json!({"attention_bias": false, "mlp_bias": false, "rope_scaling": null, "pretraining_tp": 1}),
+        )
     }
 }

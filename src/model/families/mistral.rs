@@ -27,7 +27,7 @@ impl Family for Mistral {
         c.sliding_window = typed::<Fields>(raw)?.sliding_window;
         Ok(c)
     }
-    fn new_config_fields(&self, _layers: usize) -> Value {
-        json!({"sliding_window": null})
+    fn new_config_fields(&self, _layers: usize) -> Option<Value> {
+        Some(json!({"sliding_window": null}))
     }
 }

@@ -5,6 +5,7 @@ mod family;
 mod gemma;
 mod gemma2;
 mod gemma3;
+mod gemma3_multimodal;
 mod llama;
 mod mistral;
 mod phi3;
@@ -21,6 +22,7 @@ pub use family::Family;
 
 const FAMILIES: &[&dyn Family] = &[
     &gemma2::Gemma2,
+    &gemma3_multimodal::Gemma3Multimodal,
     &gemma3::Gemma3,
     &llama::Llama,
     &mistral::Mistral,
@@ -67,4 +69,13 @@ pub fn by_model_type(model_type: &str) -> Result<&'static dyn Family> {
 /// The `model_type`s Feinschliff can load.
 pub fn supported() -> Vec<&'static str> {
     FAMILIES.iter().map(|f| f.model_type()).collect()
+}
+
+/// The `model_type`s `model new` (and `bench`) can write a complete checkpoint of.
+pub fn writable() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .filter(|f| f.new_config_fields(1).is_some())
+        .map(|f| f.model_type())
+        .collect()
 }

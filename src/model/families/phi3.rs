@@ -47,14 +47,14 @@ impl Family for Phi3 {
         c.sliding_window = f.sliding_window;
         Ok(c)
     }
-    fn new_config_fields(&self, _layers: usize) -> Value {
-        json!({
+    fn new_config_fields(&self, _layers: usize) -> Option<Value> {
+        Some(json!({
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
             "partial_rotary_factor": 0.75,
             "original_max_position_embeddings": 2048,
             "rope_scaling": null,
             "sliding_window": null,
-        })
+        }))
     }
 }

@@ -32,8 +32,10 @@ impl Family for Qwen2 {
         (c.sliding_window, c.sliding_layers) = sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
     }
-    fn new_config_fields(&self, layers: usize) -> Value {
-        json!({"rope_theta": 1_000_000.0, "use_sliding_window": false, "sliding_window": 4096, "max_window_layers": layers})
+    fn new_config_fields(&self, layers: usize) -> Option<Value> {
+        Some(
+            json!({"rope_theta": 1_000_000.0, "use_sliding_window": false, "sliding_window": 4096, "max_window_layers": layers}),
+        )
     }
     fn ties_embeddings(&self) -> bool {
         true

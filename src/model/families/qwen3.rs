@@ -32,8 +32,10 @@ impl Family for Qwen3 {
             super::qwen2::sliding_window(raw, c.num_hidden_layers)?;
         Ok(c)
     }
-    fn new_config_fields(&self, layers: usize) -> Value {
-        json!({"rope_theta": 1_000_000.0, "attention_bias": false, "use_sliding_window": false, "sliding_window": null, "max_window_layers": layers})
+    fn new_config_fields(&self, layers: usize) -> Option<Value> {
+        Some(
+            json!({"rope_theta": 1_000_000.0, "attention_bias": false, "use_sliding_window": false, "sliding_window": null, "max_window_layers": layers}),
+        )
     }
     fn ties_embeddings(&self) -> bool {
         true
