@@ -60,6 +60,29 @@ fn model_new_phi3_at_tiny_and_smol_size() {
     }
 }
 
+/// Qwen3: RMSNorm per query and key head (their weights in the checkpoint), no attention biases,
+/// rope_theta 1e6, no window.
+#[test]
+fn model_new_qwen3_at_tiny_and_smol_size() {
+    for size in [Size::Tiny, Size::Smol] {
+        let model = new_model("qwen3", size, None);
+        let c = &model.lm.config;
+        assert!(c.qk_norm && !c.qkv_bias && !c.o_bias);
+        assert_eq!(c.head_dim, size.shape().hidden / size.shape().heads);
+        assert_eq!((c.rope_theta, c.sliding_window), (1_000_000.0, None));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qwen3");
+    create("qwen3", Size::Tiny, None, 1, &out, false).unwrap();
+    let stored =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let head_dim = Size::Tiny.shape().hidden / Size::Tiny.shape().heads;
+    for norm in ["q_norm", "k_norm"] {
+        let name = format!("model.layers.0.self_attn.{norm}.weight");
+        assert_eq!(stored[&name].dims(), &[head_dim], "{name}");
+    }
+}
+
 #[test]
 fn model_new_gemma2_at_tiny_and_smol_size() {
     for size in [Size::Tiny, Size::Smol] {
@@ -154,13 +177,15 @@ fn feinschliff(args: &[&str], dir: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Phi-3, Gemma 2, Gemma 3 and a Mistral-Nemo-shaped Mistral (`--head-dim`) through the binary:
+/// Qwen3, Phi-3, Gemma 2, Gemma 3 and a Mistral-Nemo-shaped Mistral (`--head-dim`) through the
+/// binary:
 /// `model new`, `train` (gradient checkpointing on, LoRA on every projection), `model inspect
 /// --adapter`, `eval` with the adapter (perplexity and generation), `export --merge`, and `model
 /// inspect` of the merged model.
 #[test]
 fn new_families_train_evaluate_and_export_from_the_command_line() {
-    let families: [&[&str]; 4] = [
+    let families: [&[&str]; 5] = [
+        &["qwen3"],
         &["phi3"],
         &["gemma2"],
         &["gemma3_text"],

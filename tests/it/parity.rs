@@ -193,6 +193,11 @@ fn peft_adapter_on_all_qwen3_projections_matches_peft() {
 }
 
 #[test]
+fn peft_reads_a_feinschliff_qwen3_adapter_to_the_same_logits() {
+    check_peft_reads_ours("qwen3");
+}
+
+#[test]
 fn peft_adapter_on_llama3_matches_peft() {
     check_adapted("llama3");
 }
