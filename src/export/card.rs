@@ -27,6 +27,9 @@ pub struct CardInput {
     pub evals: Vec<SuiteEval>,
     /// The training curves (loss.svg) are beside the adapter.
     pub loss_chart: bool,
+    /// The Hub's task of the model: `text-generation`, or `image-text-to-text` for a merged
+    /// multimodal checkpoint (its language model adapted, its vision tower as the base's).
+    pub pipeline_tag: &'static str,
 }
 
 /// One eval suite's results beside the adapter (`eval/<suite>/`).
@@ -97,6 +100,7 @@ impl CardInput {
             recipe,
             evals,
             loss_chart: adapter_dir.join(crate::train::plot::CHART_FILE).exists(),
+            pipeline_tag: "text-generation",
         })
     }
 
@@ -124,7 +128,7 @@ impl CardInput {
                 );
             }
         }
-        y.push_str("pipeline_tag: text-generation\n");
+        let _ = writeln!(y, "pipeline_tag: {}", self.pipeline_tag);
         if let Some(r) = &self.recipe {
             if !r.output.language.is_empty() {
                 let _ = writeln!(
@@ -309,10 +313,27 @@ impl CardInput {
     }
 }
 
+/// Whether the config.json at `path` (if any) is a multimodal model's: an architecture
+/// `...ForConditionalGeneration`, as Gemma 3 from 4B on.
+fn is_multimodal(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let config: Value = serde_json::from_str(&text).unwrap_or_default();
+    config["architectures"].as_array().is_some_and(|a| {
+        a.iter()
+            .filter_map(Value::as_str)
+            .any(|n| n.ends_with("ForConditionalGeneration"))
+    })
+}
+
 /// Writes README.md into `dir` for the adapter in `adapter_dir`, with the charts it shows (and
 /// their PNGs) copied beside it when `dir` is another folder.
 pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Result<()> {
-    let card = CardInput::gather(adapter_dir, base_model, kind)?;
+    let mut card = CardInput::gather(adapter_dir, base_model, kind)?;
+    if kind == Kind::Merged && is_multimodal(&dir.join("config.json")) {
+        card.pipeline_tag = "image-text-to-text";
+    }
     if dir != adapter_dir {
         let loss = card
             .loss_chart

@@ -225,6 +225,8 @@ fn merged_mistral_nemo_export_keeps_its_head_dim_and_equals_peft() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["head_dim"], 8);
     assert!(config["sliding_window"].is_null());
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("pipeline_tag: text-generation\n"), "{card}");
     let merged =
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(
@@ -243,6 +245,12 @@ fn merged_gemma3_multimodal_export_keeps_the_vision_tower_and_reads_as_in_transf
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
     merge(&options(&case.join("adapter"), &case, &out)).unwrap_or_else(|e| panic!("{e:#}"));
+    // The card tags it as the Hub tags Gemma 3 4B and up; a text model's card says text-generation.
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("pipeline_tag: image-text-to-text\n"),
+        "{card}"
+    );
     let read = |path: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     };
