@@ -452,3 +452,41 @@ fn merged_gguf_export_reads_back_within_the_round_trip_error_with_its_tokenizer(
         assert_eq!(got.chat_template, want.chat_template, "{case}");
     }
 }
+
+/// llama.cpp splits text before the merges as `tokenizer.ggml.pre` names it. A lone ByteLevel
+/// pre-tokenizer with its regex (GPT-2's split, as `model new` writes it) is "gpt-2": under
+/// `default`, llama.cpp split " 12,50" into " ", "1", "2", ... where tokenizer.json keeps " 12"
+/// (found with scripts/llama_cpp_gguf_check.py).
+#[test]
+fn gguf_of_a_gpt2_style_tokenizer_names_its_split_for_llama_cpp() {
+    let parts = Parts::open(super::common::tiny_llama_dir(), DType::F32, &Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = parts
+        .weights
+        .names()
+        .into_iter()
+        .map(|name| {
+            let shape = parts.weights.shape_of(&name).unwrap();
+            let t = parts.weights.get(&name, &shape).unwrap();
+            (name, t)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.gguf");
+    let tokenizer = parts.tokenizer.as_ref().unwrap();
+    feinschliff::model::gguf::write(&file, "tiny", &parts.config, tokenizer, tensors, Quant::F16)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut reader = std::fs::File::open(&file).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
+    let pre = content.metadata["tokenizer.ggml.pre"].to_string().unwrap();
+    assert_eq!(pre, "gpt-2");
+    // Read back here, the file tokenizes as tokenizer.json does.
+    let back = Parts::open(&file, DType::F32, &Device::Cpu).unwrap();
+    let text = "Die Grundgebühr beträgt 12,50 € im Monat.";
+    assert_eq!(
+        back.tokenizer
+            .unwrap()
+            .encode_with_special_tokens(text)
+            .unwrap(),
+        tokenizer.encode_with_special_tokens(text).unwrap()
+    );
+}

@@ -283,8 +283,10 @@ fn tokenizer_metadata(t: &ModelTokenizer, vocab_size: usize) -> Result<Vec<(Stri
         ),
     ];
     if kind == "gpt2" {
-        let pre = pre_text_regex(pre).and_then(pre_name).unwrap_or("default");
-        m.push(("tokenizer.ggml.pre".into(), Gguf::String(pre.into())));
+        m.push((
+            "tokenizer.ggml.pre".into(),
+            Gguf::String(pre_type(pre).into()),
+        ));
     } else {
         // A merged token scores minus the rank of the merge that makes it; others 0.
         let mut score = vec![0f32; n];
@@ -339,6 +341,23 @@ fn is_byte_token(t: &str) -> bool {
 }
 
 /// The split regex of a `Sequence[Split, ByteLevel]` pre-tokenizer.
+/// llama.cpp's name (`tokenizer.ggml.pre`) for how a byte-level BPE tokenizer splits text before
+/// its merges: by a known Split regex (Llama 3, Qwen2, Tekken, ...), or by GPT-2's regex, which a
+/// lone ByteLevel pre-tokenizer with `use_regex` applies ("gpt-2"). Any other split has no name
+/// llama.cpp knows: "default" is written, and llama.cpp will split such text in its own way.
+fn pre_type(pre: &Value) -> &'static str {
+    if let Some(name) = pre_text_regex(pre).and_then(pre_name) {
+        return name;
+    }
+    if pre["type"] == "ByteLevel" && pre["use_regex"] != false {
+        return "gpt-2";
+    }
+    tracing::warn!(
+        "the tokenizer's pre-tokenizer has no llama.cpp name; the GGUF says `default`, and llama.cpp may split text into other tokens than tokenizer.json does"
+    );
+    "default"
+}
+
 fn pre_text_regex(pre: &Value) -> Option<&str> {
     pre["pretokenizers"]
         .as_array()?
