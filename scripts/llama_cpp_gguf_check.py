@@ -44,7 +44,7 @@ def main() -> int:
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)], dtype=np.float32)
         diff = float(np.abs(got - want).max())
-        atol = args.atol if args.atol is not None else (1e-2 if "f16" in path else 0.5)
+        atol = args.atol if args.atol is not None else (1e-2 if path.endswith("-f16.gguf") else 0.5)
         agree = int((got.argmax(-1) == want.argmax(-1)).sum())
         ok_ids = tokens == ids
         ok = ok_ids and diff <= atol
