@@ -109,10 +109,11 @@ fn bar(s: &mut String, y: f64, m: &Measured, scale: f64, colour: &str) {
         let fraction = if scale > 0.0 { v / scale } else { 0.0 };
         LABEL_WIDTH + BAR_AREA * fraction.clamp(0.0, 1.0)
     };
+    // A zero is a hairline: a rect of width 0 is not drawn at all (and resvg warns about it).
     let _ = writeln!(
         s,
         "<rect x=\"{LABEL_WIDTH}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{colour}\"/>",
-        x(m.value.abs()) - LABEL_WIDTH,
+        (x(m.value.abs()) - LABEL_WIDTH).max(0.5),
         BAR_HEIGHT - 2.0
     );
     let mid = y + (BAR_HEIGHT - 2.0) / 2.0;

@@ -46,7 +46,7 @@ fn value(v: f64, stderr: Option<f64>) -> String {
 pub fn render(dir: &Path, input: &ReportInput) -> Result<String> {
     let s = input.summary;
     let mut h = String::from(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Feinschliff run</title>\n<style>\nbody{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}\ntable{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}\npre{background:#f6f6f6;padding:1em;overflow-x:auto;white-space:pre-wrap}\n.pass{color:#17692c}.fail{color:#b00020;font-weight:bold}.up{color:#17692c}.down{color:#b00020}\n</style></head><body>\n",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Feinschliff run</title>\n<style>\nbody{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}\ntable{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}\npre{background:#f6f6f6;padding:1em;overflow-x:auto;white-space:pre-wrap}\n.pass{color:#17692c}.fail{color:#b00020;font-weight:bold}.up{color:#17692c}.down{color:#b00020}\n</style></head><body>\n",
     );
     let _ = writeln!(
         h,
