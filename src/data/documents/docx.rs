@@ -90,9 +90,7 @@ fn heading_styles(xml: &str) -> Result<HashSet<String>> {
     let mut current: Option<(String, Style)> = None;
     let mut reader = Reader::from_str(xml);
     loop {
-        let event = reader
-            .read_event()
-            .map_err(|e| anyhow!("XML error at byte {}: {e}", reader.error_position()))?;
+        let event = next_event(&mut reader)?;
         match event {
             Event::Start(e) | Event::Empty(e) => match e.local_name().as_ref() {
                 "style" => {
@@ -162,9 +160,7 @@ fn paragraphs(xml: &str, headings: &HashSet<String>) -> Result<Vec<Block>> {
     let mut skipped = 0usize;
     let mut reader = Reader::from_str(xml);
     loop {
-        let event = reader
-            .read_event()
-            .map_err(|e| anyhow!("XML error at byte {}: {e}", reader.error_position()))?;
+        let event = next_event(&mut reader)?;
         match event {
             Event::Start(_) if skipped > 0 => skipped += 1,
             Event::End(_) if skipped > 0 => skipped -= 1,
@@ -217,4 +213,11 @@ fn paragraphs(xml: &str, headings: &HashSet<String>) -> Result<Vec<Block>> {
         }
     }
     Ok(blocks)
+}
+
+/// The next event of `reader`; an error names the byte where the XML breaks.
+fn next_event<'a>(reader: &mut Reader<&'a [u8]>) -> Result<Event<'a>> {
+    reader
+        .read_event()
+        .map_err(|e| anyhow!("XML error at byte {}: {e}", reader.error_position()))
 }
