@@ -211,15 +211,26 @@ impl SendPtr {
 /// The left operand as bf16 rows [round_up(m, 32), kp], zero-padded.
 pub(crate) fn pack_rows<A: ToBf16>(a: &Strided<A>, kp: usize) -> Vec<u16> {
     let rows = round_up(a.rows, BLOCK);
-    let mut packed = vec![0u16; rows * kp];
-    packed
+    let mut packed = Vec::with_capacity(rows * kp);
+    packed.spare_capacity_mut()[..rows * kp]
         .par_chunks_mut(kp)
-        .take(a.rows)
         .enumerate()
         .for_each(|(r, row)| {
+            let (values, padding) = row.split_at_mut(if r < a.rows { a.cols } else { 0 });
             let start = a.offset + r * a.strides.0;
-            gather(&mut row[..a.cols], a.data, start, a.strides.1, A::bf16_bits);
+            if values.is_empty() {
+                // a padding row
+            } else if a.strides.1 == 1 {
+                A::row_bf16_bits(&a.data[start..start + a.cols], values);
+            } else {
+                gather(values, a.data, start, a.strides.1, |v| {
+                    MaybeUninit::new(v.bf16_bits())
+                });
+            }
+            padding.fill(MaybeUninit::new(0));
         });
+    // SAFETY: every row above wrote all of its kp elements (values and padding).
+    unsafe { packed.set_len(rows * kp) };
     packed
 }
 

@@ -1,18 +1,17 @@
 //! Element conversions and strided operands shared by the product kernels: f32 → bf16 rounding,
 //! gathering one row or column of a strided matrix, and the operand view the bf16 kernels read.
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
+
+use super::vector_math;
 
 /// f32 → bf16, rounding to nearest even (NaN stays NaN), as half's `from_f32` but branch-free
 /// enough to vectorise.
 #[inline]
 pub(crate) fn narrow_bf16(f: f32) -> bf16 {
-    let bits = f.to_bits();
-    if f.is_nan() {
-        return bf16::from_bits(((bits >> 16) | 0x40) as u16);
-    }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    bf16::from_bits((rounded >> 16) as u16)
+    bf16::from_bits(vector_math::bf16_bits(f))
 }
 
 /// Copies `src[start + i·stride]` for i < `dst.len()` into `dst`, converted by `convert`: one row
@@ -40,12 +39,19 @@ pub(crate) fn gather<S: Copy, D>(
 /// Elements the kernel reads: rounded (f32) or taken (bf16) as bf16 bits.
 pub trait ToBf16: Copy + Sync {
     fn bf16_bits(self) -> u16;
+
+    /// `src` as bf16 bits into `dst` (of the same length): a contiguous row of an operand.
+    fn row_bf16_bits(src: &[Self], dst: &mut [MaybeUninit<u16>]);
 }
 
 impl ToBf16 for f32 {
     #[inline]
     fn bf16_bits(self) -> u16 {
-        narrow_bf16(self).to_bits()
+        vector_math::bf16_bits(self)
+    }
+
+    fn row_bf16_bits(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+        vector_math::round_to_bf16(src, dst);
     }
 }
 
@@ -53,6 +59,12 @@ impl ToBf16 for bf16 {
     #[inline]
     fn bf16_bits(self) -> u16 {
         self.to_bits()
+    }
+
+    fn row_bf16_bits(src: &[bf16], dst: &mut [MaybeUninit<u16>]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(s.to_bits());
+        }
     }
 }
 

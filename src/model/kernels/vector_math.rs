@@ -1,9 +1,11 @@
-//! Vectorised row kernels for the softmaxes on the CPU (LM head, attention): the maximum of a row,
-//! exp(x − shift) in place with the sum, and scaling. The exponential is a polynomial (Cephes'
+//! Vectorised row kernels on the CPU: for the softmaxes (LM head, attention) the maximum of a row,
+//! exp(x − shift) in place with the sum, and scaling; SiLU·up and its gradients; f32 → bf16
+//! rounding of the bf16 kernels' operands. The exponential is a polynomial (Cephes'
 //! `expf`, within 2 ulp of the libm one), written as plain lane-wise arithmetic so the compiler
 //! vectorises it; each kernel is compiled for AVX-512 and for AVX2+FMA as well as for the
 //! baseline, and the best one the CPU has is chosen at run time.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Defines a public kernel from a body of plain lane-wise code: the body is compiled for AVX-512
@@ -78,6 +80,25 @@ multiversion! {
     /// Multiplies each element of `row` by `factor`.
     pub fn scale(row: &mut [f32], factor: f32) {
         row.iter_mut().for_each(|v| *v *= factor);
+    }
+}
+
+/// The bits of f32 → bf16 rounding to nearest even (NaN stays NaN): a select instead of a branch, so that loops over it vectorise.
+#[inline(always)]
+pub(crate) fn bf16_bits(f: f32) -> u16 {
+    let bits = f.to_bits();
+    let quiet_nan = (bits >> 16) | 0x40;
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    (if f.is_nan() { quiet_nan } else { rounded }) as u16
+}
+
+multiversion! {
+    /// Each element of `src` rounded to bf16 (nearest, ties to even; NaNs stay NaN), as bits
+    /// into `dst` (the bf16 kernels' operands).
+    pub fn round_to_bf16(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(bf16_bits(*s));
+        }
     }
 }
 
@@ -216,6 +237,49 @@ mod tests {
 
     fn ulps(a: f32, b: f32) -> i64 {
         (a.to_bits() as i64 - b.to_bits() as i64).abs()
+    }
+
+    #[test]
+    fn bf16_rounding_equals_half_on_every_variant() {
+        // Ties both ways, the largest finite values (which round to infinity), subnormals,
+        // infinities, NaNs with payloads, and a sweep of ordinary values.
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0 + f32::EPSILON * 64.0,
+            1.0 + f32::EPSILON * 192.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x8000_7fff),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xff80_8000),
+        ];
+        let xs: Vec<f32> = (0..100_003u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .chain(specials)
+            .collect();
+        on_every_variant(|name| {
+            let mut got = vec![MaybeUninit::new(0u16); xs.len()];
+            round_to_bf16(&xs, &mut got);
+            for (x, g) in xs.iter().zip(&got) {
+                // SAFETY: every element was written above.
+                let g = unsafe { g.assume_init() };
+                let want = half::bf16::from_f32(*x);
+                if want.is_nan() {
+                    assert!(
+                        half::bf16::from_bits(g).is_nan(),
+                        "{name}: {x:e} gave {g:#06x}"
+                    );
+                } else {
+                    assert_eq!(g, want.to_bits(), "{name}: {x:e}");
+                }
+            }
+        });
     }
 
     #[test]
