@@ -1,11 +1,13 @@
 //! A frozen projection with its LoRA adapter as one op: y = x·Wᵀ + s·((x⊙M)·Aᵀ)·Bᵀ, with M the
 //! dropout mask (or none). Composed from candle ops, the adapter leaves three [tokens, out]
 //! intermediates per projection alive until the backward pass (W·x, B·A·x, its scaled copy); here
-//! the forward runs on the backend's storages and keeps only its inputs, and the backward
-//! recomputes the small [tokens, r] product. The adapter runs in its own dtype (f32 for a bf16 base)
+//! the forward runs on the backend's storages and keeps only its inputs and the small [tokens, r]
+//! product x·Aᵀ, which the backward needs again. The adapter runs in its own dtype (f32 for a bf16 base)
 //! whatever the frozen weight's (dense or quantized, see [`ProjectionWeight`]).
 
-use candle_core::op::Mul;
+use std::sync::OnceLock;
+
+use candle_core::op::{BackpropOp, Mul};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::matmul::{matmul, product_transposed, MatmulStorage};
@@ -28,6 +30,7 @@ pub fn lora_linear(
         scale,
         mask: mask.cloned(),
         rank: a.dim(0)?,
+        saved_xa: OnceLock::new(),
     };
     if x.track_op() || a.track_op() || b.track_op() {
         x.apply_op3(a, b, op)
@@ -41,9 +44,11 @@ struct LoraLinear {
     scale: f64,
     mask: Option<Tensor>,
     rank: usize,
+    /// (x⊙M)·Aᵀ [n, r] from the forward pass, for the backward (which otherwise recomputes it).
+    saved_xa: OnceLock<Tensor>,
 }
 
-/// The forward pass on one backend's storages, given the frozen product x·Wᵀ.
+/// The forward pass on one backend's storages, given the frozen product x·Wᵀ: y and (x⊙M)·Aᵀ.
 fn forward<S: MatmulStorage>(
     (base, shape): (S, Shape),
     (x, lx): (&S, &Layout),
@@ -51,7 +56,7 @@ fn forward<S: MatmulStorage>(
     (b, lb): (&S, &Layout),
     mask: Option<(&S, &Layout)>,
     scale: f64,
-) -> Result<(S, Shape)> {
+) -> Result<((S, Shape), (S, Shape))> {
     let lora_dtype = a.dtype();
     let converted;
     let (x_lora, lx_lora) = if x.dtype() == lora_dtype {
@@ -71,11 +76,11 @@ fn forward<S: MatmulStorage>(
     let (xa, xa_shape) = product_transposed(x_lora, &lx_lora, a, la)?;
     let y = base.plus_product(
         &shape,
-        (&xa, &Layout::contiguous(xa_shape)),
+        (&xa, &Layout::contiguous(xa_shape.clone())),
         (b, &lb.transpose(0, 1)?),
         scale,
     )?;
-    Ok((y, shape))
+    Ok(((y, shape), (xa, xa_shape)))
 }
 
 /// The dropout mask's storage as `S` (None without dropout), with its layout, for [`forward`].
@@ -107,16 +112,20 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        timed(Phase::Projections, self.flops(lx, 2), || {
+        timed(Phase::Projections, self.frozen_flops(lx), || {
             let base = self.weight.cpu_forward(x, lx)?;
-            with_mask!(self, Cpu, |m| forward(
-                base,
-                (x, lx),
-                (a, la),
-                (b, lb),
-                m,
-                self.scale
-            ))
+            timed(Phase::Adapters, self.adapter_flops(lx, 2), || {
+                let (y, xa) = with_mask!(self, Cpu, |m| forward(
+                    base,
+                    (x, lx),
+                    (a, la),
+                    (b, lb),
+                    m,
+                    self.scale
+                ))?;
+                self.save_xa(Storage::Cpu(xa.0), xa.1);
+                Ok(y)
+            })
         })
     }
 
@@ -130,16 +139,20 @@ impl CustomOp3 for LoraLinear {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        timed(Phase::Projections, self.flops(lx, 2), || {
+        timed(Phase::Projections, self.frozen_flops(lx), || {
             let base = self.weight.cuda_forward(x, lx)?;
-            with_mask!(self, Cuda, |m| forward(
-                base,
-                (x, lx),
-                (a, la),
-                (b, lb),
-                m,
-                self.scale
-            ))
+            timed(Phase::Adapters, self.adapter_flops(lx, 2), || {
+                let (y, xa) = with_mask!(self, Cuda, |m| forward(
+                    base,
+                    (x, lx),
+                    (a, la),
+                    (b, lb),
+                    m,
+                    self.scale
+                ))?;
+                self.save_xa(Storage::Cuda(xa.0), xa.1);
+                Ok(y)
+            })
         })
     }
 
@@ -152,19 +165,31 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        timed(Phase::Projections, self.flops(x.layout(), 5), || {
+        timed(Phase::Projections, self.frozen_flops(x.layout()), || {
             self.backward(x, a, b, grad)
         })
     }
 }
 
 impl LoraLinear {
-    /// Multiply-adds × 2 of the frozen product for x [n, in] and `adapter_products` products of
-    /// the adapter's size (n·r·(in + out) each).
-    fn flops(&self, lx: &Layout, adapter_products: usize) -> usize {
+    /// Keeps x·Aᵀ of the forward pass for [`Self::backward`].
+    fn save_xa(&self, xa: Storage, shape: Shape) {
+        // Each forward pass makes its own op, so the cell is empty here.
+        let _ = self
+            .saved_xa
+            .set(Tensor::from_storage(xa, shape, BackpropOp::none(), false));
+    }
+
+    /// Multiply-adds × 2 of the frozen product for x [n, in].
+    fn frozen_flops(&self, lx: &Layout) -> usize {
+        2 * lx.dims()[0] * lx.dims()[1] * self.weight.dims().0
+    }
+
+    /// Floating-point operations of `products` products of the adapter's size (n·r·(in + out)
+    /// each) for x [n, in].
+    fn adapter_flops(&self, lx: &Layout, products: usize) -> usize {
         let (n, inp) = (lx.dims()[0], lx.dims()[1]);
-        let (out, r) = (self.weight.dims().0, self.rank);
-        2 * n * inp * out + adapter_products * n * r * (inp + out)
+        products * n * self.rank * (inp + self.weight.dims().0)
     }
 
     /// The gradients of x, A and B (see [`CustomOp3::bwd`] above).
@@ -183,9 +208,18 @@ impl LoraLinear {
             x_lora = x_lora.mul(m)?;
         }
         let g = grad.detach().to_dtype(lora_dtype)?;
-        let g_b = (matmul(&g, &b)? * self.scale)?;
-        let da = matmul(&g_b.t()?, &x_lora)?;
-        let db = (matmul(&g.t()?, &matmul(&x_lora, &a.t()?)?)? * self.scale)?;
+        // The adapter's share of dx is summed into the frozen product's buffer below, and
+        // counted with it.
+        let (g_b, da, db) = timed(Phase::Adapters, self.adapter_flops(x.layout(), 4), || {
+            let g_b = (matmul(&g, &b)? * self.scale)?;
+            let da = matmul(&g_b.t()?, &x_lora)?;
+            let xa = match self.saved_xa.get() {
+                Some(xa) => xa.clone(),
+                None => matmul(&x_lora, &a.t()?)?,
+            };
+            let db = (matmul(&g.t()?, &xa)? * self.scale)?;
+            Result::Ok((g_b, da, db))
+        })?;
         let dx = match (&self.mask, x.track_op()) {
             (_, false) => None,
             (Some(m), true) => {
