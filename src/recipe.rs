@@ -369,7 +369,10 @@ pub struct TrainSection {
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
     /// Recompute each layer's activations in the backward pass: less memory, ~1/3 more compute.
-    pub gradient_checkpointing: bool,
+    /// Unset, it is on with `[model] quantize` (as PEFT's `prepare_model_for_kbit_training` turns
+    /// it on for a quantized base: the point of a 4-bit base is memory) and off otherwise;
+    /// [`Recipe::load`] fills it in.
+    pub gradient_checkpointing: Option<bool>,
     /// Write a checkpoint every this many optimizer steps (0: only at the end of each epoch and on
     /// SIGINT/SIGTERM). `feinschliff train --resume` continues from the latest one.
     pub save_every: usize,
@@ -415,7 +418,7 @@ impl Default for TrainSection {
             seed: 42,
             eval_every: 0,
             device: "auto".into(),
-            gradient_checkpointing: false,
+            gradient_checkpointing: None,
             save_every: 0,
             save_total_limit: 2,
             skip_nonfinite: false,
@@ -541,6 +544,10 @@ impl Recipe {
                 )
             })?
         };
+        recipe
+            .train
+            .gradient_checkpointing
+            .get_or_insert(recipe.model.quantize.is_some());
         recipe.source = path.to_path_buf();
         recipe.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         recipe.validate(&text)?;

@@ -119,7 +119,10 @@ pub fn run(recipe: &Recipe, base: &BaseModel, options: RunOptions) -> Result<Tra
         model.trainable_parameter_count()
     );
 
-    model.lm.gradient_checkpointing = t.gradient_checkpointing;
+    model.lm.gradient_checkpointing = t.gradient_checkpointing.unwrap_or(false);
+    if model.lm.gradient_checkpointing {
+        tracing::info!("gradient checkpointing: each layer is recomputed in the backward pass");
+    }
     let data = data::prepare(recipe, &model.tokenizer)?;
     let r = &data.report;
     tracing::info!(

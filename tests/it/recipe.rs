@@ -111,6 +111,31 @@ fn missing_section_is_named() {
 }
 
 #[test]
+fn a_quantized_base_checkpoints_its_layers_unless_the_recipe_says_otherwise() {
+    let (_dir, path) = write_temp("r.toml", GOOD);
+    let checkpointing = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::load(&path, &sets)
+            .unwrap()
+            .train
+            .gradient_checkpointing
+    };
+    assert_eq!(checkpointing(&[]), Some(false));
+    assert_eq!(checkpointing(&["model.quantize=\"q4_0\""]), Some(true));
+    assert_eq!(
+        checkpointing(&[
+            "model.quantize=\"nf4\"",
+            "train.gradient_checkpointing=false"
+        ]),
+        Some(false)
+    );
+    assert_eq!(
+        checkpointing(&["train.gradient_checkpointing=true"]),
+        Some(true)
+    );
+}
+
+#[test]
 fn set_overrides_values_and_rejects_unknown_keys() {
     let (_dir, path) = write_temp("r.toml", GOOD);
     let r = Recipe::load(
