@@ -100,7 +100,7 @@ impl std::fmt::Display for BenchReport {
             let rest = (self.step_seconds - counted / steps).max(0.0);
             write!(
                 f,
-                "\n  {:<12} {:>7.3} s/step {:>5.1} % (element-wise ops, embeddings, copies, gradient sums)",
+                "\n  {:<12} {:>7.3} s/step {:>5.1} % (candle's own ops: residual adds, copies, embeddings, gradient sums)",
                 "Other",
                 rest,
                 100.0 * rest / self.step_seconds

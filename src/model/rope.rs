@@ -10,6 +10,8 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::kernels::cpu_slices::{contiguous, with_cpu_slices};
+use super::kernels::matmul::{assume_init, uninit};
+use super::kernels::phases::{timed, Phase};
 
 use super::config::{ModelConfig, RopeScaling};
 
@@ -224,7 +226,7 @@ fn rotate<T: Float + Send + Sync>(y: &[T], cos: &[T], sin: &[T], dims: RotateDim
         ..
     } = dims;
     let half = r / 2;
-    let mut out = vec![T::zero(); y.len()];
+    let mut out = uninit::<T>(y.len());
     out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
         let (b, head) = (bh / h, bh % h);
         for (pos, o) in out.chunks_mut(d).enumerate() {
@@ -233,14 +235,20 @@ fn rotate<T: Float + Send + Sync>(y: &[T], cos: &[T], sin: &[T], dims: RotateDim
                 &cos[(b * t + pos) * r..][..r],
                 &sin[(b * t + pos) * r..][..r],
             );
-            for j in 0..r {
-                let rotated = if j < half { -x[j + half] } else { x[j - half] };
-                o[j] = x[j] * c[j] + rotated * s[j];
+            // Two loops without a branch inside, so that each vectorises.
+            for j in 0..half {
+                o[j].write(x[j] * c[j] + -x[j + half] * s[j]);
             }
-            o[r..].copy_from_slice(&x[r..]);
+            for j in half..r {
+                o[j].write(x[j] * c[j] + x[j - half] * s[j]);
+            }
+            for (o, x) in o[r..].iter_mut().zip(&x[r..]) {
+                o.write(*x);
+            }
         }
     });
-    out
+    // SAFETY: every element of every head row was written.
+    unsafe { assume_init(out) }
 }
 
 /// The gradient of [`rotate`] for the output gradient g [batch, heads, seq, d]: for j < r,
@@ -260,24 +268,25 @@ fn rotate_backward<T: Float + Send + Sync>(
         ..
     } = dims;
     let half = r / 2;
-    let mut dy = vec![T::zero(); g.len()];
+    let mut dy = uninit::<T>(g.len());
     dy.par_chunks_mut(h * d).enumerate().for_each(|(bt, dy)| {
         let (b, pos) = (bt / t, bt % t);
         let (c, s) = (&cos[bt * r..][..r], &sin[bt * r..][..r]);
         for (head, out) in dy.chunks_mut(d).enumerate() {
             let gr = &g[((b * h + head) * t + pos) * d..][..d];
-            out[r..].copy_from_slice(&gr[r..]);
-            for j in 0..r {
-                let from_rotation = if j < half {
-                    gr[j + half] * s[j + half]
-                } else {
-                    -(gr[j - half] * s[j - half])
-                };
-                out[j] = gr[j] * c[j] + from_rotation;
+            for (o, g) in out[r..].iter_mut().zip(&gr[r..]) {
+                o.write(*g);
+            }
+            for j in 0..half {
+                out[j].write(gr[j] * c[j] + gr[j + half] * s[j + half]);
+            }
+            for j in half..r {
+                out[j].write(gr[j] * c[j] + -(gr[j - half] * s[j - half]));
             }
         }
     });
-    dy
+    // SAFETY: every element of every row was written.
+    unsafe { assume_init(dy) }
 }
 
 impl SplitRotate {
@@ -311,11 +320,13 @@ impl CustomOp1 for SplitRotate {
 
     fn cpu_fwd(&self, y: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims;
-        let out = match y {
-            CpuStorage::F32(y) => CpuStorage::F32(self.forward(contiguous(y, layout)?, dims)?),
-            CpuStorage::F64(y) => CpuStorage::F64(self.forward(contiguous(y, layout)?, dims)?),
-            _ => candle_core::bail!("rope: no CPU kernel for this dtype"),
-        };
+        let out = timed(Phase::Elementwise, 0, || {
+            Ok(match y {
+                CpuStorage::F32(y) => CpuStorage::F32(self.forward(contiguous(y, layout)?, dims)?),
+                CpuStorage::F64(y) => CpuStorage::F64(self.forward(contiguous(y, layout)?, dims)?),
+                _ => candle_core::bail!("rope: no CPU kernel for this dtype"),
+            })
+        })?;
         let shape = (dims.batch, dims.heads, dims.seq, dims.head_dim);
         Ok((out, Shape::from(shape)))
     }
@@ -323,10 +334,14 @@ impl CustomOp1 for SplitRotate {
     fn bwd(&self, y: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dims = self.dims;
         let grad = grad.contiguous()?;
-        let dy = match y.dtype() {
-            DType::F32 => Tensor::new(self.backward::<f32>(&grad, dims)?, y.device())?,
-            _ => Tensor::new(self.backward::<f64>(&grad, dims)?, y.device())?,
-        };
-        Some(dy.reshape(y.shape())).transpose()
+        let dy = timed(Phase::Elementwise, 0, || {
+            candle_core::Result::Ok(match y.dtype() {
+                DType::F32 => {
+                    Tensor::from_vec(self.backward::<f32>(&grad, dims)?, y.shape(), y.device())?
+                }
+                _ => Tensor::from_vec(self.backward::<f64>(&grad, dims)?, y.shape(), y.device())?,
+            })
+        })?;
+        Ok(Some(dy))
     }
 }

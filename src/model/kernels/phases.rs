@@ -1,5 +1,6 @@
 //! Where a step's time goes: wall time and floating-point work per phase (the frozen projections,
-//! their LoRA adapters, attention, the LM head's loss, the optimizer), summed over the ops of each
+//! their LoRA adapters, the fused element-wise kernels, attention, the LM head's loss, the
+//! optimizer), summed over the ops of each
 //! phase, for `bench` to print beside its totals. A phase timed inside another counts for itself
 //! only: the outer one is charged its own time less the inner one's. Counting is off unless
 //! [`enable`]d, and costs two clock reads per op when on. The ops run synchronously on the CPU; on
@@ -17,6 +18,8 @@ pub enum Phase {
     /// The LoRA adapters' products beside the frozen ones (x·Aᵀ, its product with Bᵀ, and their
     /// gradients), forward and backward.
     Adapters,
+    /// The fused element-wise kernels (RMSNorm, RoPE, SiLU·up), forward and backward.
+    Elementwise,
     /// Scaled dot-product attention, forward and backward.
     Attention,
     /// The LM head's logits, softmax and loss (and their gradient directions).
@@ -25,9 +28,10 @@ pub enum Phase {
     Optimizer,
 }
 
-pub const PHASES: [Phase; 5] = [
+pub const PHASES: [Phase; 6] = [
     Phase::Projections,
     Phase::Adapters,
+    Phase::Elementwise,
     Phase::Attention,
     Phase::LmHead,
     Phase::Optimizer,

@@ -6,7 +6,12 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use super::cpu_slices::contiguous;
+use super::matmul::{assume_init, uninit};
+use super::phases::{timed, Phase};
+use super::vector_math;
 
 /// RMSNorm of x [..., hidden] (f32 or f64, on the CPU) with weight [hidden] in x's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -28,55 +33,74 @@ struct RmsNorm {
     eps: f64,
 }
 
-/// Element types the norm runs in.
+/// Element types the norm runs in, with the per-row passes in that type: f32 through the
+/// vectorised kernels of [`vector_math`] (sums of squares in f64 lanes), f64 as plain loops.
 trait Float: Copy + Send + Sync + 'static {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
+    /// One row: out = x·r·w, r = 1/√(mean(x²) + eps).
+    fn norm_row(x: &[Self], w: &[Self], eps: f64, out: &mut [MaybeUninit<Self>]);
+    /// One row's dL/dx for the output gradient g.
+    fn norm_backward_row(
+        x: &[Self],
+        w: &[Self],
+        g: &[Self],
+        eps: f64,
+        out: &mut [MaybeUninit<Self>],
+    );
 }
 
 impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
+    fn norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [MaybeUninit<f32>]) {
+        vector_math::rms_norm_row(x, w, eps, out);
     }
-    fn from_f64(v: f64) -> Self {
-        v as f32
+    fn norm_backward_row(x: &[f32], w: &[f32], g: &[f32], eps: f64, out: &mut [MaybeUninit<f32>]) {
+        vector_math::rms_norm_backward_row(x, w, g, eps, out);
     }
 }
 
 impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
+    fn norm_row(x: &[f64], w: &[f64], eps: f64, out: &mut [MaybeUninit<f64>]) {
+        let sq = x.iter().map(|v| v * v).sum::<f64>();
+        let r = 1.0 / (sq / w.len() as f64 + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+            o.write(v * r * w);
+        }
     }
-    fn from_f64(v: f64) -> Self {
-        v
+    fn norm_backward_row(x: &[f64], w: &[f64], g: &[f64], eps: f64, out: &mut [MaybeUninit<f64>]) {
+        let (mut sq, mut gwx) = (0f64, 0f64);
+        for ((v, gv), wv) in x.iter().zip(g).zip(w) {
+            sq += v * v;
+            gwx += gv * wv * v;
+        }
+        let hidden = w.len() as f64;
+        let r = 1.0 / (sq / hidden + eps).sqrt();
+        let c = r * r * gwx / hidden;
+        for (((o, v), gv), wv) in out.iter_mut().zip(x).zip(g).zip(w) {
+            o.write(r * (gv * wv - v * c));
+        }
     }
 }
 
 /// Rows per parallel task (a few hundred kilobytes of activations).
 const ROWS_PER_TASK: usize = 64;
 
-/// y = x·r·w, rows in parallel (1/r accumulated in f64 for every dtype).
 fn forward<T: Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let hidden = w.len();
-    let mut y = vec![T::from_f64(0.0); x.len()];
+    let mut y = uninit::<T>(x.len());
     y.par_chunks_mut(hidden * ROWS_PER_TASK)
         .zip(x.par_chunks(hidden * ROWS_PER_TASK))
         .for_each(|(y, x)| {
             for (out, row) in y.chunks_mut(hidden).zip(x.chunks(hidden)) {
-                let sq = row.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
-                let r = 1.0 / (sq / hidden as f64 + eps).sqrt();
-                for ((o, v), w) in out.iter_mut().zip(row).zip(w) {
-                    *o = T::from_f64(v.to_f64() * r * w.to_f64());
-                }
+                T::norm_row(row, w, eps, out);
             }
         });
-    y
+    // SAFETY: every row was written whole.
+    unsafe { assume_init(y) }
 }
 
 /// dL/dx = r·(g⊙w − x·r²·mean(g⊙w⊙x)), rows in parallel.
 fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let hidden = w.len();
-    let mut dx = vec![T::from_f64(0.0); x.len()];
+    let mut dx = uninit::<T>(x.len());
     dx.par_chunks_mut(hidden * ROWS_PER_TASK)
         .zip(x.par_chunks(hidden * ROWS_PER_TASK))
         .zip(g.par_chunks(hidden * ROWS_PER_TASK))
@@ -86,20 +110,11 @@ fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
                 .zip(x.chunks(hidden))
                 .zip(g.chunks(hidden))
             {
-                let (mut sq, mut gwx) = (0f64, 0f64);
-                for ((v, gv), wv) in row.iter().zip(grow).zip(w) {
-                    let v = v.to_f64();
-                    sq += v * v;
-                    gwx += gv.to_f64() * wv.to_f64() * v;
-                }
-                let r = 1.0 / (sq / hidden as f64 + eps).sqrt();
-                let c = r * r * gwx / hidden as f64;
-                for (((o, v), gv), wv) in out.iter_mut().zip(row).zip(grow).zip(w) {
-                    *o = T::from_f64(r * (gv.to_f64() * wv.to_f64() - v.to_f64() * c));
-                }
+                T::norm_backward_row(row, w, grow, eps, out);
             }
         });
-    dx
+    // SAFETY: every row was written whole.
+    unsafe { assume_init(dx) }
 }
 
 impl CustomOp2 for RmsNorm {
@@ -114,15 +129,17 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(forward(contiguous(x, lx)?, contiguous(w, lw)?, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(forward(contiguous(x, lx)?, contiguous(w, lw)?, self.eps))
-            }
-            _ => candle_core::bail!("rms norm: f32 or f64 input and weight of one dtype"),
-        };
+        let out = timed(Phase::Elementwise, 0, || {
+            Ok(match (x, w) {
+                (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                    CpuStorage::F32(forward(contiguous(x, lx)?, contiguous(w, lw)?, self.eps))
+                }
+                (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                    CpuStorage::F64(forward(contiguous(x, lx)?, contiguous(w, lw)?, self.eps))
+                }
+                _ => candle_core::bail!("rms norm: f32 or f64 input and weight of one dtype"),
+            })
+        })?;
         Ok((out, lx.shape().clone()))
     }
 
@@ -138,7 +155,9 @@ impl CustomOp2 for RmsNorm {
             eps: self.eps,
             weight: w.detach(),
         };
-        let dx = x.detach().apply_op2_no_bwd(&g, &op)?;
+        let dx = timed(Phase::Elementwise, 0, || {
+            x.detach().apply_op2_no_bwd(&g, &op)
+        })?;
         Ok((Some(dx), None))
     }
 }

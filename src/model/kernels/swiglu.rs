@@ -8,6 +8,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_slices::{contiguous, with_cpu_slices};
+use super::matmul::{assume_init, uninit};
+use super::phases::{timed, Phase};
 use super::vector_math;
 
 /// SiLU(gate)·up for gate and up of one shape.
@@ -32,11 +34,12 @@ const CHUNK: usize = 1 << 14;
 struct SiluMul;
 
 fn forward_f32(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; gate.len()];
+    let mut out = uninit::<f32>(gate.len());
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(o, (g, u))| vector_math::silu_mul(g, u, o));
-    out
+    // SAFETY: every chunk was written whole.
+    unsafe { assume_init(out) }
 }
 
 fn forward_f64(gate: &[f64], up: &[f64]) -> Vec<f64> {
@@ -47,14 +50,15 @@ fn forward_f64(gate: &[f64], up: &[f64]) -> Vec<f64> {
 }
 
 fn backward_f32(gate: &[f32], up: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut d_gate, mut d_up) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+    let (mut d_gate, mut d_up) = (uninit::<f32>(gate.len()), uninit::<f32>(gate.len()));
     d_gate
         .par_chunks_mut(CHUNK)
         .zip(d_up.par_chunks_mut(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .zip(grad.par_chunks(CHUNK))
         .for_each(|(((dg, du), (g, u)), gr)| vector_math::silu_mul_backward(g, u, gr, dg, du));
-    (d_gate, d_up)
+    // SAFETY: every chunk of both was written whole.
+    unsafe { (assume_init(d_gate), assume_init(d_up)) }
 }
 
 fn backward_f64(gate: &[f64], up: &[f64], grad: &[f64]) -> (Vec<f64>, Vec<f64>) {
@@ -80,17 +84,19 @@ impl CustomOp2 for SiluMul {
         up: &CpuStorage,
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match gate.dtype() {
-            DType::F32 => CpuStorage::F32(forward_f32(
-                contiguous(gate.as_slice()?, lg)?,
-                contiguous(up.as_slice()?, lu)?,
-            )),
-            DType::F64 => CpuStorage::F64(forward_f64(
-                contiguous(gate.as_slice()?, lg)?,
-                contiguous(up.as_slice()?, lu)?,
-            )),
-            other => candle_core::bail!("silu·up: no CPU kernel for {other:?}"),
-        };
+        let out = timed(Phase::Elementwise, 0, || {
+            Ok(match gate.dtype() {
+                DType::F32 => CpuStorage::F32(forward_f32(
+                    contiguous(gate.as_slice()?, lg)?,
+                    contiguous(up.as_slice()?, lu)?,
+                )),
+                DType::F64 => CpuStorage::F64(forward_f64(
+                    contiguous(gate.as_slice()?, lg)?,
+                    contiguous(up.as_slice()?, lu)?,
+                )),
+                other => candle_core::bail!("silu·up: no CPU kernel for {other:?}"),
+            })
+        })?;
         Ok((out, lg.shape().clone()))
     }
 
@@ -102,29 +108,30 @@ impl CustomOp2 for SiluMul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (d_gate, d_up) = match gate.dtype() {
-            DType::F32 => {
-                let (dg, du) = with_cpu_slices([gate, up, &grad], |[g, u, gr]: [&[f32]; 3]| {
-                    backward_f32(g, u, gr)
-                })?;
-                (
-                    Tensor::new(dg, gate.device())?,
-                    Tensor::new(du, gate.device())?,
-                )
-            }
-            _ => {
-                let (dg, du) = with_cpu_slices([gate, up, &grad], |[g, u, gr]: [&[f64]; 3]| {
-                    backward_f64(g, u, gr)
-                })?;
-                (
-                    Tensor::new(dg, gate.device())?,
-                    Tensor::new(du, gate.device())?,
-                )
-            }
-        };
-        Ok((
-            Some(d_gate.reshape(gate.shape())?),
-            Some(d_up.reshape(up.shape())?),
-        ))
+        let (d_gate, d_up) = timed(Phase::Elementwise, 0, || {
+            Result::Ok(match gate.dtype() {
+                DType::F32 => {
+                    let (dg, du) =
+                        with_cpu_slices([gate, up, &grad], |[g, u, gr]: [&[f32]; 3]| {
+                            backward_f32(g, u, gr)
+                        })?;
+                    (
+                        Tensor::from_vec(dg, gate.shape(), gate.device())?,
+                        Tensor::from_vec(du, up.shape(), gate.device())?,
+                    )
+                }
+                _ => {
+                    let (dg, du) =
+                        with_cpu_slices([gate, up, &grad], |[g, u, gr]: [&[f64]; 3]| {
+                            backward_f64(g, u, gr)
+                        })?;
+                    (
+                        Tensor::from_vec(dg, gate.shape(), gate.device())?,
+                        Tensor::from_vec(du, up.shape(), gate.device())?,
+                    )
+                }
+            })
+        })?;
+        Ok((Some(d_gate), Some(d_up)))
     }
 }

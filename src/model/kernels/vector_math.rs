@@ -103,10 +103,73 @@ multiversion! {
 }
 
 multiversion! {
+    /// One row of RMSNorm: out = x·r·w with r = 1/√(mean(x²) + eps), the sum of squares and the
+    /// products in f64 (the sum in eight lanes).
+    pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [MaybeUninit<f32>]) {
+        let r = 1.0 / (squares_f64(x) / w.len() as f64 + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+            o.write((*v as f64 * r * *w as f64) as f32);
+        }
+    }
+}
+
+multiversion! {
+    /// One row of RMSNorm's input gradient for the output gradient g:
+    /// r·(g⊙w − x·r²·mean(g⊙w⊙x)), in f64 as [`rms_norm_row`].
+    pub fn rms_norm_backward_row(
+        x: &[f32],
+        w: &[f32],
+        g: &[f32],
+        eps: f64,
+        out: &mut [MaybeUninit<f32>]
+    ) {
+        let mut gwx = [0f64; F64_LANES];
+        let (xs, gs, ws) = (x.chunks_exact(F64_LANES), g.chunks_exact(F64_LANES), w.chunks_exact(F64_LANES));
+        let tail = (xs.remainder(), gs.remainder(), ws.remainder());
+        for ((xc, gc), wc) in xs.zip(gs).zip(ws) {
+            for (((a, v), gv), wv) in gwx.iter_mut().zip(xc).zip(gc).zip(wc) {
+                *a += *gv as f64 * *wv as f64 * *v as f64;
+            }
+        }
+        let mut gwx_sum: f64 = gwx.iter().sum();
+        for ((v, gv), wv) in tail.0.iter().zip(tail.1).zip(tail.2) {
+            gwx_sum += *gv as f64 * *wv as f64 * *v as f64;
+        }
+        let hidden = w.len() as f64;
+        let r = 1.0 / (squares_f64(x) / hidden + eps).sqrt();
+        let c = r * r * gwx_sum / hidden;
+        for (((o, v), gv), wv) in out.iter_mut().zip(x).zip(g).zip(w) {
+            o.write((r * (*gv as f64 * *wv as f64 - *v as f64 * c)) as f32);
+        }
+    }
+}
+
+/// f64 lanes of the RMSNorm sums (one AVX-512 register).
+const F64_LANES: usize = 8;
+
+/// Σ x² in f64, in [`F64_LANES`] independent sums (inlined into the kernels above).
+#[inline(always)]
+fn squares_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; F64_LANES];
+    let mut chunks = x.chunks_exact(F64_LANES);
+    for chunk in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += *v as f64 * *v as f64;
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|v| *v as f64 * *v as f64)
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+multiversion! {
     /// out = SiLU(gate)·up = gate / (1 + e^−gate) · up, element by element.
-    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-            *o = *g / (1.0 + exp_lane(-*g)) * *u;
+            o.write(*g / (1.0 + exp_lane(-*g)) * *u);
         }
     }
 }
@@ -118,14 +181,14 @@ multiversion! {
         gate: &[f32],
         up: &[f32],
         grad: &[f32],
-        d_gate: &mut [f32],
-        d_up: &mut [f32]
+        d_gate: &mut [MaybeUninit<f32>],
+        d_up: &mut [MaybeUninit<f32>]
     ) {
         let inputs = gate.iter().zip(up).zip(grad);
         for ((dg, du), ((g, u), gr)) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(inputs) {
             let s = 1.0 / (1.0 + exp_lane(-*g));
-            *du = *gr * *g * s;
-            *dg = *gr * *u * (s * (1.0 + *g * (1.0 - s)));
+            du.write(*gr * *g * s);
+            dg.write(*gr * *u * (s * (1.0 + *g * (1.0 - s))));
         }
     }
 }
@@ -335,10 +398,11 @@ mod tests {
         let up: Vec<f32> = (0..n).map(|i| ((i * 37) % 17) as f32 * 0.3 - 2.0).collect();
         let grad: Vec<f32> = (0..n).map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5).collect();
         on_every_variant(|name| {
-            let mut out = vec![0f32; n];
+            let zeros = || vec![MaybeUninit::new(0f32); n];
+            let (mut out, mut dg, mut du) = (zeros(), zeros(), zeros());
             silu_mul(&gate, &up, &mut out);
-            let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
             silu_mul_backward(&gate, &up, &grad, &mut dg, &mut du);
+            let [out, dg, du] = [out, dg, du].map(written);
             for i in 0..n {
                 let (g, u, gr) = (gate[i] as f64, up[i] as f64, grad[i] as f64);
                 let s = 1.0 / (1.0 + (-g).exp());
@@ -352,5 +416,54 @@ mod tests {
                 );
             }
         });
+    }
+
+    /// The elements of a buffer the kernel under test wrote whole.
+    fn written(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+        // SAFETY: the tests start from zeroed buffers, so every element is initialised.
+        v.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+    }
+
+    #[test]
+    fn rms_norm_rows_agree_with_f64_formulas() {
+        for hidden in [1, 7, 8, 64, 577] {
+            let x: Vec<f32> = (0..hidden)
+                .map(|i| ((i * 29) % 23) as f32 * 0.1 - 1.1)
+                .collect();
+            let w: Vec<f32> = (0..hidden)
+                .map(|i| 1.0 + ((i * 7) % 5) as f32 * 0.05)
+                .collect();
+            let g: Vec<f32> = (0..hidden)
+                .map(|i| ((i * 11) % 13) as f32 * 0.2 - 1.2)
+                .collect();
+            let eps = 1e-6;
+            let (x64, w64, g64) = [&x, &w, &g]
+                .map(|v| v.iter().map(|a| *a as f64).collect::<Vec<_>>())
+                .into();
+            let h = hidden as f64;
+            let r = 1.0 / (x64.iter().map(|v| v * v).sum::<f64>() / h + eps).sqrt();
+            let c = r * r * (0..hidden).map(|i| g64[i] * w64[i] * x64[i]).sum::<f64>() / h;
+            on_every_variant(|name| {
+                let (mut y, mut dx) = (
+                    vec![MaybeUninit::new(0f32); hidden],
+                    vec![MaybeUninit::new(0f32); hidden],
+                );
+                rms_norm_row(&x, &w, eps, &mut y);
+                rms_norm_backward_row(&x, &w, &g, eps, &mut dx);
+                let (y, dx) = (written(y), written(dx));
+                for i in 0..hidden {
+                    let want_y = (x64[i] * r * w64[i]) as f32;
+                    let want_dx = (r * (g64[i] * w64[i] - x64[i] * c)) as f32;
+                    assert!(
+                        (y[i] - want_y).abs() <= 1e-6 * want_y.abs().max(1.0),
+                        "{name}: y[{i}] of {hidden}"
+                    );
+                    assert!(
+                        (dx[i] - want_dx).abs() <= 1e-6 * want_dx.abs().max(1.0),
+                        "{name}: dx[{i}] of {hidden}"
+                    );
+                }
+            });
+        }
     }
 }
