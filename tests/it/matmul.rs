@@ -20,12 +20,15 @@ fn random(dims: &[usize], seed: u64) -> Tensor {
 
 #[test]
 fn equals_candle_matmul_on_strided_batched_and_odd_shapes() {
-    let cases: [(&[usize], &[usize]); 5] = [
+    // The last two are wide enough to run in panels of columns (with a narrower last panel).
+    let cases: [(&[usize], &[usize]); 7] = [
         (&[1, 1], &[1, 1]),
         (&[17, 33], &[33, 65]),
         (&[3, 37, 129], &[3, 129, 7]),
         (&[2, 3, 5, 64], &[2, 3, 64, 19]),
         (&[130, 257], &[257, 100]),
+        (&[9, 40], &[40, 2085]),
+        (&[2, 9, 40], &[2, 40, 2085]),
     ];
     for (seed, (da, db)) in cases.iter().enumerate() {
         for dtype in [DType::F64, DType::F32] {

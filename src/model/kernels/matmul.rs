@@ -397,6 +397,11 @@ impl Real for f64 {
     const ONE: Self = 1.0;
 }
 
+/// Output columns per product when a product has many more (the LM head's vocabulary): faer ran
+/// x [1024, 576] · Wᵀ for W [49152, 576] in 304 ms whole and in 221 ms in panels of 1,024 columns
+/// (512: 224 ms, 2,048: 239 ms, 4,096: 238 ms) on this project's 2-core machine.
+const WIDE_PANEL: usize = 1024;
+
 /// Every batch's product of `a` and `b` (laid out as `dims` says) into one contiguous buffer.
 fn products<T: Real>(a: &[T], b: &[T], dims: &ProductDims) -> Vec<T> {
     let (m, k, n) = (dims.m, dims.k, dims.n);
@@ -406,11 +411,24 @@ fn products<T: Real>(a: &[T], b: &[T], dims: &ProductDims) -> Vec<T> {
     }
     let one = |dst: &mut [MaybeUninit<T>], (oa, ob): (usize, usize), par: Par| {
         let lhs = view(a, oa, m, k, dims.a_strides);
-        let rhs = view(b, ob, k, n, dims.b_strides);
-        // SAFETY: dst holds m × n elements; faer writes them all without reading (Replace).
-        let dst =
-            unsafe { MatMut::from_raw_parts_mut(dst.as_mut_ptr().cast(), m, n, n as isize, 1) };
-        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, T::ONE, par);
+        // A wide product (the LM head's logits) in panels of columns.
+        let panel = if n > 2 * WIDE_PANEL { WIDE_PANEL } else { n };
+        for first in (0..n).step_by(panel) {
+            let cols = panel.min(n - first);
+            let rhs = view(b, ob + first * dims.b_strides.1, k, cols, dims.b_strides);
+            // SAFETY: dst holds m rows of n elements; these are columns first..first + cols of
+            // them, which faer writes all without reading (Replace).
+            let dst = unsafe {
+                MatMut::from_raw_parts_mut(
+                    dst.as_mut_ptr().cast::<T>().add(first),
+                    m,
+                    cols,
+                    n as isize,
+                    1,
+                )
+            };
+            faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, T::ONE, par);
+        }
     };
     let threads = rayon::current_num_threads();
     if dims.flops() < PARALLEL_FLOPS || threads == 1 {
