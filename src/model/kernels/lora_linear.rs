@@ -98,6 +98,28 @@ macro_rules! with_mask {
     }};
 }
 
+/// The op's forward pass on one backend (`Cpu`, `Cuda`) with the frozen product `$frozen`: the
+/// frozen product timed as a projection, the adapter's products as the adapter's, x·Aᵀ kept.
+macro_rules! lora_forward {
+    ($self:ident, $variant:ident, $frozen:ident, ($x:ident, $lx:ident), $a:expr, $b:expr) => {
+        timed(Phase::Projections, $self.frozen_flops($lx), || {
+            let base = $self.weight.$frozen($x, $lx)?;
+            timed(Phase::Adapters, $self.adapter_flops($lx, 2), || {
+                let (y, xa) = with_mask!($self, $variant, |m| forward(
+                    base,
+                    ($x, $lx),
+                    $a,
+                    $b,
+                    m,
+                    $self.scale
+                ))?;
+                $self.save_xa(Storage::$variant(xa.0), xa.1);
+                Ok(y)
+            })
+        })
+    };
+}
+
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -112,21 +134,7 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        timed(Phase::Projections, self.frozen_flops(lx), || {
-            let base = self.weight.cpu_forward(x, lx)?;
-            timed(Phase::Adapters, self.adapter_flops(lx, 2), || {
-                let (y, xa) = with_mask!(self, Cpu, |m| forward(
-                    base,
-                    (x, lx),
-                    (a, la),
-                    (b, lb),
-                    m,
-                    self.scale
-                ))?;
-                self.save_xa(Storage::Cpu(xa.0), xa.1);
-                Ok(y)
-            })
-        })
+        lora_forward!(self, Cpu, cpu_forward, (x, lx), (a, la), (b, lb))
     }
 
     #[cfg(feature = "cuda")]
@@ -139,21 +147,7 @@ impl CustomOp3 for LoraLinear {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        timed(Phase::Projections, self.frozen_flops(lx), || {
-            let base = self.weight.cuda_forward(x, lx)?;
-            timed(Phase::Adapters, self.adapter_flops(lx, 2), || {
-                let (y, xa) = with_mask!(self, Cuda, |m| forward(
-                    base,
-                    (x, lx),
-                    (a, la),
-                    (b, lb),
-                    m,
-                    self.scale
-                ))?;
-                self.save_xa(Storage::Cuda(xa.0), xa.1);
-                Ok(y)
-            })
-        })
+        lora_forward!(self, Cuda, cuda_forward, (x, lx), (a, la), (b, lb))
     }
 
     /// dx = g·W + ((s·g·B)·A)⊙M, dA = (s·g·B)ᵀ·(x⊙M), dB = s·gᵀ·((x⊙M)·Aᵀ).

@@ -4,7 +4,7 @@
 //! of the MLP's width. Elsewhere (CUDA, half precision) the composed ops run.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::cpu_slices::{contiguous, with_cpu_slices};
@@ -61,6 +61,23 @@ fn backward_f32(gate: &[f32], up: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) 
     unsafe { (assume_init(d_gate), assume_init(d_up)) }
 }
 
+/// (d_gate, d_up) from the elements of gate, up and the output gradient.
+type ElementGradients<T> = fn(&[T], &[T], &[T]) -> (Vec<T>, Vec<T>);
+
+/// The gradients of gate and up as tensors of their shapes, from `backward` on the elements.
+fn gradients<T: WithDType>(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+    backward: ElementGradients<T>,
+) -> Result<(Tensor, Tensor)> {
+    let (dg, du) = with_cpu_slices([gate, up, grad], |[g, u, gr]: [&[T]; 3]| backward(g, u, gr))?;
+    Ok((
+        Tensor::from_vec(dg, gate.shape(), gate.device())?,
+        Tensor::from_vec(du, up.shape(), up.device())?,
+    ))
+}
+
 fn backward_f64(gate: &[f64], up: &[f64], grad: &[f64]) -> (Vec<f64>, Vec<f64>) {
     gate.par_iter()
         .zip(up)
@@ -108,29 +125,9 @@ impl CustomOp2 for SiluMul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (d_gate, d_up) = timed(Phase::Elementwise, 0, || {
-            Result::Ok(match gate.dtype() {
-                DType::F32 => {
-                    let (dg, du) =
-                        with_cpu_slices([gate, up, &grad], |[g, u, gr]: [&[f32]; 3]| {
-                            backward_f32(g, u, gr)
-                        })?;
-                    (
-                        Tensor::from_vec(dg, gate.shape(), gate.device())?,
-                        Tensor::from_vec(du, up.shape(), gate.device())?,
-                    )
-                }
-                _ => {
-                    let (dg, du) =
-                        with_cpu_slices([gate, up, &grad], |[g, u, gr]: [&[f64]; 3]| {
-                            backward_f64(g, u, gr)
-                        })?;
-                    (
-                        Tensor::from_vec(dg, gate.shape(), gate.device())?,
-                        Tensor::from_vec(du, up.shape(), gate.device())?,
-                    )
-                }
-            })
+        let (d_gate, d_up) = timed(Phase::Elementwise, 0, || match gate.dtype() {
+            DType::F32 => gradients(gate, up, &grad, backward_f32),
+            _ => gradients(gate, up, &grad, backward_f64),
         })?;
         Ok((Some(d_gate), Some(d_up)))
     }
