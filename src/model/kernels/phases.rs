@@ -1,10 +1,9 @@
 //! Where a step's time goes: wall time and floating-point work per phase (the frozen projections,
 //! their LoRA adapters, the fused element-wise kernels, attention, the LM head's loss, the
-//! optimizer), summed over the ops of each
-//! phase, for `bench` to print beside its totals. A phase timed inside another counts for itself
-//! only: the outer one is charged its own time less the inner one's. Counting is off unless
-//! [`enable`]d, and costs two clock reads per op when on. The ops run synchronously on the CPU; on
-//! a GPU the times are launch times.
+//! optimizer), summed over the ops of each phase, for `bench` to print beside its totals. A phase
+//! timed inside another counts for itself only: the outer one is charged its own time less the
+//! inner one's. Counting is off unless [`enable`]d, and costs two clock reads per op when on. The
+//! ops run synchronously on the CPU; on a GPU the times are launch times.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
