@@ -276,8 +276,11 @@ impl ProductDims {
     }
 }
 
-/// Below this many multiply-adds a product runs on one thread (threads cost more than they save).
-pub(crate) const PARALLEL_FLOPS: usize = 1 << 21;
+/// Below this many floating-point operations a product runs on one thread (threads cost more than
+/// they save). At 2²¹ the tiny model's train step (products of 2–8 MFLOP) ran at 49,000–60,000
+/// tokens/s, at 2²³ at 74,000; at 2²⁵ the smol step's adapter products (19–50 MFLOP) lost their
+/// second thread (bf16 step 700 → 613 tokens/s).
+pub(crate) const PARALLEL_FLOPS: usize = 1 << 23;
 
 /// The product on the CPU; `wide`: half-precision products stay in f32.
 fn cpu_product(
