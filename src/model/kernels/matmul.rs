@@ -13,6 +13,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::elements::{gather, narrow_bf16};
+use super::vector_math;
 use std::mem::MaybeUninit;
 
 /// a·b for a [..., m, k] and b [..., k, n] with equal leading dims; no gradient flows through it
@@ -372,9 +373,16 @@ fn row_dots<W: Widen>(a: &[f32], b: &[W], dims: &ProductDims) -> Vec<f32> {
     out
 }
 
-/// x·w in f32, 16 partial sums at a time (vectorisable), w widened on the fly.
+/// x·w in f32, 16 partial sums at a time, w widened on the fly: through the AVX-512/AVX2 kernels
+/// of [`vector_math`] for f32 and bf16 weights (the same sums in the same order).
 #[inline]
 fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
+    W::dot(x, w)
+}
+
+/// [`dot`] compiled for the baseline instruction set.
+#[inline]
+fn baseline_dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
     let mut lanes = [0f32; 16];
     let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
     let (xr, wr) = (xc.remainder(), wc.remainder());
@@ -481,6 +489,10 @@ trait Widen: Copy + Sync {
     fn widen(self) -> f32;
     /// The elements as f32, when they are f32 already (no copy needed).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// x·w in f32 (see [`dot`]).
+    fn dot(x: &[f32], w: &[Self]) -> f32 {
+        baseline_dot(x, w)
+    }
 }
 
 impl Widen for f32 {
@@ -490,6 +502,9 @@ impl Widen for f32 {
     }
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         Some(s)
+    }
+    fn dot(x: &[f32], w: &[f32]) -> f32 {
+        vector_math::dot(x, w)
     }
 }
 
@@ -501,6 +516,9 @@ impl Widen for bf16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    fn dot(x: &[f32], w: &[bf16]) -> f32 {
+        vector_math::dot_bf16(x, w)
     }
 }
 

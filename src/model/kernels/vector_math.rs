@@ -103,6 +103,39 @@ multiversion! {
 }
 
 multiversion! {
+    /// x·w in f32 in 16 partial sums, added in lane order (a few rows against a weight's row).
+    pub fn dot(x: &[f32], w: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+        let (xr, wr) = (xc.remainder(), wc.remainder());
+        for (xs, ws) in xc.zip(wc) {
+            for l in 0..16 {
+                lanes[l] += xs[l] * ws[l];
+            }
+        }
+        let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * w).sum();
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// [`dot`] for a bf16 w, each element widened exactly (its bits are an f32's upper half).
+    pub fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
+        let widen = |v: half::bf16| f32::from_bits(u32::from(v.to_bits()) << 16);
+        let mut lanes = [0f32; 16];
+        let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+        let (xr, wr) = (xc.remainder(), wc.remainder());
+        for (xs, ws) in xc.zip(wc) {
+            for l in 0..16 {
+                lanes[l] += xs[l] * widen(ws[l]);
+            }
+        }
+        let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * widen(*w)).sum();
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
     /// One row of RMSNorm: out = x·r·w with r = 1/√(mean(x²) + eps), the sum of squares and the
     /// products in f64 (the sum in eight lanes).
     pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [MaybeUninit<f32>]) {
@@ -464,6 +497,32 @@ mod tests {
                     );
                 }
             });
+        }
+    }
+
+    #[test]
+    fn dots_give_the_same_bits_on_every_variant() {
+        for len in [0, 5, 16, 577] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 31) % 19) as f32 * 0.37 - 3.1)
+                .collect();
+            let w: Vec<f32> = (0..len)
+                .map(|i| ((i * 7) % 23) as f32 * 0.11 - 1.3)
+                .collect();
+            let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            let mut results = Vec::new();
+            on_every_variant(|name| {
+                results.push((name.to_string(), dot(&x, &w), dot_bf16(&x, &wb)))
+            });
+            let (_, want, want_bf16) = results[0].clone();
+            for (name, got, got_bf16) in &results {
+                assert_eq!(got.to_bits(), want.to_bits(), "{name}: dot of {len}");
+                assert_eq!(
+                    got_bf16.to_bits(),
+                    want_bf16.to_bits(),
+                    "{name}: bf16 dot of {len}"
+                );
+            }
         }
     }
 }
