@@ -14,7 +14,11 @@ use crate::recipe::Recipe;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Adapter,
-    Merged,
+    /// A merged checkpoint; `multimodal` when it keeps a vision tower beside the adapted language
+    /// model (Gemma 3 from 4B on).
+    Merged {
+        multimodal: bool,
+    },
 }
 
 /// Everything the card is made from, gathered from an adapter folder.
@@ -27,9 +31,6 @@ pub struct CardInput {
     pub evals: Vec<SuiteEval>,
     /// The training curves (loss.svg) are beside the adapter.
     pub loss_chart: bool,
-    /// The Hub's task of the model: `text-generation`, or `image-text-to-text` for a merged
-    /// multimodal checkpoint (its language model adapted, its vision tower as the base's).
-    pub pipeline_tag: &'static str,
 }
 
 /// One eval suite's results beside the adapter (`eval/<suite>/`).
@@ -100,7 +101,6 @@ impl CardInput {
             recipe,
             evals,
             loss_chart: adapter_dir.join(crate::train::plot::CHART_FILE).exists(),
-            pipeline_tag: "text-generation",
         })
     }
 
@@ -118,7 +118,7 @@ impl CardInput {
                     self.base_model
                 );
             }
-            Kind::Merged => {
+            Kind::Merged { .. } => {
                 y.push_str("library_name: transformers\n");
                 let _ = writeln!(y, "base_model: {base}");
                 let _ = writeln!(
@@ -128,7 +128,12 @@ impl CardInput {
                 );
             }
         }
-        let _ = writeln!(y, "pipeline_tag: {}", self.pipeline_tag);
+        // The Hub's task: a merged multimodal checkpoint still reads images.
+        let pipeline_tag = match self.kind {
+            Kind::Merged { multimodal: true } => "image-text-to-text",
+            _ => "text-generation",
+        };
+        let _ = writeln!(y, "pipeline_tag: {pipeline_tag}");
         if let Some(r) = &self.recipe {
             if !r.output.language.is_empty() {
                 let _ = writeln!(
@@ -191,7 +196,7 @@ impl CardInput {
         let mut s = y;
         let title = match self.kind {
             Kind::Adapter => "LoRA adapter",
-            Kind::Merged => "Merged model",
+            Kind::Merged { .. } => "Merged model",
         };
         let _ = writeln!(s, "# {title} for {}\n", self.base_model);
         let _ = writeln!(
@@ -313,27 +318,10 @@ impl CardInput {
     }
 }
 
-/// Whether the config.json at `path` (if any) is a multimodal model's: an architecture
-/// `...ForConditionalGeneration`, as Gemma 3 from 4B on.
-fn is_multimodal(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return false;
-    };
-    let config: Value = serde_json::from_str(&text).unwrap_or_default();
-    config["architectures"].as_array().is_some_and(|a| {
-        a.iter()
-            .filter_map(Value::as_str)
-            .any(|n| n.ends_with("ForConditionalGeneration"))
-    })
-}
-
 /// Writes README.md into `dir` for the adapter in `adapter_dir`, with the charts it shows (and
 /// their PNGs) copied beside it when `dir` is another folder.
 pub fn write(dir: &Path, adapter_dir: &Path, base_model: &str, kind: Kind) -> Result<()> {
-    let mut card = CardInput::gather(adapter_dir, base_model, kind)?;
-    if kind == Kind::Merged && is_multimodal(&dir.join("config.json")) {
-        card.pipeline_tag = "image-text-to-text";
-    }
+    let card = CardInput::gather(adapter_dir, base_model, kind)?;
     if dir != adapter_dir {
         let loss = card
             .loss_chart

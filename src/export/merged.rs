@@ -152,7 +152,8 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
             staged.path(),
             &opts.adapter,
             &name,
-            super::card::Kind::Merged,
+            // The GGUF holds the language model alone.
+            super::card::Kind::Merged { multimodal: false },
         )?;
         return staged.commit();
     }
@@ -189,7 +190,9 @@ pub fn merge(opts: &MergeOptions, base: &BaseModel) -> Result<PathBuf> {
         staged.path(),
         &opts.adapter,
         &base.name(),
-        super::card::Kind::Merged,
+        super::card::Kind::Merged {
+            multimodal: parts.config.text_model.is_nested(),
+        },
     )?;
     staged.commit()
 }

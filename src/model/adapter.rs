@@ -20,9 +20,21 @@ use super::weights::save_safetensors;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
+/// What PEFT's state-dict keys put before a module's name.
+const PEFT_PREFIX: &str = "base_model.model.";
+
 /// The PEFT state-dict key of a module's LoRA matrix (`part` is `lora_A` or `lora_B`).
 pub fn peft_key(module: &str, part: &str) -> String {
-    format!("base_model.model.{module}.{part}.weight")
+    format!("{PEFT_PREFIX}{module}.{part}.weight")
+}
+
+/// Whether the module of a PEFT key (or key prefix) lies outside the text model of a multimodal
+/// checkpoint (a vision tower's or projector's), where Feinschliff loads no layer.
+fn outside_text_model(text: TextModel, key: &str) -> bool {
+    text.is_nested()
+        && text
+            .module_name(key.trim_start_matches(PEFT_PREFIX))
+            .is_none()
 }
 
 /// adapter_config.json as PEFT writes it for a plain LoRA adapter; the base is named by its Hub
@@ -336,8 +348,7 @@ impl LoadedAdapter {
         }
         skip_inert(&mut tensors, text, &weights.to_string())?;
         if let Some(extra) = tensors.keys().next() {
-            let module = extra.trim_start_matches("base_model.model.");
-            if text.is_nested() && text.module_name(module).is_none() {
+            if outside_text_model(text, extra) {
                 bail!("{weights}: adapter tensor `{extra}` adapts a module outside the language model (the vision tower or projector), with a non-zero lora_B: Feinschliff loads and fine-tunes only the language model of a multimodal checkpoint, so it cannot apply this adapter");
             }
             bail!("{weights}: adapter tensor `{extra}` matches no layer of the base model: the adapter was made for another base model (or targets unsupported modules)");
@@ -359,11 +370,7 @@ fn skip_inert(tensors: &mut HashMap<String, Tensor>, text: TextModel, weights: &
         let Some(module) = key.strip_suffix(".lora_B.weight") else {
             continue;
         };
-        let outside = text.is_nested()
-            && text
-                .module_name(module.trim_start_matches("base_model.model."))
-                .is_none();
-        if outside
+        if outside_text_model(text, module)
             && b.to_dtype(DType::F32)?
                 .abs()?
                 .max_all()?
@@ -384,7 +391,7 @@ fn skip_inert(tensors: &mut HashMap<String, Tensor>, text: TextModel, weights: &
     tracing::warn!(
         "{weights}: skipped {} LoRA pairs on modules the model does not load (e.g. `{}`): their lora_B is zero, so they change nothing",
         inert.len(),
-        inert[0].trim_start_matches("base_model.model.")
+        inert[0].trim_start_matches(PEFT_PREFIX)
     );
     Ok(())
 }

@@ -340,7 +340,6 @@ fn is_byte_token(t: &str) -> bool {
     t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')
 }
 
-/// The split regex of a `Sequence[Split, ByteLevel]` pre-tokenizer.
 /// llama.cpp's name (`tokenizer.ggml.pre`) for how a byte-level BPE tokenizer splits text before
 /// its merges: by a known Split regex (Llama 3, Qwen2, Tekken, ...), or by GPT-2's regex, which a
 /// lone ByteLevel pre-tokenizer with `use_regex` applies ("gpt-2"). Any other split has no name
@@ -358,6 +357,7 @@ fn pre_type(pre: &Value) -> &'static str {
     "default"
 }
 
+/// The split regex of a `Sequence[Split, ByteLevel]` pre-tokenizer.
 fn pre_text_regex(pre: &Value) -> Option<&str> {
     pre["pretokenizers"]
         .as_array()?

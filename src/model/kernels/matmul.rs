@@ -380,21 +380,6 @@ fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
     W::dot(x, w)
 }
 
-/// [`dot`] compiled for the baseline instruction set.
-#[inline]
-fn baseline_dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
-    let (xr, wr) = (xc.remainder(), wc.remainder());
-    for (xs, ws) in xc.zip(wc) {
-        for l in 0..16 {
-            lanes[l] += xs[l] * ws[l].widen();
-        }
-    }
-    let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * w.widen()).sum();
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// Element types faer multiplies natively.
 pub(crate) trait Real:
     faer::traits::ComplexField + faer::traits::Conjugate<Canonical = Self> + Copy + Default
@@ -491,7 +476,7 @@ trait Widen: Copy + Sync {
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
     /// x·w in f32 (see [`dot`]).
     fn dot(x: &[f32], w: &[Self]) -> f32 {
-        baseline_dot(x, w)
+        vector_math::lane_dot(x, w, Self::widen)
     }
 }
 

@@ -105,34 +105,31 @@ multiversion! {
 multiversion! {
     /// x·w in f32 in 16 partial sums, added in lane order (a few rows against a weight's row).
     pub fn dot(x: &[f32], w: &[f32]) -> f32 {
-        let mut lanes = [0f32; 16];
-        let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
-        let (xr, wr) = (xc.remainder(), wc.remainder());
-        for (xs, ws) in xc.zip(wc) {
-            for l in 0..16 {
-                lanes[l] += xs[l] * ws[l];
-            }
-        }
-        let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * w).sum();
-        lanes.iter().sum::<f32>() + tail
+        lane_dot(x, w, |v| v)
     }
 }
 
 multiversion! {
     /// [`dot`] for a bf16 w, each element widened exactly (its bits are an f32's upper half).
     pub fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
-        let widen = |v: half::bf16| f32::from_bits(u32::from(v.to_bits()) << 16);
-        let mut lanes = [0f32; 16];
-        let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
-        let (xr, wr) = (xc.remainder(), wc.remainder());
-        for (xs, ws) in xc.zip(wc) {
-            for l in 0..16 {
-                lanes[l] += xs[l] * widen(ws[l]);
-            }
-        }
-        let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * widen(*w)).sum();
-        lanes.iter().sum::<f32>() + tail
+        lane_dot(x, w, |v| f32::from_bits(u32::from(v.to_bits()) << 16))
     }
+}
+
+/// x·w in f32, w widened by `widen`: 16 partial sums, then added in lane order, then the tail
+/// (inlined into the kernels above, and the baseline for other weight types).
+#[inline(always)]
+pub(crate) fn lane_dot<W: Copy>(x: &[f32], w: &[W], widen: impl Fn(W) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (xs, ws) in xc.zip(wc) {
+        for l in 0..16 {
+            lanes[l] += xs[l] * widen(ws[l]);
+        }
+    }
+    let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * widen(*w)).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 multiversion! {
