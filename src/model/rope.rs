@@ -10,7 +10,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::kernels::cpu_slices::{contiguous, with_cpu_slices};
-use super::kernels::matmul::{assume_init, uninit};
+use super::kernels::elements::{assume_init, uninit};
 use super::kernels::phases::{timed, Phase};
 
 use super::config::{ModelConfig, RopeScaling};

@@ -167,3 +167,15 @@ pub fn keep_artifact(file: &Path, name: &str) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(file, dir.join(name)).unwrap();
 }
+
+/// Seeded standard-normal values of shape `dims`, in f64.
+pub fn random(dims: &[usize], seed: u64) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = dims.iter().product();
+    let values: Vec<f64> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}

@@ -1,12 +1,13 @@
 //! The fused frozen-projection + LoRA op equals x·Wᵀ + s·((x⊙M)·Aᵀ)·Bᵀ composed from candle ops,
 //! in its output and in the gradients of x, A and B, with and without a dropout mask, in f64 and
-//! in f32 (where the CPU accumulates the adapter product into the base product).
+//! in f32 (where the CPU accumulates the adapter product into the base product); on a bf16
+//! weight and the CPU's bf16 kernels, it equals the exact sum of the bf16 operands.
 
 use candle_core::{DType, Device, Tensor, Var};
 use feinschliff::model::kernels::frozen_weight::FrozenWeight;
 use feinschliff::model::kernels::lora_linear::lora_linear;
 
-use super::common::max_abs_diff;
+use super::common::{max_abs_diff, random};
 
 #[test]
 fn fused_lora_linear_equals_the_composed_formula_and_its_gradients() {
@@ -90,4 +91,70 @@ fn a_bf16_input_runs_the_adapter_in_f32() {
     .unwrap();
     assert_eq!(half.dtype(), DType::BF16);
     assert!(max_abs_diff(&full, &half) < 0.05);
+}
+
+#[test]
+fn on_the_bf16_kernels_the_adapter_rides_in_the_frozen_product_at_bf16_precision() {
+    use feinschliff::model::kernels::amx;
+    let Some(kernel) = amx::bf16_kernel() else {
+        eprintln!("skipped: this CPU has no bf16 kernel (AMX-BF16, or AVX512_BF16 where preferred), so the adapter runs apart in f32");
+        return;
+    };
+    // Tails in every tile dimension: 70 rows, 300 in (9 × 32 + 12), 403 out, rank 20.
+    let (n, inp, out, r, scale) = (70, 300, 403, 20, 2.0);
+    let f32_of = |t: Tensor, s: f64| (t * s).unwrap().to_dtype(DType::F32).unwrap();
+    let x = Var::from_tensor(&f32_of(random(&[n, inp], 21), 1.0)).unwrap();
+    let w = f32_of(random(&[out, inp], 22), 0.05)
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let a = Var::from_tensor(&f32_of(random(&[r, inp], 23), 0.1)).unwrap();
+    let b = Var::from_tensor(&f32_of(random(&[out, r], 24), 0.1)).unwrap();
+    let g = f32_of(random(&[n, out], 25), 1.0);
+    let y = lora_linear(
+        &x,
+        &FrozenWeight::new(w.clone()).into(),
+        &a,
+        &b,
+        scale,
+        None,
+    )
+    .unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    // The exact sums of the operands the kernel multiplies: bf16 values, f64 sums (scale 2
+    // commutes with rounding).
+    let bf16_f64 = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let mm = |p: &Tensor, q: &Tensor| p.matmul(q).unwrap();
+    let (xb, wb, ab, bb) = (bf16_f64(&x), f64_of(&w), bf16_f64(&a), bf16_f64(&b));
+    let xa = mm(&xb, &ab.t().unwrap());
+    let want_y =
+        (mm(&xb, &wb.t().unwrap()) + (mm(&bf16_f64(&xa), &bb.t().unwrap()) * scale)).unwrap();
+    let gb = mm(&bf16_f64(&g), &bb);
+    let want_dx = (mm(&bf16_f64(&g), &wb) + (mm(&bf16_f64(&gb), &ab) * scale)).unwrap();
+    let want_da = (mm(&gb.t().unwrap(), &f64_of(&x)) * scale).unwrap();
+    let want_db = (mm(&f64_of(&g).t().unwrap(), &xa) * scale).unwrap();
+    for (name, got, want) in [
+        ("y", &y, &want_y),
+        ("dx", grads.get(&x).unwrap(), &want_dx),
+        ("dA", grads.get(&a).unwrap(), &want_da),
+        ("dB", grads.get(&b).unwrap(), &want_db),
+    ] {
+        let largest = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let err = max_abs_diff(got, want) / largest;
+        assert!(
+            err < 4e-3,
+            "{kernel:?}: {name} differs by {err} of its largest value"
+        );
+    }
 }

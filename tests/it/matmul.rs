@@ -2,21 +2,9 @@
 //! operands with odd sizes (tails of every kernel dimension), bf16 and f16 at their precision
 //! (accumulated in f32, so closer to the f64 product than candle's half-precision matmul).
 
-use super::common::max_abs_diff;
-use candle_core::{DType, Device, Tensor};
+use super::common::{max_abs_diff, random};
+use candle_core::{DType, Tensor};
 use feinschliff::model::kernels::matmul::matmul;
-
-/// Seeded standard-normal values of shape `dims`, in f64.
-fn random(dims: &[usize], seed: u64) -> Tensor {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = dims.iter().product();
-    let values: Vec<f64> = (0..n)
-        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
 
 #[test]
 fn equals_candle_matmul_on_strided_batched_and_odd_shapes() {

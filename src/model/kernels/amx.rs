@@ -8,7 +8,7 @@
 //! neither kernel runs. The left operand is rounded to bf16 (as PyTorch's autocast does),
 //! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the tiles off (to compare paths).
 
-use super::elements::{gather, Strided, ToBf16};
+use super::elements::{gather, RhsPart, Strided, ToBf16};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -88,7 +88,7 @@ const BLOCK: usize = 32;
 /// Bytes of packed right operand a thread keeps in L2 while the rows of the left one stream by.
 const L2_BUDGET: usize = 1 << 20;
 /// K per tile step (32 bf16 = 64 bytes per tile row).
-const K_STEP: usize = 32;
+pub(crate) const K_STEP: usize = 32;
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
@@ -127,6 +127,21 @@ impl PackedRhs {
     pub fn dims(&self) -> (usize, usize) {
         (self.k, self.n)
     }
+
+    /// The whole operand as one part of a product's right operand.
+    pub(crate) fn part(&self) -> RhsPart<'_> {
+        self.part_from(0)
+    }
+
+    /// Its columns from `first` (a multiple of 32) on, as a part of a right operand.
+    pub(crate) fn part_from(&self, first: usize) -> RhsPart<'_> {
+        debug_assert!(first.is_multiple_of(BLOCK));
+        let steps = round_up(self.k.max(1), K_STEP) / K_STEP;
+        RhsPart {
+            data: &self.data[first / 16 * steps * TILE..],
+            steps,
+        }
+    }
 }
 
 /// a [m, k] · b into `out` [m, n] as [`product`] does, with b packed already.
@@ -146,18 +161,37 @@ pub fn product_packed<A: ToBf16>(
     }
     let kp = round_up(k.max(1), K_STEP);
     let packed_a = pack_rows(&a, kp);
+    product_parts(kernel, (&packed_a, kp), &[b.part()], (m, n), out);
+}
+
+/// The rows of `a` (packed by [`pack_rows`], rows of `lda` u16) times the right operand made of
+/// `parts` one after the other along k, into `out` [m, n]; the threads split the columns.
+pub(crate) fn product_parts(
+    kernel: Bf16Kernel,
+    (a, lda): (&[u16], usize),
+    parts: &[RhsPart<'_>],
+    (m, n): (usize, usize),
+    out: &mut [MaybeUninit<f32>],
+) {
+    assert!(out.len() == m * n, "bf16 product: shapes do not fit");
+    if m * n == 0 {
+        return;
+    }
     let col_blocks = round_up(n, BLOCK) / BLOCK;
     let threads = rayon::current_num_threads().min(col_blocks).max(1);
     let per_thread = col_blocks.div_ceil(threads);
     let out_ptr = SendPtr(out.as_mut_ptr().cast());
-    (0..threads).into_par_iter().for_each(|t| {
+    let run_threads = |t: usize| {
         let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
-        let out_ptr = &out_ptr;
-        let dims = (m, kp, n);
         // Safety: each thread writes only the columns of its own column blocks, on a kernel the
         // CPU runs.
-        unsafe { run(kernel, &packed_a, &b.data, dims, blocks, out_ptr.at(0), n) };
-    });
+        unsafe { run(kernel, (a, lda), parts, (m, n), blocks, out_ptr.at(0), n) };
+    };
+    if threads == 1 {
+        run_threads(0);
+    } else {
+        (0..threads).into_par_iter().for_each(run_threads);
+    }
 }
 
 /// The output columns of `col_blocks` on `kernel` (see [`compute`]); `out` has rows of `ldo`.
@@ -165,33 +199,34 @@ pub fn product_packed<A: ToBf16>(
 /// Safety: as [`compute`]'s; `kernel` is one this CPU runs.
 unsafe fn run(
     kernel: Bf16Kernel,
-    a: &[u16],
-    b: &[u16],
-    dims: (usize, usize, usize),
+    a: (&[u16], usize),
+    parts: &[RhsPart<'_>],
+    dims: (usize, usize),
     col_blocks: std::ops::Range<usize>,
     out: *mut f32,
     ldo: usize,
 ) {
     match kernel {
-        Bf16Kernel::Amx => compute(a, b, dims, col_blocks, out, ldo),
-        Bf16Kernel::Avx512Bf16 => super::avx512_bf16::compute(a, b, dims, col_blocks, out, ldo),
+        Bf16Kernel::Amx => compute(a, parts, dims, col_blocks, out, ldo),
+        Bf16Kernel::Avx512Bf16 => super::avx512_bf16::compute(a, parts, dims, col_blocks, out, ldo),
     }
 }
 
-/// a · b into columns 0..n of `out` on the calling thread, a packed by [`pack_rows`] and b by
-/// [`packed_index`] (b [k, n]); `out` holds m rows of `ldo` f32 (a panel of a wider product).
+/// a · b into columns 0..n of `out` on the calling thread, a packed by [`pack_rows`] (rows of
+/// `lda`) and b the `parts` packed as [`PackedRhs`] packs, one after the other along k; `out`
+/// holds m rows of `ldo` f32 (a panel of a wider product).
 ///
 /// Safety: no other thread writes these columns of `out`; `kernel` is one this CPU runs
 /// ([`bf16_kernel`]).
 pub(crate) unsafe fn compute_columns(
     kernel: Bf16Kernel,
-    a: &[u16],
-    b: &[u16],
-    (m, kp, n): (usize, usize, usize),
+    a: (&[u16], usize),
+    parts: &[RhsPart<'_>],
+    (m, n): (usize, usize),
     out: *mut f32,
     ldo: usize,
 ) {
-    run(kernel, a, b, (m, kp, n), 0..n.div_ceil(BLOCK), out, ldo)
+    run(kernel, a, parts, (m, n), 0..n.div_ceil(BLOCK), out, ldo)
 }
 
 /// A raw output pointer shared by threads that write disjoint columns.
@@ -316,16 +351,16 @@ impl TileConfig {
     }
 }
 
-/// Computes the output columns of `col_blocks` (blocks of 32, of n columns) for all rows into
-/// `out`, whose rows are `ldo` f32 apart.
+/// Computes the output columns of `col_blocks` (blocks of 32, of n columns) for all m rows into
+/// `out`, whose rows are `ldo` f32 apart: a (bf16 rows of `lda`) times the `parts` of b in turn.
 ///
 /// Safety: `out` points to m rows of `ldo` ≥ n f32 that no other thread writes in these columns;
-/// AMX is available.
+/// the parts' steps fit in `lda`; AMX is available.
 #[cfg(target_arch = "x86_64")]
 unsafe fn compute(
-    a: &[u16],
-    b: &[u16],
-    (m, kp, n): (usize, usize, usize),
+    (a, lda): (&[u16], usize),
+    parts: &[RhsPart<'_>],
+    (m, n): (usize, usize),
     col_blocks: std::ops::Range<usize>,
     out: *mut f32,
     ldo: usize,
@@ -333,14 +368,14 @@ unsafe fn compute(
     use std::arch::asm;
     let config = TileConfig::new();
     asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack));
-    let steps = kp / K_STEP;
-    let tile = 16 * 32;
-    let a_stride = kp * 2;
+    let steps: usize = parts.iter().map(|p| p.steps).sum();
+    debug_assert!(steps * K_STEP <= lda);
+    let a_stride = lda * 2;
     let mut block = [0f32; BLOCK * BLOCK];
     let row_blocks = round_up(m, BLOCK) / BLOCK;
     // Keep the operand that fits in L2 there and stream the other one past it: this thread's
     // columns of b when they fit (rows of a outermost), else the rows of a.
-    let b_bytes = col_blocks.len() * steps * 2 * tile * 2;
+    let b_bytes = col_blocks.len() * steps * 2 * TILE * 2;
     let pairs: Vec<(usize, usize)> = if b_bytes <= L2_BUDGET {
         (0..row_blocks)
             .flat_map(|rb| col_blocks.clone().map(move |cb| (cb, rb)))
@@ -351,10 +386,6 @@ unsafe fn compute(
             .collect()
     };
     for (cb, rb) in pairs {
-        let b0 = b.as_ptr().add((2 * cb) * steps * tile);
-        let b1 = b.as_ptr().add((2 * cb + 1) * steps * tile);
-        let a0 = a.as_ptr().add(rb * BLOCK * kp);
-        let a1 = a0.add(16 * kp);
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
@@ -362,24 +393,31 @@ unsafe fn compute(
             "tilezero tmm3",
             options(nostack)
         );
-        for s in 0..steps {
-            asm!(
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0.add(s * K_STEP),
-                a1 = in(reg) a1.add(s * K_STEP),
-                b0 = in(reg) b0.add(s * tile),
-                b1 = in(reg) b1.add(s * tile),
-                sa = in(reg) a_stride,
-                sb = in(reg) 64usize,
-                options(nostack)
-            );
+        let mut a0 = a.as_ptr().add(rb * BLOCK * lda);
+        for part in parts {
+            let b0 = part.data.as_ptr().add((2 * cb) * part.steps * TILE);
+            let b1 = part.data.as_ptr().add((2 * cb + 1) * part.steps * TILE);
+            let a1 = a0.add(16 * lda);
+            for s in 0..part.steps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(s * K_STEP),
+                    a1 = in(reg) a1.add(s * K_STEP),
+                    b0 = in(reg) b0.add(s * TILE),
+                    b1 = in(reg) b1.add(s * TILE),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) 64usize,
+                    options(nostack)
+                );
+            }
+            a0 = a0.add(part.steps * K_STEP);
         }
         let rows = (m - rb * BLOCK).min(BLOCK);
         let cols = (n - cb * BLOCK).min(BLOCK);
@@ -414,9 +452,9 @@ unsafe fn compute(
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn compute(
-    _: &[u16],
-    _: &[u16],
-    _: (usize, usize, usize),
+    _: (&[u16], usize),
+    _: &[RhsPart<'_>],
+    _: (usize, usize),
     _: std::ops::Range<usize>,
     _: *mut f32,
     _: usize,

@@ -11,6 +11,8 @@
 
 use std::sync::OnceLock;
 
+use super::elements::RhsPart;
+
 /// Whether this CPU executes AVX512_BF16 instructions (checked once).
 pub fn supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
@@ -64,46 +66,52 @@ const COLS: usize = 32;
 const L2_BUDGET: usize = 1 << 20;
 
 /// The output columns of `col_blocks` (blocks of 32) for all m rows, from `a` packed as bf16 rows
-/// of `kp` elements (zero-padded to a multiple of 32 rows) and `b` packed in pair-interleaved
-/// groups of 16 columns ([`super::amx::PackedRhs`]).
+/// of `lda` elements (zero-padded to a multiple of 32 rows) and the `parts` of b in turn, each
+/// packed in pair-interleaved groups of 16 columns ([`super::amx::PackedRhs`]).
 ///
 /// Safety: `out` points to m rows of `ldo` ≥ n f32 that no other thread writes in these columns;
-/// the CPU has AVX512F and AVX512_BF16 ([`supported`]).
+/// the parts' steps fit in `lda`; the CPU has AVX512F and AVX512_BF16 ([`supported`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn compute(
-    a: &[u16],
-    b: &[u16],
-    (m, kp, n): (usize, usize, usize),
+    (a, lda): (&[u16], usize),
+    parts: &[RhsPart<'_>],
+    (m, n): (usize, usize),
     col_blocks: std::ops::Range<usize>,
     out: *mut f32,
     ldo: usize,
 ) {
     use std::arch::x86_64::*;
-    let pairs = kp / 2;
-    // u16 per group of 16 columns: one 64-byte vector per pair of k.
-    let group = pairs * 32;
-    let panel = (L2_BUDGET / (COLS * kp * 2)).max(1);
+    let kp: usize = parts.iter().map(|p| p.steps * 32).sum();
+    let panel = (L2_BUDGET / (COLS * kp.max(1) * 2)).max(1);
     let mut first = col_blocks.start;
     while first < col_blocks.end {
         let panel_blocks = first..(first + panel).min(col_blocks.end);
         for row0 in (0..m).step_by(ROWS) {
-            let a_rows = a.as_ptr().add(row0 * kp).cast::<i32>();
             for cb in panel_blocks.clone() {
-                let b0 = b.as_ptr().add(2 * cb * group);
-                let b1 = b0.add(group);
                 let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-                for p in 0..pairs {
-                    let vb0: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(b0.add(p * 32).cast()));
-                    let vb1: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(b1.add(p * 32).cast()));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let pair = a_rows.add(r * pairs + p).read_unaligned();
-                        let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                        acc[0] = _mm512_dpbf16_ps(acc[0], va, vb0);
-                        acc[1] = _mm512_dpbf16_ps(acc[1], va, vb1);
+                // The pairs of k before this part, in the rows of a.
+                let mut pair0 = 0;
+                for part in parts {
+                    let pairs = part.steps * 16;
+                    // u16 per group of 16 columns: one 64-byte vector per pair of k.
+                    let group = pairs * 32;
+                    let b0 = part.data.as_ptr().add(2 * cb * group);
+                    let b1 = b0.add(group);
+                    let a_rows = a.as_ptr().add(row0 * lda).cast::<i32>().add(pair0);
+                    for p in 0..pairs {
+                        let vb0: __m512bh =
+                            std::mem::transmute(_mm512_loadu_si512(b0.add(p * 32).cast()));
+                        let vb1: __m512bh =
+                            std::mem::transmute(_mm512_loadu_si512(b1.add(p * 32).cast()));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let pair = a_rows.add(r * lda / 2 + p).read_unaligned();
+                            let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                            acc[0] = _mm512_dpbf16_ps(acc[0], va, vb0);
+                            acc[1] = _mm512_dpbf16_ps(acc[1], va, vb1);
+                        }
                     }
+                    pair0 += pairs;
                 }
                 let rows = (m - row0).min(ROWS);
                 for (r, acc) in acc.iter().enumerate().take(rows) {
@@ -124,9 +132,9 @@ pub(crate) unsafe fn compute(
 
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) unsafe fn compute(
-    _: &[u16],
-    _: &[u16],
-    _: (usize, usize, usize),
+    _: (&[u16], usize),
+    _: &[RhsPart<'_>],
+    _: (usize, usize),
     _: std::ops::Range<usize>,
     _: *mut f32,
     _: usize,

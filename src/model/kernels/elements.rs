@@ -1,5 +1,6 @@
 //! Element conversions and strided operands shared by the product kernels: f32 → bf16 rounding,
-//! gathering one row or column of a strided matrix, and the operand view the bf16 kernels read.
+//! gathering one row or column of a strided matrix, the operand views the bf16 kernels read, and
+//! output buffers they fill without zeroing.
 
 use std::mem::MaybeUninit;
 
@@ -68,6 +69,16 @@ impl ToBf16 for bf16 {
     }
 }
 
+/// A stretch of a right operand along k, packed as [`super::amx::PackedRhs`] packs: `steps` tile
+/// steps (32 k each) per group of 16 columns. A product may run over several parts one after the
+/// other, each against the next `32·steps` elements of the left operand's rows (a frozen weight
+/// and a LoRA factor in one pass).
+#[derive(Clone, Copy)]
+pub(crate) struct RhsPart<'a> {
+    pub data: &'a [u16],
+    pub steps: usize,
+}
+
 /// A strided matrix: element (r, c) at `offset + r·rows_stride + c·cols_stride`.
 #[derive(Clone, Copy)]
 pub struct Strided<'a, T> {
@@ -83,4 +94,23 @@ impl<T: Copy> Strided<'_, T> {
     pub(crate) fn at(&self, r: usize, c: usize) -> T {
         self.data[self.offset + r * self.strides.0 + c * self.strides.1]
     }
+}
+
+/// `len` elements left uninitialised, for kernels that write every one of them (zeroing a
+/// product's output first costs a pass over it).
+pub(crate) fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation; the capacity is `len`.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The elements of `v` as initialised.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+pub(crate) unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
 }

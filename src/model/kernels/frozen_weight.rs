@@ -13,8 +13,10 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::amx::PackedRhs;
+use super::low_rank::WithThin;
 use super::matmul::{
-    cpu_packed_product, cpu_product_f32, matmul, plus_product_f32, product_transposed,
+    cpu_packed_plus_low_rank, cpu_packed_product, cpu_product_f32, matmul, plus_product_f32,
+    product_transposed, weight_kernel,
 };
 
 /// A frozen weight and its packed forms (shared by clones).
@@ -116,6 +118,57 @@ impl FrozenWeight {
                 matmul(g, &self.tensor)?.to_dtype(cd.dtype())? + cd
             }
         }
+    }
+
+    /// Whether a LoRA adapter's products on `rows` rows ride in this weight's own products
+    /// ([`Self::cpu_forward_low_rank`], [`Self::times_plus_low_rank`]): a bf16 weight on the CPU
+    /// where a bf16 kernel runs the product.
+    pub fn fuses_adapter(&self, rows: usize) -> bool {
+        let (out, inp) = (self.tensor.dims()[0], self.tensor.dims()[1]);
+        self.tensor.dtype() == candle_core::DType::BF16
+            && self.tensor.device().is_cpu()
+            && weight_kernel(rows, inp, out, true).is_some()
+    }
+
+    /// x·Wᵀ + scale·(x·Aᵀ)·Bᵀ and x·Aᵀ for f32 x [n, in] and a LoRA adapter's f32 A [r, in] and
+    /// B [out, r], in one pass of the bf16 kernel through the packed Wᵀ; None where it does not
+    /// apply ([`Self::fuses_adapter`]).
+    pub(crate) fn cpu_forward_low_rank(
+        &self,
+        x: (&CpuStorage, &Layout),
+        (a, la): (&CpuStorage, &Layout),
+        (b, lb): (&CpuStorage, &Layout),
+        scale: f64,
+    ) -> Result<Option<WithThin>> {
+        let (w, lw) = self.tensor.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            return Ok(None);
+        };
+        cpu_packed_plus_low_rank(
+            x,
+            (w, &lw.transpose(0, 1)?),
+            &self.packs.transposed,
+            (a, &la.transpose(0, 1)?),
+            (b, &lb.transpose(0, 1)?),
+            scale,
+        )
+    }
+
+    /// g·W + scale·(g·B)·A and g·B for f32 g [n, out] and a LoRA adapter's f32 A [r, in] and
+    /// B [out, r], in one pass of the bf16 kernel through the packed W; None where it does not
+    /// apply.
+    pub(crate) fn cpu_times_plus_low_rank(
+        &self,
+        g: (&CpuStorage, &Layout),
+        a: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+        scale: f64,
+    ) -> Result<Option<WithThin>> {
+        let (w, lw) = self.tensor.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            return Ok(None);
+        };
+        cpu_packed_plus_low_rank(g, (w, lw), &self.packs.plain, b, a, scale)
     }
 
     /// g·W through the packed weight where a bf16 kernel applies.

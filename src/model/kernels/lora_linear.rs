@@ -7,8 +7,9 @@
 
 use std::sync::OnceLock;
 
+use candle_core::backend::BackendStorage;
 use candle_core::op::{BackpropOp, Mul};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::matmul::{matmul, product_transposed, MatmulStorage};
 use super::phases::{timed, Phase};
@@ -134,6 +135,17 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.fused(x.dtype(), a.dtype(), lx.dims()[0]) {
+            let (frozen, adapter) = (self.frozen_flops(lx), self.adapter_flops(lx, 2));
+            let fused = timed(Phase::Projections, frozen + adapter, || {
+                self.weight
+                    .cpu_forward_low_rank((x, lx), (a, la), (b, lb), self.scale)
+            })?;
+            if let Some(((y, y_shape), (xa, xa_shape))) = fused {
+                self.save_xa(Storage::Cpu(CpuStorage::F32(xa)), xa_shape);
+                return Ok((CpuStorage::F32(y), y_shape));
+            }
+        }
         lora_forward!(self, Cpu, cpu_forward, (x, lx), (a, la), (b, lb))
     }
 
@@ -166,6 +178,17 @@ impl CustomOp3 for LoraLinear {
 }
 
 impl LoraLinear {
+    /// Whether the adapter's products ride in the frozen ones on the CPU's bf16 kernel
+    /// ([`ProjectionWeight::cpu_forward_low_rank`]) for x of `x_dtype` on `rows` rows and factors
+    /// of `lora_dtype`: a bf16 compute dtype, f32 activations and factors, and no dropout (whose
+    /// mask makes the adapter's input differ from the frozen product's).
+    fn fused(&self, x_dtype: DType, lora_dtype: DType, rows: usize) -> bool {
+        self.mask.is_none()
+            && x_dtype == DType::F32
+            && lora_dtype == DType::F32
+            && self.weight.fuses_adapter(rows)
+    }
+
     /// Keeps x·Aᵀ of the forward pass for [`Self::backward`].
     fn save_xa(&self, xa: Storage, shape: Shape) {
         // Each forward pass makes its own op, so the cell is empty here.
@@ -202,16 +225,31 @@ impl LoraLinear {
             x_lora = x_lora.mul(m)?;
         }
         let g = grad.detach().to_dtype(lora_dtype)?;
+        let xa = || match self.saved_xa.get() {
+            Some(xa) => Ok(xa.clone()),
+            None => matmul(&x_lora, &a.t()?),
+        };
+        // On the CPU's bf16 kernel, dx = g·W + s·(g·B)·A is one pass that also gives g·B.
+        if x.track_op() && self.fused(grad.dtype(), lora_dtype, grad.dim(0)?) {
+            let flops = self.adapter_flops(x.layout(), 2);
+            if let Some((dx, g_b)) = timed(Phase::Projections, flops, || {
+                self.weight
+                    .times_plus_low_rank(&grad.detach(), &a, &b, self.scale)
+            })? {
+                let (da, db) = timed(Phase::Adapters, self.adapter_flops(x.layout(), 2), || {
+                    let da = (matmul(&g_b.t()?, &x_lora)? * self.scale)?;
+                    let db = (matmul(&g.t()?, &xa()?)? * self.scale)?;
+                    Result::Ok((da, db))
+                })?;
+                return Ok((Some(dx.to_dtype(x.dtype())?), Some(da), Some(db)));
+            }
+        }
         // The adapter's share of dx is summed into the frozen product's buffer below, and
         // counted with it.
         let (g_b, da, db) = timed(Phase::Adapters, self.adapter_flops(x.layout(), 4), || {
             let g_b = (matmul(&g, &b)? * self.scale)?;
             let da = matmul(&g_b.t()?, &x_lora)?;
-            let xa = match self.saved_xa.get() {
-                Some(xa) => xa.clone(),
-                None => matmul(&x_lora, &a.t()?)?,
-            };
-            let db = (matmul(&g.t()?, &xa)? * self.scale)?;
+            let db = (matmul(&g.t()?, &xa()?)? * self.scale)?;
             Result::Ok((g_b, da, db))
         })?;
         let dx = match (&self.mask, x.track_op()) {

@@ -12,7 +12,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::elements::{gather, narrow_bf16};
+use super::elements::{assume_init, gather, narrow_bf16, uninit};
+use super::low_rank::WithThin;
 use super::vector_math;
 use std::mem::MaybeUninit;
 
@@ -594,34 +595,90 @@ pub(crate) fn cpu_packed_product(
     lb: &Layout,
     packed: &std::sync::OnceLock<super::amx::PackedRhs>,
 ) -> Result<Option<(Vec<f32>, Shape)>> {
-    let (CpuStorage::F32(a), CpuStorage::BF16(b)) = (a, b) else {
+    let Some(product) = PackedProduct::of((a, la), (b, lb), packed)? else {
         return Ok(None);
     };
-    let dims = ProductDims::of(la, lb)?;
-    let (m, k, n) = (dims.m, dims.k, dims.n);
-    let kernel = match weight_kernel(m, k, n, dims.b_strides.0 == 1) {
-        Some(kernel) if dims.batch == 1 => kernel,
-        _ => return Ok(None),
-    };
-    let (oa, ob) = dims.offsets[0];
-    let rhs =
-        packed.get_or_init(|| super::amx::PackedRhs::new(&strided(b, ob, (k, n), dims.b_strides)));
-    if rhs.dims() != (k, n) {
-        candle_core::bail!(
-            "packed weight: packed as {:?}, used as {:?}",
-            rhs.dims(),
-            (k, n)
-        );
-    }
-    let mut out = uninit::<f32>(m * n);
-    super::amx::product_packed(
-        kernel,
-        strided(a, oa, (m, k), dims.a_strides),
-        rhs,
-        &mut out,
-    );
+    let mut out = uninit::<f32>(product.lhs.rows * product.rhs.dims().1);
+    super::amx::product_packed(product.kernel, product.lhs, product.rhs, &mut out);
     // SAFETY: the bf16 kernel writes every element.
-    Ok(Some((unsafe { assume_init(out) }, dims.out_shape)))
+    Ok(Some((unsafe { assume_init(out) }, product.shape)))
+}
+
+/// a·b + alpha·(a·u)·v and a·u for f32 activations a [m, k], a bf16 weight b [k, n] packed into
+/// `packed` as [`cpu_packed_product`] packs it, and f32 factors u [k, r], v [r, n]: a LoRA
+/// adapter's update in the frozen product's pass ([`super::low_rank`]). None where no bf16
+/// kernel applies.
+pub(crate) fn cpu_packed_plus_low_rank(
+    (a, la): (&CpuStorage, &Layout),
+    (b, lb): (&CpuStorage, &Layout),
+    packed: &std::sync::OnceLock<super::amx::PackedRhs>,
+    (u, lu): (&CpuStorage, &Layout),
+    (v, lv): (&CpuStorage, &Layout),
+    alpha: f64,
+) -> Result<Option<WithThin>> {
+    let Some(factors) = super::low_rank::Factors::of((u, lu), (v, lv), alpha)? else {
+        return Ok(None);
+    };
+    let Some(product) = PackedProduct::of((a, la), (b, lb), packed)? else {
+        return Ok(None);
+    };
+    let (out, thin) = super::low_rank::plus_low_rank(
+        product.kernel,
+        product.lhs,
+        product.rhs,
+        factors.u(),
+        factors.v(),
+    );
+    let r = factors.u().cols;
+    Ok(Some((
+        (out, product.shape),
+        (thin, Shape::from((product.lhs.rows, r))),
+    )))
+}
+
+/// The operands of a product of f32 activations with a packed bf16 weight, where a bf16 kernel
+/// applies to it.
+struct PackedProduct<'s, 'p> {
+    kernel: super::amx::Bf16Kernel,
+    lhs: super::elements::Strided<'s, f32>,
+    rhs: &'p super::amx::PackedRhs,
+    shape: Shape,
+}
+
+impl<'s, 'p> PackedProduct<'s, 'p> {
+    /// a [m, k] · b [k, n] with b packed into `packed` on first use; None for other dtypes, a
+    /// batch, no bf16 kernel, or a product too small to gain.
+    fn of(
+        (a, la): (&'s CpuStorage, &Layout),
+        (b, lb): (&CpuStorage, &Layout),
+        packed: &'p std::sync::OnceLock<super::amx::PackedRhs>,
+    ) -> Result<Option<Self>> {
+        let (CpuStorage::F32(a), CpuStorage::BF16(b)) = (a, b) else {
+            return Ok(None);
+        };
+        let dims = ProductDims::of(la, lb)?;
+        let (m, k, n) = (dims.m, dims.k, dims.n);
+        let kernel = match weight_kernel(m, k, n, dims.b_strides.0 == 1) {
+            Some(kernel) if dims.batch == 1 => kernel,
+            _ => return Ok(None),
+        };
+        let (oa, ob) = dims.offsets[0];
+        let rhs = packed
+            .get_or_init(|| super::amx::PackedRhs::new(&strided(b, ob, (k, n), dims.b_strides)));
+        if rhs.dims() != (k, n) {
+            candle_core::bail!(
+                "packed weight: packed as {:?}, used as {:?}",
+                rhs.dims(),
+                (k, n)
+            );
+        }
+        Ok(Some(Self {
+            kernel,
+            lhs: strided(a, oa, (m, k), dims.a_strides),
+            rhs,
+            shape: dims.out_shape,
+        }))
+    }
 }
 
 /// The bf16 kernels' view of `rows` × `cols` elements of `data` from `offset`.
@@ -697,23 +754,4 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
     }
     // SAFETY: the panels cover every column of every batch's output.
     unsafe { assume_init(out) }
-}
-
-/// `len` elements left uninitialised, for products that write every one of them (zeroing a
-/// product's output first costs a pass over it).
-pub(crate) fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit needs no initialisation; the capacity is `len`.
-    unsafe { out.set_len(len) };
-    out
-}
-
-/// The elements of `v` as initialised.
-///
-/// # Safety
-/// Every element of `v` must have been written.
-pub(crate) unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
 }

@@ -12,6 +12,7 @@ pub mod cross_entropy;
 pub mod elements;
 pub mod frozen_weight;
 pub mod lora_linear;
+mod low_rank;
 pub mod matmul;
 pub mod phases;
 pub(crate) mod precomputed;

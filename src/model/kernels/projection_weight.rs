@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::frozen_weight::FrozenWeight;
+use super::low_rank::WithThin;
 use super::matmul::{matmul, plus_product_f32};
 use super::quant::{Orientation, QuantizedWeight};
 
@@ -105,6 +106,73 @@ impl ProjectionWeight {
                 }
             },
         }
+    }
+
+    /// Whether a LoRA adapter's products on `rows` rows ride in this weight's own products on the
+    /// CPU's bf16 kernel ([`Self::cpu_forward_low_rank`], [`Self::times_plus_low_rank`]).
+    pub fn fuses_adapter(&self, rows: usize) -> bool {
+        match self {
+            Self::Dense(w) => w.fuses_adapter(rows),
+            Self::Quantized(q) => q.fuses_adapter(rows),
+        }
+    }
+
+    /// x·Wᵀ + scale·(x·Aᵀ)·Bᵀ and x·Aᵀ for f32 x [n, in] and a LoRA adapter's f32 A [r, in] and
+    /// B [out, r], in one pass of the bf16 kernel; None where it does not apply
+    /// ([`Self::fuses_adapter`]).
+    pub(crate) fn cpu_forward_low_rank(
+        &self,
+        x: (&CpuStorage, &Layout),
+        (a, la): (&CpuStorage, &Layout),
+        (b, lb): (&CpuStorage, &Layout),
+        scale: f64,
+    ) -> Result<Option<WithThin>> {
+        Ok(match self {
+            Self::Dense(w) => w.cpu_forward_low_rank(x, (a, la), (b, lb), scale)?,
+            Self::Quantized(q) => q.cpu_product_plus_low_rank(
+                Orientation::Transposed,
+                x,
+                (a, &la.transpose(0, 1)?),
+                (b, &lb.transpose(0, 1)?),
+                scale,
+            )?,
+        })
+    }
+
+    /// g·W + scale·(g·B)·A and g·B without gradients, for f32 g [n, out] and a LoRA adapter's f32
+    /// A [r, in] and B [out, r] (the input gradient of [`Self::cpu_forward_low_rank`]'s sum), in
+    /// one pass of the bf16 kernel; None where it does not apply.
+    pub fn times_plus_low_rank(
+        &self,
+        g: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (sg, lg) = g.storage_and_layout();
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (Storage::Cpu(sg), Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sg, &*sa, &*sb) else {
+            return Ok(None);
+        };
+        let fused = match self {
+            Self::Dense(w) => w.cpu_times_plus_low_rank((sg, lg), (sa, la), (sb, lb), scale)?,
+            Self::Quantized(q) => q.cpu_product_plus_low_rank(
+                Orientation::Plain,
+                (sg, lg),
+                (sb, lb),
+                (sa, la),
+                scale,
+            )?,
+        };
+        fused
+            .map(|((dx, dx_shape), (gb, gb_shape))| {
+                Ok((
+                    Tensor::from_vec(dx, dx_shape, g.device())?,
+                    Tensor::from_vec(gb, gb_shape, g.device())?,
+                ))
+            })
+            .transpose()
     }
 }
 

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::cpu_slices::contiguous;
-use super::matmul::{assume_init, uninit};
+use super::elements::{assume_init, uninit};
 use super::phases::{timed, Phase};
 use super::vector_math;
 

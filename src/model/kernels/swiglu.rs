@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::cpu_slices::{contiguous, with_cpu_slices};
-use super::matmul::{assume_init, uninit};
+use super::elements::{assume_init, uninit};
 use super::phases::{timed, Phase};
 use super::vector_math;
 

@@ -18,6 +18,8 @@ use rayon::prelude::*;
 pub use format::Quantization;
 pub(crate) use panels::Orientation;
 
+use super::low_rank::WithThin;
+
 /// A frozen weight [rows, cols] held quantized; products run in `compute` (the model's dtype:
 /// the decoded values are rounded to it, as a dense weight of that dtype would be).
 pub struct QuantizedWeight {
@@ -175,14 +177,72 @@ impl QuantizedWeight {
         a: &CpuStorage,
         la: &Layout,
     ) -> Result<Option<(CpuStorage, Shape)>> {
+        let n = self.output_width(orientation);
+        self.on_cpu(orientation, (a, la), |planes, a| {
+            let m = a.rows;
+            let out = panels::product(planes, orientation, self.compute, a);
+            Ok(Some((CpuStorage::F32(out), Shape::from((m, n)))))
+        })
+    }
+
+    /// Whether a LoRA adapter's products on `rows` rows ride in this weight's own products
+    /// ([`Self::cpu_product_plus_low_rank`]): a bf16 compute dtype on the CPU where a bf16 kernel
+    /// runs the product.
+    pub(crate) fn fuses_adapter(&self, rows: usize) -> bool {
+        let (out, inp) = self.dims;
+        self.compute == DType::BF16
+            && self.codes.device().is_cpu()
+            && super::matmul::weight_kernel(rows, inp, out, true).is_some()
+    }
+
+    /// a·B + alpha·(a·U)·V and a·U, with B = Wᵀ or W as in [`Self::cpu_product`], for f32 factors
+    /// U [k, r] and V [r, n]: a LoRA adapter's update in the same pass of the bf16 kernel. None
+    /// where it does not apply ([`Self::fuses_adapter`]).
+    pub(crate) fn cpu_product_plus_low_rank(
+        &self,
+        orientation: Orientation,
+        a: (&CpuStorage, &Layout),
+        u: (&CpuStorage, &Layout),
+        v: (&CpuStorage, &Layout),
+        alpha: f64,
+    ) -> Result<Option<WithThin>> {
+        let Some(factors) = super::low_rank::Factors::of(u, v, alpha)? else {
+            return Ok(None);
+        };
+        let (n, r) = (self.output_width(orientation), factors.u().cols);
+        self.on_cpu(orientation, a, |planes, a| {
+            let m = a.rows;
+            let factors = (factors.u(), factors.v());
+            let fused =
+                panels::product_plus_low_rank(planes, orientation, self.compute, a, factors);
+            Ok(fused.map(|(out, thin)| ((out, Shape::from((m, n))), (thin, Shape::from((m, r))))))
+        })
+    }
+
+    /// Columns of a product with this weight in `orientation`.
+    fn output_width(&self, orientation: Orientation) -> usize {
+        match orientation {
+            Orientation::Transposed => self.dims.0,
+            Orientation::Plain => self.dims.1,
+        }
+    }
+
+    /// `f` on the weight's planes and f32 rows `a` on the CPU, after checking a's width against
+    /// `orientation`; None where a or the weight is elsewhere or not f32.
+    fn on_cpu<T>(
+        &self,
+        orientation: Orientation,
+        (a, la): (&CpuStorage, &Layout),
+        f: impl FnOnce(&panels::Planes, super::elements::Strided<f32>) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         let CpuStorage::F32(a) = a else {
             return Ok(None);
         };
         let (m, k) = la.shape().dims2()?;
         let (rows, cols) = self.dims;
-        let (inner, n) = match orientation {
-            Orientation::Transposed => (cols, rows),
-            Orientation::Plain => (rows, cols),
+        let inner = match orientation {
+            Orientation::Transposed => cols,
+            Orientation::Plain => rows,
         };
         if k != inner {
             bail!("quantized product: input has {k} features, the weight expects {inner}");
@@ -209,7 +269,6 @@ impl QuantizedWeight {
             },
             _ => return Ok(None),
         };
-        let out = panels::product(&planes, orientation, self.compute, a);
-        Ok(Some((CpuStorage::F32(out), Shape::from((m, n)))))
+        f(&planes, a)
     }
 }

@@ -14,8 +14,9 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::super::amx::{self, SendPtr};
-use super::super::elements::{narrow_bf16, Strided};
-use super::super::matmul::{assume_init, uninit, view, weight_kernel, PARALLEL_FLOPS};
+use super::super::elements::{assume_init, narrow_bf16, uninit, RhsPart, Strided};
+use super::super::low_rank::LowRank;
+use super::super::matmul::{view, weight_kernel, PARALLEL_FLOPS};
 use super::codec;
 use super::format::Quantization;
 
@@ -163,76 +164,132 @@ impl Planes<'_> {
 /// a [m, k] · B with B = Wᵀ ([`Orientation::Transposed`]) or W ([`Orientation::Plain`]), as f32
 /// [m, n], the decoded values rounded to `compute`.
 pub fn product(w: &Planes, orientation: Orientation, compute: DType, a: Strided<f32>) -> Vec<f32> {
-    let (rows, cols) = w.dims;
-    let (k, n) = match orientation {
-        Orientation::Transposed => (cols, rows),
-        Orientation::Plain => (rows, cols),
-    };
+    let (k, n) = w.product_dims(orientation);
     let m = a.rows;
-    let mut out = uninit::<f32>(m * n);
-    let threads = rayon::current_num_threads();
-    // Panels of whole bf16 kernel blocks (32 columns) and, for W's columns, whole quant blocks;
-    // about four per thread.
-    let unit = match orientation {
-        Orientation::Transposed => 32,
-        Orientation::Plain => w.format.block().max(32),
-    };
-    let width = (n.div_ceil(4 * threads).div_ceil(unit) * unit).clamp(unit, MAX_PANEL.max(unit));
-    let panels: Vec<Range<usize>> = (0..n)
-        .step_by(width)
-        .map(|c| c..(c + width).min(n))
-        .collect();
-    let parallel = threads > 1 && 2 * m * k * n >= PARALLEL_FLOPS;
-    let dst = SendPtr(out.as_mut_ptr().cast::<f32>());
-    let kernel = match compute {
-        DType::BF16 => weight_kernel(m, k, n, orientation == Orientation::Transposed),
-        _ => None,
-    };
-    match kernel {
-        Some(kernel) => {
-            let kp = k.next_multiple_of(32);
-            let packed_a = amx::pack_rows(&a, kp);
-            for_each(parallel, &panels, |cols| {
-                let p = cols.len();
-                let mut packed = vec![0u16; amx::packed_len(p, kp)];
-                w.fill_packed(orientation, cols.clone(), kp, &mut packed);
-                // SAFETY: only this panel writes these columns of every row of `out` (m × n);
-                // the kernel is one this CPU runs.
-                unsafe {
-                    amx::compute_columns(
-                        kernel,
-                        &packed_a,
-                        &packed,
-                        (m, kp, p),
-                        dst.at(cols.start),
-                        n,
-                    )
-                };
-            });
-        }
-        None => {
-            let round = rounding(compute);
-            let lhs = view(a.data, a.offset, m, k, a.strides);
-            for_each(parallel, &panels, |cols| {
-                let p = cols.len();
-                let mut values = vec![0f32; k * p];
-                w.fill_f32(orientation, cols.clone(), round, &mut values);
-                // Wᵀ's columns are contiguous (rows of W decoded whole), W's rows.
-                let strides = match orientation {
-                    Orientation::Transposed => (1, k),
-                    Orientation::Plain => (p, 1),
-                };
-                let rhs = view(&values, 0, k, p, strides);
-                // SAFETY: columns cols of the m × n output, written by this panel only; faer
-                // writes them all without reading (Replace).
-                let out =
-                    unsafe { MatMut::from_raw_parts_mut(dst.at(cols.start), m, p, n as isize, 1) };
-                faer::linalg::matmul::matmul(out, Accum::Replace, lhs, rhs, 1f32, Par::Seq);
-            });
-        }
+    if let Some(kernel) = w.bf16_kernel(orientation, compute, m) {
+        let kp = k.next_multiple_of(32);
+        let rows = amx::pack_rows(&a, kp);
+        return w.tile_panels(orientation, kernel, (m, n), (&rows, kp), None);
     }
+    let mut out = uninit::<f32>(m * n);
+    let dst = SendPtr(out.as_mut_ptr().cast::<f32>());
+    let (panels, parallel) = w.panels(orientation, m);
+    let round = rounding(compute);
+    let lhs = view(a.data, a.offset, m, k, a.strides);
+    for_each(parallel, &panels, |cols| {
+        let p = cols.len();
+        let mut values = vec![0f32; k * p];
+        w.fill_f32(orientation, cols.clone(), round, &mut values);
+        // Wᵀ's columns are contiguous (rows of W decoded whole), W's rows.
+        let strides = match orientation {
+            Orientation::Transposed => (1, k),
+            Orientation::Plain => (p, 1),
+        };
+        let rhs = view(&values, 0, k, p, strides);
+        // SAFETY: columns cols of the m × n output, written by this panel only; faer
+        // writes them all without reading (Replace).
+        let out = unsafe { MatMut::from_raw_parts_mut(dst.at(cols.start), m, p, n as isize, 1) };
+        faer::linalg::matmul::matmul(out, Accum::Replace, lhs, rhs, 1f32, Par::Seq);
+    });
     // SAFETY: the panels cover every column of every row.
     unsafe { assume_init(out) }
+}
+
+/// a·B + (a·U)·V and a·U, B as in [`product`], for f32 factors U [k, r] and V [r, n]: a LoRA
+/// adapter's update in the same pass of the bf16 kernel ([`LowRank`]). None where no bf16
+/// kernel runs this product.
+pub fn product_plus_low_rank(
+    w: &Planes,
+    orientation: Orientation,
+    compute: DType,
+    a: Strided<f32>,
+    (u, v): (Strided<f32>, Strided<f32>),
+) -> Option<(Vec<f32>, Vec<f32>)> {
+    let (_, n) = w.product_dims(orientation);
+    let m = a.rows;
+    let kernel = w.bf16_kernel(orientation, compute, m)?;
+    let low = LowRank::new(kernel, a, u, v);
+    let out = w.tile_panels(orientation, kernel, (m, n), low.rows(), Some(&low));
+    Some((out, low.into_thin()))
+}
+
+impl Planes<'_> {
+    /// (k, n) of a product with this weight in `orientation`.
+    fn product_dims(&self, orientation: Orientation) -> (usize, usize) {
+        let (rows, cols) = self.dims;
+        match orientation {
+            Orientation::Transposed => (cols, rows),
+            Orientation::Plain => (rows, cols),
+        }
+    }
+
+    /// The bf16 kernel a product of `m` rows takes where the compute dtype is bf16 and a dense
+    /// bf16 weight would take it.
+    fn bf16_kernel(
+        &self,
+        orientation: Orientation,
+        compute: DType,
+        m: usize,
+    ) -> Option<amx::Bf16Kernel> {
+        let (k, n) = self.product_dims(orientation);
+        match compute {
+            DType::BF16 => weight_kernel(m, k, n, orientation == Orientation::Transposed),
+            _ => None,
+        }
+    }
+
+    /// The panels of output columns for a product of `m` rows, and whether they run in parallel:
+    /// whole bf16 kernel blocks (32 columns) and, for W's columns, whole quant blocks; about
+    /// four per thread.
+    fn panels(&self, orientation: Orientation, m: usize) -> (Vec<Range<usize>>, bool) {
+        let (k, n) = self.product_dims(orientation);
+        let threads = rayon::current_num_threads();
+        let unit = match orientation {
+            Orientation::Transposed => 32,
+            Orientation::Plain => self.format.block().max(32),
+        };
+        let width =
+            (n.div_ceil(4 * threads).div_ceil(unit) * unit).clamp(unit, MAX_PANEL.max(unit));
+        let panels = (0..n)
+            .step_by(width)
+            .map(|c| c..(c + width).min(n))
+            .collect();
+        (panels, threads > 1 && 2 * m * k * n >= PARALLEL_FLOPS)
+    }
+
+    /// The product of the packed bf16 `rows` (of `lda` u16) with the decoded weight on `kernel`,
+    /// a panel at a time, plus the low-rank update `low` whose columns follow k in `rows`.
+    fn tile_panels(
+        &self,
+        orientation: Orientation,
+        kernel: amx::Bf16Kernel,
+        (m, n): (usize, usize),
+        (rows, lda): (&[u16], usize),
+        low: Option<&LowRank>,
+    ) -> Vec<f32> {
+        let (k, _) = self.product_dims(orientation);
+        let kp = k.next_multiple_of(32);
+        let mut out = uninit::<f32>(m * n);
+        let dst = SendPtr(out.as_mut_ptr().cast::<f32>());
+        let (panels, parallel) = self.panels(orientation, m);
+        for_each(parallel, &panels, |cols| {
+            let p = cols.len();
+            let mut packed = vec![0u16; amx::packed_len(p, kp)];
+            self.fill_packed(orientation, cols.clone(), kp, &mut packed);
+            let mut parts = vec![RhsPart {
+                data: &packed,
+                steps: kp / 32,
+            }];
+            parts.extend(low.map(|low| low.v_part(cols.start)));
+            // SAFETY: only this panel writes these columns of every row of `out` (m × n); the
+            // kernel is one this CPU runs.
+            unsafe {
+                amx::compute_columns(kernel, (rows, lda), &parts, (m, p), dst.at(cols.start), n)
+            };
+        });
+        // SAFETY: the panels cover every column of every row.
+        unsafe { assume_init(out) }
+    }
 }
 
 /// Runs `run` on every panel, spread over threads when `parallel`.
