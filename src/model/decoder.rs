@@ -491,6 +491,7 @@ impl CausalLm {
                     scoring: Scoring {
                         scale: c.attention_scale,
                         softcap: c.attn_logit_softcapping,
+                        bf16_products: embed_tokens.dtype() == DType::BF16,
                     },
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,

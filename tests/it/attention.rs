@@ -2,7 +2,8 @@
 //! attention (scores, softmax, weighted sum, built from differentiable ops and differentiated by
 //! candle) in its output and in the gradients of Q, K, V, for grouped-query heads, a packed mask
 //! and blocks that do not divide the sequence: the fused CPU kernel in f64 and f32, the composed
-//! path (what CUDA and half-precision activations run) in bf16.
+//! path (what CUDA and half-precision activations run) in bf16; a bf16 model's inference, with
+//! bf16 products on the CPU's bf16 kernel, at bf16 precision.
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -125,6 +126,7 @@ fn soft_capped_attention_equals_eager_attention_and_its_gradients() {
     let scoring = Scoring {
         scale: 0.3,
         softcap: Some(2.0),
+        bf16_products: false,
     };
     let want = with_gradients((&q, &k, &v), &weights, |q, k, v| {
         eager_scored(q, k, v, &mask, groups, scoring)
@@ -262,4 +264,52 @@ fn fused_rms_norm_equals_the_composed_formula_and_its_gradient() {
         loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
     };
     assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-12);
+}
+
+#[test]
+fn bf16_products_without_gradients_equal_eager_attention_at_bf16_precision() {
+    let Some(kernel) = feinschliff::model::kernels::amx::bf16_kernel() else {
+        eprintln!("skipped: this CPU has no bf16 kernel (AMX-BF16, or AVX512_BF16 where preferred), so attention multiplies in f32");
+        return;
+    };
+    let dev = Device::Cpu;
+    // Grouped heads, a packed mask, blocks of 32 over 70 positions (tails of every tile
+    // dimension), head widths of one and of several tiles of k, and a capped variant.
+    for (d, softcap) in [(40, None), (64, Some(2.0))] {
+        let (b, kvh, groups, t) = (2, 2, 3, 70);
+        let q = Tensor::randn(0f64, 1.0, (b, kvh, groups * t, d), &dev).unwrap();
+        let k = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+        let v = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev).unwrap();
+        let mask = packed_causal_mask(b, t);
+        let scoring = Scoring {
+            softcap,
+            bf16_products: true,
+            ..Scoring::standard(d)
+        };
+        let exact = eager_scored(&q, &k, &v, &mask, groups, scoring);
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let run = |scoring: Scoring| {
+            sdpa::attention(
+                &f32_of(&q),
+                &f32_of(&k),
+                &f32_of(&v),
+                &f32_of(&mask),
+                32,
+                scoring,
+            )
+            .unwrap()
+        };
+        let bf16 = run(scoring);
+        let f32 = run(Scoring {
+            bf16_products: false,
+            ..scoring
+        });
+        let (err, f32_err) = (max_abs_diff(&bf16, &exact), max_abs_diff(&f32, &exact));
+        assert!(err < 3e-2, "{kernel:?}, d {d}: {err}");
+        assert!(f32_err < 1e-5, "d {d}: f32 products {f32_err}");
+        assert!(
+            err > 10.0 * f32_err,
+            "{kernel:?}, d {d}: bf16 products ({err}) should round as f32 ones ({f32_err}) do not"
+        );
+    }
 }

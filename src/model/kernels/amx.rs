@@ -140,6 +140,16 @@ impl PackedRhs {
         RhsPart {
             data: &self.data[first / 16 * steps * TILE..],
             steps,
+            group_steps: steps,
+        }
+    }
+
+    /// Its first `rows` rows (of k), as a part of a right operand.
+    pub(crate) fn first_rows(&self, rows: usize) -> RhsPart<'_> {
+        let whole = self.part();
+        RhsPart {
+            steps: round_up(rows.min(self.k), K_STEP) / K_STEP,
+            ..whole
         }
     }
 }
@@ -395,8 +405,11 @@ unsafe fn compute(
         );
         let mut a0 = a.as_ptr().add(rb * BLOCK * lda);
         for part in parts {
-            let b0 = part.data.as_ptr().add((2 * cb) * part.steps * TILE);
-            let b1 = part.data.as_ptr().add((2 * cb + 1) * part.steps * TILE);
+            let b0 = part.data.as_ptr().add((2 * cb) * part.group_steps * TILE);
+            let b1 = part
+                .data
+                .as_ptr()
+                .add((2 * cb + 1) * part.group_steps * TILE);
             let a1 = a0.add(16 * lda);
             for s in 0..part.steps {
                 asm!(

@@ -95,7 +95,7 @@ pub(crate) unsafe fn compute(
                 for part in parts {
                     let pairs = part.steps * 16;
                     // u16 per group of 16 columns: one 64-byte vector per pair of k.
-                    let group = pairs * 32;
+                    let group = part.group_steps * 16 * 32;
                     let b0 = part.data.as_ptr().add(2 * cb * group);
                     let b1 = b0.add(group);
                     let a_rows = a.as_ptr().add(row0 * lda).cast::<i32>().add(pair0);

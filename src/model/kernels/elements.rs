@@ -70,13 +70,15 @@ impl ToBf16 for bf16 {
 }
 
 /// A stretch of a right operand along k, packed as [`super::amx::PackedRhs`] packs: `steps` tile
-/// steps (32 k each) per group of 16 columns. A product may run over several parts one after the
-/// other, each against the next `32·steps` elements of the left operand's rows (a frozen weight
-/// and a LoRA factor in one pass).
+/// steps (32 k each) of each group of 16 columns, the groups `group_steps` steps apart (more
+/// when the product uses only the first rows of what was packed). A product may run over several
+/// parts one after the other, each against the next `32·steps` elements of the left operand's
+/// rows (a frozen weight and a LoRA factor in one pass).
 #[derive(Clone, Copy)]
 pub(crate) struct RhsPart<'a> {
     pub data: &'a [u16],
     pub steps: usize,
+    pub group_steps: usize,
 }
 
 /// A strided matrix: element (r, c) at `offset + r·rows_stride + c·cols_stride`.

@@ -38,14 +38,20 @@ const CAUSAL_BLOCK: usize = 64;
 pub struct Scoring {
     pub scale: f64,
     pub softcap: Option<f64>,
+    /// Whether passes without a backward multiply in bf16 on the CPU's bf16 kernel, where it has
+    /// one (a bf16 model's inference, as PyTorch runs a bf16 model's attention): q·kᵀ and the
+    /// probabilities times V take bf16 operands and sum in f32. Training keeps f32 products, so
+    /// that the backward's recomputed probabilities are the forward's.
+    pub bf16_products: bool,
 }
 
 impl Scoring {
-    /// 1/√head_dim, uncapped: what most families use.
+    /// 1/√head_dim, uncapped, f32 products: what most families use.
     pub fn standard(head_dim: usize) -> Self {
         Self {
             scale: 1.0 / (head_dim as f64).sqrt(),
             softcap: None,
+            bf16_products: false,
         }
     }
 
@@ -84,8 +90,13 @@ pub fn attention(
     let flops = 4 * shape.scores() * k.dim(3)?;
     let square_mask = mask.dims() == [shape.batch, 1, shape.seq, shape.seq];
     if let Some(dtype) = fused_cpu_dtype(q, k, v, mask).filter(|_| square_mask) {
-        return timed(Phase::Attention, flops, || match dtype {
-            DType::F64 => fused_cpu::<f64>(q, k, v, mask, shape),
+        let tracked = q.track_op() || k.track_op() || v.track_op();
+        let bf16 = (scoring.bf16_products && dtype == DType::F32 && !tracked)
+            .then(super::amx::bf16_kernel)
+            .flatten();
+        return timed(Phase::Attention, flops, || match (dtype, bf16) {
+            (DType::F64, _) => fused_cpu::<f64>(q, k, v, mask, shape),
+            (_, Some(kernel)) => fused_cpu_bf16(q, k, v, mask, shape, kernel),
             _ => fused_cpu::<f32>(q, k, v, mask, shape),
         });
     }
@@ -123,15 +134,7 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
     mask: &Tensor,
     shape: Shapes,
 ) -> Result<Tensor> {
-    let dims = sdpa_cpu::Dims {
-        kv_heads: shape.kv_heads,
-        groups: shape.groups,
-        seq: shape.seq,
-        head_dim: k.dim(3)?,
-        block: shape.block,
-        scale: shape.scoring.scale,
-        softcap: shape.scoring.softcap,
-    };
+    let dims = shape.cpu_dims(k.dim(3)?);
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mask = mask.contiguous()?;
     let (out, lse) = with_cpu_slices([&q, &k, &v, &mask], |[q, k, v, mask]: [&[T]; 4]| {
@@ -154,6 +157,24 @@ fn fused_cpu<T: sdpa_cpu::Element + WithDType>(
             out: Precomputed::new(out),
         },
     )
+}
+
+/// [`attention`] through the fused CPU kernel with bf16 products (f32 operands, no gradients).
+fn fused_cpu_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    shape: Shapes,
+    kernel: super::amx::Bf16Kernel,
+) -> Result<Tensor> {
+    let dims = shape.cpu_dims(k.dim(3)?);
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mask = mask.contiguous()?;
+    let out = with_cpu_slices([&q, &k, &v, &mask], |[q, k, v, mask]: [&[f32]; 4]| {
+        sdpa_cpu::forward_bf16(q, k, v, mask, dims, kernel)
+    })?;
+    Tensor::from_vec(out, q.shape(), q.device())
 }
 
 /// Re-attaches the fused kernel's output to q, k and v; its backward is the fused backward.
@@ -285,6 +306,19 @@ struct Shapes {
 }
 
 impl Shapes {
+    /// The fused CPU kernel's sizes for heads of `head_dim`.
+    fn cpu_dims(&self, head_dim: usize) -> sdpa_cpu::Dims {
+        sdpa_cpu::Dims {
+            kv_heads: self.kv_heads,
+            groups: self.groups,
+            seq: self.seq,
+            head_dim,
+            block: self.block,
+            scale: self.scoring.scale,
+            softcap: self.scoring.softcap,
+        }
+    }
+
     fn of(q: &Tensor, k: &Tensor, block: usize, scoring: Scoring) -> Result<Self> {
         let (batch, kv_heads, seq, _) = k.dims4()?;
         let rows = q.dim(2)?;

@@ -9,10 +9,14 @@
 //! parallel; the products inside a head run on one thread through faer.
 
 use faer::{Accum, MatMut, MatRef, Par};
+use std::mem::MaybeUninit;
+
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::amx::{self, Bf16Kernel, PackedRhs};
 use super::blocks;
+use super::elements::{assume_init, uninit, Strided};
 use super::matmul::Real;
 use super::vector_math;
 
@@ -150,6 +154,101 @@ pub(crate) fn forward<T: Element>(
     (out, lse)
 }
 
+/// The output of [`forward`] with bf16 products on `kernel` (AMX tiles or AVX512_BF16), for
+/// passes that take no gradient: Q, K, the probabilities and V rounded to bf16, the products
+/// summed in f32, the softmax in f32. Each K/V head's Kᵀ and V are packed for the kernel once;
+/// each block of query rows multiplies only the keys it sees.
+pub(crate) fn forward_bf16(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dims: Dims,
+    kernel: Bf16Kernel,
+) -> Vec<f32> {
+    let (t, d, g) = (dims.seq, dims.head_dim, dims.groups);
+    let mut out = vec![0f32; q.len()];
+    if q.is_empty() {
+        return out;
+    }
+    let scale = dims.scale as f32;
+    // Kᵀ [d, t] and V [t, d] of every K/V head.
+    let packed: Vec<(PackedRhs, PackedRhs)> = (0..k.len() / (t * d))
+        .into_par_iter()
+        .map(|kv| {
+            let kt = operand(k, kv * t * d, (d, t), (1, d));
+            let vv = operand(v, kv * t * d, (t, d), (d, 1));
+            (PackedRhs::new(&kt), PackedRhs::new(&vv))
+        })
+        .collect();
+    let blocks: Vec<(usize, usize)> = blocks::ranges(t, dims.block).collect();
+    let mut tasks = Vec::new();
+    for (head, out) in out.chunks_mut(dims.head_rows()).enumerate() {
+        for (&block, out) in blocks.iter().zip(split_rows(out, &blocks, d)) {
+            tasks.push((head, block, out));
+        }
+    }
+    tasks.into_par_iter().for_each(|(head, (start, len), out)| {
+        let kv = head / g;
+        let batch = kv / dims.kv_heads;
+        let keys = start + len;
+        let (kt, vv) = &packed[kv];
+        let dp = d.next_multiple_of(32);
+        let q_rows = amx::pack_rows(&operand(q, (head * t + start) * d, (len, d), (d, 1)), dp);
+        let mut p = uninit::<f32>(len * keys);
+        // SAFETY: this task alone writes `p` (len × keys) and its own output rows; the
+        // kernel is one this CPU runs and writes every element of `p`.
+        let mut p = unsafe {
+            amx::compute_columns(
+                kernel,
+                (&q_rows, dp),
+                &[kt.part()],
+                (len, keys),
+                p.as_mut_ptr().cast(),
+                keys,
+            );
+            assume_init(p)
+        };
+        // Unnormalised probabilities exp(s − max), rounded to bf16 straight into the product's
+        // rows (zero-padded to whole tiles); each output row is divided by its sum after it.
+        let kp = keys.next_multiple_of(32);
+        let mut p_rows = uninit::<u16>(len.next_multiple_of(32) * kp);
+        let mut sums = Vec::with_capacity(len);
+        for (r, (row, packed)) in p.chunks_mut(keys).zip(p_rows.chunks_mut(kp)).enumerate() {
+            let mask_row = &mask[(batch * t + start + r) * t..][..keys];
+            let max = if dims.softcap.is_some() {
+                vector_math::scale(row, scale);
+                dims.cap(row, None);
+                row.iter_mut().zip(mask_row).for_each(|(x, m)| *x += *m);
+                f32::row_max(row)
+            } else {
+                vector_math::scale_add_max(row, scale, mask_row)
+            };
+            let (values, padding) = packed.split_at_mut(keys);
+            sums.push(vector_math::exp_shifted_bf16(row, max, values));
+            padding.fill(MaybeUninit::new(0));
+        }
+        p_rows[len * kp..].fill(MaybeUninit::new(0));
+        // SAFETY: every row above wrote its values and padding; the padding rows are zeroed.
+        let p_rows = unsafe { assume_init(p_rows) };
+        // SAFETY: as above, for this task's output rows (len × d).
+        unsafe {
+            amx::compute_columns(
+                kernel,
+                (&p_rows, kp),
+                &[vv.first_rows(keys)],
+                (len, d),
+                out.as_mut_ptr(),
+                d,
+            )
+        };
+        for (row, sum) in out.chunks_mut(d).zip(sums) {
+            vector_math::scale(row, 1.0 / sum);
+        }
+    });
+    out
+}
+
 /// The gradients of q, k and v for the output gradient `grad` (q's layout), given the forward's
 /// output and log-sum-exps.
 #[allow(clippy::too_many_arguments)]
@@ -281,6 +380,22 @@ fn scores<T: Element>(
         scale,
         Par::Seq,
     );
+}
+
+/// The bf16 kernels' view of `rows` × `cols` elements of `data` from `offset`, `strides` apart.
+fn operand(
+    data: &[f32],
+    offset: usize,
+    (rows, cols): (usize, usize),
+    strides: (usize, usize),
+) -> Strided<'_, f32> {
+    Strided {
+        data,
+        offset,
+        rows,
+        cols,
+        strides,
+    }
 }
 
 /// `rows` × `cols` row-major elements of `data` from `offset`.

@@ -103,6 +103,52 @@ multiversion! {
 }
 
 multiversion! {
+    /// Each x of `row` as x·scale + mask (the mask's element at the same index), in place;
+    /// returns the largest (a row of attention scores before its softmax).
+    pub fn scale_add_max(row: &mut [f32], scale: f32, mask: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        let mut masks = mask.chunks_exact(LANES);
+        for (chunk, m) in (&mut chunks).zip(&mut masks) {
+            for ((a, v), m) in acc.iter_mut().zip(chunk.iter_mut()).zip(m) {
+                *v = *v * scale + *m;
+                *a = a.max(*v);
+            }
+        }
+        let mut tail = f32::NEG_INFINITY;
+        for (v, m) in chunks.into_remainder().iter_mut().zip(masks.remainder()) {
+            *v = *v * scale + *m;
+            tail = tail.max(*v);
+        }
+        acc.iter().fold(tail, |m, v| m.max(*v))
+    }
+}
+
+multiversion! {
+    /// exp(x − shift) of each x of `row`, rounded to bf16, as bits into `dst`; returns the sum of
+    /// the unrounded values (unnormalised attention probabilities as a bf16 operand).
+    pub fn exp_shifted_bf16(row: &[f32], shift: f32, dst: &mut [MaybeUninit<u16>]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        let mut outs = dst.chunks_exact_mut(LANES);
+        for (chunk, out) in (&mut chunks).zip(&mut outs) {
+            for ((a, v), d) in acc.iter_mut().zip(chunk).zip(out.iter_mut()) {
+                let e = exp_lane(*v - shift);
+                d.write(bf16_bits(e));
+                *a += e;
+            }
+        }
+        let mut tail = 0f32;
+        for (v, d) in chunks.remainder().iter().zip(outs.into_remainder()) {
+            let e = exp_lane(*v - shift);
+            d.write(bf16_bits(e));
+            tail += e;
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
     /// x·w in f32 in 16 partial sums, added in lane order (a few rows against a weight's row).
     pub fn dot(x: &[f32], w: &[f32]) -> f32 {
         lane_dot(x, w, |v| v)
@@ -417,6 +463,41 @@ mod tests {
                     scaled.iter().zip(&row).all(|(s, r)| *s == r * 0.5),
                     "{name}"
                 );
+            });
+        }
+    }
+
+    #[test]
+    fn attention_rows_scale_mask_and_round_as_their_scalar_steps_do() {
+        for len in [0usize, 1, 15, 16, 17, 33, 1000] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 101) as f32 * 0.1 - 5.0)
+                .collect();
+            let mask: Vec<f32> = (0..len)
+                .map(|i| if i % 5 == 4 { f32::NEG_INFINITY } else { 0.0 })
+                .collect();
+            let scaled: Vec<f32> = row.iter().zip(&mask).map(|(x, m)| x * 0.125 + m).collect();
+            let want_max = scaled.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            on_every_variant(|name| {
+                let mut got = row.clone();
+                assert_eq!(
+                    scale_add_max(&mut got, 0.125, &mask),
+                    want_max,
+                    "{name}, {len}"
+                );
+                assert_eq!(got, scaled, "{name}, len {len}");
+                let mut exps = scaled.clone();
+                let want_sum = exp_shifted_sum(&mut exps, want_max);
+                let mut bits = vec![MaybeUninit::new(0u16); len];
+                let sum = exp_shifted_bf16(&scaled, want_max, &mut bits);
+                assert!(
+                    (sum - want_sum).abs() <= 1e-5 * want_sum.max(1.0),
+                    "{name}, {len}"
+                );
+                for (b, e) in bits.iter().zip(&exps) {
+                    // SAFETY: every element was written above.
+                    assert_eq!(unsafe { b.assume_init() }, bf16_bits(*e), "{name}, {len}");
+                }
             });
         }
     }

@@ -279,6 +279,7 @@ impl Planes<'_> {
             let mut parts = vec![RhsPart {
                 data: &packed,
                 steps: kp / 32,
+                group_steps: kp / 32,
             }];
             parts.extend(low.map(|low| low.v_part(cols.start)));
             // SAFETY: only this panel writes these columns of every row of `out` (m × n); the
