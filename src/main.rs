@@ -333,10 +333,23 @@ fn main() {
         .init();
     feinschliff::secrets::redact_panics();
     // Usage errors exit with 2 (clap's own code), as bad input does.
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = on_worker_thread(|| run(cli)) {
         eprintln!("error: {}", feinschliff::secrets::redact(&format!("{e:#}")));
         std::process::exit(feinschliff::failure::exit_code(&e));
     }
+}
+
+/// Runs `job` on a thread of rayon's global pool (sized as rayon sizes it, with a main thread's
+/// stack), so that the kernels' parallel loops start from a worker: the calling thread takes
+/// part and wakes only the others, where from outside the pool every loop wakes all of them and
+/// puts the caller to sleep. Decoding runs hundreds of small parallel products per token.
+fn on_worker_thread<T: Send>(job: impl FnOnce() -> T + Send) -> T {
+    // A pool already built (none is, this early) keeps its threads; the job then runs there.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(64 << 20)
+        .build_global();
+    rayon::join(job, || ()).0
 }
 
 fn run(cli: Cli) -> Result<()> {
