@@ -203,17 +203,23 @@ impl Attention {
         // Grouped-query attention without copying K/V: the query heads that share a K/V head
         // are stacked along the rows.
         let q = q.reshape((b, kvh, (h / kvh) * t, d))?;
+        // bf16 products in inference passes only: a training step's checkpointed forward pass
+        // (which takes no gradient) must equal its recomputation in the backward.
+        let scoring = Scoring {
+            bf16_products: self.scoring.bf16_products && ctx.pass.step.is_none(),
+            ..self.scoring
+        };
         let out = match past {
             Some(past) if !past.is_empty() => {
                 let (k, v) = past.append(&k, &v)?;
-                sdpa::attention_after_past(&q, &k, &v, mask, self.scoring)?
+                sdpa::attention_after_past(&q, &k, &v, mask, scoring)?
             }
             first => {
                 if let Some(past) = first {
                     past.append(&k, &v)?;
                 }
                 let block = sdpa::block_rows(b, h, t);
-                sdpa::attention(&q, &k, &v, mask, block, self.scoring)?
+                sdpa::attention(&q, &k, &v, mask, block, scoring)?
             }
         };
         let out = out

@@ -38,10 +38,11 @@ const CAUSAL_BLOCK: usize = 64;
 pub struct Scoring {
     pub scale: f64,
     pub softcap: Option<f64>,
-    /// Whether passes without a backward multiply in bf16 on the CPU's bf16 kernel, where it has
-    /// one (a bf16 model's inference, as PyTorch runs a bf16 model's attention): q·kᵀ and the
-    /// probabilities times V take bf16 operands and sum in f32. Training keeps f32 products, so
-    /// that the backward's recomputed probabilities are the forward's.
+    /// Whether a pass that takes no gradient multiplies in bf16 on the CPU's bf16 kernel, where
+    /// it has one: q·kᵀ and the probabilities times V take bf16 operands and sum in f32, as
+    /// PyTorch runs a bf16 model's attention. The decoder asks for it in a bf16 model's inference
+    /// passes; training keeps f32 products, so that the backward's recomputed probabilities (and
+    /// a checkpointed layer's recomputed forward) are the forward's.
     pub bf16_products: bool,
 }
 
