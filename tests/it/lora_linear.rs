@@ -110,18 +110,13 @@ fn on_the_bf16_kernels_the_adapter_rides_in_the_frozen_product_at_bf16_precision
     let a = Var::from_tensor(&f32_of(random(&[r, inp], 23), 0.1)).unwrap();
     let b = Var::from_tensor(&f32_of(random(&[out, r], 24), 0.1)).unwrap();
     let g = f32_of(random(&[n, out], 25), 1.0);
-    let y = lora_linear(
-        &x,
-        &FrozenWeight::new(w.clone()).into(),
-        &a,
-        &b,
-        scale,
-        None,
-    )
-    .unwrap();
-    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let keep: Vec<f32> = (0..n * inp)
+        .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 / 0.9 })
+        .collect();
+    let mask = Tensor::from_vec(keep, (n, inp), &Device::Cpu).unwrap();
     // The exact sums of the operands the kernel multiplies: bf16 values, f64 sums (scale 2
-    // commutes with rounding).
+    // commutes with rounding). Under dropout the adapter takes x⊙M, and the masked update of dx
+    // is summed apart in f32.
     let bf16_f64 = |t: &Tensor| {
         t.to_dtype(DType::BF16)
             .unwrap()
@@ -130,31 +125,56 @@ fn on_the_bf16_kernels_the_adapter_rides_in_the_frozen_product_at_bf16_precision
     };
     let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
     let mm = |p: &Tensor, q: &Tensor| p.matmul(q).unwrap();
-    let (xb, wb, ab, bb) = (bf16_f64(&x), f64_of(&w), bf16_f64(&a), bf16_f64(&b));
-    let xa = mm(&xb, &ab.t().unwrap());
-    let want_y =
-        (mm(&xb, &wb.t().unwrap()) + (mm(&bf16_f64(&xa), &bb.t().unwrap()) * scale)).unwrap();
-    let gb = mm(&bf16_f64(&g), &bb);
-    let want_dx = (mm(&bf16_f64(&g), &wb) + (mm(&bf16_f64(&gb), &ab) * scale)).unwrap();
-    let want_da = (mm(&gb.t().unwrap(), &f64_of(&x)) * scale).unwrap();
-    let want_db = (mm(&f64_of(&g).t().unwrap(), &xa) * scale).unwrap();
-    for (name, got, want) in [
-        ("y", &y, &want_y),
-        ("dx", grads.get(&x).unwrap(), &want_dx),
-        ("dA", grads.get(&a).unwrap(), &want_da),
-        ("dB", grads.get(&b).unwrap(), &want_db),
-    ] {
-        let largest = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let err = max_abs_diff(got, want) / largest;
-        assert!(
-            err < 4e-3,
-            "{kernel:?}: {name} differs by {err} of its largest value"
-        );
+    for mask in [None, Some(&mask)] {
+        let y = lora_linear(
+            &x,
+            &FrozenWeight::new(w.clone()).into(),
+            &a,
+            &b,
+            scale,
+            mask,
+        )
+        .unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dropped = match mask {
+            Some(m) => x.as_tensor().mul(m).unwrap(),
+            None => x.as_tensor().clone(),
+        };
+        let (xb, wb, ab, bb) = (bf16_f64(&x), f64_of(&w), bf16_f64(&a), bf16_f64(&b));
+        let xa = mm(&bf16_f64(&dropped), &ab.t().unwrap());
+        let want_y =
+            (mm(&xb, &wb.t().unwrap()) + (mm(&bf16_f64(&xa), &bb.t().unwrap()) * scale)).unwrap();
+        let gb = mm(&bf16_f64(&g), &bb);
+        let want_dx = match mask {
+            Some(m) => (mm(&bf16_f64(&g), &wb)
+                + (mm(&gb, &f64_of(&a)) * scale)
+                    .unwrap()
+                    .mul(&f64_of(m))
+                    .unwrap())
+            .unwrap(),
+            None => (mm(&bf16_f64(&g), &wb) + (mm(&bf16_f64(&gb), &ab) * scale)).unwrap(),
+        };
+        let want_da = (mm(&gb.t().unwrap(), &f64_of(&dropped)) * scale).unwrap();
+        let want_db = (mm(&f64_of(&g).t().unwrap(), &xa) * scale).unwrap();
+        for (name, got, want) in [
+            ("y", &y, &want_y),
+            ("dx", grads.get(&x).unwrap(), &want_dx),
+            ("dA", grads.get(&a).unwrap(), &want_da),
+            ("dB", grads.get(&b).unwrap(), &want_db),
+        ] {
+            let largest = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let err = max_abs_diff(got, want) / largest;
+            assert!(
+                err < 4e-3,
+                "{kernel:?}, mask {}: {name} differs by {err} of its largest value",
+                mask.is_some()
+            );
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::amx::PackedRhs;
-use super::low_rank::WithThin;
+use super::low_rank::{Factors, WithThin};
 use super::matmul::{
     cpu_packed_plus_low_rank, cpu_packed_product, cpu_product_f32, matmul, plus_product_f32,
     product_transposed, weight_kernel,
@@ -130,15 +130,13 @@ impl FrozenWeight {
             && weight_kernel(rows, inp, out, true).is_some()
     }
 
-    /// x·Wᵀ + scale·(x·Aᵀ)·Bᵀ and x·Aᵀ for f32 x [n, in] and a LoRA adapter's f32 A [r, in] and
-    /// B [out, r], in one pass of the bf16 kernel through the packed Wᵀ; None where it does not
-    /// apply ([`Self::fuses_adapter`]).
+    /// x·Wᵀ + (x·U)·V and x·U for f32 x [n, in] and a LoRA adapter's `factors` (U = Aᵀ,
+    /// V = scale·Bᵀ), in one pass of the bf16 kernel through the packed Wᵀ; None where it does
+    /// not apply ([`Self::fuses_adapter`]).
     pub(crate) fn cpu_forward_low_rank(
         &self,
         x: (&CpuStorage, &Layout),
-        (a, la): (&CpuStorage, &Layout),
-        (b, lb): (&CpuStorage, &Layout),
-        scale: f64,
+        factors: &Factors<'_>,
     ) -> Result<Option<WithThin>> {
         let (w, lw) = self.tensor.storage_and_layout();
         let Storage::Cpu(w) = &*w else {
@@ -148,27 +146,23 @@ impl FrozenWeight {
             x,
             (w, &lw.transpose(0, 1)?),
             &self.packs.transposed,
-            (a, &la.transpose(0, 1)?),
-            (b, &lb.transpose(0, 1)?),
-            scale,
+            factors,
         )
     }
 
-    /// g·W + scale·(g·B)·A and g·B for f32 g [n, out] and a LoRA adapter's f32 A [r, in] and
-    /// B [out, r], in one pass of the bf16 kernel through the packed W; None where it does not
-    /// apply.
+    /// g·W + (g·U)·V and g·U for f32 g [n, out] and a LoRA adapter's `factors` (U = B,
+    /// V = scale·A or none), in one pass of the bf16 kernel through the packed W; None where it
+    /// does not apply.
     pub(crate) fn cpu_times_plus_low_rank(
         &self,
         g: (&CpuStorage, &Layout),
-        a: (&CpuStorage, &Layout),
-        b: (&CpuStorage, &Layout),
-        scale: f64,
+        factors: &Factors<'_>,
     ) -> Result<Option<WithThin>> {
         let (w, lw) = self.tensor.storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             return Ok(None);
         };
-        cpu_packed_plus_low_rank(g, (w, lw), &self.packs.plain, b, a, scale)
+        cpu_packed_plus_low_rank(g, (w, lw), &self.packs.plain, factors)
     }
 
     /// g·W through the packed weight where a bf16 kernel applies.

@@ -138,8 +138,14 @@ impl CustomOp3 for LoraLinear {
         if self.fused(x.dtype(), a.dtype(), lx.dims()[0]) {
             let (frozen, adapter) = (self.frozen_flops(lx), self.adapter_flops(lx, 2));
             let fused = timed(Phase::Projections, frozen + adapter, || {
+                // Under dropout the adapter multiplies x⊙M, the frozen product x.
+                let dropped = with_mask!(self, Cpu, |m| m
+                    .map(|(m, lm)| x.binary_impl::<Mul>(m, lx, lm))
+                    .transpose())?;
+                let contiguous = Layout::contiguous(lx.shape());
+                let dropped = dropped.as_ref().map(|d| (d, &contiguous));
                 self.weight
-                    .cpu_forward_low_rank((x, lx), (a, la), (b, lb), self.scale)
+                    .cpu_forward_low_rank((x, lx), (a, la), (b, lb), self.scale, dropped)
             })?;
             if let Some(((y, y_shape), (xa, xa_shape))) = fused {
                 self.save_xa(Storage::Cpu(CpuStorage::F32(xa)), xa_shape);
@@ -180,13 +186,9 @@ impl CustomOp3 for LoraLinear {
 impl LoraLinear {
     /// Whether the adapter's products ride in the frozen ones on the CPU's bf16 kernel
     /// ([`ProjectionWeight::cpu_forward_low_rank`]) for x of `x_dtype` on `rows` rows and factors
-    /// of `lora_dtype`: a bf16 compute dtype, f32 activations and factors, and no dropout (whose
-    /// mask makes the adapter's input differ from the frozen product's).
+    /// of `lora_dtype`: a bf16 compute dtype, f32 activations and factors.
     fn fused(&self, x_dtype: DType, lora_dtype: DType, rows: usize) -> bool {
-        self.mask.is_none()
-            && x_dtype == DType::F32
-            && lora_dtype == DType::F32
-            && self.weight.fuses_adapter(rows)
+        x_dtype == DType::F32 && lora_dtype == DType::F32 && self.weight.fuses_adapter(rows)
     }
 
     /// Keeps x·Aᵀ of the forward pass for [`Self::backward`].
@@ -229,18 +231,26 @@ impl LoraLinear {
             Some(xa) => Ok(xa.clone()),
             None => matmul(&x_lora, &a.t()?),
         };
-        // On the CPU's bf16 kernel, dx = g·W + s·(g·B)·A is one pass that also gives g·B.
+        // On the CPU's bf16 kernel, dx = g·W + s·(g·B)·A is one pass that also gives g·B; under
+        // dropout the pass gives g·W and g·B, and the masked update is summed apart.
         if x.track_op() && self.fused(grad.dtype(), lora_dtype, grad.dim(0)?) {
             let flops = self.adapter_flops(x.layout(), 2);
+            let with_update = self.mask.is_none();
             if let Some((dx, g_b)) = timed(Phase::Projections, flops, || {
                 self.weight
-                    .times_plus_low_rank(&grad.detach(), &a, &b, self.scale)
+                    .times_plus_low_rank(&grad.detach(), (&a, &b), self.scale, with_update)
             })? {
-                let (da, db) = timed(Phase::Adapters, self.adapter_flops(x.layout(), 2), || {
-                    let da = (matmul(&g_b.t()?, &x_lora)? * self.scale)?;
-                    let db = (matmul(&g.t()?, &xa()?)? * self.scale)?;
-                    Result::Ok((da, db))
-                })?;
+                let (dx, da, db) =
+                    timed(Phase::Adapters, self.adapter_flops(x.layout(), 2), || {
+                        let g_b = (g_b * self.scale)?;
+                        let dx = match &self.mask {
+                            Some(m) => (dx + matmul(&g_b, &a)?.mul(m)?)?,
+                            None => dx,
+                        };
+                        let da = matmul(&g_b.t()?, &x_lora)?;
+                        let db = (matmul(&g.t()?, &xa()?)? * self.scale)?;
+                        Result::Ok((dx, da, db))
+                    })?;
                 return Ok((Some(dx.to_dtype(x.dtype())?), Some(da), Some(db)));
             }
         }

@@ -21,83 +21,94 @@ use super::vector_math::bf16_bits;
 pub(crate) type WithThin = ((Vec<f32>, Shape), (Vec<f32>, Shape));
 
 /// left·W + (left·U)·V and left·U, for f32 rows `left` [m, k], a weight W [k, n] packed for the
-/// bf16 kernels, U [k, r] and V [r, n]; the second product's left operand is left·U rounded to
-/// bf16. Both results are row-major f32.
+/// bf16 kernels and the adapter's `factors` (U [k, r], V [r, n] or none, and U's own rows if
+/// they are not `left`); the second product's left operand is left·U rounded to bf16. Both
+/// results are row-major f32.
 pub(crate) fn plus_low_rank(
     kernel: Bf16Kernel,
     left: Strided<'_, f32>,
     w: &PackedRhs,
-    u: Strided<'_, f32>,
-    v: Strided<'_, f32>,
+    factors: &Factors<'_>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (m, n) = (left.rows, w.dims().1);
     assert!(
-        w.dims().0 == left.cols && v.cols == n,
+        w.dims().0 == left.cols && factors.v().is_none_or(|v| v.cols == n),
         "low-rank product: shapes do not fit"
     );
-    let low = LowRank::new(kernel, left, u, v);
+    let low = LowRank::new(kernel, left, factors);
+    let mut parts = vec![w.part()];
+    parts.extend(low.v_part(0));
     let mut out = uninit(m * n);
-    product_parts(
-        kernel,
-        low.rows(),
-        &[w.part(), low.v_part(0)],
-        (m, n),
-        &mut out,
-    );
+    product_parts(kernel, low.rows(), &parts, (m, n), &mut out);
     // SAFETY: the kernel writes every element of the m × n product.
     (unsafe { assume_init(out) }, low.into_thin())
 }
 
 /// The operands a product left·W + (left·U)·V shares whatever W is (dense and packed once, or
 /// decoded a panel at a time): left's bf16 rows with bf16(left·U) after its k columns, left·U
-/// itself, and V packed as the right operand's last part.
+/// itself, and V packed as the right operand's last part. Without V, only left·U rides along
+/// (under dropout the masked update is summed apart); with the adapter's own input rows (x⊙M),
+/// U multiplies those instead of left.
 pub(crate) struct LowRank {
-    /// [round_up(m, 32), lda] bf16: left's k values and padding to a whole tile, then left·U's r
-    /// values and padding.
+    /// [round_up(m, 32), lda] bf16: left's k values and padding to a whole tile, then, with V,
+    /// left·U's r values and padding.
     rows: Vec<u16>,
     lda: usize,
     /// left·U [m, r], f32.
     thin: Vec<f32>,
-    v: PackedRhs,
+    v: Option<PackedRhs>,
 }
 
 impl LowRank {
-    /// Packs `left` [m, k] with room for r more columns, computes left·U for U [k, r] on `kernel`
-    /// (one column block) into them, and packs V [r, n].
-    pub(crate) fn new(
-        kernel: Bf16Kernel,
-        left: Strided<'_, f32>,
-        u: Strided<'_, f32>,
-        v: Strided<'_, f32>,
-    ) -> Self {
+    /// Packs `left` [m, k] (with room for r more columns when there is a V), computes the thin
+    /// product of U [k, r] on `kernel` (one column block), appends it to the rows and packs
+    /// V [r, n].
+    pub(crate) fn new(kernel: Bf16Kernel, left: Strided<'_, f32>, factors: &Factors<'_>) -> Self {
+        let (u, v) = (factors.u(), factors.v());
         let (m, k, r) = (left.rows, left.cols, u.cols);
         assert!(
-            u.rows == k && v.rows == r && r > 0,
+            u.rows == k && v.is_none_or(|v| v.rows == r) && r > 0,
             "low-rank product: shapes do not fit"
         );
         let kp = k.max(1).next_multiple_of(K_STEP);
-        let lda = kp + r.next_multiple_of(K_STEP);
+        let lda = match v {
+            Some(_) => kp + r.next_multiple_of(K_STEP),
+            None => kp,
+        };
         let mut rows = pack_rows(&left, lda);
         let mut thin = uninit(m * r);
+        let own_rows = factors.input.map(|input| {
+            assert!(
+                (input.rows, input.cols) == (m, k),
+                "low-rank product: the adapter's input does not fit"
+            );
+            pack_rows(&input, kp)
+        });
+        let thin_rows = match &own_rows {
+            Some(own) => (&own[..], kp),
+            None => (&rows[..], lda),
+        };
         product_parts(
             kernel,
-            (&rows, lda),
+            thin_rows,
             &[PackedRhs::new(&u).part()],
             (m, r),
             &mut thin,
         );
         // SAFETY: the kernel writes every element of the m × r product.
         let thin = unsafe { assume_init(thin) };
-        for (row, values) in rows.chunks_mut(lda).zip(thin.chunks(r)) {
-            for (dst, v) in row[kp..kp + r].iter_mut().zip(values) {
-                *dst = bf16_bits(*v);
+        if v.is_some() {
+            for (row, values) in rows.chunks_mut(lda).zip(thin.chunks(r)) {
+                for (dst, v) in row[kp..kp + r].iter_mut().zip(values) {
+                    *dst = bf16_bits(*v);
+                }
             }
         }
         Self {
             rows,
             lda,
             thin,
-            v: PackedRhs::new(&v),
+            v: v.map(|v| PackedRhs::new(&v)),
         }
     }
 
@@ -106,9 +117,10 @@ impl LowRank {
         (&self.rows, self.lda)
     }
 
-    /// V's columns from `first` (a multiple of 32) on, the last part of the right operand.
-    pub(crate) fn v_part(&self, first: usize) -> RhsPart<'_> {
-        self.v.part_from(first)
+    /// V's columns from `first` (a multiple of 32) on, the last part of the right operand; none
+    /// without V.
+    pub(crate) fn v_part(&self, first: usize) -> Option<RhsPart<'_>> {
+        self.v.as_ref().map(|v| v.part_from(first))
     }
 
     /// left·U [m, r].
@@ -117,36 +129,54 @@ impl LowRank {
     }
 }
 
-/// A LoRA adapter's factors as [`LowRank`] takes them: U [k, r] in place, V [r, n] scaled by
-/// alpha into a small row-major copy.
+/// A LoRA adapter's share of a product, as [`LowRank`] takes it: U [k, r] in place; alpha·V
+/// [r, n] in a small row-major copy, or none when only left·U is wanted; and the rows U
+/// multiplies where they are not the product's own (the adapter's input x⊙M under dropout).
 pub(crate) struct Factors<'a> {
     u: Strided<'a, f32>,
-    v: Vec<f32>,
-    n: usize,
+    v: Option<(Vec<f32>, usize)>,
+    input: Option<Strided<'a, f32>>,
 }
 
 impl<'a> Factors<'a> {
-    /// U and alpha·V from f32 CPU storages (any strides); None for other dtypes.
+    /// U, alpha·V and the adapter's own input from f32 CPU storages (any strides); None for
+    /// other dtypes.
     pub(crate) fn of(
         (u, lu): (&'a CpuStorage, &Layout),
-        (v, lv): (&CpuStorage, &Layout),
+        v: Option<(&CpuStorage, &Layout)>,
         alpha: f64,
+        input: Option<(&'a CpuStorage, &Layout)>,
     ) -> Result<Option<Self>> {
-        let (CpuStorage::F32(u), CpuStorage::F32(v)) = (u, v) else {
+        let CpuStorage::F32(u) = u else {
             return Ok(None);
         };
-        let ((k, r), (rv, n)) = (lu.shape().dims2()?, lv.shape().dims2()?);
-        if rv != r {
-            candle_core::bail!("low-rank product: U [{k}, {r}] and V [{rv}, {n}] do not fit");
-        }
-        let v = strided(v, lv);
-        let scaled = (0..r * n)
-            .map(|i| alpha as f32 * v.at(i / n, i % n))
-            .collect();
+        let (k, r) = lu.shape().dims2()?;
+        let v = match v {
+            None => None,
+            Some((CpuStorage::F32(v), lv)) => {
+                let (rv, n) = lv.shape().dims2()?;
+                if rv != r {
+                    candle_core::bail!(
+                        "low-rank product: U [{k}, {r}] and V [{rv}, {n}] do not fit"
+                    );
+                }
+                let v = strided(v, lv);
+                let scaled = (0..r * n)
+                    .map(|i| alpha as f32 * v.at(i / n, i % n))
+                    .collect();
+                Some((scaled, n))
+            }
+            Some(_) => return Ok(None),
+        };
+        let input = match input {
+            None => None,
+            Some((CpuStorage::F32(x), lx)) => Some(strided(x, lx)),
+            Some(_) => return Ok(None),
+        };
         Ok(Some(Self {
             u: strided(u, lu),
-            v: scaled,
-            n,
+            v,
+            input,
         }))
     }
 
@@ -154,15 +184,15 @@ impl<'a> Factors<'a> {
         self.u
     }
 
-    pub(crate) fn v(&self) -> Strided<'_, f32> {
-        let r = self.u.cols;
-        Strided {
-            data: &self.v,
+    /// alpha·V, if the update is to be summed.
+    pub(crate) fn v(&self) -> Option<Strided<'_, f32>> {
+        self.v.as_ref().map(|(v, n)| Strided {
+            data: v,
             offset: 0,
-            rows: r,
-            cols: self.n,
-            strides: (self.n, 1),
-        }
+            rows: self.u.cols,
+            cols: *n,
+            strides: (*n, 1),
+        })
     }
 }
 

@@ -604,31 +604,21 @@ pub(crate) fn cpu_packed_product(
     Ok(Some((unsafe { assume_init(out) }, product.shape)))
 }
 
-/// a·b + alpha·(a·u)·v and a·u for f32 activations a [m, k], a bf16 weight b [k, n] packed into
-/// `packed` as [`cpu_packed_product`] packs it, and f32 factors u [k, r], v [r, n]: a LoRA
-/// adapter's update in the frozen product's pass ([`super::low_rank`]). None where no bf16
-/// kernel applies.
+/// a·b + (a·U)·V and a·U for f32 activations a [m, k], a bf16 weight b [k, n] packed into
+/// `packed` as [`cpu_packed_product`] packs it, and a LoRA adapter's `factors` (see
+/// [`super::low_rank::Factors`]): the adapter's products in the frozen product's pass. None where
+/// no bf16 kernel applies.
 pub(crate) fn cpu_packed_plus_low_rank(
     (a, la): (&CpuStorage, &Layout),
     (b, lb): (&CpuStorage, &Layout),
     packed: &std::sync::OnceLock<super::amx::PackedRhs>,
-    (u, lu): (&CpuStorage, &Layout),
-    (v, lv): (&CpuStorage, &Layout),
-    alpha: f64,
+    factors: &super::low_rank::Factors<'_>,
 ) -> Result<Option<WithThin>> {
-    let Some(factors) = super::low_rank::Factors::of((u, lu), (v, lv), alpha)? else {
-        return Ok(None);
-    };
     let Some(product) = PackedProduct::of((a, la), (b, lb), packed)? else {
         return Ok(None);
     };
-    let (out, thin) = super::low_rank::plus_low_rank(
-        product.kernel,
-        product.lhs,
-        product.rhs,
-        factors.u(),
-        factors.v(),
-    );
+    let (out, thin) =
+        super::low_rank::plus_low_rank(product.kernel, product.lhs, product.rhs, factors);
     let r = factors.u().cols;
     Ok(Some((
         (out, product.shape),

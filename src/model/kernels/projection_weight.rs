@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::frozen_weight::FrozenWeight;
-use super::low_rank::WithThin;
+use super::low_rank::{Factors, WithThin};
 use super::matmul::{matmul, plus_product_f32};
 use super::quant::{Orientation, QuantizedWeight};
 
@@ -117,37 +117,37 @@ impl ProjectionWeight {
         }
     }
 
-    /// x·Wᵀ + scale·(x·Aᵀ)·Bᵀ and x·Aᵀ for f32 x [n, in] and a LoRA adapter's f32 A [r, in] and
-    /// B [out, r], in one pass of the bf16 kernel; None where it does not apply
-    /// ([`Self::fuses_adapter`]).
+    /// x·Wᵀ + scale·(x'·Aᵀ)·Bᵀ and x'·Aᵀ for f32 x [n, in] and a LoRA adapter's f32 A [r, in] and
+    /// B [out, r], in one pass of the bf16 kernel, x' being x or, under dropout, the adapter's
+    /// own input `dropped` (x⊙M); None where it does not apply ([`Self::fuses_adapter`]).
     pub(crate) fn cpu_forward_low_rank(
         &self,
         x: (&CpuStorage, &Layout),
         (a, la): (&CpuStorage, &Layout),
         (b, lb): (&CpuStorage, &Layout),
         scale: f64,
+        dropped: Option<(&CpuStorage, &Layout)>,
     ) -> Result<Option<WithThin>> {
-        Ok(match self {
-            Self::Dense(w) => w.cpu_forward_low_rank(x, (a, la), (b, lb), scale)?,
-            Self::Quantized(q) => q.cpu_product_plus_low_rank(
-                Orientation::Transposed,
-                x,
-                (a, &la.transpose(0, 1)?),
-                (b, &lb.transpose(0, 1)?),
-                scale,
-            )?,
-        })
+        let (at, bt) = (la.transpose(0, 1)?, lb.transpose(0, 1)?);
+        let Some(factors) = Factors::of((a, &at), Some((b, &bt)), scale, dropped)? else {
+            return Ok(None);
+        };
+        match self {
+            Self::Dense(w) => w.cpu_forward_low_rank(x, &factors),
+            Self::Quantized(q) => q.cpu_product_plus_low_rank(Orientation::Transposed, x, &factors),
+        }
     }
 
-    /// g·W + scale·(g·B)·A and g·B without gradients, for f32 g [n, out] and a LoRA adapter's f32
-    /// A [r, in] and B [out, r] (the input gradient of [`Self::cpu_forward_low_rank`]'s sum), in
-    /// one pass of the bf16 kernel; None where it does not apply.
+    /// g·W + scale·(g·B)·A (only g·W unless `with_update`) and g·B without gradients, for f32
+    /// g [n, out] and a LoRA adapter's f32 A [r, in] and B [out, r] (the input gradient of
+    /// [`Self::cpu_forward_low_rank`]'s sum; under dropout the masked update is summed apart),
+    /// in one pass of the bf16 kernel; None where it does not apply.
     pub fn times_plus_low_rank(
         &self,
         g: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
+        (a, b): (&Tensor, &Tensor),
         scale: f64,
+        with_update: bool,
     ) -> Result<Option<(Tensor, Tensor)>> {
         let (sg, lg) = g.storage_and_layout();
         let (sa, la) = a.storage_and_layout();
@@ -155,15 +155,15 @@ impl ProjectionWeight {
         let (Storage::Cpu(sg), Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sg, &*sa, &*sb) else {
             return Ok(None);
         };
+        let update = with_update.then_some((sa, la));
+        let Some(factors) = Factors::of((sb, lb), update, scale, None)? else {
+            return Ok(None);
+        };
         let fused = match self {
-            Self::Dense(w) => w.cpu_times_plus_low_rank((sg, lg), (sa, la), (sb, lb), scale)?,
-            Self::Quantized(q) => q.cpu_product_plus_low_rank(
-                Orientation::Plain,
-                (sg, lg),
-                (sb, lb),
-                (sa, la),
-                scale,
-            )?,
+            Self::Dense(w) => w.cpu_times_plus_low_rank((sg, lg), &factors)?,
+            Self::Quantized(q) => {
+                q.cpu_product_plus_low_rank(Orientation::Plain, (sg, lg), &factors)?
+            }
         };
         fused
             .map(|((dx, dx_shape), (gb, gb_shape))| {

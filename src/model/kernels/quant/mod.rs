@@ -195,24 +195,18 @@ impl QuantizedWeight {
             && super::matmul::weight_kernel(rows, inp, out, true).is_some()
     }
 
-    /// a·B + alpha·(a·U)·V and a·U, with B = Wᵀ or W as in [`Self::cpu_product`], for f32 factors
-    /// U [k, r] and V [r, n]: a LoRA adapter's update in the same pass of the bf16 kernel. None
-    /// where it does not apply ([`Self::fuses_adapter`]).
+    /// a·B + (a·U)·V and a·U, with B = Wᵀ or W as in [`Self::cpu_product`], for a LoRA
+    /// adapter's `factors` (see [`super::low_rank::Factors`]): its products in the same pass of
+    /// the bf16 kernel. None where it does not apply ([`Self::fuses_adapter`]).
     pub(crate) fn cpu_product_plus_low_rank(
         &self,
         orientation: Orientation,
         a: (&CpuStorage, &Layout),
-        u: (&CpuStorage, &Layout),
-        v: (&CpuStorage, &Layout),
-        alpha: f64,
+        factors: &super::low_rank::Factors<'_>,
     ) -> Result<Option<WithThin>> {
-        let Some(factors) = super::low_rank::Factors::of(u, v, alpha)? else {
-            return Ok(None);
-        };
         let (n, r) = (self.output_width(orientation), factors.u().cols);
         self.on_cpu(orientation, a, |planes, a| {
             let m = a.rows;
-            let factors = (factors.u(), factors.v());
             let fused =
                 panels::product_plus_low_rank(planes, orientation, self.compute, a, factors);
             Ok(fused.map(|(out, thin)| ((out, Shape::from((m, n))), (thin, Shape::from((m, r))))))

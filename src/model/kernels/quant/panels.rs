@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::super::amx::{self, SendPtr};
 use super::super::elements::{assume_init, narrow_bf16, uninit, RhsPart, Strided};
-use super::super::low_rank::LowRank;
+use super::super::low_rank::{Factors, LowRank};
 use super::super::matmul::{view, weight_kernel, PARALLEL_FLOPS};
 use super::codec;
 use super::format::Quantization;
@@ -195,20 +195,20 @@ pub fn product(w: &Planes, orientation: Orientation, compute: DType, a: Strided<
     unsafe { assume_init(out) }
 }
 
-/// a·B + (a·U)·V and a·U, B as in [`product`], for f32 factors U [k, r] and V [r, n]: a LoRA
-/// adapter's update in the same pass of the bf16 kernel ([`LowRank`]). None where no bf16
-/// kernel runs this product.
+/// a·B + (a·U)·V and a·U, B as in [`product`], for a LoRA adapter's `factors` (see
+/// [`Factors`]): its products in the same pass of the bf16 kernel ([`LowRank`]). None where no
+/// bf16 kernel runs this product.
 pub fn product_plus_low_rank(
     w: &Planes,
     orientation: Orientation,
     compute: DType,
     a: Strided<f32>,
-    (u, v): (Strided<f32>, Strided<f32>),
+    factors: &Factors<'_>,
 ) -> Option<(Vec<f32>, Vec<f32>)> {
     let (_, n) = w.product_dims(orientation);
     let m = a.rows;
     let kernel = w.bf16_kernel(orientation, compute, m)?;
-    let low = LowRank::new(kernel, a, u, v);
+    let low = LowRank::new(kernel, a, factors);
     let out = w.tile_panels(orientation, kernel, (m, n), low.rows(), Some(&low));
     Some((out, low.into_thin()))
 }
@@ -281,7 +281,7 @@ impl Planes<'_> {
                 steps: kp / 32,
                 group_steps: kp / 32,
             }];
-            parts.extend(low.map(|low| low.v_part(cols.start)));
+            parts.extend(low.and_then(|low| low.v_part(cols.start)));
             // SAFETY: only this panel writes these columns of every row of `out` (m × n); the
             // kernel is one this CPU runs.
             unsafe {
