@@ -179,3 +179,17 @@ pub fn random(dims: &[usize], seed: u64) -> Tensor {
         .collect();
     Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
 }
+
+/// Largest |a − b| relative to the largest |b|.
+pub fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    max_abs_diff(a, b) / scale.max(1e-30)
+}

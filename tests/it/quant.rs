@@ -15,7 +15,7 @@ use feinschliff::model::kernels::quant::{Quantization, QuantizedWeight};
 use feinschliff::model::linear::frozen_matmul;
 use feinschliff::model::{Model, Parts};
 
-use super::common::{max_abs_diff, repo};
+use super::common::{max_abs_diff, relative_diff, repo};
 use super::training::{run, write_dataset};
 
 fn fixture() -> HashMap<String, Tensor> {
@@ -108,20 +108,6 @@ fn quantized_products_of_the_identity_are_the_dequantised_weight() {
         let backward = weight.times(&eye(24)).unwrap();
         assert_eq!(max_abs_diff(&backward, &dense), 0.0, "{format}: I·W");
     }
-}
-
-/// Largest |a − b| relative to the largest |b|.
-fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    max_abs_diff(a, b) / scale.max(1e-30)
 }
 
 #[test]

@@ -18,6 +18,7 @@ use super::matmul::{
     cpu_packed_plus_low_rank, cpu_packed_product, cpu_product_f32, matmul, plus_product_f32,
     product_transposed, weight_kernel,
 };
+use super::quant::Orientation;
 
 /// A frozen weight and its packed forms (shared by clones).
 #[derive(Clone)]
@@ -121,8 +122,7 @@ impl FrozenWeight {
     }
 
     /// Whether a LoRA adapter's products on `rows` rows ride in this weight's own products
-    /// ([`Self::cpu_forward_low_rank`], [`Self::times_plus_low_rank`]): a bf16 weight on the CPU
-    /// where a bf16 kernel runs the product.
+    /// ([`Self::cpu_plus_low_rank`]): a bf16 weight on the CPU where a bf16 kernel runs them.
     pub fn fuses_adapter(&self, rows: usize) -> bool {
         let (out, inp) = (self.tensor.dims()[0], self.tensor.dims()[1]);
         self.tensor.dtype() == candle_core::DType::BF16
@@ -130,39 +130,26 @@ impl FrozenWeight {
             && weight_kernel(rows, inp, out, true).is_some()
     }
 
-    /// x·Wᵀ + (x·U)·V and x·U for f32 x [n, in] and a LoRA adapter's `factors` (U = Aᵀ,
-    /// V = scale·Bᵀ), in one pass of the bf16 kernel through the packed Wᵀ; None where it does
-    /// not apply ([`Self::fuses_adapter`]).
-    pub(crate) fn cpu_forward_low_rank(
+    /// left·B + (left·U)·V and left·U, with B = Wᵀ ([`Orientation::Transposed`]: the forward, x
+    /// [n, in], U = Aᵀ, V = scale·Bᵀ) or W ([`Orientation::Plain`]: the input gradient, g
+    /// [n, out], U = B, V = scale·A or none), for f32 rows and a LoRA adapter's `factors`, in one
+    /// pass of the bf16 kernel through the packed weight; None where it does not apply
+    /// ([`Self::fuses_adapter`]).
+    pub(crate) fn cpu_plus_low_rank(
         &self,
-        x: (&CpuStorage, &Layout),
+        orientation: Orientation,
+        left: (&CpuStorage, &Layout),
         factors: &Factors<'_>,
     ) -> Result<Option<WithThin>> {
         let (w, lw) = self.tensor.storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             return Ok(None);
         };
-        cpu_packed_plus_low_rank(
-            x,
-            (w, &lw.transpose(0, 1)?),
-            &self.packs.transposed,
-            factors,
-        )
-    }
-
-    /// g·W + (g·U)·V and g·U for f32 g [n, out] and a LoRA adapter's `factors` (U = B,
-    /// V = scale·A or none), in one pass of the bf16 kernel through the packed W; None where it
-    /// does not apply.
-    pub(crate) fn cpu_times_plus_low_rank(
-        &self,
-        g: (&CpuStorage, &Layout),
-        factors: &Factors<'_>,
-    ) -> Result<Option<WithThin>> {
-        let (w, lw) = self.tensor.storage_and_layout();
-        let Storage::Cpu(w) = &*w else {
-            return Ok(None);
+        let (layout, packed) = match orientation {
+            Orientation::Transposed => (lw.transpose(0, 1)?, &self.packs.transposed),
+            Orientation::Plain => (lw.clone(), &self.packs.plain),
         };
-        cpu_packed_plus_low_rank(g, (w, lw), &self.packs.plain, factors)
+        cpu_packed_plus_low_rank(left, (w, &layout), packed, factors)
     }
 
     /// g·W through the packed weight where a bf16 kernel applies.

@@ -2,8 +2,11 @@
 //! dropout mask (or none). Composed from candle ops, the adapter leaves three [tokens, out]
 //! intermediates per projection alive until the backward pass (W·x, B·A·x, its scaled copy); here
 //! the forward runs on the backend's storages and keeps only its inputs and the small [tokens, r]
-//! product x·Aᵀ, which the backward needs again. The adapter runs in its own dtype (f32 for a bf16
-//! base) whatever the frozen weight's (dense or quantized, see [`ProjectionWeight`]).
+//! product x·Aᵀ, which the backward needs again. The adapter's factors, gradients and products
+//! are in its own dtype (f32 for a bf16 base) whatever the frozen weight's (dense or quantized,
+//! see [`ProjectionWeight`]), except where the CPU's bf16 kernel runs a bf16 base: there x·Aᵀ
+//! and its update, and g·B with its update, ride in the frozen product's pass on bf16 operands
+//! ([`super::low_rank`]), as PyTorch's autocast computes them.
 
 use std::sync::OnceLock;
 

@@ -7,9 +7,10 @@
 //! frozen products themselves. Here the rows of `left`, rounded to bf16 for the frozen product
 //! anyway, also give left·U on the tiles (a single column block); its bf16 rows are appended to
 //! them as 32 more columns of k, and V's rows to W's as one more packed part, so that the
-//! adapter's update is summed in the frozen product's own tile loop. As under PyTorch's autocast,
-//! the adapter's products then take bf16 operands (accumulating in f32); the factors themselves,
-//! their gradients and optimizer state stay f32.
+//! adapter's update is summed in the frozen product's own tile loop. Under dropout, x·Aᵀ is
+//! (x⊙M)·Aᵀ from rows of its own, and the input gradient's masked update is summed apart. As under
+//! PyTorch's autocast, the adapter's products then take bf16 operands (accumulating in f32); the
+//! factors themselves, their gradients and optimizer state stay f32.
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 

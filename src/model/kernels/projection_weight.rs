@@ -133,7 +133,7 @@ impl ProjectionWeight {
             return Ok(None);
         };
         match self {
-            Self::Dense(w) => w.cpu_forward_low_rank(x, &factors),
+            Self::Dense(w) => w.cpu_plus_low_rank(Orientation::Transposed, x, &factors),
             Self::Quantized(q) => q.cpu_product_plus_low_rank(Orientation::Transposed, x, &factors),
         }
     }
@@ -160,7 +160,7 @@ impl ProjectionWeight {
             return Ok(None);
         };
         let fused = match self {
-            Self::Dense(w) => w.cpu_times_plus_low_rank((sg, lg), &factors)?,
+            Self::Dense(w) => w.cpu_plus_low_rank(Orientation::Plain, (sg, lg), &factors)?,
             Self::Quantized(q) => {
                 q.cpu_product_plus_low_rank(Orientation::Plain, (sg, lg), &factors)?
             }
