@@ -91,6 +91,30 @@ pub struct Strided<'a, T> {
     pub strides: (usize, usize),
 }
 
+impl<'a, T> Strided<'a, T> {
+    /// `rows` × `cols` elements of `data` from `offset`, `strides` (row, column) apart.
+    pub(crate) fn new(
+        data: &'a [T],
+        offset: usize,
+        (rows, cols): (usize, usize),
+        strides: (usize, usize),
+    ) -> Self {
+        Self {
+            data,
+            offset,
+            rows,
+            cols,
+            strides,
+        }
+    }
+
+    /// The view a 2-d layout gives of `data`.
+    pub(crate) fn of_layout(data: &'a [T], l: &candle_core::Layout) -> Self {
+        let (d, s) = (l.dims(), l.stride());
+        Self::new(data, l.start_offset(), (d[0], d[1]), (s[0], s[1]))
+    }
+}
+
 impl<T: Copy> Strided<'_, T> {
     #[inline]
     pub(crate) fn at(&self, r: usize, c: usize) -> T {

@@ -161,7 +161,7 @@ impl<'a> Factors<'a> {
                         "low-rank product: U [{k}, {r}] and V [{rv}, {n}] do not fit"
                     );
                 }
-                let v = strided(v, lv);
+                let v = Strided::of_layout(v, lv);
                 let scaled = (0..r * n)
                     .map(|i| alpha as f32 * v.at(i / n, i % n))
                     .collect();
@@ -171,11 +171,11 @@ impl<'a> Factors<'a> {
         };
         let input = match input {
             None => None,
-            Some((CpuStorage::F32(x), lx)) => Some(strided(x, lx)),
+            Some((CpuStorage::F32(x), lx)) => Some(Strided::of_layout(x, lx)),
             Some(_) => return Ok(None),
         };
         Ok(Some(Self {
-            u: strided(u, lu),
+            u: Strided::of_layout(u, lu),
             v,
             input,
         }))
@@ -187,24 +187,8 @@ impl<'a> Factors<'a> {
 
     /// alpha·V, if the update is to be summed.
     pub(crate) fn v(&self) -> Option<Strided<'_, f32>> {
-        self.v.as_ref().map(|(v, n)| Strided {
-            data: v,
-            offset: 0,
-            rows: self.u.cols,
-            cols: *n,
-            strides: (*n, 1),
-        })
-    }
-}
-
-/// A 2-d layout's view of `data`.
-fn strided<'a>(data: &'a [f32], l: &Layout) -> Strided<'a, f32> {
-    let d = l.dims();
-    Strided {
-        data,
-        offset: l.start_offset(),
-        rows: d[0],
-        cols: d[1],
-        strides: (l.stride()[0], l.stride()[1]),
+        self.v
+            .as_ref()
+            .map(|(v, n)| Strided::new(v, 0, (self.u.cols, *n), (*n, 1)))
     }
 }

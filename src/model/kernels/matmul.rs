@@ -12,7 +12,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::elements::{assume_init, gather, narrow_bf16, uninit};
+use super::elements::{assume_init, gather, narrow_bf16, uninit, Strided};
 use super::low_rank::WithThin;
 use super::vector_math;
 use std::mem::MaybeUninit;
@@ -563,8 +563,13 @@ fn bf16_products<A: Widen + super::elements::ToBf16>(
     let (m, k, n) = (dims.m, dims.k, dims.n);
     let mut out = uninit::<f32>(dims.batch * m * n);
     for (dst, &(oa, ob)) in out.chunks_mut((m * n).max(1)).zip(&dims.offsets) {
-        let rhs = strided(b, ob, (k, n), dims.b_strides);
-        super::amx::product(kernel, strided(a, oa, (m, k), dims.a_strides), rhs, dst);
+        let rhs = Strided::new(b, ob, (k, n), dims.b_strides);
+        super::amx::product(
+            kernel,
+            Strided::new(a, oa, (m, k), dims.a_strides),
+            rhs,
+            dst,
+        );
     }
     // SAFETY: the bf16 kernel writes every element of each batch's output.
     unsafe { assume_init(out) }
@@ -630,7 +635,7 @@ pub(crate) fn cpu_packed_plus_low_rank(
 /// applies to it.
 struct PackedProduct<'s, 'p> {
     kernel: super::amx::Bf16Kernel,
-    lhs: super::elements::Strided<'s, f32>,
+    lhs: Strided<'s, f32>,
     rhs: &'p super::amx::PackedRhs,
     shape: Shape,
 }
@@ -653,8 +658,9 @@ impl<'s, 'p> PackedProduct<'s, 'p> {
             _ => return Ok(None),
         };
         let (oa, ob) = dims.offsets[0];
-        let rhs = packed
-            .get_or_init(|| super::amx::PackedRhs::new(&strided(b, ob, (k, n), dims.b_strides)));
+        let rhs = packed.get_or_init(|| {
+            super::amx::PackedRhs::new(&Strided::new(b, ob, (k, n), dims.b_strides))
+        });
         if rhs.dims() != (k, n) {
             candle_core::bail!(
                 "packed weight: packed as {:?}, used as {:?}",
@@ -664,26 +670,10 @@ impl<'s, 'p> PackedProduct<'s, 'p> {
         }
         Ok(Some(Self {
             kernel,
-            lhs: strided(a, oa, (m, k), dims.a_strides),
+            lhs: Strided::new(a, oa, (m, k), dims.a_strides),
             rhs,
             shape: dims.out_shape,
         }))
-    }
-}
-
-/// The bf16 kernels' view of `rows` × `cols` elements of `data` from `offset`.
-fn strided<T>(
-    data: &[T],
-    offset: usize,
-    (rows, cols): (usize, usize),
-    strides: (usize, usize),
-) -> super::elements::Strided<'_, T> {
-    super::elements::Strided {
-        data,
-        offset,
-        rows,
-        cols,
-        strides,
     }
 }
 

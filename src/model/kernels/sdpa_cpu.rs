@@ -176,8 +176,8 @@ pub(crate) fn forward_bf16(
     let packed: Vec<(PackedRhs, PackedRhs)> = (0..k.len() / (t * d))
         .into_par_iter()
         .map(|kv| {
-            let kt = operand(k, kv * t * d, (d, t), (1, d));
-            let vv = operand(v, kv * t * d, (t, d), (d, 1));
+            let kt = Strided::new(k, kv * t * d, (d, t), (1, d));
+            let vv = Strided::new(v, kv * t * d, (t, d), (d, 1));
             (PackedRhs::new(&kt), PackedRhs::new(&vv))
         })
         .collect();
@@ -194,7 +194,10 @@ pub(crate) fn forward_bf16(
         let keys = start + len;
         let (kt, vv) = &packed[kv];
         let dp = d.next_multiple_of(32);
-        let q_rows = amx::pack_rows(&operand(q, (head * t + start) * d, (len, d), (d, 1)), dp);
+        let q_rows = amx::pack_rows(
+            &Strided::new(q, (head * t + start) * d, (len, d), (d, 1)),
+            dp,
+        );
         let mut p = uninit::<f32>(len * keys);
         // SAFETY: this task alone writes `p` (len × keys) and its own output rows; the
         // kernel is one this CPU runs and writes every element of `p`.
@@ -380,22 +383,6 @@ fn scores<T: Element>(
         scale,
         Par::Seq,
     );
-}
-
-/// The bf16 kernels' view of `rows` × `cols` elements of `data` from `offset`, `strides` apart.
-fn operand(
-    data: &[f32],
-    offset: usize,
-    (rows, cols): (usize, usize),
-    strides: (usize, usize),
-) -> Strided<'_, f32> {
-    Strided {
-        data,
-        offset,
-        rows,
-        cols,
-        strides,
-    }
 }
 
 /// `rows` × `cols` row-major elements of `data` from `offset`.

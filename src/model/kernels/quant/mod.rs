@@ -232,7 +232,7 @@ impl QuantizedWeight {
         let CpuStorage::F32(a) = a else {
             return Ok(None);
         };
-        let (m, k) = la.shape().dims2()?;
+        let (_, k) = la.shape().dims2()?;
         let (rows, cols) = self.dims;
         let inner = match orientation {
             Orientation::Transposed => cols,
@@ -241,13 +241,7 @@ impl QuantizedWeight {
         if k != inner {
             bail!("quantized product: input has {k} features, the weight expects {inner}");
         }
-        let a = super::elements::Strided {
-            data: a.as_slice(),
-            offset: la.start_offset(),
-            rows: m,
-            cols: k,
-            strides: (la.stride()[0], la.stride()[1]),
-        };
+        let a = super::elements::Strided::of_layout(a.as_slice(), la);
         let (codes, _) = self.codes.storage_and_layout();
         let (scales, _) = self.scales.storage_and_layout();
         let planes = match (&*codes, &*scales) {
