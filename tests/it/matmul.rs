@@ -185,53 +185,56 @@ fn each_bf16_kernel_this_cpu_runs_equals_the_exact_product_of_bf16_values() {
         eprintln!("skipped: this CPU has neither AMX-BF16 nor AVX512_BF16");
         return;
     }
-    // Tails in every block dimension: 45 rows (32 + 8 + 5), k = 302 (odd pairs), 403 columns.
-    let (m, k, n) = (45, 302, 403);
-    let a = random(&[m, k], 12).to_dtype(DType::BF16).unwrap();
-    let w = random(&[n, k], 13).to_dtype(DType::BF16).unwrap();
-    let exact: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let (a, w) = (
-        a.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
-        w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
-    );
-    let lhs = Strided {
-        data: &a[..],
-        offset: 0,
-        rows: m,
-        cols: k,
-        strides: (k, 1),
-    };
-    // The weight's transpose, as the forward pass multiplies it.
-    let rhs = Strided {
-        data: &w[..],
-        offset: 0,
-        rows: k,
-        cols: n,
-        strides: (1, k),
-    };
-    let packed = PackedRhs::new(&rhs);
-    for kernel in kernels {
-        let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
-        amx::product_packed(kernel, lhs, &packed, &mut out);
-        let worst = out
-            .iter()
-            .zip(&exact)
-            .map(|(got, want)| (f64::from(unsafe { got.assume_init() }) - want).abs())
-            .fold(0.0, |worst, err| {
-                if err.is_nan() {
-                    f64::INFINITY
-                } else {
-                    worst.max(err)
-                }
-            });
-        assert!(worst < 1e-3, "{kernel:?}: {worst}");
+    // Tails in every block dimension: 45 rows (32 + 8 + 5), k = 302 (odd pairs), 403 columns;
+    // and a k long enough to run in chunks (4,400 = 137 steps of 32 + 16), as the LM head's input
+    // gradient runs over the vocabulary.
+    for (m, k, n) in [(45, 302, 403), (45, 4400, 70)] {
+        let a = random(&[m, k], 12).to_dtype(DType::BF16).unwrap();
+        let w = random(&[n, k], 13).to_dtype(DType::BF16).unwrap();
+        let exact: Vec<f64> = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (a, w) = (
+            a.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+            w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+        );
+        let lhs = Strided {
+            data: &a[..],
+            offset: 0,
+            rows: m,
+            cols: k,
+            strides: (k, 1),
+        };
+        // The weight's transpose, as the forward pass multiplies it.
+        let rhs = Strided {
+            data: &w[..],
+            offset: 0,
+            rows: k,
+            cols: n,
+            strides: (1, k),
+        };
+        let packed = PackedRhs::new(&rhs);
+        for &kernel in &kernels {
+            let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+            amx::product_packed(kernel, lhs, &packed, &mut out);
+            let worst = out
+                .iter()
+                .zip(&exact)
+                .map(|(got, want)| (f64::from(unsafe { got.assume_init() }) - want).abs())
+                .fold(0.0, |worst, err| {
+                    if err.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        worst.max(err)
+                    }
+                });
+            assert!(worst < 1e-3, "{kernel:?}, k = {k}: {worst}");
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! neither kernel runs. The left operand is rounded to bf16 (as PyTorch's autocast does),
 //! products accumulate in f32. `FEINSCHLIFF_AMX=0` turns the tiles off (to compare paths).
 
-use super::elements::{gather, RhsPart, Strided, ToBf16};
+use super::elements::{gather, RhsPart, Strided, ToBf16, TILE};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -309,9 +309,6 @@ fn slot(kk: usize, col: usize) -> usize {
     step * TILE + (within / 2) * 32 + col * 2 + within % 2
 }
 
-/// u16 per tile: 16 rows of 32 bf16.
-const TILE: usize = 16 * 32;
-
 /// Group `g` (columns 16g..16g + 16) of b into `group` (zeroed).
 fn pack_group<B: ToBf16>(b: &Strided<B>, g: usize, group: &mut [u16]) {
     let first = g * 16;
@@ -363,6 +360,8 @@ impl TileConfig {
 
 /// Computes the output columns of `col_blocks` (blocks of 32, of n columns) for all m rows into
 /// `out`, whose rows are `ldo` f32 apart: a (bf16 rows of `lda`) times the `parts` of b in turn.
+/// A long k (the LM head's input gradient runs over the vocabulary) goes in chunks whose operands
+/// stay in L2, each chunk adding to what the ones before it stored.
 ///
 /// Safety: `out` points to m rows of `ldo` ≥ n f32 that no other thread writes in these columns;
 /// the parts' steps fit in `lda`; AMX is available.
@@ -380,87 +379,187 @@ unsafe fn compute(
     asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack));
     let steps: usize = parts.iter().map(|p| p.steps).sum();
     debug_assert!(steps * K_STEP <= lda);
-    let a_stride = lda * 2;
-    let mut block = [0f32; BLOCK * BLOCK];
-    let row_blocks = round_up(m, BLOCK) / BLOCK;
-    // Keep the operand that fits in L2 there and stream the other one past it: this thread's
-    // columns of b when they fit (rows of a outermost), else the rows of a.
-    let b_bytes = col_blocks.len() * steps * 2 * TILE * 2;
-    let pairs: Vec<(usize, usize)> = if b_bytes <= L2_BUDGET {
-        (0..row_blocks)
-            .flat_map(|rb| col_blocks.clone().map(move |cb| (cb, rb)))
-            .collect()
-    } else {
-        col_blocks
-            .flat_map(|cb| (0..row_blocks).map(move |rb| (cb, rb)))
-            .collect()
-    };
-    for (cb, rb) in pairs {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack)
-        );
-        let mut a0 = a.as_ptr().add(rb * BLOCK * lda);
-        for part in parts {
-            let b0 = part.data.as_ptr().add((2 * cb) * part.group_steps * TILE);
-            let b1 = part
-                .data
-                .as_ptr()
-                .add((2 * cb + 1) * part.group_steps * TILE);
-            let a1 = a0.add(16 * lda);
-            for s in 0..part.steps {
+    let chunk = chunk_steps(steps, col_blocks.len());
+    for first in (0..steps).step_by(chunk) {
+        let len = chunk.min(steps - first);
+        let chunk_parts = steps_of(parts, first..first + len);
+        let a = &a[first * K_STEP..];
+        let pass = Pass {
+            a,
+            lda,
+            parts: &chunk_parts,
+            m,
+            n,
+            out,
+            ldo,
+        };
+        pass.run(col_blocks.clone(), first > 0);
+    }
+    asm!("tilerelease", options(nostack));
+}
+
+/// Tile steps above which a product runs in chunks of k (4,096 of k: a block row of a and a block
+/// column of b then hold 256 KB each).
+const LONG_STEPS: usize = 128;
+
+/// Tile steps per chunk of k for a product of `steps` steps over `col_blocks` column blocks: all
+/// of them up to [`LONG_STEPS`], else as many as keep the thread's columns of b within
+/// [`L2_BUDGET`] (at least 16).
+fn chunk_steps(steps: usize, col_blocks: usize) -> usize {
+    if steps <= LONG_STEPS {
+        return steps.max(1);
+    }
+    (L2_BUDGET / (col_blocks.max(1) * 2 * TILE * 2)).clamp(16, LONG_STEPS)
+}
+
+/// The steps `range` of the right operand made of `parts` one after the other, as parts.
+fn steps_of<'a>(parts: &[RhsPart<'a>], range: std::ops::Range<usize>) -> Vec<RhsPart<'a>> {
+    let mut start = 0;
+    let mut out = Vec::new();
+    for part in parts {
+        let (from, to) = (range.start.max(start), range.end.min(start + part.steps));
+        if from < to {
+            out.push(part.steps_from(from - start, to - from));
+        }
+        start += part.steps;
+    }
+    out
+}
+
+/// One pass of the tiles over some steps of k: a (rows of `lda`, from the pass's first step) times
+/// `parts` into `out`.
+#[cfg(target_arch = "x86_64")]
+struct Pass<'p, 'a> {
+    a: &'p [u16],
+    lda: usize,
+    parts: &'p [RhsPart<'a>],
+    m: usize,
+    n: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Pass<'_, '_> {
+    /// The pass over the output columns of `col_blocks`, adding to what `out` holds when
+    /// `accumulate`, else replacing it.
+    ///
+    /// Safety: as [`compute`]'s, with the tile configuration loaded.
+    unsafe fn run(&self, col_blocks: std::ops::Range<usize>, accumulate: bool) {
+        use std::arch::asm;
+        let Self {
+            a,
+            lda,
+            parts,
+            m,
+            n,
+            out,
+            ldo,
+        } = *self;
+        let steps: usize = parts.iter().map(|p| p.steps).sum();
+        let a_stride = lda * 2;
+        let mut block = [0f32; BLOCK * BLOCK];
+        let row_blocks = round_up(m, BLOCK) / BLOCK;
+        // Keep the operand that fits in L2 there and stream the other one past it: this thread's
+        // columns of b when they fit (rows of a outermost), else the rows of a.
+        let b_bytes = col_blocks.len() * steps * 2 * TILE * 2;
+        let pairs: Vec<(usize, usize)> = if b_bytes <= L2_BUDGET {
+            (0..row_blocks)
+                .flat_map(|rb| col_blocks.clone().map(move |cb| (cb, rb)))
+                .collect()
+        } else {
+            col_blocks
+                .flat_map(|cb| (0..row_blocks).map(move |rb| (cb, rb)))
+                .collect()
+        };
+        for (cb, rb) in pairs {
+            let rows = (m - rb * BLOCK).min(BLOCK);
+            let cols = (n - cb * BLOCK).min(BLOCK);
+            // A whole block is read and written in place; a block cut by the edge goes through
+            // `block`.
+            let whole = rows == BLOCK && cols == BLOCK;
+            let (c, row_stride) = if whole {
+                (out.add(rb * BLOCK * ldo + cb * BLOCK), ldo)
+            } else {
+                (block.as_mut_ptr(), BLOCK)
+            };
+            if accumulate {
+                if !whole {
+                    for r in 0..rows {
+                        let src = out.add((rb * BLOCK + r) * ldo + cb * BLOCK);
+                        std::ptr::copy_nonoverlapping(src, block.as_mut_ptr().add(r * BLOCK), cols);
+                    }
+                }
                 asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(s * K_STEP),
-                    a1 = in(reg) a1.add(s * K_STEP),
-                    b0 = in(reg) b0.add(s * TILE),
-                    b1 = in(reg) b1.add(s * TILE),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) 64usize,
+                    "tileloadd tmm0, [{c0} + {s}*1]",
+                    "tileloadd tmm1, [{c1} + {s}*1]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c3} + {s}*1]",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(16),
+                    c2 = in(reg) c.add(16 * row_stride),
+                    c3 = in(reg) c.add(16 * row_stride + 16),
+                    s = in(reg) row_stride * 4,
+                    options(nostack)
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
                     options(nostack)
                 );
             }
-            a0 = a0.add(part.steps * K_STEP);
-        }
-        let rows = (m - rb * BLOCK).min(BLOCK);
-        let cols = (n - cb * BLOCK).min(BLOCK);
-        // A whole block goes straight to the output; a block cut by the edge goes through `block`.
-        let whole = rows == BLOCK && cols == BLOCK;
-        let (c, row_stride) = if whole {
-            (out.add(rb * BLOCK * ldo + cb * BLOCK), ldo)
-        } else {
-            (block.as_mut_ptr(), BLOCK)
-        };
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * row_stride),
-            c3 = in(reg) c.add(16 * row_stride + 16),
-            s = in(reg) row_stride * 4,
-            options(nostack)
-        );
-        if !whole {
-            for r in 0..rows {
-                let dst = out.add((rb * BLOCK + r) * ldo + cb * BLOCK);
-                std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
+            let mut a0 = a.as_ptr().add(rb * BLOCK * lda);
+            for part in parts {
+                let b0 = part.data.as_ptr().add((2 * cb) * part.group_steps * TILE);
+                let b1 = part
+                    .data
+                    .as_ptr()
+                    .add((2 * cb + 1) * part.group_steps * TILE);
+                let a1 = a0.add(16 * lda);
+                for s in 0..part.steps {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(s * K_STEP),
+                        a1 = in(reg) a1.add(s * K_STEP),
+                        b0 = in(reg) b0.add(s * TILE),
+                        b1 = in(reg) b1.add(s * TILE),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) 64usize,
+                        options(nostack)
+                    );
+                }
+                a0 = a0.add(part.steps * K_STEP);
+            }
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * row_stride),
+                c3 = in(reg) c.add(16 * row_stride + 16),
+                s = in(reg) row_stride * 4,
+                options(nostack)
+            );
+            if !whole {
+                for r in 0..rows {
+                    let dst = out.add((rb * BLOCK + r) * ldo + cb * BLOCK);
+                    std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
+                }
             }
         }
     }
-    asm!("tilerelease", options(nostack));
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -69,6 +69,9 @@ impl ToBf16 for bf16 {
     }
 }
 
+/// u16 per tile: 16 rows of 32 bf16.
+pub(crate) const TILE: usize = 16 * 32;
+
 /// A stretch of a right operand along k, packed as [`super::amx::PackedRhs`] packs: `steps` tile
 /// steps (32 k each) of each group of 16 columns, the groups `group_steps` steps apart (more
 /// when the product uses only the first rows of what was packed). A product may run over several
@@ -79,6 +82,18 @@ pub(crate) struct RhsPart<'a> {
     pub data: &'a [u16],
     pub steps: usize,
     pub group_steps: usize,
+}
+
+impl<'a> RhsPart<'a> {
+    /// Its `steps` steps from step `first` on, as a part of their own.
+    pub(crate) fn steps_from(&self, first: usize, steps: usize) -> Self {
+        debug_assert!(first + steps <= self.steps);
+        Self {
+            data: &self.data[first * TILE..],
+            steps,
+            group_steps: self.group_steps,
+        }
+    }
 }
 
 /// A strided matrix: element (r, c) at `offset + r·rows_stride + c·cols_stride`.
