@@ -400,11 +400,13 @@ unsafe fn compute(
 
 /// Tile steps above which a product runs in chunks of k (4,096 of k: a block row of a and a block
 /// column of b then hold 256 KB each).
+#[cfg(target_arch = "x86_64")]
 const LONG_STEPS: usize = 128;
 
 /// Tile steps per chunk of k for a product of `steps` steps over `col_blocks` column blocks: all
 /// of them up to [`LONG_STEPS`], else as many as keep the thread's columns of b within
 /// [`L2_BUDGET`] (at least 16).
+#[cfg(target_arch = "x86_64")]
 fn chunk_steps(steps: usize, col_blocks: usize) -> usize {
     if steps <= LONG_STEPS {
         return steps.max(1);
@@ -413,6 +415,7 @@ fn chunk_steps(steps: usize, col_blocks: usize) -> usize {
 }
 
 /// The steps `range` of the right operand made of `parts` one after the other, as parts.
+#[cfg(target_arch = "x86_64")]
 fn steps_of<'a>(parts: &[RhsPart<'a>], range: std::ops::Range<usize>) -> Vec<RhsPart<'a>> {
     let mut start = 0;
     let mut out = Vec::new();

@@ -86,6 +86,7 @@ pub(crate) struct RhsPart<'a> {
 
 impl<'a> RhsPart<'a> {
     /// Its `steps` steps from step `first` on, as a part of their own.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn steps_from(&self, first: usize, steps: usize) -> Self {
         debug_assert!(first + steps <= self.steps);
         Self {
