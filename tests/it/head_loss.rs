@@ -100,3 +100,45 @@ fn head_blocks_hold_a_bounded_number_of_logits() {
     let rows = cross_entropy::block_rows(4096, 128256);
     assert!(rows < 4096 && rows * 128256 * 4 <= 256 << 20);
 }
+
+/// Without gradients, a bf16 head on AMX tiles folds each block of logits into running row
+/// statistics instead of storing the logits; the losses equal the stored logits' (the gradient
+/// path's) at f32 precision, capped or not, with tails in rows and vocabulary and targets in every
+/// thread's columns.
+#[test]
+fn folded_head_loss_without_gradients_equals_the_stored_logits_loss() {
+    if !feinschliff::model::kernels::amx::available() {
+        eprintln!(
+            "skipped: this CPU (or kernel) offers no AMX-BF16 tiles, so no product is folded"
+        );
+        return;
+    }
+    let dev = Device::Cpu;
+    let (rows, hidden, vocab) = (45, 64, 3001);
+    let h = (Tensor::randn(0f32, 1.0, (rows, hidden), &dev).unwrap() * 0.5).unwrap();
+    let head = Tensor::randn(0f32, 1.0, (vocab, hidden), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    // Spread over the vocabulary, with its first and last column (in the last, cut block).
+    let mut ids: Vec<u32> = (0..rows as u32).map(|i| (i * 677) % vocab as u32).collect();
+    ids[1] = vocab as u32 - 1;
+    let targets = Tensor::new(ids.as_slice(), &dev).unwrap();
+    let frozen = FrozenWeight::new(head);
+    for softcap in [None, Some(30.0)] {
+        let folded = cross_entropy::head_nll(&h, &frozen, &targets, rows, softcap).unwrap();
+        let tracked = Var::from_tensor(&h).unwrap();
+        let stored =
+            cross_entropy::head_nll(tracked.as_tensor(), &frozen, &targets, rows, softcap).unwrap();
+        let diff = max_abs_diff(&folded, &stored.detach());
+        assert!(diff < 1e-4, "cap {softcap:?}: losses differ by {diff}");
+        let largest = stored
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(largest > 1.0, "losses of a random head should be large");
+    }
+}

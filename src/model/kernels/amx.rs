@@ -374,28 +374,75 @@ unsafe fn compute(
     out: *mut f32,
     ldo: usize,
 ) {
+    let steps: usize = parts.iter().map(|p| p.steps).sum();
+    debug_assert!(steps * K_STEP <= lda);
+    with_tiles(|| {
+        let chunk = chunk_steps(steps, col_blocks.len());
+        for first in (0..steps).step_by(chunk) {
+            let len = chunk.min(steps - first);
+            let chunk_parts = steps_of(parts, first..first + len);
+            let a = &a[first * K_STEP..];
+            let pass = Pass {
+                a,
+                lda,
+                parts: &chunk_parts,
+                m,
+                n,
+                out,
+                ldo,
+            };
+            let epilogue = Epilogue::Store {
+                accumulate: first > 0,
+            };
+            pass.run(col_blocks.clone(), epilogue);
+        }
+    })
+}
+
+/// Runs `f` with the tile configuration loaded, and releases the tiles after it.
+///
+/// Safety: AMX is available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
     use std::arch::asm;
     let config = TileConfig::new();
     asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack));
-    let steps: usize = parts.iter().map(|p| p.steps).sum();
-    debug_assert!(steps * K_STEP <= lda);
-    let chunk = chunk_steps(steps, col_blocks.len());
-    for first in (0..steps).step_by(chunk) {
-        let len = chunk.min(steps - first);
-        let chunk_parts = steps_of(parts, first..first + len);
-        let a = &a[first * K_STEP..];
-        let pass = Pass {
-            a,
-            lda,
-            parts: &chunk_parts,
-            m,
-            n,
-            out,
-            ldo,
-        };
-        pass.run(col_blocks.clone(), first > 0);
-    }
+    let result = f();
     asm!("tilerelease", options(nostack));
+    result
+}
+
+/// What a pass of the tiles does with each finished 32 × 32 block of sums.
+#[cfg(target_arch = "x86_64")]
+enum Epilogue<'f> {
+    /// Stores it into the output, adding to what an earlier chunk of k stored there when
+    /// `accumulate`.
+    Store { accumulate: bool },
+    /// Hands it to a function instead.
+    Fold(&'f mut dyn FnMut(ProductBlock<'_>)),
+}
+
+/// A finished 32 × 32 block of a product, handed over instead of stored.
+pub(crate) struct ProductBlock<'b> {
+    /// The product's row and column of its first element.
+    pub first_row: usize,
+    pub first_col: usize,
+    /// Its sums, rows of 32 f32.
+    values: &'b mut [f32],
+    /// How many of its rows and columns lie inside the product.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl ProductBlock<'_> {
+    /// Its rows inside the product, each cut to the columns inside it.
+    pub(crate) fn rows_mut(&mut self) -> impl Iterator<Item = &mut [f32]> {
+        let cols = self.cols;
+        self.values
+            .chunks_mut(BLOCK)
+            .take(self.rows)
+            .map(move |row| &mut row[..cols])
+    }
 }
 
 /// Tile steps above which a product runs in chunks of k (4,096 of k: a block row of a and a block
@@ -444,11 +491,11 @@ struct Pass<'p, 'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl Pass<'_, '_> {
-    /// The pass over the output columns of `col_blocks`, adding to what `out` holds when
-    /// `accumulate`, else replacing it.
+    /// The pass over the output columns of `col_blocks`, each finished block stored or folded as
+    /// `epilogue` says.
     ///
     /// Safety: as [`compute`]'s, with the tile configuration loaded.
-    unsafe fn run(&self, col_blocks: std::ops::Range<usize>, accumulate: bool) {
+    unsafe fn run(&self, col_blocks: std::ops::Range<usize>, mut epilogue: Epilogue<'_>) {
         use std::arch::asm;
         let Self {
             a,
@@ -478,15 +525,16 @@ impl Pass<'_, '_> {
         for (cb, rb) in pairs {
             let rows = (m - rb * BLOCK).min(BLOCK);
             let cols = (n - cb * BLOCK).min(BLOCK);
-            // A whole block is read and written in place; a block cut by the edge goes through
-            // `block`.
-            let whole = rows == BLOCK && cols == BLOCK;
+            // A whole block is read and written in place; a block cut by the edge, or one to
+            // fold, goes through `block`.
+            let folded = matches!(epilogue, Epilogue::Fold(_));
+            let whole = rows == BLOCK && cols == BLOCK && !folded;
             let (c, row_stride) = if whole {
                 (out.add(rb * BLOCK * ldo + cb * BLOCK), ldo)
             } else {
                 (block.as_mut_ptr(), BLOCK)
             };
-            if accumulate {
+            if let Epilogue::Store { accumulate: true } = epilogue {
                 if !whole {
                     for r in 0..rows {
                         let src = out.add((rb * BLOCK + r) * ldo + cb * BLOCK);
@@ -555,7 +603,15 @@ impl Pass<'_, '_> {
                 s = in(reg) row_stride * 4,
                 options(nostack)
             );
-            if !whole {
+            if let Epilogue::Fold(fold) = &mut epilogue {
+                fold(ProductBlock {
+                    first_row: rb * BLOCK,
+                    first_col: cb * BLOCK,
+                    values: &mut block,
+                    rows,
+                    cols,
+                });
+            } else if !whole {
                 for r in 0..rows {
                     let dst = out.add((rb * BLOCK + r) * ldo + cb * BLOCK);
                     std::ptr::copy_nonoverlapping(block.as_ptr().add(r * BLOCK), dst, cols);
@@ -563,6 +619,64 @@ impl Pass<'_, '_> {
             }
         }
     }
+}
+
+/// a · b reduced block by block instead of stored, on AMX tiles: each thread starts from `init()`
+/// and hands every block of the product it computes to `fold` with its state; returns the
+/// threads' states. a is packed by [`pack_rows`] (rows of `lda`);
+/// the threads split the columns. None where AMX is not available or k is long enough to run in
+/// chunks.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn product_folded<S: Send>(
+    (a, lda): (&[u16], usize),
+    b: &PackedRhs,
+    m: usize,
+    init: impl Fn() -> S + Sync,
+    fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
+) -> Option<Vec<S>> {
+    let n = b.n;
+    let part = b.part();
+    if !available() || part.steps > LONG_STEPS || m * n == 0 {
+        return None;
+    }
+    let col_blocks = round_up(n, BLOCK) / BLOCK;
+    let threads = rayon::current_num_threads().min(col_blocks).max(1);
+    let per_thread = col_blocks.div_ceil(threads);
+    let states = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let mut state = init();
+            let mut into_state = |block: ProductBlock<'_>| fold(&mut state, block);
+            let pass = Pass {
+                a,
+                lda,
+                parts: std::slice::from_ref(&part),
+                m,
+                n,
+                out: std::ptr::null_mut(),
+                ldo: 0,
+            };
+            let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
+            // SAFETY: AMX is available; the pass folds every block instead of writing `out`.
+            unsafe {
+                with_tiles(|| pass.run(blocks, Epilogue::Fold(&mut into_state)));
+            }
+            state
+        })
+        .collect();
+    Some(states)
+}
+
+/// [`product_folded`] off x86-64, where there are no tiles.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn product_folded<S: Send>(
+    _: (&[u16], usize),
+    _: &PackedRhs,
+    _: usize,
+    _: impl Fn() -> S + Sync,
+    _: impl Fn(&mut S, ProductBlock<'_>) + Sync,
+) -> Option<Vec<S>> {
+    None
 }
 
 #[cfg(not(target_arch = "x86_64"))]

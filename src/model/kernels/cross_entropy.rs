@@ -92,6 +92,11 @@ fn block_loss(
     (acc, softcap): (DType, Option<f64>),
     with_grad: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    if !with_grad {
+        if let Some(nll) = folded_nll(hidden, frozen_head, targets, softcap)? {
+            return Ok((nll, None));
+        }
+    }
     if let Some(logits) = frozen_head.transposed_product_f32(hidden)? {
         return cpu_block_loss(logits, hidden, frozen_head, targets, (softcap, with_grad));
     }
@@ -174,6 +179,82 @@ fn cpu_block_loss(
         chosen = chosen.broadcast_mul(&target_slopes)?;
     }
     Ok((nll, Some((expected - chosen)?)))
+}
+
+/// One row's softmax statistics over the vocabulary columns one thread computed: the largest
+/// logit, the sum of exp(logit − largest), and the target's logit where it was among them.
+#[derive(Clone, Copy)]
+struct RowPartial {
+    max: f32,
+    sum: f32,
+    target: Option<f32>,
+}
+
+/// The losses without gradients on AMX tiles, with no logits stored: each thread folds every
+/// block of logits it computes into running row statistics (an online log-sum-exp, capped first
+/// when `softcap`) while the block is in L1, and the threads' statistics combine at the end.
+/// Writing and re-reading [rows, vocab] f32 logits cost about as much as computing them. None
+/// where the head's product does not run on the tiles.
+fn folded_nll(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    targets: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
+    let vocab = head.tensor().dim(0)?;
+    let ids = targets.to_vec1::<u32>()?;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    let cap = softcap.map(|c| c as f32);
+    let empty = RowPartial {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: None,
+    };
+    let partials = head.transposed_product_folded(
+        hidden,
+        || vec![empty; ids.len()],
+        |rows, mut block| {
+            let (first_row, first_col, cols) = (block.first_row, block.first_col, block.cols);
+            for (r, row) in block.rows_mut().enumerate() {
+                if let Some(cap) = cap {
+                    super::softcap::row(row, cap, None);
+                }
+                let stats = &mut rows[first_row + r];
+                let target = ids[first_row + r] as usize;
+                if (first_col..first_col + cols).contains(&target) {
+                    stats.target = Some(row[target - first_col]);
+                }
+                let block_max = vector_math::max(row);
+                if block_max > stats.max {
+                    stats.sum *= (stats.max - block_max).exp();
+                    stats.max = block_max;
+                }
+                stats.sum += vector_math::exp_shifted_sum(row, stats.max);
+            }
+        },
+    )?;
+    let Some(partials) = partials else {
+        return Ok(None);
+    };
+    let nll: Vec<f32> = (0..ids.len())
+        .map(|i| {
+            let max = partials
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, p| m.max(p[i].max));
+            let sum: f32 = partials
+                .iter()
+                .map(|p| p[i].sum * (p[i].max - max).exp())
+                .sum();
+            let target = partials
+                .iter()
+                .find_map(|p| p[i].target)
+                .unwrap_or(f32::NAN);
+            (sum.ln() + max) - target
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(nll, ids.len(), hidden.device())?))
 }
 
 /// Re-attaches the per-row losses computed outside the graph to the hidden states.

@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 use super::amx::PackedRhs;
 use super::low_rank::{Factors, WithThin};
 use super::matmul::{
-    cpu_packed_plus_low_rank, cpu_packed_product, cpu_product_f32, matmul, plus_product_f32,
-    product_transposed, weight_kernel,
+    cpu_packed_plus_low_rank, cpu_packed_product, cpu_packed_product_folded, cpu_product_f32,
+    matmul, plus_product_f32, product_transposed, weight_kernel,
 };
 use super::quant::Orientation;
 
@@ -94,6 +94,22 @@ impl FrozenWeight {
             Some((CpuStorage::F32(out), _)) => Ok(Some(out)),
             _ => cpu_product_f32(x, &self.tensor.t()?),
         }
+    }
+
+    /// x·Wᵀ for f32 activations x [n, in] on the CPU's AMX tiles, reduced block by block instead
+    /// of stored (the LM head's log-sum-exp without its logits): each thread folds the 32 × 32
+    /// blocks it computes into its own state, as [`super::amx::product_folded`] says; None where
+    /// the product does not run on the tiles in one pass.
+    pub(crate) fn transposed_product_folded<S: Send>(
+        &self,
+        x: &Tensor,
+        init: impl Fn() -> S + Sync,
+        fold: impl Fn(&mut S, super::amx::ProductBlock<'_>) + Sync,
+    ) -> Result<Option<Vec<S>>> {
+        self.on_cpu(x, |x, (w, lw)| {
+            let wt = lw.transpose(0, 1)?;
+            cpu_packed_product_folded(x, (w, &wt), &self.packs.transposed, init, fold)
+        })
     }
 
     /// g·W for g [n, out], without gradients: the input gradient of x·Wᵀ. f32 for an f32 g.

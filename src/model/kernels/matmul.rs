@@ -609,6 +609,35 @@ pub(crate) fn cpu_packed_product(
     Ok(Some((unsafe { assume_init(out) }, product.shape)))
 }
 
+/// a·b for f32 activations a [m, k] and a bf16 weight b [k, n] packed into `packed` as
+/// [`cpu_packed_product`] packs it, reduced block by block instead of stored (see
+/// [`super::amx::product_folded`]): one state per thread. None where the product does not run on
+/// AMX tiles in one pass.
+pub(crate) fn cpu_packed_product_folded<S: Send>(
+    (a, la): (&CpuStorage, &Layout),
+    (b, lb): (&CpuStorage, &Layout),
+    packed: &std::sync::OnceLock<super::amx::PackedRhs>,
+    init: impl Fn() -> S + Sync,
+    fold: impl Fn(&mut S, super::amx::ProductBlock<'_>) + Sync,
+) -> Result<Option<Vec<S>>> {
+    let Some(product) = PackedProduct::of((a, la), (b, lb), packed)? else {
+        return Ok(None);
+    };
+    if product.kernel != super::amx::Bf16Kernel::Amx {
+        return Ok(None);
+    }
+    let kp = product.lhs.cols.max(1).next_multiple_of(super::amx::K_STEP);
+    let rows = super::amx::pack_rows(&product.lhs, kp);
+    let m = product.lhs.rows;
+    Ok(super::amx::product_folded(
+        (&rows, kp),
+        product.rhs,
+        m,
+        init,
+        fold,
+    ))
+}
+
 /// a·b + (a·U)·V and a·U for f32 activations a [m, k], a bf16 weight b [k, n] packed into
 /// `packed` as [`cpu_packed_product`] packs it, and a LoRA adapter's `factors` (see
 /// [`super::low_rank::Factors`]): the adapter's products in the frozen product's pass. None where
