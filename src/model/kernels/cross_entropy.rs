@@ -5,8 +5,10 @@
 //! forward pass also computes each row's gradient direction softmax·W − W[target] (a [rows, hidden]
 //! tensor), so the backward is one multiplication and nothing of vocabulary size outlives a block.
 //! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype; on the CPU
-//! they are one vectorised pass per row over f32 logits. Soft-capped logits (Gemma 2's
-//! cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into the direction.
+//! they are one vectorised pass per row over f32 logits. Without gradients on AMX tiles no logits
+//! are stored at all: each block of them is folded into running row statistics as it leaves the
+//! tiles. Soft-capped logits (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into
+//! the direction.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
