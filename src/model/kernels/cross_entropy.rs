@@ -195,8 +195,8 @@ struct RowPartial {
 /// The losses without gradients on AMX tiles, with no logits stored: each thread folds every
 /// block of logits it computes into running row statistics (an online log-sum-exp, capped first
 /// when `softcap`) while the block is in L1, and the threads' statistics combine at the end.
-/// Writing and re-reading [rows, vocab] f32 logits cost about as much as computing them. None
-/// where the head's product does not run on the tiles.
+/// The stored path writes [rows, vocab] f32 logits (200 MB for 1,024 rows of a 49,152 vocabulary)
+/// and reads them again. None where the head's product does not run on the tiles.
 fn folded_nll(
     hidden: &Tensor,
     head: &FrozenWeight,
