@@ -623,22 +623,22 @@ impl Pass<'_, '_> {
 
 /// a · b reduced block by block instead of stored, on AMX tiles: each thread starts from `init()`
 /// and hands every block of the product it computes to `fold` with its state; returns the
-/// threads' states. a is packed by [`pack_rows`] (rows of `lda`);
-/// the threads split the columns. None where AMX is not available or k is long enough to run in
-/// chunks.
+/// threads' states. The threads split the columns. None where AMX is not available or k is long
+/// enough to run in chunks.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn product_folded<S: Send>(
-    (a, lda): (&[u16], usize),
+pub(crate) fn product_folded<A: ToBf16, S: Send>(
+    a: Strided<A>,
     b: &PackedRhs,
-    m: usize,
     init: impl Fn() -> S + Sync,
     fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
 ) -> Option<Vec<S>> {
-    let n = b.n;
+    let (m, n) = (a.rows, b.n);
     let part = b.part();
-    if !available() || part.steps > LONG_STEPS || m * n == 0 {
+    if !available() || part.steps > LONG_STEPS || b.k != a.cols || m * n == 0 {
         return None;
     }
+    let lda = round_up(a.cols.max(1), K_STEP);
+    let a = &pack_rows(&a, lda);
     let col_blocks = round_up(n, BLOCK) / BLOCK;
     let threads = rayon::current_num_threads().min(col_blocks).max(1);
     let per_thread = col_blocks.div_ceil(threads);
@@ -669,10 +669,9 @@ pub(crate) fn product_folded<S: Send>(
 
 /// [`product_folded`] off x86-64, where there are no tiles.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn product_folded<S: Send>(
-    _: (&[u16], usize),
+pub(crate) fn product_folded<A: ToBf16, S: Send>(
+    _: Strided<A>,
     _: &PackedRhs,
-    _: usize,
     _: impl Fn() -> S + Sync,
     _: impl Fn(&mut S, ProductBlock<'_>) + Sync,
 ) -> Option<Vec<S>> {

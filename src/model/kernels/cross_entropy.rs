@@ -138,10 +138,7 @@ fn cpu_block_loss(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let head = frozen_head.tensor();
     let vocab = head.dim(0)?;
-    let ids = targets.to_vec1::<u32>()?;
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
-    }
+    let ids = target_ids(targets, vocab)?;
     let cap = softcap.map(|c| c as f32);
     // Each row's slopes of the cap (one unused element per row without a cap).
     let slope_width = if cap.is_some() { vocab } else { 1 };
@@ -183,6 +180,15 @@ fn cpu_block_loss(
     Ok((nll, Some((expected - chosen)?)))
 }
 
+/// The target ids [n], each checked to lie inside a vocabulary of `vocab`.
+fn target_ids(targets: &Tensor, vocab: usize) -> Result<Vec<u32>> {
+    let ids = targets.to_vec1::<u32>()?;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(ids)
+}
+
 /// One row's softmax statistics over the vocabulary columns one thread computed: the largest
 /// logit, the sum of exp(logit − largest), and the target's logit where it was among them.
 #[derive(Clone, Copy)]
@@ -204,10 +210,7 @@ fn folded_nll(
     softcap: Option<f64>,
 ) -> Result<Option<Tensor>> {
     let vocab = head.tensor().dim(0)?;
-    let ids = targets.to_vec1::<u32>()?;
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
-    }
+    let ids = target_ids(targets, vocab)?;
     let cap = softcap.map(|c| c as f32);
     let empty = RowPartial {
         max: f32::NEG_INFINITY,

@@ -626,13 +626,9 @@ pub(crate) fn cpu_packed_product_folded<S: Send>(
     if product.kernel != super::amx::Bf16Kernel::Amx {
         return Ok(None);
     }
-    let kp = product.lhs.cols.max(1).next_multiple_of(super::amx::K_STEP);
-    let rows = super::amx::pack_rows(&product.lhs, kp);
-    let m = product.lhs.rows;
     Ok(super::amx::product_folded(
-        (&rows, kp),
+        product.lhs,
         product.rhs,
-        m,
         init,
         fold,
     ))
