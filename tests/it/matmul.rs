@@ -4,7 +4,7 @@
 
 use super::common::{max_abs_diff, random};
 use candle_core::{DType, Tensor};
-use feinschliff::model::kernels::matmul::matmul;
+use feinschliff::model::kernels::matmul::{matmul, matmul_wide};
 
 #[test]
 fn equals_candle_matmul_on_strided_batched_and_odd_shapes() {
@@ -69,6 +69,26 @@ fn half_precision_products_accumulate_in_f32() {
         // One rounding of the result to the half type: relative 2^-8 (bf16) of |values| ≲ 60.
         let err = max_abs_diff(&got, &exact);
         assert!(err < 0.25, "{dtype:?}: {err}");
+    }
+}
+
+#[test]
+fn half_precision_weights_in_an_input_gradient_sum_every_row_panel() {
+    // g·W for a tall W [k, n] with contiguous rows (the LM head's input gradient): widened a run
+    // of rows at a time (4001 rows of 300 make two panels, the second a tail), the panels'
+    // products adding up; an f32 sum of exact half-precision products.
+    for dtype in [DType::BF16, DType::F16] {
+        let g = random(&[9, 4001], 5).to_dtype(dtype).unwrap();
+        let w = random(&[4001, 300], 6).to_dtype(dtype).unwrap();
+        let got = matmul_wide(&g, &w).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let exact = g
+            .to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let err = max_abs_diff(&got, &exact);
+        assert!(err < 1e-3, "{dtype:?}: {err}");
     }
 }
 

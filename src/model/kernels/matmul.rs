@@ -702,14 +702,19 @@ impl<'s, 'p> PackedProduct<'s, 'p> {
     }
 }
 
-/// Columns of the right operand widened to f32 at a time: a panel of at most 4 MB.
-fn panel_columns(k: usize) -> usize {
-    ((1usize << 20) / k.max(1)).max(64)
+/// Lines (columns or rows) of a half-precision right operand widened to f32 at a time, each of
+/// `len` elements: a panel of at most 4 MB.
+fn panel_lines(len: usize) -> usize {
+    ((1usize << 20) / len.max(1)).max(64)
 }
 
 /// The products of operands of which at least one is half precision, computed in f32: each
-/// batch's a widened whole (or used in place when f32), b a panel of columns at a time (or in
-/// place when f32).
+/// batch's a widened whole (or used in place when f32), b in place when f32, else widened a panel
+/// at a time. Where b's rows are contiguous (a weight W in g·W), a panel is a run of whole rows,
+/// the chunks of k adding up in the output; otherwise it is a run of columns (each contiguous
+/// when b is a weight's transpose, as in x·Wᵀ). A strided panel of a tall b (the LM head's
+/// W [vocab, hidden] in its input gradient) would be narrow: 64 columns gathered element by
+/// element, each a thin product over the whole vocabulary.
 fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) -> Vec<f32> {
     let (m, k, n) = (dims.m, dims.k, dims.n);
     let mut out = uninit::<f32>(dims.batch * m * n);
@@ -717,34 +722,62 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
         return unsafe { assume_init(out) };
     }
     let par = dims.parallelism();
-    let panel = match B::as_f32(b) {
+    let (rs, cs) = dims.b_strides;
+    let by_rows = B::as_f32(b).is_none() && cs == 1 && rs != 1 && k > 0;
+    // Rows per panel when `by_rows`, else columns per panel.
+    let lines = match B::as_f32(b) {
         Some(_) => n,
-        None => panel_columns(k).min(n),
+        None if by_rows => panel_lines(n).min(k),
+        // Columns in panels no wider than f32 products take (the LM head's logits).
+        None => panel_lines(k).min(n).min(WIDE_PANEL),
     };
     let mut a32 = vec![0f32; if A::as_f32(a).is_some() { 0 } else { m * k }];
-    let mut b32 = vec![0f32; if B::as_f32(b).is_some() { 0 } else { k * panel }];
+    let line_len = if by_rows { n } else { k };
+    let mut b32 = vec![
+        0f32;
+        if B::as_f32(b).is_some() {
+            0
+        } else {
+            lines * line_len
+        }
+    ];
     for (dst, &(oa, ob)) in out.chunks_mut(m * n).zip(&dims.offsets) {
         let lhs = match A::as_f32(a) {
             Some(a) => view(a, oa, m, k, dims.a_strides),
             None => {
-                let (rs, cs) = dims.a_strides;
-                for (r, row) in a32.chunks_mut(k).enumerate() {
-                    gather(row, a, oa + r * rs, cs, A::widen);
-                }
+                let (ars, acs) = dims.a_strides;
+                widen_lines(&mut a32, k, a, (oa, ars, acs));
                 unsafe { MatRef::from_raw_parts(a32.as_ptr(), m, k, k as isize, 1) }
             }
         };
+        if by_rows {
+            // Rows first..first + rows of b, [rows, n] row-major, times those columns of a.
+            for first in (0..k).step_by(lines) {
+                let rows = lines.min(k - first);
+                widen_lines(&mut b32[..rows * n], n, b, (ob + first * rs, rs, 1));
+                let rhs = unsafe { MatRef::from_raw_parts(b32.as_ptr(), rows, n, n as isize, 1) };
+                // SAFETY: the m × n output; the first chunk writes it all without reading
+                // (Replace), the others add to it.
+                let dst = unsafe {
+                    MatMut::from_raw_parts_mut(dst.as_mut_ptr().cast(), m, n, n as isize, 1)
+                };
+                let accum = if first == 0 {
+                    Accum::Replace
+                } else {
+                    Accum::Add
+                };
+                faer::linalg::matmul::matmul(dst, accum, lhs.subcols(first, rows), rhs, 1f32, par);
+            }
+            continue;
+        }
         let mut start = 0;
         while start < n {
-            let cols = panel.min(n - start);
-            let (rs, cs) = dims.b_strides;
+            let cols = lines.min(n - start);
             let rhs = match B::as_f32(b) {
                 Some(b) => view(b, ob + start * cs, k, cols, (rs, cs)),
                 None => {
                     // Column-major panel: each column of b (often a row of a weight) is contiguous.
-                    for (c, col) in b32[..k * cols].chunks_mut(k).enumerate() {
-                        gather(col, b, ob + (start + c) * cs, rs, B::widen);
-                    }
+                    widen_lines(&mut b32[..k * cols], k, b, (ob + start * cs, cs, rs));
                     unsafe { MatRef::from_raw_parts(b32.as_ptr(), k, cols, 1, k as isize) }
                 }
             };
@@ -759,4 +792,25 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
     }
     // SAFETY: the panels cover every column of every batch's output.
     unsafe { assume_init(out) }
+}
+
+/// Widens `src` into `dst` in lines of `len` elements: line i from `start + i·line_stride`, its
+/// elements `step` apart. In parallel for a large panel.
+fn widen_lines<B: Widen>(
+    dst: &mut [f32],
+    len: usize,
+    src: &[B],
+    (start, line_stride, step): (usize, usize, usize),
+) {
+    if len == 0 {
+        return;
+    }
+    let one = |(i, line): (usize, &mut [f32])| {
+        gather(line, src, start + i * line_stride, step, B::widen);
+    };
+    if dst.len() >= 1 << 16 {
+        dst.par_chunks_mut(len).enumerate().for_each(one);
+    } else {
+        dst.chunks_mut(len).enumerate().for_each(one);
+    }
 }
