@@ -3,7 +3,8 @@
 //! candle) in its output and in the gradients of Q, K, V, for grouped-query heads, a packed mask
 //! and blocks that do not divide the sequence: the fused CPU kernel in f64 and f32, the composed
 //! path (what CUDA and half-precision activations run) in bf16; a bf16 model's inference, with
-//! bf16 products on the CPU's bf16 kernel, at bf16 precision.
+//! bf16 products on the CPU's bf16 kernel, at bf16 precision;
+//! and new rows after a KV cache's keys.
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -311,5 +312,64 @@ fn bf16_products_without_gradients_equal_eager_attention_at_bf16_precision() {
             err > 10.0 * f32_err,
             "{kernel:?}, d {d}: bf16 products ({err}) should round as f32 ones ({f32_err}) do not"
         );
+    }
+}
+
+#[test]
+fn new_rows_after_cached_keys_equal_the_last_rows_of_eager_attention() {
+    // The last 20 of 70 positions read after a KV cache of the first 50: grouped heads, a packed
+    // mask, blocks over the new rows (tails); f64 and f32 on the fused kernel, a capped variant,
+    // and bf16 products where the CPU has a bf16 kernel.
+    let dev = Device::Cpu;
+    let (b, kvh, groups, total, past, d) = (2, 2, 3, 70, 50, 40);
+    let t = total - past;
+    let q = Tensor::randn(0f64, 1.0, (b, kvh, groups * total, d), &dev).unwrap();
+    let k = Tensor::randn(0f64, 1.0, (b, kvh, total, d), &dev).unwrap();
+    let v = Tensor::randn(0f64, 1.0, (b, kvh, total, d), &dev).unwrap();
+    let mask = packed_causal_mask(b, total);
+    // Each group's last t query rows, and their mask rows.
+    let last_rows = |x: &Tensor| {
+        x.reshape((b, kvh, groups, total, d))
+            .unwrap()
+            .narrow(3, past, t)
+            .unwrap()
+            .reshape((b, kvh, groups * t, d))
+            .unwrap()
+    };
+    let new_mask = mask.narrow(2, past, t).unwrap();
+    let bf16 = feinschliff::model::kernels::amx::bf16_kernel().is_some();
+    for softcap in [None, Some(2.0)] {
+        for (dtype, bf16_products) in [(DType::F64, false), (DType::F32, false), (DType::F32, true)]
+        {
+            if bf16_products && !bf16 {
+                eprintln!("skipped bf16 products: this CPU has no bf16 kernel");
+                continue;
+            }
+            let scoring = Scoring {
+                softcap,
+                bf16_products,
+                ..Scoring::standard(d)
+            };
+            let want = last_rows(&eager_scored(&q, &k, &v, &mask, groups, scoring));
+            let of = |x: &Tensor| x.to_dtype(dtype).unwrap();
+            let got = sdpa::attention_after_past(
+                &of(&last_rows(&q)),
+                &of(&k),
+                &of(&v),
+                &of(&new_mask),
+                scoring,
+            )
+            .unwrap();
+            let err = max_abs_diff(&got, &want);
+            let tol = match (dtype, bf16_products) {
+                (DType::F64, _) => 1e-12,
+                (_, false) => 1e-5,
+                _ => 3e-2,
+            };
+            assert!(
+                err < tol,
+                "{dtype:?}, bf16 {bf16_products}, cap {softcap:?}: {err}"
+            );
+        }
     }
 }

@@ -7,8 +7,9 @@
 //! recomputes each block's probabilities from Q, K and the mask. Grouped-query heads share their
 //! K/V head without copies: the query heads of a group are stacked along the rows.
 //!
-//! On the CPU (f32 or f64 activations, the decoder's square mask) the whole of it runs as the
-//! fused kernel of [`super::sdpa_cpu`]; the composed path here serves CUDA and half precision.
+//! On the CPU (f32 or f64 activations) the whole of it runs as the fused kernel of
+//! [`super::sdpa_cpu`], and so do new tokens after a KV cache; the composed path here serves CUDA
+//! and half precision.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 
@@ -249,8 +250,10 @@ impl CustomOp3 for FusedCpuAttention {
 
 /// Attention of new tokens to cached and new keys, without gradients: q [batch, kv_heads,
 /// groups·t, d] (t new positions), k, v [batch, kv_heads, slots, d], mask [batch, 1, t, slots]
-/// in the softmax dtype. The new tokens are few (one per step in generation), so their scores
-/// are computed at once. Returns [batch, kv_heads, groups·t, d].
+/// in the softmax dtype, the new positions' slots last. On the CPU (f32 or f64) this is the fused
+/// kernel's forward with the cached keys before each block's own; elsewhere all t new rows' scores
+/// are computed at once (they are few: one per step in generation). Returns [batch, kv_heads,
+/// groups·t, d].
 pub fn attention_after_past(
     q: &Tensor,
     k: &Tensor,
@@ -258,10 +261,20 @@ pub fn attention_after_past(
     mask: &Tensor,
     scoring: Scoring,
 ) -> Result<Tensor> {
-    let t = mask.dim(2)?;
-    let rows = q.dim(2)?;
-    if t == 0 || rows % t != 0 {
-        candle_core::bail!("attention: {rows} query rows do not fit {t} new positions");
+    let shape = Shapes::after_past(q, k, mask, scoring)?;
+    if let Some(dtype) = fused_cpu_dtype(q, k, v, mask) {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let flops = 4 * shape.scores() * k.dim(3)?;
+        let bf16 = scoring
+            .bf16_products
+            .then(super::amx::bf16_kernel)
+            .flatten()
+            .filter(|_| dtype == DType::F32);
+        return timed(Phase::Attention, flops, || match (dtype, bf16) {
+            (DType::F64, _) => fused_cpu::<f64>(&q, &k, &v, mask, shape),
+            (_, Some(kernel)) => fused_cpu_bf16(&q, &k, &v, mask, shape, kernel),
+            _ => fused_cpu::<f32>(&q, &k, &v, mask, shape),
+        });
     }
     timed(Phase::Attention, 4 * q.elem_count() * k.dim(2)?, || {
         matmul(
@@ -302,6 +315,8 @@ struct Shapes {
     kv_heads: usize,
     groups: usize,
     seq: usize,
+    /// Cached keys before the queries' own (inference with a KV cache; 0 otherwise).
+    past: usize,
     block: usize,
     scoring: Scoring,
 }
@@ -313,6 +328,7 @@ impl Shapes {
             kv_heads: self.kv_heads,
             groups: self.groups,
             seq: self.seq,
+            past: self.past,
             head_dim,
             block: self.block,
             scale: self.scoring.scale,
@@ -331,14 +347,41 @@ impl Shapes {
             kv_heads,
             groups: rows / seq,
             seq,
+            past: 0,
             block: block.clamp(1, seq),
+            scoring,
+        })
+    }
+
+    /// The sizes of new tokens' attention after a KV cache: q [batch, kv_heads, groups·t, d],
+    /// k [batch, kv_heads, slots, d] with the t new positions last, mask [batch, 1, t, slots].
+    fn after_past(q: &Tensor, k: &Tensor, mask: &Tensor, scoring: Scoring) -> Result<Self> {
+        let (batch, kv_heads, slots, _) = k.dims4()?;
+        let (t, rows) = (mask.dim(2)?, q.dim(2)?);
+        if t == 0 || rows % t != 0 || t > slots || mask.dim(3)? != slots {
+            candle_core::bail!(
+                "attention: {rows} query rows and a mask of {:?} do not fit {slots} key positions",
+                mask.dims()
+            );
+        }
+        let groups = rows / t;
+        Ok(Self {
+            batch,
+            kv_heads,
+            groups,
+            seq: t,
+            past: slots - t,
+            block: block_rows(batch, kv_heads * groups, t),
             scoring,
         })
     }
 
     /// Query-key pairs scored over all blocks (each block sees the keys up to its last row).
     fn scores(&self) -> usize {
-        let pairs: usize = self.blocks().map(|(start, len)| len * (start + len)).sum();
+        let pairs: usize = self
+            .blocks()
+            .map(|(start, len)| len * (self.past + start + len))
+            .sum();
         self.batch * self.kv_heads * self.groups * pairs
     }
 

@@ -54,13 +54,17 @@ impl Element for f64 {
 }
 
 /// The sizes of one attention call: q [batch, kv_heads, groups·seq, d] (the query heads that
-/// share a K/V head stacked along the rows), k, v [batch, kv_heads, seq, d], mask [batch, seq,
-/// seq] (additive, causal), all contiguous; the batch is what the slices hold.
+/// share a K/V head stacked along the rows), k, v [batch, kv_heads, past + seq, d], mask [batch,
+/// seq, past + seq] (additive, causal: query row r sees no key after past + r), all contiguous;
+/// the batch is what the slices hold.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
     pub kv_heads: usize,
     pub groups: usize,
     pub seq: usize,
+    /// Keys cached before the queries' own (a KV cache's earlier positions; their K/V rows come
+    /// first). 0 in training: the backward takes no cached keys.
+    pub past: usize,
     pub head_dim: usize,
     /// Query positions per block (the block's scores [rows, keys] should stay in cache).
     pub block: usize,
@@ -87,6 +91,11 @@ impl Dims {
     fn head_rows(&self) -> usize {
         self.seq * self.head_dim
     }
+
+    /// Key positions per K/V head: the cached ones and the queries' own.
+    fn slots(&self) -> usize {
+        self.past + self.seq
+    }
 }
 
 /// The forward pass: the output [batch, kv_heads, groups·seq, d] and each query row's
@@ -99,6 +108,7 @@ pub(crate) fn forward<T: Element>(
     dims: Dims,
 ) -> (Vec<T>, Vec<T>) {
     let (t, d, g) = (dims.seq, dims.head_dim, dims.groups);
+    let slots = dims.slots();
     let mut out = vec![T::zero(); q.len()];
     let mut lse = vec![T::zero(); q.len() / d.max(1)];
     if q.is_empty() {
@@ -125,15 +135,15 @@ pub(crate) fn forward<T: Element>(
         .for_each(|(head, (start, len), out, lse)| {
             let kv = head / g;
             let batch = kv / dims.kv_heads;
-            let keys = start + len;
+            let keys = dims.past + start + len;
             let q_rows = matrix(q, head * t * d + start * d, len, d);
-            let k_seen = matrix(k, kv * t * d, keys, d);
-            let v_seen = matrix(v, kv * t * d, keys, d);
+            let k_seen = matrix(k, kv * slots * d, keys, d);
+            let v_seen = matrix(v, kv * slots * d, keys, d);
             let mut p = vec![T::zero(); len * keys];
             scores(&mut p, q_rows, k_seen, scale, len, keys);
             for (r, row) in p.chunks_mut(keys).enumerate() {
                 dims.cap(row, None);
-                let mask_row = &mask[(batch * t + start + r) * t..][..keys];
+                let mask_row = &mask[(batch * t + start + r) * slots..][..keys];
                 row.iter_mut().zip(mask_row).for_each(|(x, m)| *x += *m);
                 let max = T::row_max(row);
                 let sum = T::exp_shifted_sum(row, max);
@@ -167,17 +177,18 @@ pub(crate) fn forward_bf16(
     kernel: Bf16Kernel,
 ) -> Vec<f32> {
     let (t, d, g) = (dims.seq, dims.head_dim, dims.groups);
+    let slots = dims.slots();
     let mut out = vec![0f32; q.len()];
     if q.is_empty() {
         return out;
     }
     let scale = dims.scale as f32;
-    // Kᵀ [d, t] and V [t, d] of every K/V head.
-    let packed: Vec<(PackedRhs, PackedRhs)> = (0..k.len() / (t * d))
+    // Kᵀ [d, slots] and V [slots, d] of every K/V head.
+    let packed: Vec<(PackedRhs, PackedRhs)> = (0..k.len() / (slots * d))
         .into_par_iter()
         .map(|kv| {
-            let kt = Strided::new(k, kv * t * d, (d, t), (1, d));
-            let vv = Strided::new(v, kv * t * d, (t, d), (d, 1));
+            let kt = Strided::new(k, kv * slots * d, (d, slots), (1, d));
+            let vv = Strided::new(v, kv * slots * d, (slots, d), (d, 1));
             (PackedRhs::new(&kt), PackedRhs::new(&vv))
         })
         .collect();
@@ -191,7 +202,7 @@ pub(crate) fn forward_bf16(
     tasks.into_par_iter().for_each(|(head, (start, len), out)| {
         let kv = head / g;
         let batch = kv / dims.kv_heads;
-        let keys = start + len;
+        let keys = dims.past + start + len;
         let (kt, vv) = &packed[kv];
         let dp = d.next_multiple_of(32);
         let q_rows = amx::pack_rows(
@@ -218,7 +229,7 @@ pub(crate) fn forward_bf16(
         let mut p_rows = uninit::<u16>(len.next_multiple_of(32) * kp);
         let mut sums = Vec::with_capacity(len);
         for (r, (row, packed)) in p.chunks_mut(keys).zip(p_rows.chunks_mut(kp)).enumerate() {
-            let mask_row = &mask[(batch * t + start + r) * t..][..keys];
+            let mask_row = &mask[(batch * t + start + r) * slots..][..keys];
             let max = if dims.softcap.is_some() {
                 vector_math::scale(row, scale);
                 dims.cap(row, None);
@@ -265,6 +276,7 @@ pub(crate) fn backward<T: Element>(
     grad: &[T],
     dims: Dims,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    assert_eq!(dims.past, 0, "attention: no backward through cached keys");
     let (t, d, g) = (dims.seq, dims.head_dim, dims.groups);
     let (mut dq, mut dk, mut dv) = (
         vec![T::zero(); q.len()],
