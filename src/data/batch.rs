@@ -59,6 +59,7 @@ impl Batch {
                 seq: t,
                 position_ids,
                 segment_ids,
+                parents: Vec::new(),
             },
             target_tokens: examples.iter().map(|e| e.target_count()).sum(),
             tokens: examples.iter().map(|e| e.input_ids.len()).sum(),

@@ -3,9 +3,11 @@
 //! documents, and greedy generation until stop strings (how text becomes these requests:
 //! `encoding.rs`).
 //!
-//! Requests that share their context (the choices of a multiple-choice question) read it once:
-//! the context runs into a KV cache, then every continuation runs against the cached context.
-//! Generation reads the prompt once and then one new token per step through the cache.
+//! Requests that share their context (the choices of a multiple-choice question, the questions on
+//! one passage) read it once: a family of contexts with a common prefix is one row of a tree
+//! layout, the prefix first and every context and continuation a branch that sees what precedes it
+//! in its own sequence. Generation reads the prompt once and then one new token per step through a
+//! KV cache.
 
 use anyhow::Result;
 use candle_core::{Tensor, D};
@@ -14,8 +16,7 @@ use std::collections::HashMap;
 
 use crate::data::Batch;
 use crate::model::kernels::{blocks, cross_entropy};
-use crate::model::kv_cache::right_padded;
-use crate::model::{generate, Model};
+use crate::model::{generate, Model, TokenLayout};
 
 /// The log-likelihood of one continuation, and whether greedy decoding would produce it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -206,7 +207,8 @@ impl<'a> Scorer<'a> {
     /// Batches for [`Scorer::score_shared`]. A family is up to `batch_size` context groups whose
     /// contexts begin with the same tokens (a passage with several questions, a few-shot
     /// preamble), or one group alone; its prefix is what all its contexts share, minus at least
-    /// one token of each. Lone groups are batched `batch_size` at a time by length.
+    /// one token of each. Families are batched `batch_size` at a time by the length of their
+    /// rows.
     fn context_batches(
         &self,
         mut groups: Vec<Vec<usize>>,
@@ -235,123 +237,90 @@ impl<'a> Scorer<'a> {
             });
             start = end;
         }
-        // A family of several contexts is a batch of its own: batching prefixes of different
-        // lengths (and the different rests of the contexts) costs more in padding than it saves.
-        let (shared, alone): (Vec<Family>, Vec<Family>) =
-            families.into_iter().partition(|f| f.groups.len() > 1);
-        let mut batches: Vec<Vec<Family>> = shared.into_iter().map(|f| vec![f]).collect();
-        let mut alone = alone;
-        alone.sort_by_key(|f| (std::cmp::Reverse(f.prefix), f.groups[0][0]));
-        let mut rest = alone.into_iter().peekable();
+        // Each family is one row; rows of similar length share a batch, longest first.
+        let row_len = |f: &Family| -> usize {
+            let groups = f.groups.iter().map(|g| {
+                let rest = requests[g[0]].context.len() - f.prefix;
+                rest + g
+                    .iter()
+                    .map(|&i| requests[i].continuation.len() - 1)
+                    .sum::<usize>()
+            });
+            f.prefix + groups.sum::<usize>()
+        };
+        families.sort_by_key(|f| (std::cmp::Reverse(row_len(f)), f.groups[0][0]));
+        let mut batches = Vec::new();
+        let mut rest = families.into_iter().peekable();
         while rest.peek().is_some() {
             batches.push(rest.by_ref().take(self.batch_size).collect());
         }
         batches
     }
 
-    /// One batch of families: their prefixes run once each (batched) into a KV cache, the cache
-    /// rows are repeated for the family's contexts, whose remaining tokens run next (batched);
-    /// then the first continuation token of every request is scored from its context's last
-    /// position, and longer continuations run against the cached context, `batch_size`
-    /// continuations at a time.
+    /// One batch of families in one forward pass, each family one row of a tree layout
+    /// ([`TreeRow`]); then every request's continuation tokens are scored where they are
+    /// predicted.
     fn score_shared(
         &self,
         families: &[Family],
         requests: &[TokenRequest],
     ) -> Result<Vec<(usize, Loglikelihood)>> {
         let lm = &self.model.lm;
-        let device = lm.device();
         let pad = self.model.tokenizer.pad_id();
-        let groups: Vec<&Vec<usize>> = families.iter().flat_map(|f| &f.groups).collect();
-        let contexts: Vec<&[u32]> = groups.iter().map(|g| &requests[g[0]].context[..]).collect();
-        let longest_continuation = groups
+        let mut parents = Vec::new();
+        let rows: Vec<TreeRow> = families
             .iter()
-            .copied()
-            .flatten()
-            .map(|&i| requests[i].continuation.len())
-            .max()
-            .unwrap_or(1);
-        // The prefixes, one row per family.
-        let prefixes: Vec<&[u32]> = families
-            .iter()
-            .map(|f| &requests[f.groups[0][0]].context[..f.prefix])
+            .map(|f| TreeRow::of(f, requests, &mut parents))
             .collect();
-        let (input, prefix_lens) = right_padded(&prefixes, pad, device)?;
-        let mut shared = lm.new_cache(families.len(), input.dim(1)?);
-        lm.hidden_states_cached(&input, &prefix_lens, &mut shared)?;
-        let family_of: Vec<usize> = families
-            .iter()
-            .enumerate()
-            .flat_map(|(f, family)| std::iter::repeat_n(f, family.groups.len()))
-            .collect();
-        // The rest of each context, one row per group.
-        let rests: Vec<&[u32]> = contexts
-            .iter()
-            .zip(&family_of)
-            .map(|(c, &f)| &c[prefix_lens[f]..])
-            .collect();
-        let (input, real) = right_padded(&rests, pad, device)?;
-        let t = input.dim(1)?;
-        let mut cache = shared.select(&family_of, t + longest_continuation)?;
-        drop(shared);
+        let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut layout = TokenLayout {
+            batch: rows.len(),
+            seq: width,
+            position_ids: Vec::with_capacity(rows.len() * width),
+            segment_ids: Vec::with_capacity(rows.len() * width),
+            parents,
+        };
+        let (mut hidden_rows, mut targets, mut members) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, row) in rows.into_iter().enumerate() {
+            // Right padding: a sample of its own.
+            let padding = width - row.ids.len();
+            let pad_segment = layout.parents.len() as u32;
+            layout.parents.push(None);
+            ids.extend(
+                row.ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, padding)),
+            );
+            layout
+                .position_ids
+                .extend(row.positions.iter().copied().chain(0..padding as u32));
+            layout.segment_ids.extend(
+                row.segments
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_segment, padding)),
+            );
+            for (i, predicting) in row.scored {
+                let continuation = &requests[i].continuation;
+                hidden_rows.extend(predicting.iter().map(|&p| (r * width + p) as u32));
+                targets.extend_from_slice(continuation);
+                members.push((i, continuation.len()));
+            }
+        }
+        let input = Tensor::from_vec(ids, (layout.batch, width), lm.device())?;
         let hidden = lm
-            .hidden_states_cached(&input, &real, &mut cache)?
-            .reshape((groups.len() * t, lm.config.hidden_size))?;
-        let (mut rows, mut firsts) = (Vec::new(), Vec::new());
-        for (k, g) in groups.iter().enumerate() {
-            for &i in g.iter() {
-                rows.push((k * t + real[k] - 1) as u32);
-                firsts.push(requests[i].continuation[0]);
-            }
-        }
-        let first = self.score_rows(&hidden, rows, &firsts)?;
-        let members: Vec<(usize, usize)> = groups
-            .iter()
-            .enumerate()
-            .flat_map(|(k, g)| g.iter().map(move |&i| (k, i)))
-            .collect();
-        let mut scored: HashMap<usize, Vec<(f32, bool)>> = members
-            .iter()
-            .zip(first)
-            .map(|(&(_, i), s)| (i, vec![s]))
-            .collect();
-        let longer: Vec<(usize, usize)> = members
+            .hidden_states(&input, &layout, None)?
+            .reshape((layout.batch * width, lm.config.hidden_size))?;
+        let scored = self.score_rows(&hidden, hidden_rows, &targets)?;
+        let mut at = 0;
+        Ok(members
             .into_iter()
-            .filter(|&(_, i)| requests[i].continuation.len() > 1)
-            .collect();
-        for chunk in longer.chunks(self.batch_size) {
-            let mut rows_cache = cache.select(
-                &chunk.iter().map(|&(k, _)| k).collect::<Vec<_>>(),
-                longest_continuation,
-            )?;
-            let inputs: Vec<&[u32]> = chunk
-                .iter()
-                .map(|&(_, i)| {
-                    let c = &requests[i].continuation;
-                    &c[..c.len() - 1]
-                })
-                .collect();
-            let (input, real) = right_padded(&inputs, pad, device)?;
-            let tc = input.dim(1)?;
-            let hidden = lm
-                .hidden_states_cached(&input, &real, &mut rows_cache)?
-                .reshape((chunk.len() * tc, lm.config.hidden_size))?;
-            let (mut rows, mut targets) = (Vec::new(), Vec::new());
-            for (j, &(_, i)) in chunk.iter().enumerate() {
-                for (p, &tok) in requests[i].continuation[1..].iter().enumerate() {
-                    rows.push((j * tc + p) as u32);
-                    targets.push(tok);
-                }
-            }
-            let mut rest = self.score_rows(&hidden, rows, &targets)?.into_iter();
-            for &(_, i) in chunk {
-                let entry = scored.entry(i).or_default();
-                entry.extend(rest.by_ref().take(requests[i].continuation.len() - 1));
-            }
-        }
-        Ok(scored
-            .into_iter()
-            .map(|(i, s)| (i, Loglikelihood::of(&s)))
+            .map(|(i, len)| {
+                at += len;
+                (i, Loglikelihood::of(&scored[at - len..at]))
+            })
             .collect())
     }
 
@@ -433,5 +402,67 @@ impl<'a> Scorer<'a> {
             bar.inc(chunk.len() as u64);
         }
         Ok(outputs)
+    }
+}
+
+/// One family's tokens as a row of a tree layout: the shared prefix first, then each context's
+/// rest as a branch of the prefix, then each continuation's tokens but its last as a branch of its
+/// context. Positions continue along each branch, so every token sees what it would see in its
+/// own sequence; the prefix is read once and nothing is padded inside the row.
+struct TreeRow {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    segments: Vec<u32>,
+    /// Per request: the indices in the row that predict its continuation's tokens, in order.
+    scored: Vec<(usize, Vec<usize>)>,
+}
+
+impl TreeRow {
+    /// The row of `family`; its samples take the next ids of `parents` (each sample's parent).
+    fn of(family: &Family, requests: &[TokenRequest], parents: &mut Vec<Option<u32>>) -> Self {
+        let mut row = Self {
+            ids: Vec::new(),
+            positions: Vec::new(),
+            segments: Vec::new(),
+            scored: Vec::new(),
+        };
+        let first = &requests[family.groups[0][0]].context;
+        let prefix = row.branch(&first[..family.prefix], 0, None, parents);
+        for group in &family.groups {
+            let context = &requests[group[0]].context;
+            let rest = &context[family.prefix..];
+            let own = row.branch(rest, family.prefix, Some(prefix), parents);
+            // The context's last token predicts every continuation's first.
+            let last = row.ids.len() - 1;
+            for &i in group {
+                let continuation = &requests[i].continuation;
+                let start = row.ids.len();
+                if continuation.len() > 1 {
+                    let tokens = &continuation[..continuation.len() - 1];
+                    row.branch(tokens, context.len(), Some(own), parents);
+                }
+                let predicting = std::iter::once(last).chain(start..row.ids.len());
+                row.scored.push((i, predicting.collect()));
+            }
+        }
+        row
+    }
+
+    /// Appends `tokens` at positions from `first_position` as a new sample branching from
+    /// `parent`; returns the sample's id.
+    fn branch(
+        &mut self,
+        tokens: &[u32],
+        first_position: usize,
+        parent: Option<u32>,
+        parents: &mut Vec<Option<u32>>,
+    ) -> u32 {
+        let id = parents.len() as u32;
+        parents.push(parent);
+        let first = first_position as u32;
+        self.ids.extend_from_slice(tokens);
+        self.positions.extend(first..first + tokens.len() as u32);
+        self.segments.extend(std::iter::repeat_n(id, tokens.len()));
+        id
     }
 }

@@ -54,10 +54,16 @@ impl checkpoint::Recompute for CheckpointedLayer {
 pub struct TokenLayout {
     pub batch: usize,
     pub seq: usize,
-    /// [batch * seq] position ids, restarting at 0 for each sample.
+    /// [batch * seq] position ids, restarting at 0 for each sample (a branch's continue its
+    /// parent's).
     pub position_ids: Vec<u32>,
-    /// [batch * seq] sample ids; attention never crosses from one sample to another.
+    /// [batch * seq] sample ids; attention never crosses from one sample to another, except into
+    /// a sample's ancestors.
     pub segment_ids: Vec<u32>,
+    /// Per sample id, the sample it branches from, if any: a branch sees its parent's tokens (and
+    /// their ancestors') before its own, as the contexts that share a prefix do when they are
+    /// scored in one row. Empty: every sample stands alone.
+    pub parents: Vec<Option<u32>>,
 }
 
 impl TokenLayout {
@@ -69,19 +75,36 @@ impl TokenLayout {
             seq,
             position_ids,
             segment_ids: vec![0; batch * seq],
+            parents: Vec::new(),
         }
     }
 
-    /// The additive attention mask [batch, 1, seq, seq] (f32): causal, within a sample, inside the window.
+    /// Whether sample `from` sees sample `to`'s tokens: itself or one of its ancestors.
+    fn sees(&self, from: u32, to: u32) -> bool {
+        let mut sample = Some(from);
+        while let Some(s) = sample {
+            if s == to {
+                return true;
+            }
+            sample = self.parents.get(s as usize).copied().flatten();
+        }
+        false
+    }
+
+    /// The additive attention mask [batch, 1, seq, seq] (f32): causal, within a sample and its
+    /// ancestors, inside the window (of positions).
     fn mask(&self, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
         let (b, t) = (self.batch, self.seq);
         let mut mask = vec![0f32; b * t * t];
         for row in 0..b {
             let seg = &self.segment_ids[row * t..(row + 1) * t];
+            let pos = &self.position_ids[row * t..(row + 1) * t];
             for i in 0..t {
                 for j in 0..t {
-                    let visible =
-                        j <= i && seg[i] == seg[j] && sliding_window.is_none_or(|w| i - j < w);
+                    let visible = j <= i
+                        && self.sees(seg[i], seg[j])
+                        && sliding_window
+                            .is_none_or(|w| (pos[i] as i64 - pos[j] as i64) < w as i64);
                     if !visible {
                         mask[(row * t + i) * t + j] = f32::NEG_INFINITY;
                     }

@@ -1,6 +1,5 @@
 //! Keys and values of the positions a model has already read, per layer, so that inference reads
-//! each token once: greedy generation feeds one new token per step, and requests that share a
-//! context read it once and then each continuation against the cached context.
+//! each token once: greedy generation reads the prompts, then feeds one new token per step.
 //!
 //! Rows may hold padding (prompts of different lengths are right-padded): each row remembers which
 //! of its slots are real tokens and at which position, and new tokens attend to real slots only.
@@ -40,14 +39,6 @@ impl LayerKv {
     /// Appends new keys and values [batch, kv_heads, t, head_dim]; returns all of them so far.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok(self.cache.append(k, v)?)
-    }
-
-    /// The cached keys and values, if any.
-    fn current(&self) -> Result<Option<(Tensor, Tensor)>> {
-        Ok(match (self.cache.k()?, self.cache.v()?) {
-            (Some(k), Some(v)) => Some((k, v)),
-            _ => None,
-        })
     }
 }
 
@@ -166,21 +157,5 @@ impl KvCache {
     /// Each layer's cache, to hand to the layers in order.
     pub fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerKv> {
         self.layers.iter_mut()
-    }
-
-    /// A new cache whose rows are the listed rows of this one (a row may be listed several times),
-    /// with room for `room` more slots before it grows.
-    pub fn select(&self, rows: &[usize], room: usize) -> Result<KvCache> {
-        let mut out = KvCache::new(self.layers.len(), rows.len(), self.len() + room.max(1));
-        out.rows = rows.iter().map(|&r| self.rows[r].clone()).collect();
-        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        for (from, to) in self.layers.iter().zip(out.layers.iter_mut()) {
-            if let Some((k, v)) = from.current()? {
-                let idx = Tensor::from_slice(&index, rows.len(), k.device())?;
-                let (k, v) = (k.contiguous()?, v.contiguous()?);
-                to.append(&k.index_select(&idx, 0)?, &v.index_select(&idx, 0)?)?;
-            }
-        }
-        Ok(out)
     }
 }

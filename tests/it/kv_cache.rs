@@ -1,7 +1,8 @@
-//! Inference through the KV cache equals the full forward pass: a context read once and its
-//! continuations read against the cache give the hidden states of the whole sequences (right
-//! padding and a sliding window included), and greedy generation with the cache picks the tokens
-//! that recomputing every sequence from scratch picks.
+//! Inference that reads shared tokens once equals the full forward pass: contexts read into the
+//! KV cache and their continuations read against it, and the branches of a tree row (a prefix
+//! read once, the sequences that continue it), give the hidden states of the whole sequences
+//! (right padding and sliding windows included); greedy generation with the cache picks the
+//! tokens that recomputing every sequence from scratch picks.
 
 use super::common::{max_abs_diff, tiny_lm};
 use candle_core::{DType, Device, Tensor, D};
@@ -40,7 +41,7 @@ fn cached_context_and_continuations_equal_the_whole_sequences() {
             lm.config.sliding_window = Some(5);
         }
         let contexts: [&[u32]; 2] = [&[5, 9, 13, 2, 7, 7, 1], &[4, 8]];
-        let continuations: [&[u32]; 3] = [&[3, 3, 6, 10], &[11], &[12, 0, 2]];
+        let continuations: [&[u32]; 2] = [&[3, 3, 6, 10], &[11]];
         let mut cache = lm.new_cache(2, 4);
         let (input, real) = padded(&contexts, 1);
         let context_hidden = lm.hidden_states_cached(&input, &real, &mut cache).unwrap();
@@ -55,22 +56,72 @@ fn cached_context_and_continuations_equal_the_whole_sequences() {
                 "{arch} context {k}"
             );
         }
-        // Continuations 0 and 2 after context 0, continuation 1 after context 1.
-        let of_context = [0usize, 1, 0];
-        let mut rows = cache.select(&of_context, 4).unwrap();
-        let (input, real) = padded(&continuations, 1);
-        let hidden = lm.hidden_states_cached(&input, &real, &mut rows).unwrap();
-        for (j, cont) in continuations.iter().enumerate() {
-            let full: Vec<u32> = contexts[of_context[j]]
-                .iter()
-                .chain(*cont)
-                .copied()
-                .collect();
+        // Each context's continuation read against its cached row.
+        let (input, real) = padded(&continuations[..2], 1);
+        let hidden = lm.hidden_states_cached(&input, &real, &mut cache).unwrap();
+        for (j, cont) in continuations[..2].iter().enumerate() {
+            let full: Vec<u32> = contexts[j].iter().chain(*cont).copied().collect();
             let want = whole(&lm, &full)
                 .narrow(0, full.len() - cont.len(), cont.len())
                 .unwrap();
             let got = hidden.get(j).unwrap().narrow(0, 0, cont.len()).unwrap();
             assert!(max_abs_diff(&got, &want) < 1e-10, "{arch} continuation {j}");
+        }
+    }
+}
+
+#[test]
+fn branches_of_a_tree_row_equal_their_whole_sequences() {
+    // Row 0: a prefix, two branches of it, and a branch of the first branch (how the scorer reads
+    // the contexts that share a passage, and a longer continuation); row 1: one sample, then
+    // padding of its own. Sliding windows count positions, not places in the row.
+    for arch in ["llama", "mistral", "gemma2", "gemma3_text"] {
+        let mut lm = tiny_lm(arch, DType::F64, 3);
+        if arch != "llama" {
+            lm.config.sliding_window = Some(5);
+        }
+        let prefix: &[u32] = &[5, 9, 13, 2];
+        let (a, b, c): (&[u32], &[u32], &[u32]) = (&[7, 7, 1], &[4, 8, 6], &[3, 3, 6, 10]);
+        let alone: &[u32] = &[4, 8, 12, 0, 2];
+        let row0: Vec<u32> = [prefix, a, b, c].concat();
+        let width = row0.len();
+        let mut ids = row0.clone();
+        ids.extend(alone);
+        ids.resize(2 * width, 1);
+        let mut position_ids: Vec<u32> = [0..4, 4..7, 4..7, 7..11].into_iter().flatten().collect();
+        position_ids.extend(0..alone.len() as u32);
+        position_ids.extend(0..(width - alone.len()) as u32);
+        let mut segment_ids: Vec<u32> = [(0, 4), (1, 3), (2, 3), (3, 4)]
+            .iter()
+            .flat_map(|&(s, n)| std::iter::repeat_n(s, n))
+            .collect();
+        segment_ids.extend(std::iter::repeat_n(4, alone.len()));
+        segment_ids.extend(std::iter::repeat_n(5, width - alone.len()));
+        let layout = TokenLayout {
+            batch: 2,
+            seq: width,
+            position_ids,
+            segment_ids,
+            parents: vec![None, Some(0), Some(0), Some(1), None, None],
+        };
+        let input = Tensor::from_vec(ids, (2, width), &Device::Cpu).unwrap();
+        let hidden = lm.hidden_states(&input, &layout, None).unwrap();
+        let row = |r: usize, start: usize, len: usize| {
+            hidden.get(r).unwrap().narrow(0, start, len).unwrap()
+        };
+        let tail = |seq: Vec<u32>, len: usize| {
+            let w = whole(&lm, &seq);
+            w.narrow(0, seq.len() - len, len).unwrap()
+        };
+        let cases = [
+            ("prefix", row(0, 0, 4), whole(&lm, prefix)),
+            ("a", row(0, 4, 3), tail([prefix, a].concat(), 3)),
+            ("b", row(0, 7, 3), tail([prefix, b].concat(), 3)),
+            ("c", row(0, 10, 4), tail([prefix, a, c].concat(), 4)),
+            ("alone", row(1, 0, alone.len()), whole(&lm, alone)),
+        ];
+        for (name, got, want) in cases {
+            assert!(max_abs_diff(&got, &want) < 1e-10, "{arch} {name}");
         }
     }
 }
