@@ -360,9 +360,7 @@ fn row_dots<W: Widen>(a: &[f32], b: &[W], dims: &ProductDims) -> Vec<f32> {
                 let j = chunk * COLUMNS + jj;
                 let start = ob + j * dims.b_strides.1;
                 let column = &b[start..start + k];
-                for (i, value) in cell.iter_mut().enumerate() {
-                    *value = dot(&rows[i * k..(i + 1) * k], column);
-                }
+                W::dots(&rows, column, cell);
             }
         });
     let mut out = vec![0f32; m * n];
@@ -372,13 +370,6 @@ fn row_dots<W: Widen>(a: &[f32], b: &[W], dims: &ProductDims) -> Vec<f32> {
         }
     }
     out
-}
-
-/// x·w in f32, 16 partial sums at a time, w widened on the fly: through the AVX-512/AVX2 kernels
-/// of [`vector_math`] for f32 and bf16 weights (the same sums in the same order).
-#[inline]
-fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
-    W::dot(x, w)
 }
 
 /// Element types faer multiplies natively.
@@ -475,9 +466,11 @@ trait Widen: Copy + Sync {
     fn widen(self) -> f32;
     /// The elements as f32, when they are f32 already (no copy needed).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
-    /// x·w in f32 (see [`dot`]).
-    fn dot(x: &[f32], w: &[Self]) -> f32 {
-        vector_math::lane_dot(x, w, Self::widen)
+    /// x_i·w in f32 for each of the `out.len()` rows x_i of x, w widened on the fly: through the
+    /// AVX-512/AVX2 kernels of [`vector_math::dots`] for f32 and bf16 weights (the same sums in
+    /// the same order on every variant).
+    fn dots(x: &[f32], w: &[Self], out: &mut [f32]) {
+        vector_math::lane_dots(x, w, out, Self::widen)
     }
 }
 
@@ -489,8 +482,8 @@ impl Widen for f32 {
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         Some(s)
     }
-    fn dot(x: &[f32], w: &[f32]) -> f32 {
-        vector_math::dot(x, w)
+    fn dots(x: &[f32], w: &[f32], out: &mut [f32]) {
+        vector_math::dots(x, w, out)
     }
 }
 
@@ -503,8 +496,8 @@ impl Widen for bf16 {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
-    fn dot(x: &[f32], w: &[bf16]) -> f32 {
-        vector_math::dot_bf16(x, w)
+    fn dots(x: &[f32], w: &[bf16], out: &mut [f32]) {
+        vector_math::dots_bf16(x, w, out)
     }
 }
 

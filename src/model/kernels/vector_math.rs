@@ -149,33 +149,80 @@ multiversion! {
 }
 
 multiversion! {
-    /// x·w in f32 in 16 partial sums, added in lane order (a few rows against a weight's row).
-    pub fn dot(x: &[f32], w: &[f32]) -> f32 {
-        lane_dot(x, w, |v| v)
+    /// x_i·w for each row x_i of `x` (`out.len()` rows of w.len() elements, one after another)
+    /// into `out`: per row, 16 partial sums added in lane order, then the tail. A few rows
+    /// against a weight's row; the rows' sums run side by side, so that none waits on its own
+    /// previous addition.
+    pub fn dots(x: &[f32], w: &[f32], out: &mut [f32]) {
+        lane_dots(x, w, out, |v| v)
     }
 }
 
 multiversion! {
-    /// [`dot`] for a bf16 w, each element widened exactly (its bits are an f32's upper half).
-    pub fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
-        lane_dot(x, w, |v| f32::from_bits(u32::from(v.to_bits()) << 16))
+    /// [`dots`] for a bf16 w, each element widened exactly (its bits are an f32's upper half).
+    pub fn dots_bf16(x: &[f32], w: &[half::bf16], out: &mut [f32]) {
+        lane_dots(x, w, out, |v| f32::from_bits(u32::from(v.to_bits()) << 16))
     }
 }
 
-/// x·w in f32, w widened by `widen`: 16 partial sums, then added in lane order, then the tail
-/// (inlined into the kernels above, and the baseline for other weight types).
+/// [`dots`] with w widened by `widen` (inlined into the kernels above, and the baseline for other
+/// weight types): up to eight rows at once, more one by one.
 #[inline(always)]
-pub(crate) fn lane_dot<W: Copy>(x: &[f32], w: &[W], widen: impl Fn(W) -> f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
-    let (xr, wr) = (xc.remainder(), wc.remainder());
-    for (xs, ws) in xc.zip(wc) {
-        for l in 0..16 {
-            lanes[l] += xs[l] * widen(ws[l]);
+pub(crate) fn lane_dots<W: Copy>(
+    x: &[f32],
+    w: &[W],
+    out: &mut [f32],
+    widen: impl Fn(W) -> f32 + Copy,
+) {
+    match out.len() {
+        1 => rows_dots::<1, W>(x, w, out, widen),
+        2 => rows_dots::<2, W>(x, w, out, widen),
+        3 => rows_dots::<3, W>(x, w, out, widen),
+        4 => rows_dots::<4, W>(x, w, out, widen),
+        5 => rows_dots::<5, W>(x, w, out, widen),
+        6 => rows_dots::<6, W>(x, w, out, widen),
+        7 => rows_dots::<7, W>(x, w, out, widen),
+        8 => rows_dots::<8, W>(x, w, out, widen),
+        _ => {
+            for (row, o) in x.chunks(w.len().max(1)).zip(out.iter_mut()) {
+                rows_dots::<1, W>(row, w, std::slice::from_mut(o), widen);
+            }
         }
     }
-    let tail: f32 = xr.iter().zip(wr).map(|(x, w)| x * widen(*w)).sum();
-    lanes.iter().sum::<f32>() + tail
+}
+
+/// The sums of [`dots`] for exactly `M` rows.
+#[inline(always)]
+fn rows_dots<const M: usize, W: Copy>(
+    x: &[f32],
+    w: &[W],
+    out: &mut [f32],
+    widen: impl Fn(W) -> f32,
+) {
+    let k = w.len();
+    let full = k / 16 * 16;
+    let mut lanes = [[0f32; 16]; M];
+    let mut ws = [0f32; 16];
+    for c in (0..full).step_by(16) {
+        for (v, w) in ws.iter_mut().zip(&w[c..c + 16]) {
+            *v = widen(*w);
+        }
+        for (i, acc) in lanes.iter_mut().enumerate() {
+            let xs = &x[i * k + c..i * k + c + 16];
+            for l in 0..16 {
+                acc[l] += xs[l] * ws[l];
+            }
+        }
+    }
+    for (i, (o, acc)) in out.iter_mut().zip(&lanes).enumerate() {
+        let row = &x[i * k..(i + 1) * k];
+        let tail: f32 = row[full..]
+            .iter()
+            .zip(&w[full..])
+            .map(|(x, w)| x * widen(*w))
+            .sum();
+        *o = acc.iter().sum::<f32>() + tail;
+    }
 }
 
 multiversion! {
@@ -581,25 +628,39 @@ mod tests {
     #[test]
     fn dots_give_the_same_bits_on_every_variant() {
         for len in [0, 5, 16, 577] {
-            let x: Vec<f32> = (0..len)
-                .map(|i| ((i * 31) % 19) as f32 * 0.37 - 3.1)
-                .collect();
             let w: Vec<f32> = (0..len)
                 .map(|i| ((i * 7) % 23) as f32 * 0.11 - 1.3)
                 .collect();
             let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
-            let mut results = Vec::new();
-            on_every_variant(|name| {
-                results.push((name.to_string(), dot(&x, &w), dot_bf16(&x, &wb)))
-            });
-            let (_, want, want_bf16) = results[0].clone();
-            for (name, got, got_bf16) in &results {
-                assert_eq!(got.to_bits(), want.to_bits(), "{name}: dot of {len}");
-                assert_eq!(
-                    got_bf16.to_bits(),
-                    want_bf16.to_bits(),
-                    "{name}: bf16 dot of {len}"
-                );
+            for rows in [1, 3, 8, 9] {
+                let x: Vec<f32> = (0..rows * len)
+                    .map(|i| ((i * 31) % 19) as f32 * 0.37 - 3.1)
+                    .collect();
+                let mut results = Vec::new();
+                on_every_variant(|name| {
+                    let (mut f32s, mut bf16s) = (vec![0f32; rows], vec![0f32; rows]);
+                    dots(&x, &w, &mut f32s);
+                    dots_bf16(&x, &wb, &mut bf16s);
+                    // Each row alone gives the bits it gives among the others.
+                    for (r, row) in x.chunks(len.max(1)).enumerate().take(rows) {
+                        let (mut one, mut one_bf16) = ([0f32], [0f32]);
+                        dots(row, &w, &mut one);
+                        dots_bf16(row, &wb, &mut one_bf16);
+                        assert_eq!(one[0].to_bits(), f32s[r].to_bits(), "{name}: row {r}");
+                        assert_eq!(one_bf16[0].to_bits(), bf16s[r].to_bits(), "{name}: row {r}");
+                    }
+                    results.push((name.to_string(), f32s, bf16s))
+                });
+                let (_, want, want_bf16) = results[0].clone();
+                for (name, got, got_bf16) in &results {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(got), bits(&want), "{name}: dots of {rows} × {len}");
+                    assert_eq!(
+                        bits(got_bf16),
+                        bits(&want_bf16),
+                        "{name}: bf16 dots of {rows} × {len}"
+                    );
+                }
             }
         }
     }
