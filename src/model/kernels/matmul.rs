@@ -725,15 +725,12 @@ fn widened_products<A: Widen, B: Widen>(a: &[A], b: &[B], dims: &ProductDims) ->
         None => panel_lines(k).min(n).min(WIDE_PANEL),
     };
     let mut a32 = vec![0f32; if A::as_f32(a).is_some() { 0 } else { m * k }];
-    let line_len = if by_rows { n } else { k };
-    let mut b32 = vec![
-        0f32;
-        if B::as_f32(b).is_some() {
-            0
-        } else {
-            lines * line_len
-        }
-    ];
+    let panel = match (B::as_f32(b), by_rows) {
+        (Some(_), _) => 0,
+        (None, true) => lines * n,
+        (None, false) => lines * k,
+    };
+    let mut b32 = vec![0f32; panel];
     for (dst, &(oa, ob)) in out.chunks_mut(m * n).zip(&dims.offsets) {
         let lhs = match A::as_f32(a) {
             Some(a) => view(a, oa, m, k, dims.a_strides),

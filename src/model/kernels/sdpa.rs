@@ -92,15 +92,7 @@ pub fn attention(
     let flops = 4 * shape.scores() * k.dim(3)?;
     let square_mask = mask.dims() == [shape.batch, 1, shape.seq, shape.seq];
     if let Some(dtype) = fused_cpu_dtype(q, k, v, mask).filter(|_| square_mask) {
-        let tracked = q.track_op() || k.track_op() || v.track_op();
-        let bf16 = (scoring.bf16_products && dtype == DType::F32 && !tracked)
-            .then(super::amx::bf16_kernel)
-            .flatten();
-        return timed(Phase::Attention, flops, || match (dtype, bf16) {
-            (DType::F64, _) => fused_cpu::<f64>(q, k, v, mask, shape),
-            (_, Some(kernel)) => fused_cpu_bf16(q, k, v, mask, shape, kernel),
-            _ => fused_cpu::<f32>(q, k, v, mask, shape),
-        });
+        return fused(q, k, v, mask, shape, dtype);
     }
     let out = timed(Phase::Attention, flops, || {
         shape.forward(&q.detach(), &k.detach(), &v.detach(), mask)
@@ -125,6 +117,29 @@ fn fused_cpu_dtype(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Option<
     let dtype = q.dtype();
     let same = [k, v, mask].iter().all(|t| t.dtype() == dtype);
     (q.device().is_cpu() && same && matches!(dtype, DType::F32 | DType::F64)).then_some(dtype)
+}
+
+/// [`attention`] (or [`attention_after_past`]) on the fused CPU kernel in `dtype`, timed: with
+/// bf16 products where the scoring asks for them, the activations are f32, nothing tracks
+/// gradients and the CPU has a bf16 kernel.
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    shape: Shapes,
+    dtype: DType,
+) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let bf16 = (shape.scoring.bf16_products && dtype == DType::F32 && !tracked)
+        .then(super::amx::bf16_kernel)
+        .flatten();
+    let flops = 4 * shape.scores() * k.dim(3)?;
+    timed(Phase::Attention, flops, || match (dtype, bf16) {
+        (DType::F64, _) => fused_cpu::<f64>(q, k, v, mask, shape),
+        (_, Some(kernel)) => fused_cpu_bf16(q, k, v, mask, shape, kernel),
+        _ => fused_cpu::<f32>(q, k, v, mask, shape),
+    })
 }
 
 /// [`attention`] through the fused CPU kernel, with its backward attached when q, k or v track
@@ -263,18 +278,7 @@ pub fn attention_after_past(
 ) -> Result<Tensor> {
     let shape = Shapes::after_past(q, k, mask, scoring)?;
     if let Some(dtype) = fused_cpu_dtype(q, k, v, mask) {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let flops = 4 * shape.scores() * k.dim(3)?;
-        let bf16 = scoring
-            .bf16_products
-            .then(super::amx::bf16_kernel)
-            .flatten()
-            .filter(|_| dtype == DType::F32);
-        return timed(Phase::Attention, flops, || match (dtype, bf16) {
-            (DType::F64, _) => fused_cpu::<f64>(&q, &k, &v, mask, shape),
-            (_, Some(kernel)) => fused_cpu_bf16(&q, &k, &v, mask, shape, kernel),
-            _ => fused_cpu::<f32>(&q, &k, &v, mask, shape),
-        });
+        return fused(&q.detach(), &k.detach(), &v.detach(), mask, shape, dtype);
     }
     timed(Phase::Attention, 4 * q.elem_count() * k.dim(2)?, || {
         matmul(
