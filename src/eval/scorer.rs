@@ -10,7 +10,7 @@
 //! KV cache.
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use indicatif::ProgressBar;
 use std::collections::HashMap;
 
@@ -325,36 +325,44 @@ impl<'a> Scorer<'a> {
     }
 
     /// The log-probability of each target and whether it is the argmax, at the given `rows` of
-    /// `hidden` [n, hidden]. Rolling perplexity windows pick thousands of rows: their
-    /// log-probabilities exist one block of rows at a time, as in training's loss.
+    /// `hidden` [n, hidden]. Requests that differ only in a one-token continuation ask the same row
+    /// (the choices of a question): each row's logits are computed once. Rolling perplexity
+    /// windows pick thousands of rows: their logits exist one block of rows at a time, as in
+    /// training's loss.
     fn score_rows(
         &self,
         hidden: &Tensor,
         rows: Vec<u32>,
         targets: &[u32],
     ) -> Result<Vec<(f32, bool)>> {
-        let n = rows.len();
+        let (mut distinct, mut asked) = (Vec::new(), Vec::<Vec<u32>>::new());
+        let mut slot_of = HashMap::new();
+        let slots: Vec<(usize, usize)> = rows
+            .iter()
+            .zip(targets)
+            .map(|(&row, &target)| {
+                let slot = *slot_of.entry(row).or_insert_with(|| {
+                    distinct.push(row);
+                    asked.push(Vec::new());
+                    distinct.len() - 1
+                });
+                asked[slot].push(target);
+                (slot, asked[slot].len() - 1)
+            })
+            .collect();
+        let n = distinct.len();
         let device = self.model.lm.device();
-        let picked = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-        let target_t = Tensor::from_vec(targets.to_vec(), (n, 1), device)?;
+        let picked = hidden.index_select(&Tensor::from_vec(distinct, n, device)?, 0)?;
         let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);
-        let mut out = Vec::with_capacity(n);
+        let mut scored = Vec::with_capacity(n);
         for (start, len) in blocks::ranges(n, block) {
             let logits = self.model.lm.logits(&picked.narrow(0, start, len)?)?;
-            let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let lp = logprobs
-                .gather(&target_t.narrow(0, start, len)?, 1)?
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1::<f32>()?;
-            let best = logprobs.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let wanted = &targets[start..start + len];
-            out.extend(
-                lp.into_iter()
-                    .zip(best.iter().zip(wanted).map(|(b, w)| b == w)),
-            );
+            scored.extend(cross_entropy::target_logprobs(
+                &logits,
+                &asked[start..start + len],
+            )?);
         }
-        Ok(out)
+        Ok(slots.into_iter().map(|(slot, i)| scored[slot][i]).collect())
     }
 
     /// Greedy continuations of `contexts`, cut at the first stop string, at most `max_tokens` tokens.

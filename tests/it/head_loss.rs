@@ -1,6 +1,7 @@
 //! The LM head's blockwise cross-entropy equals log-softmax + gather differentiated by candle, in
 //! the per-row losses and in the hidden states' gradient, for any block size, with and without
-//! Gemma 2's soft-capped logits (cap·tanh(logit/cap)).
+//! Gemma 2's soft-capped logits (cap·tanh(logit/cap)); eval's log-probabilities of chosen tokens
+//! equal log-softmax + gather and argmax.
 
 use super::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -141,4 +142,57 @@ fn folded_head_loss_without_gradients_equals_the_stored_logits_loss() {
             .unwrap();
         assert!(largest > 1.0, "losses of a random head should be large");
     }
+}
+
+#[test]
+fn target_logprobs_equal_log_softmax_and_argmax() {
+    let dev = Device::Cpu;
+    // 3 rows over a vocabulary of 37 (a tail after two 16-lane chunks); row 1 asks for no token,
+    // row 2 for the same token twice; row 0's largest logit appears twice (ids 5 and 20).
+    let mut values: Vec<f64> = Tensor::randn(0f64, 3.0, (3, 37), &dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    values[5] = 20.0;
+    values[20] = 20.0;
+    let asked = vec![vec![5u32, 20, 0, 36], vec![], vec![36, 36, 11]];
+    for (dtype, tol) in [(DType::F64, 1e-7), (DType::F32, 2e-6)] {
+        let logits = Tensor::from_vec(values.clone(), (3, 37), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let got = cross_entropy::target_logprobs(&logits, &asked).unwrap();
+        let reference: Vec<Vec<f64>> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let argmax: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        assert_eq!(
+            argmax[0], 5,
+            "candle's argmax takes the first of equal maxima"
+        );
+        for (r, targets) in asked.iter().enumerate() {
+            assert_eq!(got[r].len(), targets.len());
+            for (&(logprob, greedy), &t) in got[r].iter().zip(targets) {
+                let want = reference[r][t as usize];
+                assert!(
+                    (logprob as f64 - want).abs() <= tol * want.abs().max(1.0),
+                    "{dtype:?} row {r} token {t}: {logprob} against {want}"
+                );
+                assert_eq!(greedy, argmax[r] == t, "{dtype:?} row {r} token {t}");
+            }
+        }
+    }
+    let bad = cross_entropy::target_logprobs(
+        &Tensor::zeros((1, 4), DType::F32, &dev).unwrap(),
+        &[vec![4]],
+    );
+    assert!(bad
+        .unwrap_err()
+        .to_string()
+        .contains("outside the vocabulary"));
 }

@@ -189,6 +189,61 @@ fn target_ids(targets: &Tensor, vocab: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Log-probabilities of chosen tokens under softmax(logits), for logits [rows, vocab] (f32, or
+/// f64 for an f64 model) and the tokens asked of each row (the choices of a question may all be
+/// scored from one position): per row, each token's log-probability (in f32) and whether it is the
+/// argmax (the first largest logit). One pass per row in parallel finds the maximum and sums the
+/// exponentials; no other [rows, vocab] tensor is made.
+pub fn target_logprobs(logits: &Tensor, targets: &[Vec<u32>]) -> Result<Vec<Vec<(f32, bool)>>> {
+    let vocab = logits.dim(1)?;
+    if let Some(bad) = targets.iter().flatten().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    match logits.dtype() {
+        DType::F64 => Ok(rows_logprobs(
+            logits.flatten_all()?.to_vec1::<f64>()?,
+            vocab,
+            targets,
+        )),
+        _ => Ok(rows_logprobs(
+            logits
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            vocab,
+            targets,
+        )),
+    }
+}
+
+/// The body of [`target_logprobs`] on the logits' values.
+fn rows_logprobs<T: vector_math::SoftmaxRow + num_traits::Float + Send + Sync>(
+    mut logits: Vec<T>,
+    vocab: usize,
+    targets: &[Vec<u32>],
+) -> Vec<Vec<(f32, bool)>> {
+    logits
+        .par_chunks_mut(vocab.max(1))
+        .zip(targets.par_iter())
+        .map(|(row, wanted)| {
+            let max = T::row_max(row);
+            let shifted: Vec<(T, bool)> = wanted
+                .iter()
+                .map(|&t| {
+                    let logit = row[t as usize];
+                    let first_max = logit == max && !row[..t as usize].contains(&max);
+                    (logit - max, first_max)
+                })
+                .collect();
+            let log_sum = T::exp_shifted_sum(row, max).ln();
+            shifted
+                .into_iter()
+                .map(|(x, greedy)| ((x - log_sum).to_f32().unwrap_or(f32::NAN), greedy))
+                .collect()
+        })
+        .collect()
+}
+
 /// One row's softmax statistics over the vocabulary columns one thread computed: the largest
 /// logit, the sum of exp(logit − largest), and the target's logit where it was among them.
 #[derive(Clone, Copy)]

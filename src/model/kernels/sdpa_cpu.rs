@@ -18,40 +18,16 @@ use super::amx::{self, Bf16Kernel, PackedRhs};
 use super::blocks;
 use super::elements::{assume_init, uninit, Strided};
 use super::matmul::Real;
-use super::vector_math;
+use super::vector_math::{self, SoftmaxRow};
 
 /// Element types the kernel runs in (the activations' on the CPU: f32, or f64 for f64 models).
 pub(crate) trait Element:
-    Real + Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
+    Real + Float + SoftmaxRow + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
 {
-    /// The largest element of a row.
-    fn row_max(row: &[Self]) -> Self;
-    /// Replaces each x of `row` with exp(x − shift) and returns their sum.
-    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self;
 }
 
-impl Element for f32 {
-    fn row_max(row: &[Self]) -> Self {
-        vector_math::max(row)
-    }
-    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
-        vector_math::exp_shifted_sum(row, shift)
-    }
-}
-
-impl Element for f64 {
-    fn row_max(row: &[Self]) -> Self {
-        row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v))
-    }
-    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
-        row.iter_mut()
-            .map(|v| {
-                *v = (*v - shift).exp();
-                *v
-            })
-            .sum()
-    }
-}
+impl Element for f32 {}
+impl Element for f64 {}
 
 /// The sizes of one attention call: q [batch, kv_heads, groups·seq, d] (the query heads that
 /// share a K/V head stacked along the rows), k, v [batch, kv_heads, past + seq, d], mask [batch,

@@ -76,6 +76,38 @@ multiversion! {
     }
 }
 
+/// A softmax's passes over one row in the CPU kernels' element types: vectorised in f32, plain
+/// loops in f64 (an f64 model's reference precision).
+pub trait SoftmaxRow: Sized {
+    /// The largest element of a row.
+    fn row_max(row: &[Self]) -> Self;
+    /// Replaces each x of `row` with exp(x − shift) and returns their sum.
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self;
+}
+
+impl SoftmaxRow for f32 {
+    fn row_max(row: &[Self]) -> Self {
+        max(row)
+    }
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+        exp_shifted_sum(row, shift)
+    }
+}
+
+impl SoftmaxRow for f64 {
+    fn row_max(row: &[Self]) -> Self {
+        row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v))
+    }
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+        row.iter_mut()
+            .map(|v| {
+                *v = (*v - shift).exp();
+                *v
+            })
+            .sum()
+    }
+}
+
 multiversion! {
     /// Multiplies each element of `row` by `factor`.
     pub fn scale(row: &mut [f32], factor: f32) {
