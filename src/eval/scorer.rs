@@ -38,6 +38,12 @@ impl Loglikelihood {
 /// Contexts that begin with at least this many equal tokens read them once.
 const MIN_SHARED_PREFIX: usize = 16;
 
+/// Tokens (rows × width) after which a batch of tree rows takes no further row. Rows are sorted by
+/// length and padded to the batch's first, so a few long rows pad less than `batch_size` of them
+/// (Belebele: 3 % padding instead of 12 %), while a pass of 1,000 activation rows or more keeps
+/// the f32 products near their full rate.
+const TOKENS_PER_PASS: usize = 1024;
+
 /// Context groups (requests with one context) whose contexts share their first `prefix` tokens.
 struct Family {
     prefix: usize,
@@ -207,8 +213,8 @@ impl<'a> Scorer<'a> {
     /// Batches for [`Scorer::score_shared`]. A family is up to `batch_size` context groups whose
     /// contexts begin with the same tokens (a passage with several questions, a few-shot
     /// preamble), or one group alone; its prefix is what all its contexts share, minus at least
-    /// one token of each. Families are batched `batch_size` at a time by the length of their
-    /// rows.
+    /// one token of each. Families are batched by the length of their rows, at most `batch_size`
+    /// at a time and none added once a batch holds [`TOKENS_PER_PASS`] tokens.
     fn context_batches(
         &self,
         mut groups: Vec<Vec<usize>>,
@@ -249,10 +255,20 @@ impl<'a> Scorer<'a> {
             f.prefix + groups.sum::<usize>()
         };
         families.sort_by_key(|f| (std::cmp::Reverse(row_len(f)), f.groups[0][0]));
-        let mut batches = Vec::new();
-        let mut rest = families.into_iter().peekable();
-        while rest.peek().is_some() {
-            batches.push(rest.by_ref().take(self.batch_size).collect());
+        let mut batches: Vec<Vec<Family>> = Vec::new();
+        let mut width = 0;
+        for family in families {
+            match batches.last_mut() {
+                Some(batch)
+                    if batch.len() < self.batch_size && batch.len() * width < TOKENS_PER_PASS =>
+                {
+                    batch.push(family)
+                }
+                _ => {
+                    width = row_len(&family);
+                    batches.push(vec![family]);
+                }
+            }
         }
         batches
     }
