@@ -11,7 +11,8 @@ use feinschliff::model::new::Size;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc.h (v2): how long freed memory stays mapped; -1 = always.
+/// `mi_option_purge_delay` in mimalloc.h (15 in v3, which libmimalloc-sys builds, as in v2): how
+/// long freed memory stays mapped; -1 = always.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[derive(Parser)]
