@@ -223,6 +223,26 @@ pub(crate) fn lane_dots<W: Copy>(
     }
 }
 
+/// Weight elements ahead of the ones being summed that [`rows_dots`] asks the CPU to fetch. With
+/// eight rows there are ~25 instructions per cache line of the weight, and the out-of-order
+/// window alone keeps too few lines in flight to stream the weight at the memory's rate: smol
+/// generation at batch 8 ran at 109 tokens/s without, 150 with 256 elements ahead, 158–162 with
+/// 512 or 1,024, 146 with 4,096 (batch 1: 32–34 → 37–38).
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Asks the CPU to bring the cache line at `at` into L1 (a hint: any address is allowed, none
+/// faults).
+#[inline(always)]
+fn prefetch<T>(at: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing architecturally and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 /// The sums of [`dots`] for exactly `M` rows.
 #[inline(always)]
 fn rows_dots<const M: usize, W: Copy>(
@@ -236,6 +256,7 @@ fn rows_dots<const M: usize, W: Copy>(
     let mut lanes = [[0f32; 16]; M];
     let mut ws = [0f32; 16];
     for c in (0..full).step_by(16) {
+        prefetch(w.as_ptr().wrapping_add(c + PREFETCH_AHEAD));
         for (v, w) in ws.iter_mut().zip(&w[c..c + 16]) {
             *v = widen(*w);
         }
