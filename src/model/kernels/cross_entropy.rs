@@ -8,7 +8,8 @@
 //! they are one vectorised pass per row over f32 logits. Without gradients on AMX tiles no logits
 //! are stored at all: each block of them is folded into running row statistics as it leaves the
 //! tiles. Soft-capped logits (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into
-//! the direction.
+//! the direction. Eval's log-probabilities of chosen tokens ([`target_logprobs`]) take the same
+//! row passes over logits it has computed.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 

@@ -1,9 +1,10 @@
-//! Vectorised row kernels on the CPU: for the softmaxes (LM head, attention) the maximum of a row,
-//! exp(x − shift) in place with the sum, and scaling; SiLU·up and its gradients; f32 → bf16
-//! rounding of the bf16 kernels' operands. The exponential is a polynomial (Cephes'
-//! `expf`, within 2 ulp of the libm one), written as plain lane-wise arithmetic so the compiler
-//! vectorises it; each kernel is compiled for AVX-512 and for AVX2+FMA as well as for the
-//! baseline, and the best one the CPU has is chosen at run time.
+//! Vectorised row kernels on the CPU: for the softmaxes (LM head, attention, eval's
+//! log-probabilities) the maximum of a row, exp(x − shift) in place with the sum, and scaling;
+//! SiLU·up and its gradients; f32 → bf16 rounding of the bf16 kernels' operands; decoding's dot
+//! products of a few rows against a weight row, the weight prefetched ahead. The exponential is a
+//! polynomial (Cephes' `expf`, within 2 ulp of the libm one), written as plain lane-wise
+//! arithmetic so the compiler vectorises it; each kernel is compiled for AVX-512 and for AVX2+FMA
+//! as well as for the baseline, and the best one the CPU has is chosen at run time.
 
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
