@@ -164,12 +164,7 @@ impl<'a> Scorer<'a> {
             .collect();
         let refs: Vec<&crate::data::Example> = examples.iter().collect();
         let batch = Batch::pad(&refs, self.model.tokenizer.pad_id(), self.model.lm.device())?;
-        let (b, t) = batch.input_ids.dims2()?;
-        let hidden = self
-            .model
-            .lm
-            .hidden_states(&batch.input_ids, &batch.layout, None)?
-            .reshape((b * t, self.model.lm.config.hidden_size))?;
+        let t = batch.input_ids.dim(1)?;
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for (k, (ids, scored)) in inputs.iter().enumerate() {
@@ -180,7 +175,11 @@ impl<'a> Scorer<'a> {
                 targets.push(tok);
             }
         }
-        let scored = self.score_rows(&hidden, rows, &targets)?;
+        let hidden_at = |rows: &Tensor| {
+            let lm = &self.model.lm;
+            lm.hidden_states_at(&batch.input_ids, &batch.layout, rows)
+        };
+        let scored = self.score_rows(hidden_at, rows, &targets)?;
         let mut out = Vec::with_capacity(requests.len());
         let mut pos = 0;
         for (_, tokens) in &inputs {
@@ -329,10 +328,8 @@ impl<'a> Scorer<'a> {
             }
         }
         let input = Tensor::from_vec(ids, (layout.batch, width), lm.device())?;
-        let hidden = lm
-            .hidden_states(&input, &layout, None)?
-            .reshape((layout.batch * width, lm.config.hidden_size))?;
-        let scored = self.score_rows(&hidden, hidden_rows, &targets)?;
+        let hidden_at = |rows: &Tensor| lm.hidden_states_at(&input, &layout, rows);
+        let scored = self.score_rows(hidden_at, hidden_rows, &targets)?;
         let mut at = 0;
         Ok(members
             .into_iter()
@@ -343,14 +340,15 @@ impl<'a> Scorer<'a> {
             .collect())
     }
 
-    /// The log-probability of each target and whether it is the argmax, at the given `rows` of
-    /// `hidden` [n, hidden]. Requests that differ only in a one-token continuation ask the same row
-    /// (the choices of a question): each row's logits are computed once. Rolling perplexity
-    /// windows pick thousands of rows: their logits exist one block of rows at a time, as in
-    /// training's loss.
+    /// The log-probability of each target and whether it is the argmax, at the given `rows` of a
+    /// forward pass whose final hidden states at chosen rows `hidden_at` gives ([n, hidden] for n
+    /// row indices). Requests that differ only in a one-token continuation ask the same row (the
+    /// choices of a question): each row's logits are computed once. Rolling perplexity windows
+    /// pick thousands of rows: their logits exist one block of rows at a time, as in training's
+    /// loss.
     fn score_rows(
         &self,
-        hidden: &Tensor,
+        hidden_at: impl FnOnce(&Tensor) -> Result<Tensor>,
         rows: Vec<u32>,
         targets: &[u32],
     ) -> Result<Vec<(f32, bool)>> {
@@ -371,7 +369,7 @@ impl<'a> Scorer<'a> {
             .collect();
         let n = distinct.len();
         let device = self.model.lm.device();
-        let picked = hidden.index_select(&Tensor::from_vec(distinct, n, device)?, 0)?;
+        let picked = hidden_at(&Tensor::from_vec(distinct, n, device)?)?;
         let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);
         let mut scored = Vec::with_capacity(n);
         for (start, len) in blocks::ranges(n, block) {

@@ -207,13 +207,16 @@ pub struct Attention {
 
 impl Attention {
     /// Attention over `x` [batch, seq, hidden]; with `past`, the new tokens also attend to the
-    /// cached keys and values, and their own are appended to the cache.
+    /// cached keys and values, and their own are appended to the cache. With `rows`, only those
+    /// rows of [batch·seq] go through the output projection (every row's keys and values are
+    /// still computed).
     fn forward(
         &self,
         x: &Tensor,
         ctx: &Context,
         (mask, cos, sin): (&Tensor, &Tensor, &Tensor),
         past: Option<&mut LayerKv>,
+        rows: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t) = (ctx.batch, ctx.seq);
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -249,6 +252,10 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b * t, h * d))?;
+        let out = match rows {
+            Some(rows) => out.index_select(rows, 0)?,
+            None => out,
+        };
         self.o_proj.forward(&out, ctx.pass)
     }
 }
@@ -340,14 +347,17 @@ impl DecoderLayer {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
-        self.forward_with_past(x, ctx, None)
+        self.forward_with_past(x, ctx, None, None)
     }
 
+    /// The layer's output [rows, hidden] at `rows` of x [batch·seq, hidden] only (or all rows);
+    /// with `past`, after the cached keys and values.
     fn forward_with_past(
         &self,
         x: &Tensor,
         ctx: &Context,
         past: Option<&mut LayerKv>,
+        rows: Option<&Tensor>,
     ) -> Result<Tensor> {
         let mask = match &ctx.window_mask {
             Some(window) if self.sliding => window,
@@ -362,7 +372,16 @@ impl DecoderLayer {
             ctx,
             (mask, cos, sin),
             past,
+            rows,
         )?;
+        let picked;
+        let x = match rows {
+            Some(rows) => {
+                picked = x.index_select(rows, 0)?;
+                &picked
+            }
+            None => x,
+        };
         match &self.feedforward_norms {
             None => {
                 let h = (x + attended)?;
@@ -583,14 +602,7 @@ impl CausalLm {
         step: Option<u64>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let mask = layout.mask(None, &self.device)?;
-        let window_mask = self
-            .config
-            .sliding_window
-            .map(|w| layout.mask(Some(w), &self.device))
-            .transpose()?;
-        let masks = (mask, window_mask);
-        let ctx = self.context(&layout.position_ids, (b, t), masks, Pass::new(step))?;
+        let ctx = self.layout_context(layout, (b, t), Pass::new(step))?;
         let mut x = self.embed(input_ids)?;
         let checkpointing = self.gradient_checkpointing && step.is_some();
         for layer in &self.layers {
@@ -608,6 +620,28 @@ impl CausalLm {
             .norm
             .forward(&x)?
             .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Final hidden states [rows, hidden] at `rows` of [batch·seq] (u32 indices) for token ids
+    /// [batch, seq], without gradients. The last layer's output projection and MLP run at those
+    /// rows only: scoring needs a few positions of each sequence (a question's answer), and
+    /// every layer but the last must still run at all of them for the keys and values.
+    pub fn hidden_states_at(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        rows: &Tensor,
+    ) -> Result<Tensor> {
+        let ctx = self.layout_context(layout, input_ids.dims2()?, Pass::new(None))?;
+        let mut x = self.embed(input_ids)?;
+        let Some((last, layers)) = self.layers.split_last() else {
+            return self.norm.forward(&x.index_select(rows, 0)?);
+        };
+        for layer in layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        self.norm
+            .forward(&last.forward_with_past(&x, &ctx, None, Some(rows))?)
     }
 
     /// Final hidden states [batch, seq, hidden] of new tokens [batch, seq] that follow what `cache`
@@ -631,7 +665,7 @@ impl CausalLm {
         let ctx = self.context(&step.position_ids, (b, t), masks, Pass::new(None))?;
         let mut x = self.embed(input_ids)?;
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
-            x = layer.forward_with_past(&x, &ctx, Some(past))?;
+            x = layer.forward_with_past(&x, &ctx, Some(past), None)?;
         }
         Ok(self
             .norm
@@ -642,6 +676,22 @@ impl CausalLm {
     /// An empty cache for `batch` rows with room for `capacity` positions before it grows.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         KvCache::new(self.layers.len(), batch, capacity)
+    }
+
+    /// The per-forward tables of a whole-sequence pass over `layout` (see [`Self::context`]).
+    fn layout_context(
+        &self,
+        layout: &TokenLayout,
+        dims: (usize, usize),
+        pass: Pass,
+    ) -> Result<Context> {
+        let mask = layout.mask(None, &self.device)?;
+        let window_mask = self
+            .config
+            .sliding_window
+            .map(|w| layout.mask(Some(w), &self.device))
+            .transpose()?;
+        self.context(&layout.position_ids, dims, (mask, window_mask), pass)
     }
 
     /// The per-forward tables: RoPE at the given positions, the masks (without and with the

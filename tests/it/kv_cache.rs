@@ -2,7 +2,8 @@
 //! KV cache and their continuations read against it, and the branches of a tree row (a prefix
 //! read once, the sequences that continue it), give the hidden states of the whole sequences
 //! (right padding and sliding windows included); greedy generation with the cache picks the
-//! tokens that recomputing every sequence from scratch picks.
+//! tokens that recomputing every sequence from scratch picks; hidden states asked at a few rows
+//! (the last layer's MLP run there only) equal those rows of the full pass.
 
 use super::common::{max_abs_diff, tiny_lm};
 use candle_core::{DType, Device, Tensor, D};
@@ -163,5 +164,25 @@ fn greedy_generation_with_the_cache_equals_recomputing() {
             seq.push(next);
         }
         assert_eq!(got, &seq);
+    }
+}
+
+#[test]
+fn hidden_states_at_chosen_rows_equal_those_rows_of_the_full_pass() {
+    // gemma2: sandwich norms and a sliding window; phi3: fused projections.
+    for arch in ["llama", "phi3", "gemma2"] {
+        let lm = tiny_lm(arch, DType::F64, 3);
+        let (b, t) = (2, 9);
+        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7 + 3) % 50).collect();
+        let input = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        let layout = TokenLayout::causal(b, t);
+        let full = lm.hidden_states(&input, &layout, None).unwrap();
+        let full = full.reshape((b * t, full.dim(D::Minus1).unwrap())).unwrap();
+        // Out of order and repeated, from both rows.
+        let rows = Tensor::new(&[17u32, 0, 5, 9, 5], &Device::Cpu).unwrap();
+        let got = lm.hidden_states_at(&input, &layout, &rows).unwrap();
+        let want = full.index_select(&rows, 0).unwrap();
+        assert_eq!(got.dims(), want.dims(), "{arch}");
+        assert!(max_abs_diff(&got, &want) < 1e-10, "{arch}");
     }
 }
