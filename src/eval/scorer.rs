@@ -368,6 +368,10 @@ impl<'a> Scorer<'a> {
             })
             .collect();
         let n = distinct.len();
+        if n == 0 {
+            // Only empty continuations: nothing to score, no forward pass.
+            return Ok(Vec::new());
+        }
         let device = self.model.lm.device();
         let picked = hidden_at(&Tensor::from_vec(distinct, n, device)?)?;
         let block = cross_entropy::block_rows(n, self.model.lm.config.vocab_size);

@@ -437,6 +437,46 @@ fn continuations_longer_than_max_length_are_scored_on_what_remains() {
 }
 
 #[test]
+fn empty_continuations_score_zero_and_no_rows_give_none() {
+    use feinschliff::eval::scorer::TokenRequest;
+    let model = Model::load(tiny_llama_dir(), None, &candle_core::Device::Cpu).unwrap();
+    let scorer = Scorer::new(&model, Some(32), 4);
+    let request = |context: Vec<u32>, continuation: Vec<u32>| TokenRequest {
+        context,
+        continuation,
+    };
+    let bar = indicatif::ProgressBar::hidden();
+    let alone = scorer
+        .loglikelihood_tokens(&[request(vec![1, 2, 3], vec![])], &bar)
+        .unwrap();
+    assert_eq!((alone[0].logprob, alone[0].is_greedy), (0.0, true));
+    let mixed = scorer
+        .loglikelihood_tokens(
+            &[
+                request(vec![1, 2, 3], vec![]),
+                request(vec![1, 2, 3], vec![7, 8]),
+            ],
+            &bar,
+        )
+        .unwrap();
+    assert_eq!(mixed[0].logprob, 0.0);
+    let want = direct_loglikelihood(&model, &[1, 2, 3], &[7, 8]);
+    assert!(
+        (mixed[1].logprob - want).abs() < 1e-4,
+        "{} vs {want}",
+        mixed[1].logprob
+    );
+    // Asked at no rows at all, the forward pass gives no rows (the last layer's products then
+    // have none).
+    let device = candle_core::Device::Cpu;
+    let input = candle_core::Tensor::new(&[[1u32, 2, 3]], &device).unwrap();
+    let none = candle_core::Tensor::from_vec(Vec::<u32>::new(), 0, &device).unwrap();
+    let layout = feinschliff::model::TokenLayout::causal(1, 3);
+    let hidden = model.lm.hidden_states_at(&input, &layout, &none).unwrap();
+    assert_eq!(hidden.dims(), &[0, model.lm.config.hidden_size]);
+}
+
+#[test]
 fn suites_with_zero_max_length_or_batch_size_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let suite = small_suite(dir.path(), "");

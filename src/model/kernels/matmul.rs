@@ -337,7 +337,7 @@ const FEW_ROWS: usize = 8;
 /// A product of a few rows (a decoding step) against a weight stored as Wᵀ with contiguous
 /// columns: memory-bound, so it runs as one pass over the weight, split across threads.
 fn few_rows(dims: &ProductDims) -> bool {
-    dims.batch == 1 && dims.m <= FEW_ROWS && dims.b_strides.0 == 1 && dims.k >= 16
+    dims.batch == 1 && (1..=FEW_ROWS).contains(&dims.m) && dims.b_strides.0 == 1 && dims.k >= 16
 }
 
 /// out[i][j] = a[i]·b[:, j] for each of the few rows of a, each column of b contiguous (a row
