@@ -255,9 +255,10 @@ impl<'a> Scorer<'a> {
             f.prefix + groups.sum::<usize>()
         };
         families.sort_by_key(|f| (std::cmp::Reverse(row_len(f)), f.groups[0][0]));
-        let budget = match self.model.lm.device().is_cpu() {
-            true => TOKENS_PER_PASS,
-            false => usize::MAX,
+        let budget = if self.model.lm.device().is_cpu() {
+            TOKENS_PER_PASS
+        } else {
+            usize::MAX
         };
         let mut batches: Vec<Vec<Family>> = Vec::new();
         let mut width = 0;

@@ -184,10 +184,16 @@ fn cpu_block_loss(
 /// The target ids [n], each checked to lie inside a vocabulary of `vocab`.
 fn target_ids(targets: &Tensor, vocab: usize) -> Result<Vec<u32>> {
     let ids = targets.to_vec1::<u32>()?;
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
-    }
+    check_in_vocabulary(&ids, vocab)?;
     Ok(ids)
+}
+
+/// An error naming the first id of `ids` outside a vocabulary of `vocab`.
+fn check_in_vocabulary<'a>(ids: impl IntoIterator<Item = &'a u32>, vocab: usize) -> Result<()> {
+    match ids.into_iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}"),
+        None => Ok(()),
+    }
 }
 
 /// Log-probabilities of chosen tokens under softmax(logits), for logits [rows, vocab] (f32, or
@@ -197,9 +203,7 @@ fn target_ids(targets: &Tensor, vocab: usize) -> Result<Vec<u32>> {
 /// exponentials; no other [rows, vocab] tensor is made.
 pub fn target_logprobs(logits: &Tensor, targets: &[Vec<u32>]) -> Result<Vec<Vec<(f32, bool)>>> {
     let vocab = logits.dim(1)?;
-    if let Some(bad) = targets.iter().flatten().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
-    }
+    check_in_vocabulary(targets.iter().flatten(), vocab)?;
     match logits.dtype() {
         DType::F64 => Ok(rows_logprobs(
             logits.flatten_all()?.to_vec1::<f64>()?,
