@@ -4,6 +4,8 @@
 //! Shows which kernel a machine picks and what it gains (`lscpu` says which features exist).
 //! A second table times the same products with the weight quantized (`[model] quantize`, decoded a
 //! panel at a time) against the packed bf16 weight, forward (x·Wᵀ) and for the input gradient (g·W).
+//! A last line gives one core's peak rate of the kernels' inner instructions
+//! ([`crate::bench_throughput`]), the ceiling the tables' figures are measured against.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -103,6 +105,7 @@ pub fn run() -> Result<String> {
         )?;
     }
     table.push_str(&quantized()?);
+    writeln!(table, "{}", crate::bench_throughput::line())?;
     Ok(table)
 }
 

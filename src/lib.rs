@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_kernels;
+pub mod bench_throughput;
 pub mod chat;
 pub mod data;
 pub mod device;
