@@ -5,9 +5,9 @@
 //! forward pass also computes each row's gradient direction softmax·W − W[target] (a [rows, hidden]
 //! tensor), so the backward is one multiplication and nothing of vocabulary size outlives a block.
 //! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype; on the CPU
-//! they are one vectorised pass per row over f32 logits. Without gradients on AMX tiles no logits
-//! are stored at all: each block of them is folded into running row statistics as it leaves the
-//! tiles. Soft-capped logits (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into
+//! they are one vectorised pass per row over f32 logits. Without gradients no logits are stored
+//! at all: on AMX tiles each block of them is folded into running row statistics as it leaves the
+//! tiles, elsewhere each panel of vocabulary columns while it is in cache. Soft-capped logits (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into
 //! the direction. Eval's log-probabilities of chosen tokens ([`target_logprobs`]) take the same
 //! row passes over logits it has computed.
 
@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 use super::accumulation_dtype;
 use super::blocks;
 use super::frozen_weight::FrozenWeight;
-use super::matmul::matmul_wide;
+use super::matmul::{cpu_product_f32, matmul_wide};
 use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
 use super::vector_math;
@@ -97,6 +97,9 @@ fn block_loss(
 ) -> Result<(Tensor, Option<Tensor>)> {
     if !with_grad {
         if let Some(nll) = folded_nll(hidden, frozen_head, targets, softcap)? {
+            return Ok((nll, None));
+        }
+        if let Some(nll) = panel_folded_nll(hidden, frozen_head, targets, softcap)? {
             return Ok((nll, None));
         }
     }
@@ -258,6 +261,78 @@ struct RowPartial {
     target: Option<f32>,
 }
 
+impl RowPartial {
+    /// Before any column.
+    const EMPTY: Self = Self {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: None,
+    };
+
+    /// Takes in this row's logits of the columns from `first_col` on (capped first when `cap`;
+    /// the slice is scratch: it is overwritten), for the target column `target`.
+    fn fold(&mut self, logits: &mut [f32], first_col: usize, target: usize, cap: Option<f32>) {
+        if let Some(cap) = cap {
+            super::softcap::row(logits, cap, None);
+        }
+        if (first_col..first_col + logits.len()).contains(&target) {
+            self.target = Some(logits[target - first_col]);
+        }
+        let block_max = vector_math::max(logits);
+        if block_max > self.max {
+            self.sum *= (self.max - block_max).exp();
+            self.max = block_max;
+        }
+        self.sum += vector_math::exp_shifted_sum(logits, self.max);
+    }
+}
+
+/// Vocabulary columns per panel of [`panel_folded_nll`]: faer's product of the head is as fast
+/// in panels of 512 to 1,024 columns as whole (see `matmul`'s `WIDE_PANEL`).
+const FOLD_PANEL: usize = 1024;
+
+/// The losses without gradients where the head's product runs in f32 (f32 weights, or half ones
+/// widened where the CPU has no bf16 kernel): the logits of a panel of [`FOLD_PANEL`] vocabulary
+/// columns at a time for all rows, each row's part folded into its running statistics while the
+/// panel is in cache. The stored path writes [rows, vocab] logits and reads them back from
+/// memory. None elsewhere.
+fn panel_folded_nll(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    targets: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
+    let w = head.tensor();
+    let f32_product = match w.dtype() {
+        DType::F32 => true,
+        DType::BF16 | DType::F16 => super::amx::bf16_kernel().is_none(),
+        _ => false,
+    };
+    if !f32_product || !hidden.device().is_cpu() || hidden.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let vocab = w.dim(0)?;
+    let ids = target_ids(targets, vocab)?;
+    let cap = softcap.map(|c| c as f32);
+    let mut rows = vec![RowPartial::EMPTY; ids.len()];
+    for first in (0..vocab).step_by(FOLD_PANEL) {
+        let cols = FOLD_PANEL.min(vocab - first);
+        let Some(mut logits) = cpu_product_f32(hidden, &w.narrow(0, first, cols)?.t()?)? else {
+            return Ok(None);
+        };
+        logits
+            .par_chunks_mut(cols)
+            .zip(rows.par_iter_mut())
+            .zip(ids.par_iter())
+            .for_each(|((row, stats), &target)| stats.fold(row, first, target as usize, cap));
+    }
+    let nll: Vec<f32> = rows
+        .iter()
+        .map(|r| (r.sum.ln() + r.max) - r.target.unwrap_or(f32::NAN))
+        .collect();
+    Ok(Some(Tensor::from_vec(nll, ids.len(), hidden.device())?))
+}
+
 /// The losses without gradients on AMX tiles, with no logits stored: each thread folds every
 /// block of logits it computes into running row statistics (an online log-sum-exp, capped first
 /// when `softcap`) while the block is in L1, and the threads' statistics combine at the end.
@@ -272,31 +347,14 @@ fn folded_nll(
     let vocab = head.tensor().dim(0)?;
     let ids = target_ids(targets, vocab)?;
     let cap = softcap.map(|c| c as f32);
-    let empty = RowPartial {
-        max: f32::NEG_INFINITY,
-        sum: 0.0,
-        target: None,
-    };
     let partials = head.transposed_product_folded(
         hidden,
-        || vec![empty; ids.len()],
+        || vec![RowPartial::EMPTY; ids.len()],
         |rows, mut block| {
-            let (first_row, first_col, cols) = (block.first_row, block.first_col, block.cols);
+            let (first_row, first_col) = (block.first_row, block.first_col);
             for (r, row) in block.rows_mut().enumerate() {
-                if let Some(cap) = cap {
-                    super::softcap::row(row, cap, None);
-                }
-                let stats = &mut rows[first_row + r];
                 let target = ids[first_row + r] as usize;
-                if (first_col..first_col + cols).contains(&target) {
-                    stats.target = Some(row[target - first_col]);
-                }
-                let block_max = vector_math::max(row);
-                if block_max > stats.max {
-                    stats.sum *= (stats.max - block_max).exp();
-                    stats.max = block_max;
-                }
-                stats.sum += vector_math::exp_shifted_sum(row, stats.max);
+                rows[first_row + r].fold(row, first_col, target, cap);
             }
         },
     )?;
