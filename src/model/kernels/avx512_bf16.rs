@@ -6,10 +6,11 @@
 //! One `VDPBF16PS` does twice the multiply-adds of a 512-bit f32 FMA. On this project's Xeon
 //! without AMX (model 207) it issues at a quarter of the FMAs' rate (1.25–1.33 against 5.0–5.4 G/s
 //! on one core, the last line of `feinschliff bench kernels`), so it does half their
-//! multiply-adds: products on it reached 120–150 GFLOP/s against 190–290 for f32 ones. On AMD's Zen 4
-//! and 5 it is taken to issue at an FMA's rate, a gain of two (not measured on this project's
-//! machines; that line tells on one). So it runs by default on AMD only; `FEINSCHLIFF_AVX512_BF16=1` runs it on any CPU that has the instructions, `=0`
-//! never (products then widen bf16 to f32).
+//! multiply-adds: products on it reached 120–150 GFLOP/s against 190–290 for f32 ones. On AMD's
+//! Zen 4 and 5 it is taken to issue at an FMA's rate, a gain of two (not measured on this
+//! project's machines; that line tells on one). So it runs by default on AMD only;
+//! `FEINSCHLIFF_AVX512_BF16=1` runs it on any CPU that has the instructions, `=0` never (products
+//! then widen bf16 to f32).
 
 use std::sync::OnceLock;
 

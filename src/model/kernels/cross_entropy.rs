@@ -7,8 +7,8 @@
 //! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype; on the CPU
 //! they are one vectorised pass per row over f32 logits. Without gradients no logits are stored
 //! at all: on AMX tiles each block of them is folded into running row statistics as it leaves the
-//! tiles, elsewhere each panel of vocabulary columns while it is in cache. Soft-capped logits (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into
-//! the direction. Eval's log-probabilities of chosen tokens ([`target_logprobs`]) take the same
+//! tiles, elsewhere each panel of vocabulary columns while it is in cache. Soft-capped logits
+//! (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into the direction. Eval's log-probabilities of chosen tokens ([`target_logprobs`]) take the same
 //! row passes over logits it has computed.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 use super::accumulation_dtype;
 use super::blocks;
 use super::frozen_weight::FrozenWeight;
-use super::matmul::{cpu_product_f32, matmul_wide};
+use super::matmul::{cpu_product_f32, matmul_wide, weight_kernel};
 use super::phases::{timed, Phase};
 use super::precomputed::Precomputed;
 use super::vector_math;
@@ -285,6 +285,11 @@ impl RowPartial {
         }
         self.sum += vector_math::exp_shifted_sum(logits, self.max);
     }
+
+    /// The row's loss, log Σ exp − the target's logit (NaN where no column held the target).
+    fn nll(&self) -> f32 {
+        (self.sum.ln() + self.max) - self.target.unwrap_or(f32::NAN)
+    }
 }
 
 /// Vocabulary columns per panel of [`panel_folded_nll`]: faer's product of the head is as fast
@@ -292,7 +297,7 @@ impl RowPartial {
 const FOLD_PANEL: usize = 1024;
 
 /// The losses without gradients where the head's product runs in f32 (f32 weights, or half ones
-/// widened where the CPU has no bf16 kernel): the logits of a panel of [`FOLD_PANEL`] vocabulary
+/// widened where a panel's product takes no bf16 kernel, as [`weight_kernel`] decides): the logits of a panel of [`FOLD_PANEL`] vocabulary
 /// columns at a time for all rows, each row's part folded into its running statistics while the
 /// panel is in cache. The stored path writes [rows, vocab] logits and reads them back from
 /// memory. None elsewhere.
@@ -303,15 +308,16 @@ fn panel_folded_nll(
     softcap: Option<f64>,
 ) -> Result<Option<Tensor>> {
     let w = head.tensor();
+    let (vocab, width) = w.dims2()?;
+    let panel_kernel = weight_kernel(hidden.dim(0)?, width, FOLD_PANEL.min(vocab), true);
     let f32_product = match w.dtype() {
         DType::F32 => true,
-        DType::BF16 | DType::F16 => super::amx::bf16_kernel().is_none(),
+        DType::BF16 | DType::F16 => panel_kernel.is_none(),
         _ => false,
     };
     if !f32_product || !hidden.device().is_cpu() || hidden.dtype() != DType::F32 {
         return Ok(None);
     }
-    let vocab = w.dim(0)?;
     let ids = target_ids(targets, vocab)?;
     let cap = softcap.map(|c| c as f32);
     let mut rows = vec![RowPartial::EMPTY; ids.len()];
@@ -326,10 +332,7 @@ fn panel_folded_nll(
             .zip(ids.par_iter())
             .for_each(|((row, stats), &target)| stats.fold(row, first, target as usize, cap));
     }
-    let nll: Vec<f32> = rows
-        .iter()
-        .map(|r| (r.sum.ln() + r.max) - r.target.unwrap_or(f32::NAN))
-        .collect();
+    let nll: Vec<f32> = rows.iter().map(RowPartial::nll).collect();
     Ok(Some(Tensor::from_vec(nll, ids.len(), hidden.device())?))
 }
 
@@ -370,11 +373,8 @@ fn folded_nll(
                 .iter()
                 .map(|p| p[i].sum * (p[i].max - max).exp())
                 .sum();
-            let target = partials
-                .iter()
-                .find_map(|p| p[i].target)
-                .unwrap_or(f32::NAN);
-            (sum.ln() + max) - target
+            let target = partials.iter().find_map(|p| p[i].target);
+            RowPartial { max, sum, target }.nll()
         })
         .collect();
     Ok(Some(Tensor::from_vec(nll, ids.len(), hidden.device())?))
