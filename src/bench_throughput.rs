@@ -1,9 +1,10 @@
-//! The instruction rates the product kernels are bound by, on one core: 512-bit f32 FMAs (faer's
-//! and the f32 paths' inner instruction) and AVX512_BF16's `VDPBF16PS` (the bf16 kernel's),
-//! each a register-only loop of 12 independent chains. `bench kernels` prints them, so that a
-//! machine's kernel choice can be read off: `VDPBF16PS` does twice the multiply-adds of an FMA,
-//! so it gains only where it issues at more than half the FMAs' rate (AMD's Zen 4 and 5; on this
-//! project's Intel Xeon without AMX it issues at a quarter).
+//! The instruction rates the product kernels are bound by, on one core: f32 FMAs on 256-bit
+//! (AVX2) and 512-bit (AVX-512) registers, faer's and the f32 paths' inner instruction, and
+//! AVX512_BF16's `VDPBF16PS` (the bf16 kernel's), each a register-only loop of 12 independent
+//! chains. `bench kernels` prints them, so that a machine's ceiling and kernel choice can be read
+//! off: `VDPBF16PS` does twice the multiply-adds of a 512-bit FMA, so it gains only where it
+//! issues at more than half the FMAs' rate (on this project's Intel Xeon without AMX it issues
+//! at a quarter).
 
 use std::time::Instant;
 
@@ -12,37 +13,42 @@ const ITERATIONS: u64 = 20_000_000;
 
 /// "one core: …" with the rate of each instruction the CPU has, or why none was measured.
 pub fn line() -> String {
-    if !avx512f() {
-        return "one core: no AVX-512F, instruction rates not measured".into();
+    let mut rates = Vec::new();
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        rates.push(rate("256-bit FMA", 16, |n| unsafe { fma256_chains(n) }));
     }
-    // SAFETY: the CPU has AVX-512F.
-    let fma = best_rate(|n| unsafe { fma_chains(n) });
-    let mut line = format!(
-        "one core: 512-bit FMA {:.2} G/s ({:.0} GFLOP/s)",
-        fma,
-        fma * 32.0
-    );
+    if avx512f() {
+        // SAFETY: the CPU has AVX-512F.
+        rates.push(rate("512-bit FMA", 32, |n| unsafe { fma512_chains(n) }));
+    }
     if crate::model::kernels::avx512_bf16::supported() {
         // SAFETY: the CPU has AVX-512F and AVX512_BF16.
-        let dot = best_rate(|n| unsafe { dpbf16_chains(n) });
-        line.push_str(&format!(
-            ", VDPBF16PS {:.2} G/s ({:.0} GFLOP/s)",
-            dot,
-            dot * 64.0
-        ));
+        rates.push(rate("VDPBF16PS", 64, |n| unsafe { dpbf16_chains(n) }));
     }
-    line
+    if rates.is_empty() {
+        return "one core: no AVX2+FMA or AVX-512, instruction rates not measured".into();
+    }
+    format!("one core: {}", rates.join(", "))
 }
 
-/// Instructions per second (in billions), the best of three timings of `chains`.
-fn best_rate(chains: impl Fn(u64)) -> f64 {
-    (0..3)
+/// "NAME r G/s (f GFLOP/s)": instructions per second (in billions, the best of three timings
+/// of `chains`) and the floating-point operations they do, `flops` each.
+fn rate(name: &str, flops: u32, chains: impl Fn(u64)) -> String {
+    let per_second = (0..3)
         .map(|_| {
             let start = Instant::now();
             chains(ITERATIONS);
             (ITERATIONS * 12) as f64 / start.elapsed().as_secs_f64() / 1e9
         })
-        .fold(0.0, f64::max)
+        .fold(0.0, f64::max);
+    let gflops = per_second * f64::from(flops);
+    format!("{name} {per_second:.2} G/s ({gflops:.0} GFLOP/s)")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -51,55 +57,85 @@ fn avx512f() -> bool {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+fn avx2_fma() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 fn avx512f() -> bool {
     false
 }
 
-/// Runs `$op zmmI, zmm30, zmm31` for I in 0..12, `$n` times, from zeroed registers.
+/// Runs `$op {$p}I, $a, $b` for I in 0..12 (registers of prefix `$p`: "ymm" or "zmm"), `$n`
+/// times, from registers zeroed by `$zero`. Every vector register counts as clobbered.
 #[cfg(target_arch = "x86_64")]
 macro_rules! chains {
-    ($op:literal, $n:expr) => {
+    ($zero:literal, $op:literal, $p:literal, $a:literal, $b:literal, $n:expr) => {
         std::arch::asm!(
-            "vpxord zmm30, zmm30, zmm30",
-            "vpxord zmm31, zmm31, zmm31",
-            "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
-            "vpxord zmm3, zmm3, zmm3", "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
-            "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7", "vpxord zmm8, zmm8, zmm8",
-            "vpxord zmm9, zmm9, zmm9", "vpxord zmm10, zmm10, zmm10", "vpxord zmm11, zmm11, zmm11",
+            concat!($zero, " ", $a, ", ", $a, ", ", $a),
+            concat!($zero, " ", $b, ", ", $b, ", ", $b),
+            concat!($zero, " ", $p, "0, ", $p, "0, ", $p, "0"),
+            concat!($zero, " ", $p, "1, ", $p, "1, ", $p, "1"),
+            concat!($zero, " ", $p, "2, ", $p, "2, ", $p, "2"),
+            concat!($zero, " ", $p, "3, ", $p, "3, ", $p, "3"),
+            concat!($zero, " ", $p, "4, ", $p, "4, ", $p, "4"),
+            concat!($zero, " ", $p, "5, ", $p, "5, ", $p, "5"),
+            concat!($zero, " ", $p, "6, ", $p, "6, ", $p, "6"),
+            concat!($zero, " ", $p, "7, ", $p, "7, ", $p, "7"),
+            concat!($zero, " ", $p, "8, ", $p, "8, ", $p, "8"),
+            concat!($zero, " ", $p, "9, ", $p, "9, ", $p, "9"),
+            concat!($zero, " ", $p, "10, ", $p, "10, ", $p, "10"),
+            concat!($zero, " ", $p, "11, ", $p, "11, ", $p, "11"),
             "2:",
-            concat!($op, " zmm0, zmm30, zmm31"), concat!($op, " zmm1, zmm30, zmm31"),
-            concat!($op, " zmm2, zmm30, zmm31"), concat!($op, " zmm3, zmm30, zmm31"),
-            concat!($op, " zmm4, zmm30, zmm31"), concat!($op, " zmm5, zmm30, zmm31"),
-            concat!($op, " zmm6, zmm30, zmm31"), concat!($op, " zmm7, zmm30, zmm31"),
-            concat!($op, " zmm8, zmm30, zmm31"), concat!($op, " zmm9, zmm30, zmm31"),
-            concat!($op, " zmm10, zmm30, zmm31"), concat!($op, " zmm11, zmm30, zmm31"),
-            "dec {n}",
+            concat!($op, " ", $p, "0, ", $a, ", ", $b),
+            concat!($op, " ", $p, "1, ", $a, ", ", $b),
+            concat!($op, " ", $p, "2, ", $a, ", ", $b),
+            concat!($op, " ", $p, "3, ", $a, ", ", $b),
+            concat!($op, " ", $p, "4, ", $a, ", ", $b),
+            concat!($op, " ", $p, "5, ", $a, ", ", $b),
+            concat!($op, " ", $p, "6, ", $a, ", ", $b),
+            concat!($op, " ", $p, "7, ", $a, ", ", $b),
+            concat!($op, " ", $p, "8, ", $a, ", ", $b),
+            concat!($op, " ", $p, "9, ", $a, ", ", $b),
+            concat!($op, " ", $p, "10, ", $a, ", ", $b),
+            concat!($op, " ", $p, "11, ", $a, ", ", $b),
+            "dec rcx",
             "jnz 2b",
-            n = inout(reg) $n => _,
-            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-            out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-            out("zmm10") _, out("zmm11") _, out("zmm30") _, out("zmm31") _,
+            inout("rcx") $n => _,
+            clobber_abi("sysv64"),
             options(nostack, nomem),
         )
     };
 }
 
+/// Safety: the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma256_chains(iterations: u64) {
+    chains!("vpxor", "vfmadd231ps", "ymm", "ymm14", "ymm15", iterations);
+}
+
 /// Safety: the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn fma_chains(iterations: u64) {
-    chains!("vfmadd231ps", iterations);
+unsafe fn fma512_chains(iterations: u64) {
+    chains!("vpxord", "vfmadd231ps", "zmm", "zmm30", "zmm31", iterations);
 }
 
 /// Safety: the CPU has AVX-512F and AVX512_BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn dpbf16_chains(iterations: u64) {
-    chains!("vdpbf16ps", iterations);
+    chains!("vpxord", "vdpbf16ps", "zmm", "zmm30", "zmm31", iterations);
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn fma_chains(_: u64) {
+unsafe fn fma256_chains(_: u64) {
+    unreachable!("AVX2 exists on x86-64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn fma512_chains(_: u64) {
     unreachable!("AVX-512 exists on x86-64 only")
 }
 
@@ -110,19 +146,23 @@ unsafe fn dpbf16_chains(_: u64) {
 
 #[cfg(test)]
 mod tests {
-    /// The loops run and give rates a CPU can have (between 0.01 and 100 G/s).
+    /// The loops run and give rates a CPU can have (between 0.01 and 100 G/s), one for each
+    /// instruction set the CPU has.
     #[test]
     fn measures_plausible_rates() {
         let line = super::line();
-        if !super::avx512f() {
-            eprintln!("skipped: this CPU has no AVX-512F ({line})");
+        let expected = usize::from(super::avx2_fma())
+            + usize::from(super::avx512f())
+            + usize::from(crate::model::kernels::avx512_bf16::supported());
+        if expected == 0 {
+            eprintln!("skipped: this CPU has no AVX2+FMA or AVX-512F ({line})");
             return;
         }
         let rates: Vec<f64> = line
             .split(' ')
             .filter_map(|word| word.parse().ok())
             .collect();
-        assert!(!rates.is_empty(), "no rate in {line:?}");
+        assert_eq!(rates.len(), expected, "{line}");
         assert!(rates.iter().all(|r| (0.01..100.0).contains(r)), "{line}");
     }
 }
