@@ -74,7 +74,8 @@ pub fn memory(device: &Device) -> Option<MemoryInfo> {
     }
 }
 
-/// The device for the run log: `cpu (2 threads, 23.4 GB RAM, 20.1 GB free)`,
+/// The device for the run log: `cpu (2 threads, 25.28 GB, 24.63 GB free RAM; AVX2+FMA, bf16
+/// weights widened to f32)`,
 /// `cuda:0 NVIDIA H100 80GB HBM3 (85.0 GB, 84.5 GB free)`.
 pub fn describe(device: &Device) -> String {
     let mem = memory(device)
@@ -82,8 +83,9 @@ pub fn describe(device: &Device) -> String {
         .unwrap_or_else(|| "memory unknown".into());
     match device {
         Device::Cpu => format!(
-            "cpu ({} threads, {mem} RAM)",
-            candle_core::utils::get_num_threads()
+            "cpu ({} threads, {mem} RAM; {})",
+            candle_core::utils::get_num_threads(),
+            crate::model::kernels::cpu_paths::describe()
         ),
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {

@@ -176,7 +176,7 @@ fn train_names_device_memory_and_peak_and_refuses_an_absent_gpu() {
     );
     assert!(out.status.success(), "{log}");
     assert!(
-        log.contains("on cpu (") && log.contains(" GB free RAM)"),
+        log.contains("on cpu (") && log.contains(" GB free RAM; ") && log.contains("bf16 weights"),
         "{log}"
     );
     assert!(log.contains("frozen base in F32"), "{log}");

@@ -7,6 +7,7 @@ pub mod amx;
 pub mod avx512_bf16;
 pub mod blocks;
 pub mod checkpoint;
+pub mod cpu_paths;
 pub(crate) mod cpu_slices;
 pub mod cross_entropy;
 pub mod elements;

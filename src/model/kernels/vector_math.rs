@@ -380,6 +380,17 @@ enum Level {
     Baseline,
 }
 
+/// The instruction set the kernels here run on this CPU, in words.
+pub fn instruction_set() -> &'static str {
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => "AVX-512",
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => "AVX2+FMA",
+        Level::Baseline => "baseline vector instructions",
+    }
+}
+
 fn level() -> Level {
     #[cfg(test)]
     if let Some(forced) = tests::FORCED.with(|f| f.get()) {
