@@ -71,34 +71,15 @@ fn avx512f() -> bool {
 #[cfg(target_arch = "x86_64")]
 macro_rules! chains {
     ($zero:literal, $op:literal, $p:literal, $a:literal, $b:literal, $n:expr) => {
+        chains!(@ $zero, $op, $p, $a, $b, $n, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    };
+    (@ $zero:literal, $op:literal, $p:literal, $a:literal, $b:literal, $n:expr, [$($i:literal),*]) => {
         std::arch::asm!(
             concat!($zero, " ", $a, ", ", $a, ", ", $a),
             concat!($zero, " ", $b, ", ", $b, ", ", $b),
-            concat!($zero, " ", $p, "0, ", $p, "0, ", $p, "0"),
-            concat!($zero, " ", $p, "1, ", $p, "1, ", $p, "1"),
-            concat!($zero, " ", $p, "2, ", $p, "2, ", $p, "2"),
-            concat!($zero, " ", $p, "3, ", $p, "3, ", $p, "3"),
-            concat!($zero, " ", $p, "4, ", $p, "4, ", $p, "4"),
-            concat!($zero, " ", $p, "5, ", $p, "5, ", $p, "5"),
-            concat!($zero, " ", $p, "6, ", $p, "6, ", $p, "6"),
-            concat!($zero, " ", $p, "7, ", $p, "7, ", $p, "7"),
-            concat!($zero, " ", $p, "8, ", $p, "8, ", $p, "8"),
-            concat!($zero, " ", $p, "9, ", $p, "9, ", $p, "9"),
-            concat!($zero, " ", $p, "10, ", $p, "10, ", $p, "10"),
-            concat!($zero, " ", $p, "11, ", $p, "11, ", $p, "11"),
+            $(concat!($zero, " ", $p, $i, ", ", $p, $i, ", ", $p, $i),)*
             "2:",
-            concat!($op, " ", $p, "0, ", $a, ", ", $b),
-            concat!($op, " ", $p, "1, ", $a, ", ", $b),
-            concat!($op, " ", $p, "2, ", $a, ", ", $b),
-            concat!($op, " ", $p, "3, ", $a, ", ", $b),
-            concat!($op, " ", $p, "4, ", $a, ", ", $b),
-            concat!($op, " ", $p, "5, ", $a, ", ", $b),
-            concat!($op, " ", $p, "6, ", $a, ", ", $b),
-            concat!($op, " ", $p, "7, ", $a, ", ", $b),
-            concat!($op, " ", $p, "8, ", $a, ", ", $b),
-            concat!($op, " ", $p, "9, ", $a, ", ", $b),
-            concat!($op, " ", $p, "10, ", $a, ", ", $b),
-            concat!($op, " ", $p, "11, ", $a, ", ", $b),
+            $(concat!($op, " ", $p, $i, ", ", $a, ", ", $b),)*
             "dec rcx",
             "jnz 2b",
             inout("rcx") $n => _,
