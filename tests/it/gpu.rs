@@ -1,20 +1,24 @@
 //! The CUDA build against the CPU (compiled with `--features cuda` only; where no GPU answers it
 //! prints why and passes): the same tiny model and adapter, trained three steps on each device, give
-//! the same losses, gradient norms and adapter weights — with and without gradient checkpointing —
-//! a bf16 run on the GPU follows the f32 one, and runs with dropout repeat exactly.
+//! the same losses, gradient norms and adapter weights — with and without gradient checkpointing,
+//! and on a quantized base (q4_0, q8_0, nf4: decoded on the GPU) —; a bf16 run on the GPU follows
+//! the f32 one, and runs with dropout repeat exactly.
 
 use candle_core::{DType, Device};
 use feinschliff::data::{Batch, Example};
+use feinschliff::model::kernels::quant::Quantization;
 use feinschliff::model::new::{config_json, random_weights, Size};
 use feinschliff::model::weights::Weights;
 use feinschliff::model::{adapter, CausalLm, ModelConfig};
 use feinschliff::train::optim::{AdamW, AdamWParams};
 use feinschliff::train::step::optimizer_step;
 
-/// Losses, gradient norms and final adapter weights of three train steps on `device`.
+/// Losses, gradient norms and final adapter weights of three train steps on `device`, the
+/// projections held in `quantize` when given.
 fn train_three_steps(
     device: &Device,
     dtype: DType,
+    quantize: Option<Quantization>,
     checkpointing: bool,
     dropout: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<Vec<f32>>) {
@@ -25,7 +29,7 @@ fn train_three_steps(
         dtype,
         device,
     );
-    let mut lm = CausalLm::load(config, &weights, device).unwrap();
+    let mut lm = CausalLm::load_quantized(config, &weights, device, quantize).unwrap();
     let lora_config = super::common::all_linear_lora(4, 8.0, dropout);
     adapter::attach(&mut lm, &lora_config, 9).unwrap();
     lm.gradient_checkpointing = checkpointing;
@@ -71,44 +75,76 @@ fn relative(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
-#[test]
-fn cuda_training_matches_the_cpu() {
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
+/// The GPU, or None (and a line saying why the test skips) where none answers.
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
         Err(e) => {
             eprintln!("skipped: no GPU answers ({e})");
-            return;
+            None
         }
-    };
-    let (cpu_losses, cpu_norms, cpu_values) =
-        train_three_steps(&Device::Cpu, DType::F32, false, 0.0);
-    for checkpointing in [false, true] {
-        let (losses, norms, values) = train_three_steps(&gpu, DType::F32, checkpointing, 0.0);
-        for (a, b) in losses
-            .iter()
-            .zip(&cpu_losses)
-            .chain(norms.iter().zip(&cpu_norms))
-        {
-            assert!(
-                relative(*a, *b) < 1e-4,
-                "checkpointing {checkpointing}: GPU {a} vs CPU {b}"
-            );
-        }
-        let worst = values
-            .iter()
-            .flatten()
-            .zip(cpu_values.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-4, "adapter weights differ by {worst}");
     }
-    let (bf16_losses, _, _) = train_three_steps(&gpu, DType::BF16, false, 0.0);
-    for (a, b) in bf16_losses.iter().zip(&cpu_losses) {
+}
+
+/// Asserts that two runs' losses and gradient norms agree to 1e-4 (relative) and their adapter
+/// weights to 1e-4 (absolute); `what` names the case in the message.
+fn assert_same_run(
+    what: &str,
+    (losses, norms, values): &(Vec<f64>, Vec<f64>, Vec<Vec<f32>>),
+    (cpu_losses, cpu_norms, cpu_values): &(Vec<f64>, Vec<f64>, Vec<Vec<f32>>),
+) {
+    for (a, b) in losses
+        .iter()
+        .zip(cpu_losses)
+        .chain(norms.iter().zip(cpu_norms))
+    {
+        assert!(relative(*a, *b) < 1e-4, "{what}: GPU {a} vs CPU {b}");
+    }
+    let worst = values
+        .iter()
+        .flatten()
+        .zip(cpu_values.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{what}: adapter weights differ by {worst}");
+}
+
+#[test]
+fn cuda_training_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = train_three_steps(&Device::Cpu, DType::F32, None, false, 0.0);
+    for checkpointing in [false, true] {
+        let run = train_three_steps(&gpu, DType::F32, None, checkpointing, 0.0);
+        assert_same_run(&format!("checkpointing {checkpointing}"), &run, &cpu);
+    }
+    let (bf16_losses, _, _) = train_three_steps(&gpu, DType::BF16, None, false, 0.0);
+    for (a, b) in bf16_losses.iter().zip(&cpu.0) {
         assert!(relative(*a, *b) < 0.05, "bf16 loss {a} vs f32 {b}");
     }
     // Dropout masks come from the GPU's generator, reseeded per module and step: a run repeats.
-    let first = train_three_steps(&gpu, DType::F32, false, 0.1);
-    let again = train_three_steps(&gpu, DType::F32, false, 0.1);
+    let first = train_three_steps(&gpu, DType::F32, None, false, 0.1);
+    let again = train_three_steps(&gpu, DType::F32, None, false, 0.1);
     assert_eq!(first.0, again.0, "GPU dropout runs differ");
-    assert_ne!(first.0, cpu_losses, "dropout changed nothing");
+    assert_ne!(first.0, cpu.0, "dropout changed nothing");
+}
+
+/// A quantized base decodes to the same values on both devices: in f32 the runs agree as dense
+/// ones do (with gradient checkpointing, a quantized base's default), and a bf16 run on the GPU
+/// follows the CPU's f32 one.
+#[test]
+fn cuda_quantized_training_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for format in Quantization::ALL {
+        let cpu = train_three_steps(&Device::Cpu, DType::F32, Some(format), true, 0.0);
+        let run = train_three_steps(&gpu, DType::F32, Some(format), true, 0.0);
+        assert_same_run(format.name(), &run, &cpu);
+        let (bf16_losses, _, _) = train_three_steps(&gpu, DType::BF16, Some(format), true, 0.0);
+        for (a, b) in bf16_losses.iter().zip(&cpu.0) {
+            assert!(
+                relative(*a, *b) < 0.05,
+                "{}: bf16 loss {a} vs f32 {b}",
+                format.name()
+            );
+        }
+    }
 }
