@@ -128,8 +128,9 @@ pub struct BenchSpec {
 
 /// A random `arch` model of the spec's size on `device`, its frozen weights in the spec's dtype,
 /// drawn on the device itself (a 1B model's weights take a minute to draw on one CPU core, a
-/// moment on a GPU). With `quantize`, the projections are held quantized, each drawn on the CPU
-/// and quantized before the next is drawn, so that no dense copy of the model ever exists.
+/// moment on a GPU). With `quantize`, the projections are held quantized, each drawn on the device
+/// and quantized (on the CPU) before the next is drawn, so that no dense copy of the model ever
+/// exists.
 fn random_model(spec: &BenchSpec, device: &Device) -> Result<CausalLm> {
     let shape = spec.size.shape();
     let tie = spec.size.tied();
@@ -140,6 +141,7 @@ fn random_model(spec: &BenchSpec, device: &Device) -> Result<CausalLm> {
         let reader = RandomTensors {
             specs: specs.into_iter().map(|(n, d, i)| (n, (d, i))).collect(),
             std: shape.init_std,
+            device: device.clone(),
         };
         let weights = Weights::from_reader(Path::new("<random>"), Box::new(reader), dtype, device);
         return CausalLm::load_quantized(config, &weights, device, Some(format));
@@ -169,10 +171,11 @@ fn draw(dims: &[usize], init: Init, std: f32, device: &Device) -> Result<Tensor>
     })
 }
 
-/// The tensors of a random model, each drawn on the CPU when it is read.
+/// The tensors of a random model, each drawn on `device` when it is read.
 struct RandomTensors {
     specs: HashMap<String, (Vec<usize>, Init)>,
     std: f32,
+    device: Device,
 }
 
 impl TensorReader for RandomTensors {
@@ -189,7 +192,7 @@ impl TensorReader for RandomTensors {
             .specs
             .get(name)
             .with_context(|| format!("no tensor `{name}`"))?;
-        draw(dims, *init, self.std, &Device::Cpu)
+        draw(dims, *init, self.std, &self.device)
     }
 }
 
