@@ -4,12 +4,12 @@
 #
 #   scripts/cuda-toolchain.sh [DIR]            # default DIR: .cuda-toolchain (git-ignored)
 #   eval "$(scripts/cuda-toolchain.sh --env [DIR])"
-#   cargo build --release --features cuda
+#   cargo build --features cuda
 #
 # candle-kernels needs nvcc and the CUDA headers at build time; at run time the binary loads
 # libcuda.so.1 (the driver, >= 580 for CUDA 13) and libcublas/libcurand/libcudart from the same
 # folder (LD_LIBRARY_PATH). On a machine with the CUDA toolkit installed, skip this script:
-# `CUDA_COMPUTE_CAP=90 cargo build --release --features cuda` is enough.
+# `CUDA_COMPUTE_CAP=90 cargo build --features cuda` is enough.
 set -euo pipefail
 
 print_env=0
@@ -33,7 +33,7 @@ if [ "$print_env" = 0 ]; then
     grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\b' "$cuda/include/cuda.h" | sort -u | sed 's/.*/void &(void) {}/' > "$dir/stub/stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$dir/stub/libcuda.so" "$dir/stub/stub.c"
   fi
-  echo "CUDA toolchain in $dir; now run: eval \"\$($0 --env $dir)\" && cargo build --release --features cuda" >&2
+  echo "CUDA toolchain in $dir; now run: eval \"\$($0 --env $dir)\" && cargo build --features cuda" >&2
 fi
 
 cat <<ENV
