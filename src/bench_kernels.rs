@@ -109,11 +109,16 @@ pub fn run() -> Result<String> {
     Ok(table)
 }
 
-/// The quantized products beside the packed bf16 weight's, in bf16 compute, GFLOP/s.
+/// The quantized products beside the packed bf16 weight's, in bf16 compute, GFLOP/s; then the
+/// time to decode each quantized weight whole (a merged export's, and a GPU product's, path).
 fn quantized() -> Result<String> {
     let mut table = format!(
         "quantized W (bf16 compute), x·Wᵀ | g·W, GFLOP/s\n{:>18} {:>13} {:>13} {:>13} {:>13}\n",
         "rows × in × out", "bf16 (packed)", "q4_0", "q8_0", "nf4"
+    );
+    let mut decoding = format!(
+        "quantized W decoded whole (QuantizedWeight::dequantize), ms\n{:>18} {:>13} {:>13} {:>13}\n",
+        "out × in", "q4_0", "q8_0", "nf4"
     );
     for (m, k, n) in SHAPES {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
@@ -122,9 +127,20 @@ fn quantized() -> Result<String> {
         let mut weights = vec![ProjectionWeight::from(FrozenWeight::new(
             w.to_dtype(DType::BF16)?,
         ))];
+        let mut decode_ms = Vec::new();
         for format in Quantization::ALL {
-            weights.push(QuantizedWeight::quantize(&w, format, DType::BF16, &Device::Cpu)?.into());
+            let q = QuantizedWeight::quantize(&w, format, DType::BF16, &Device::Cpu)?;
+            decode_ms.push(format!("{:.2}", seconds(|| drop(q.dequantize())) * 1e3));
+            weights.push(q.into());
         }
+        writeln!(
+            decoding,
+            "{:>18} {:>13} {:>13} {:>13}",
+            format!("{n} × {k}"),
+            decode_ms[0],
+            decode_ms[1],
+            decode_ms[2]
+        )?;
         let flops = 2.0 * (m * k * n) as f64;
         let mut cells = Vec::new();
         for w in &weights {
@@ -146,6 +162,7 @@ fn quantized() -> Result<String> {
             cells[3]
         )?;
     }
+    table.push_str(&decoding);
     Ok(table)
 }
 

@@ -37,7 +37,7 @@ pub const Q4_0_CODE: [f32; 16] = [
 ];
 
 /// The offset of Q8_0's signed codes in their bytes.
-const Q8_BIAS: f32 = 128.0;
+pub const Q8_BIAS: f32 = 128.0;
 
 /// Encodes one block `x` (`format.block()` values) into `codes` (its bytes) and returns the
 /// scale, already rounded to f16 where the format stores it so.
@@ -110,6 +110,16 @@ pub fn table(format: Quantization) -> Option<&'static [f32; 16]> {
         Quantization::Nf4 => Some(&NF4_CODE),
         Quantization::Q8_0 => None,
     }
+}
+
+/// The two values each of the 256 bytes of a 4-bit format's codes stands for before its block's
+/// scale, as [256 × 2] row-major, the high nibble's first; None for Q8_0 (code − [`Q8_BIAS`]).
+pub fn byte_pairs(format: Quantization) -> Option<Vec<f32>> {
+    table(format).map(|values| {
+        (0..=255u8)
+            .flat_map(|b| [values[usize::from(b >> 4)], values[usize::from(b & 15)]])
+            .collect()
+    })
 }
 
 /// The value of a Q8_0 code in a block of scale `scale`.
