@@ -13,15 +13,17 @@ use feinschliff::model::{adapter, CausalLm, ModelConfig};
 use feinschliff::train::optim::{AdamW, AdamWParams};
 use feinschliff::train::step::optimizer_step;
 
-/// Losses, gradient norms and final adapter weights of three train steps on `device`, the
-/// projections held in `quantize` when given.
+/// Losses, gradient norms and final adapter weights of a run.
+type Run = (Vec<f64>, Vec<f64>, Vec<Vec<f32>>);
+
+/// [`Run`] of three train steps on `device`, the projections held in `quantize` when given.
 fn train_three_steps(
     device: &Device,
     dtype: DType,
     quantize: Option<Quantization>,
     checkpointing: bool,
     dropout: f64,
-) -> (Vec<f64>, Vec<f64>, Vec<Vec<f32>>) {
+) -> Run {
     let shape = Size::Tiny.shape();
     let config = ModelConfig::from_json(&config_json("qwen2", &shape, false).unwrap()).unwrap();
     let weights = Weights::from_tensors(
@@ -90,8 +92,8 @@ fn gpu() -> Option<Device> {
 /// weights to 1e-4 (absolute); `what` names the case in the message.
 fn assert_same_run(
     what: &str,
-    (losses, norms, values): &(Vec<f64>, Vec<f64>, Vec<Vec<f32>>),
-    (cpu_losses, cpu_norms, cpu_values): &(Vec<f64>, Vec<f64>, Vec<Vec<f32>>),
+    (losses, norms, values): &Run,
+    (cpu_losses, cpu_norms, cpu_values): &Run,
 ) {
     for (a, b) in losses
         .iter()

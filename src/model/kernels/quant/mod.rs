@@ -137,8 +137,8 @@ impl QuantizedWeight {
 
     /// The decoded values, f32 [rows, cols] on the weight's device (exact: each value is one
     /// product of its code's value and its block's scale). A 4-bit format's code bytes look up
-    /// their two values in a 256-row table (one gather, where unpacking the nibbles took six
-    /// ops); Q8_0's are cast and shifted (a gather is slower there).
+    /// their two values in a 256-row table (a cast and a gather, where unpacking the nibbles
+    /// took eight ops); Q8_0's are cast and shifted (a gather is slower there).
     pub fn dequantize(&self) -> Result<Tensor> {
         let (rows, cols) = self.dims;
         let block = self.format.block();
