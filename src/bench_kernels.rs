@@ -1,11 +1,12 @@
 //! `feinschliff bench kernels`: GFLOP/s of the products with a bf16 weight on each kernel this CPU
-//! runs — AMX tiles, AVX512_BF16 dot products, and f32 (faer, the weight widened beforehand) — on the projection
-//! shapes of a SmolLM2-135M train step (4 × 256 rows), with the weight packed once as in training.
-//! Shows which kernel a machine picks and what it gains (`lscpu` says which features exist).
-//! A second table times the same products with the weight quantized (`[model] quantize`, decoded a
-//! panel at a time) against the packed bf16 weight, forward (x·Wᵀ) and for the input gradient (g·W).
-//! A last line gives one core's peak rate of the kernels' inner instructions
-//! ([`crate::bench_throughput`]), the ceiling the tables' figures are measured against.
+//! runs — AMX tiles, AVX512_BF16 dot products, and f32 (faer, the weight widened beforehand) — on
+//! the projection shapes of a SmolLM2-135M train step (4 × 256 rows) and a rank-16 adapter's x·Aᵀ,
+//! with the weight packed once as in training. Shows which kernel a machine picks and what it
+//! gains (`lscpu` says which features exist). A second table times the same products with the
+//! weight quantized (`[model] quantize`, decoded a panel at a time) against the packed bf16
+//! weight, forward (x·Wᵀ) and for the input gradient (g·W). A last line gives one core's peak rate
+//! of the kernels' inner instructions ([`crate::bench_throughput`]), the ceiling the tables'
+//! figures are measured against.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +30,10 @@ const SHAPES: [(usize, usize, usize); 4] = [
     (1024, 1536, 576),
 ];
 
+/// (rows, in, rank) of a rank-16 LoRA adapter's x·Aᵀ, which the bf16 kernels compute in the
+/// frozen product's pass (one block of columns, so the threads split the rows).
+const ADAPTER_SHAPE: (usize, usize, usize) = (1024, 576, 16);
+
 /// Products timed per kernel and shape, after one warm-up product.
 const REPEATS: usize = 10;
 
@@ -49,7 +54,7 @@ pub fn run() -> Result<String> {
         "AVX512_BF16",
         "f32 (faer)"
     );
-    for (m, k, n) in SHAPES {
+    for (m, k, n) in SHAPES.into_iter().chain([ADAPTER_SHAPE]) {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7919) % 1000) as f32 / 1e3 - 0.5)
             .collect();

@@ -206,9 +206,15 @@ fn each_bf16_kernel_this_cpu_runs_equals_the_exact_product_of_bf16_values() {
         return;
     }
     // Tails in every block dimension: 45 rows (32 + 8 + 5), k = 302 (odd pairs), 403 columns;
-    // and a k long enough to run in chunks (4,400 = 137 steps of 32 + 16), as the LM head's input
-    // gradient runs over the vocabulary.
-    for (m, k, n) in [(45, 302, 403), (45, 4400, 70)] {
+    // a k long enough to run in chunks (4,400 = 137 steps of 32 + 16), as the LM head's input
+    // gradient runs over the vocabulary; a last block of exactly 16 columns (400); and 16
+    // columns alone (a rank-16 factor's x·Aᵀ: one block, the threads splitting 70 rows).
+    for (m, k, n) in [
+        (45, 302, 403),
+        (45, 4400, 70),
+        (45, 302, 400),
+        (70, 302, 16),
+    ] {
         let a = random(&[m, k], 12).to_dtype(DType::BF16).unwrap();
         let w = random(&[n, k], 13).to_dtype(DType::BF16).unwrap();
         let exact: Vec<f64> = a

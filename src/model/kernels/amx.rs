@@ -188,9 +188,35 @@ pub(crate) fn product_parts(
         return;
     }
     let col_blocks = round_up(n, BLOCK) / BLOCK;
+    let out_ptr = SendPtr(out.as_mut_ptr().cast());
+    let row_blocks = round_up(m, BLOCK) / BLOCK;
+    if col_blocks < rayon::current_num_threads() && row_blocks > 1 {
+        // Too few columns to share (a LoRA factor's x·Aᵀ is one block): the threads split the
+        // rows instead, in whole blocks, so that only the last part has padding rows.
+        let rows_per_part = row_blocks.div_ceil(rayon::current_num_threads()) * BLOCK;
+        (0..m.div_ceil(rows_per_part))
+            .into_par_iter()
+            .for_each(|part| {
+                let first = part * rows_per_part;
+                let rows = rows_per_part.min(m - first);
+                // Safety: each part writes only its own rows, on a kernel the CPU runs.
+                unsafe {
+                    let out = out_ptr.at(first * n);
+                    run(
+                        kernel,
+                        (&a[first * lda..], lda),
+                        parts,
+                        (rows, n),
+                        0..col_blocks,
+                        out,
+                        n,
+                    )
+                };
+            });
+        return;
+    }
     let threads = rayon::current_num_threads().min(col_blocks).max(1);
     let per_thread = col_blocks.div_ceil(threads);
-    let out_ptr = SendPtr(out.as_mut_ptr().cast());
     let run_threads = |t: usize| {
         let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
         // Safety: each thread writes only the columns of its own column blocks, on a kernel the

@@ -3,14 +3,14 @@
 //! multiplies the same packed operands as the AMX kernel in [`super::amx`] (which picks it at run
 //! time), so results differ from the tiles' only in summation order.
 //!
-//! One `VDPBF16PS` does twice the multiply-adds of a 512-bit f32 FMA. On this project's Xeon
-//! without AMX (model 207) it issues at a quarter of the FMAs' rate (1.25–1.33 against 5.0–5.4 G/s
-//! on one core, the last line of `feinschliff bench kernels`), so it does half their
-//! multiply-adds: products on it reached 120–150 GFLOP/s against 190–290 for f32 ones. On AMD's
-//! Zen 4 and 5 it is taken to issue at an FMA's rate, a gain of two (not measured on this
-//! project's machines; that line tells on one). So it runs by default on AMD only;
-//! `FEINSCHLIFF_AVX512_BF16=1` runs it on any CPU that has the instructions, `=0` never (products
-//! then widen bf16 to f32).
+//! One `VDPBF16PS` does twice the multiply-adds of a 512-bit f32 FMA. On AMD's Zen 4 (EPYC, CPUID
+//! family 25 model 17) it issues at the FMA's rate (3.45–3.52 against 3.26–3.45 G/s on one core,
+//! the last line of `feinschliff bench kernels`), a gain of two: products on it reach 370–430
+//! GFLOP/s on two cores against 155–207 for f32 ones on widened weights. On this project's Xeon
+//! without AMX (model 207) it issues at a quarter of the FMAs' rate (1.25–1.33 against 5.0–5.4
+//! G/s), so it does half their multiply-adds: 120–150 against 190–290 GFLOP/s. So it runs by
+//! default on AMD only; `FEINSCHLIFF_AVX512_BF16=1` runs it on any CPU that has the instructions,
+//! `=0` never (products then widen bf16 to f32).
 
 use std::sync::OnceLock;
 
@@ -100,19 +100,13 @@ pub(crate) unsafe fn compute(
                     // u16 per group of 16 columns: one 64-byte vector per pair of k.
                     let group = part.group_steps * 16 * 32;
                     let b0 = part.data.as_ptr().add(2 * cb * group);
-                    let b1 = b0.add(group);
                     let a_rows = a.as_ptr().add(row0 * lda).cast::<i32>().add(pair0);
-                    for p in 0..pairs {
-                        let vb0: __m512bh =
-                            std::mem::transmute(_mm512_loadu_si512(b0.add(p * 32).cast()));
-                        let vb1: __m512bh =
-                            std::mem::transmute(_mm512_loadu_si512(b1.add(p * 32).cast()));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let pair = a_rows.add(r * lda / 2 + p).read_unaligned();
-                            let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                            acc[0] = _mm512_dpbf16_ps(acc[0], va, vb0);
-                            acc[1] = _mm512_dpbf16_ps(acc[1], va, vb1);
-                        }
+                    // A block whose second group is all padding (a rank-16 factor, a last block
+                    // of 16 columns) multiplies its first group only.
+                    if cb * COLS + 16 < n {
+                        accumulate::<2>(&mut acc, a_rows, lda, [b0, b0.add(group)], pairs);
+                    } else {
+                        accumulate::<1>(&mut acc, a_rows, lda, [b0], pairs);
                     }
                     pair0 += pairs;
                 }
@@ -130,6 +124,34 @@ pub(crate) unsafe fn compute(
             }
         }
         first = panel_blocks.end;
+    }
+}
+
+/// Adds `pairs` pairs of k of the `ROWS` rows at `a_rows` (rows of `lda` u16, read as i32 pairs)
+/// times the first `G` groups of 16 packed columns to `acc`.
+///
+/// Safety: as [`compute`]'s; each group holds `pairs` vectors of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn accumulate<const G: usize>(
+    acc: &mut [[std::arch::x86_64::__m512; 2]; ROWS],
+    a_rows: *const i32,
+    lda: usize,
+    groups: [*const u16; G],
+    pairs: usize,
+) {
+    use std::arch::x86_64::*;
+    for p in 0..pairs {
+        let vb: [__m512bh; G] =
+            groups.map(|g| std::mem::transmute(_mm512_loadu_si512(g.add(p * 32).cast())));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let pair = a_rows.add(r * lda / 2 + p).read_unaligned();
+            let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for (acc, vb) in acc.iter_mut().zip(vb) {
+                *acc = _mm512_dpbf16_ps(*acc, va, vb);
+            }
+        }
     }
 }
 
