@@ -4,7 +4,7 @@
 //! time), so results differ from the tiles' only in summation order.
 //!
 //! One `VDPBF16PS` does twice the multiply-adds of a 512-bit f32 FMA. On AMD's Zen 4 (EPYC, CPUID
-//! family 25 model 17) it issues at the FMA's rate (3.45–3.52 against 3.26–3.45 G/s on one core,
+//! family 25 model 17) it issues at the FMA's rate (3.45–3.65 against 3.26–3.61 G/s on one core,
 //! the last line of `feinschliff bench kernels`), a gain of two: products on it reach 370–430
 //! GFLOP/s on two cores against 155–207 for f32 ones on widened weights. On this project's Xeon
 //! without AMX (model 207) it issues at a quarter of the FMAs' rate (1.25–1.33 against 5.0–5.4
