@@ -175,7 +175,9 @@ pub fn product_packed<A: ToBf16>(
 }
 
 /// The rows of `a` (packed by [`pack_rows`], rows of `lda` u16) times the right operand made of
-/// `parts` one after the other along k, into `out` [m, n]; the threads split the columns.
+/// `parts` one after the other along k, into `out` [m, n]. The threads split the column blocks,
+/// or, where there are fewer of those than threads (a LoRA factor's x·Aᵀ is one block), the rows,
+/// in whole blocks so that only the last band has padding rows.
 pub(crate) fn product_parts(
     kernel: Bf16Kernel,
     (a, lda): (&[u16], usize),
@@ -187,46 +189,31 @@ pub(crate) fn product_parts(
     if m * n == 0 {
         return;
     }
-    let col_blocks = round_up(n, BLOCK) / BLOCK;
+    let (row_blocks, col_blocks) = (round_up(m, BLOCK) / BLOCK, round_up(n, BLOCK) / BLOCK);
+    let threads = rayon::current_num_threads();
+    let by_rows = col_blocks < threads && row_blocks > 1;
+    let blocks = if by_rows { row_blocks } else { col_blocks };
+    let per_band = blocks.div_ceil(threads.max(1));
+    // No band is empty: 5 blocks on 4 threads are 3 bands of 2, 2 and 1.
+    let bands = blocks.div_ceil(per_band);
     let out_ptr = SendPtr(out.as_mut_ptr().cast());
-    let row_blocks = round_up(m, BLOCK) / BLOCK;
-    if col_blocks < rayon::current_num_threads() && row_blocks > 1 {
-        // Too few columns to share (a LoRA factor's x·Aᵀ is one block): the threads split the
-        // rows instead, in whole blocks, so that only the last part has padding rows.
-        let rows_per_part = row_blocks.div_ceil(rayon::current_num_threads()) * BLOCK;
-        (0..m.div_ceil(rows_per_part))
-            .into_par_iter()
-            .for_each(|part| {
-                let first = part * rows_per_part;
-                let rows = rows_per_part.min(m - first);
-                // Safety: each part writes only its own rows, on a kernel the CPU runs.
-                unsafe {
-                    let out = out_ptr.at(first * n);
-                    run(
-                        kernel,
-                        (&a[first * lda..], lda),
-                        parts,
-                        (rows, n),
-                        0..col_blocks,
-                        out,
-                        n,
-                    )
-                };
-            });
-        return;
-    }
-    let threads = rayon::current_num_threads().min(col_blocks).max(1);
-    let per_thread = col_blocks.div_ceil(threads);
-    let run_threads = |t: usize| {
-        let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
-        // Safety: each thread writes only the columns of its own column blocks, on a kernel the
-        // CPU runs.
-        unsafe { run(kernel, (a, lda), parts, (m, n), blocks, out_ptr.at(0), n) };
+    let run_band = |band: usize| {
+        let own = band * per_band..((band + 1) * per_band).min(blocks);
+        let (rows, cols) = match by_rows {
+            true => (own.start * BLOCK..(own.end * BLOCK).min(m), 0..col_blocks),
+            false => (0..m, own),
+        };
+        // Safety: each band writes only its own rows or column blocks, on a kernel the CPU runs.
+        unsafe {
+            let out = out_ptr.at(rows.start * n);
+            let a = (&a[rows.start * lda..], lda);
+            run(kernel, a, parts, (rows.len(), n), cols, out, n)
+        };
     };
-    if threads == 1 {
-        run_threads(0);
+    if bands == 1 {
+        run_band(0);
     } else {
-        (0..threads).into_par_iter().for_each(run_threads);
+        (0..bands).into_par_iter().for_each(run_band);
     }
 }
 
