@@ -103,8 +103,8 @@ fn head_blocks_hold_a_bounded_number_of_logits() {
 }
 
 /// Without gradients no logits are stored: a bf16 head on AMX tiles folds each block of logits
-/// into running row statistics, an f32 head (and a bf16 one without a bf16 kernel) each panel of
-/// 1,024 vocabulary columns. The losses equal the stored logits' (the gradient path's) at f32
+/// into running row statistics, on the AVX512_BF16 kernel each panel of 32 rows × 512 columns,
+/// an f32 head (and a bf16 one without a bf16 kernel) each panel of 1,024 vocabulary columns. The losses equal the stored logits' (the gradient path's) at f32
 /// precision, capped or not, with tails in rows and vocabulary, targets in every panel and
 /// thread's columns, and maxima that move between panels (so a dropped rescaling fails).
 #[test]

@@ -435,13 +435,15 @@ enum Epilogue<'f> {
     Fold(&'f mut dyn FnMut(ProductBlock<'_>)),
 }
 
-/// A finished 32 × 32 block of a product, handed over instead of stored.
+/// A finished block of a product, handed over instead of stored: 32 × 32 sums from the tiles, a
+/// panel of [`FOLD_ROWS`] × [`FOLD_COLS`] from the AVX512_BF16 kernel.
 pub(crate) struct ProductBlock<'b> {
     /// The product's row and column of its first element.
     pub first_row: usize,
     pub first_col: usize,
-    /// Its sums, rows of 32 f32.
+    /// Its sums, rows of `stride` f32.
     values: &'b mut [f32],
+    stride: usize,
     /// How many of its rows and columns lie inside the product.
     pub rows: usize,
     pub cols: usize,
@@ -452,7 +454,7 @@ impl ProductBlock<'_> {
     pub(crate) fn rows_mut(&mut self) -> impl Iterator<Item = &mut [f32]> {
         let cols = self.cols;
         self.values
-            .chunks_mut(BLOCK)
+            .chunks_mut(self.stride)
             .take(self.rows)
             .map(move |row| &mut row[..cols])
     }
@@ -621,6 +623,7 @@ impl Pass<'_, '_> {
                     first_row: rb * BLOCK,
                     first_col: cb * BLOCK,
                     values: &mut block,
+                    stride: BLOCK,
                     rows,
                     cols,
                 });
@@ -634,12 +637,94 @@ impl Pass<'_, '_> {
     }
 }
 
-/// a · b reduced block by block instead of stored, on AMX tiles: each thread starts from `init()`
+/// a · b reduced block by block instead of stored, on `kernel`: each thread starts from `init()`
 /// and hands every block of the product it computes to `fold` with its state; returns the
-/// threads' states. The threads split the columns. None where AMX is not available or k is long
-/// enough to run in chunks.
-#[cfg(target_arch = "x86_64")]
+/// threads' states. The threads split the columns. None where the shapes do not fit, or on AMX
+/// tiles where k is long enough to run in chunks.
 pub(crate) fn product_folded<A: ToBf16, S: Send>(
+    kernel: Bf16Kernel,
+    a: Strided<A>,
+    b: &PackedRhs,
+    init: impl Fn() -> S + Sync,
+    fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
+) -> Option<Vec<S>> {
+    if b.k != a.cols || a.rows * b.n == 0 {
+        return None;
+    }
+    match kernel {
+        Bf16Kernel::Amx => tiles_folded(a, b, init, fold),
+        Bf16Kernel::Avx512Bf16 => panels_folded(a, b, init, fold),
+    }
+}
+
+/// Output rows and columns of each panel [`panels_folded`] computes before folding it: its sums
+/// (64 KB) stay in L2 with the panel's columns of b (590 KB at k = 576) while they are folded.
+const FOLD_ROWS: usize = 32;
+const FOLD_COLS: usize = 512;
+
+/// [`product_folded`] on the AVX512_BF16 kernel: each thread takes panels of [`FOLD_COLS`]
+/// columns in turn, computes [`FOLD_ROWS`] rows of a panel at a time into a buffer of its own and
+/// folds them while they are in cache.
+fn panels_folded<A: ToBf16, S: Send>(
+    a: Strided<A>,
+    b: &PackedRhs,
+    init: impl Fn() -> S + Sync,
+    fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
+) -> Option<Vec<S>> {
+    if !super::avx512_bf16::supported() {
+        return None;
+    }
+    let (m, n) = (a.rows, b.n);
+    let lda = round_up(a.cols.max(1), K_STEP);
+    let a = &pack_rows(&a, lda);
+    let panels = n.div_ceil(FOLD_COLS);
+    let threads = rayon::current_num_threads().min(panels).max(1);
+    let per_thread = panels.div_ceil(threads);
+    let states = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let mut state = init();
+            let mut sums = vec![0f32; FOLD_ROWS * FOLD_COLS];
+            for panel in t * per_thread..((t + 1) * per_thread).min(panels) {
+                let first_col = panel * FOLD_COLS;
+                let cols = FOLD_COLS.min(n - first_col);
+                let part = b.part_from(first_col);
+                for first_row in (0..m).step_by(FOLD_ROWS) {
+                    let rows = FOLD_ROWS.min(m - first_row);
+                    // SAFETY: the CPU has AVX512_BF16; `sums` (this thread's) holds `rows` rows
+                    // of FOLD_COLS ≥ `cols` f32; a's rows are padded to whole blocks of 32 past
+                    // `first_row`, a multiple of 32.
+                    unsafe {
+                        super::avx512_bf16::compute(
+                            (&a[first_row * lda..], lda),
+                            std::slice::from_ref(&part),
+                            (rows, cols),
+                            0..cols.div_ceil(BLOCK),
+                            sums.as_mut_ptr(),
+                            FOLD_COLS,
+                        )
+                    };
+                    let block = ProductBlock {
+                        first_row,
+                        first_col,
+                        values: &mut sums,
+                        stride: FOLD_COLS,
+                        rows,
+                        cols,
+                    };
+                    fold(&mut state, block);
+                }
+            }
+            state
+        })
+        .collect();
+    Some(states)
+}
+
+/// [`product_folded`] on AMX tiles: each thread folds the 32 × 32 blocks of its columns as they
+/// leave the tiles. None where AMX is not available or k is long enough to run in chunks.
+#[cfg(target_arch = "x86_64")]
+fn tiles_folded<A: ToBf16, S: Send>(
     a: Strided<A>,
     b: &PackedRhs,
     init: impl Fn() -> S + Sync,
@@ -647,7 +732,7 @@ pub(crate) fn product_folded<A: ToBf16, S: Send>(
 ) -> Option<Vec<S>> {
     let (m, n) = (a.rows, b.n);
     let part = b.part();
-    if !available() || part.steps > LONG_STEPS || b.k != a.cols || m * n == 0 {
+    if !available() || part.steps > LONG_STEPS {
         return None;
     }
     let lda = round_up(a.cols.max(1), K_STEP);
@@ -680,9 +765,9 @@ pub(crate) fn product_folded<A: ToBf16, S: Send>(
     Some(states)
 }
 
-/// [`product_folded`] off x86-64, where there are no tiles.
+/// [`tiles_folded`] off x86-64, where there are no tiles.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn product_folded<A: ToBf16, S: Send>(
+fn tiles_folded<A: ToBf16, S: Send>(
     _: Strided<A>,
     _: &PackedRhs,
     _: impl Fn() -> S + Sync,

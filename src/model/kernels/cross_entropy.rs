@@ -7,7 +7,8 @@
 //! Log-sum-exp and softmax run in f32 (f64 for f64 models) whatever the model's dtype; on the CPU
 //! they are one vectorised pass per row over f32 logits. Without gradients no logits are stored
 //! at all: on AMX tiles each block of them is folded into running row statistics as it leaves the
-//! tiles, elsewhere each panel of vocabulary columns while it is in cache. Soft-capped logits
+//! tiles, elsewhere (the AVX512_BF16 kernel, f32 products) each panel of vocabulary columns while
+//! it is in cache. Soft-capped logits
 //! (Gemma 2's cap·tanh(logit/cap)) carry the cap's slope 1 − tanh² into the direction. Eval's log-probabilities of chosen tokens ([`target_logprobs`]) take the same
 //! row passes over logits it has computed.
 
@@ -336,11 +337,12 @@ fn panel_folded_nll(
     Ok(Some(Tensor::from_vec(nll, ids.len(), hidden.device())?))
 }
 
-/// The losses without gradients on AMX tiles, with no logits stored: each thread folds every
+/// The losses without gradients on a bf16 kernel, with no logits stored: each thread folds every
 /// block of logits it computes into running row statistics (an online log-sum-exp, capped first
-/// when `softcap`) while the block is in L1, and the threads' statistics combine at the end.
-/// The stored path writes [rows, vocab] f32 logits (200 MB for 1,024 rows of a 49,152 vocabulary)
-/// and reads them again. None where the head's product does not run on the tiles.
+/// when `softcap`) while the block is in cache (32 × 32 from the AMX tiles, 32 rows × 512
+/// columns from the AVX512_BF16 kernel), and the threads' statistics combine at the end. The
+/// stored path writes [rows, vocab] f32 logits (200 MB for 1,024 rows of a 49,152 vocabulary)
+/// and reads them again. None where the head's product does not run on a bf16 kernel.
 fn folded_nll(
     hidden: &Tensor,
     head: &FrozenWeight,

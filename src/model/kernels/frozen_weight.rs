@@ -96,10 +96,10 @@ impl FrozenWeight {
         }
     }
 
-    /// x·Wᵀ for f32 activations x [n, in] on the CPU's AMX tiles, reduced block by block instead
-    /// of stored (the LM head's log-sum-exp without its logits): each thread folds the 32 × 32
-    /// blocks it computes into its own state, as [`super::amx::product_folded`] says; None where
-    /// the product does not run on the tiles in one pass.
+    /// x·Wᵀ for f32 activations x [n, in] on the CPU's bf16 kernel, reduced block by block instead
+    /// of stored (the LM head's log-sum-exp without its logits): each thread folds the blocks it
+    /// computes into its own state, as [`super::amx::product_folded`] says; None where the
+    /// product does not run on a bf16 kernel (on AMX tiles: in one pass).
     pub(crate) fn transposed_product_folded<S: Send>(
         &self,
         x: &Tensor,

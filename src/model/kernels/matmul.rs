@@ -605,7 +605,7 @@ pub(crate) fn cpu_packed_product(
 /// a·b for f32 activations a [m, k] and a bf16 weight b [k, n] packed into `packed` as
 /// [`cpu_packed_product`] packs it, reduced block by block instead of stored (see
 /// [`super::amx::product_folded`]): one state per thread. None where the product does not run on
-/// AMX tiles in one pass.
+/// a bf16 kernel (or, on AMX tiles, not in one pass).
 pub(crate) fn cpu_packed_product_folded<S: Send>(
     (a, la): (&CpuStorage, &Layout),
     (b, lb): (&CpuStorage, &Layout),
@@ -616,10 +616,8 @@ pub(crate) fn cpu_packed_product_folded<S: Send>(
     let Some(product) = PackedProduct::of((a, la), (b, lb), packed)? else {
         return Ok(None);
     };
-    if product.kernel != super::amx::Bf16Kernel::Amx {
-        return Ok(None);
-    }
     Ok(super::amx::product_folded(
+        product.kernel,
         product.lhs,
         product.rhs,
         init,
