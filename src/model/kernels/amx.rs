@@ -462,7 +462,6 @@ impl ProductBlock<'_> {
 
 /// Tile steps above which a product runs in chunks of k (4,096 of k: a block row of a and a block
 /// column of b then hold 256 KB each).
-#[cfg(target_arch = "x86_64")]
 const LONG_STEPS: usize = 128;
 
 /// Tile steps per chunk of k for a product of `steps` steps over `col_blocks` column blocks: all
@@ -639,8 +638,8 @@ impl Pass<'_, '_> {
 
 /// a · b reduced block by block instead of stored, on `kernel`: each thread starts from `init()`
 /// and hands every block of the product it computes to `fold` with its state; returns the
-/// threads' states. The threads split the columns. None where the shapes do not fit, or on AMX
-/// tiles where k is long enough to run in chunks.
+/// threads' states. The threads split the columns. None where the shapes do not fit, where the
+/// CPU lacks the kernel, or on AMX tiles where k is long enough to run in chunks.
 pub(crate) fn product_folded<A: ToBf16, S: Send>(
     kernel: Bf16Kernel,
     a: Strided<A>,
@@ -648,71 +647,34 @@ pub(crate) fn product_folded<A: ToBf16, S: Send>(
     init: impl Fn() -> S + Sync,
     fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
 ) -> Option<Vec<S>> {
-    if b.k != a.cols || a.rows * b.n == 0 {
-        return None;
-    }
-    match kernel {
-        Bf16Kernel::Amx => tiles_folded(a, b, init, fold),
-        Bf16Kernel::Avx512Bf16 => panels_folded(a, b, init, fold),
-    }
-}
-
-/// Output rows and columns of each panel [`panels_folded`] computes before folding it: its sums
-/// (64 KB) stay in L2 with the panel's columns of b (590 KB at k = 576) while they are folded.
-const FOLD_ROWS: usize = 32;
-const FOLD_COLS: usize = 512;
-
-/// [`product_folded`] on the AVX512_BF16 kernel: each thread takes panels of [`FOLD_COLS`]
-/// columns in turn, computes [`FOLD_ROWS`] rows of a panel at a time into a buffer of its own and
-/// folds them while they are in cache.
-fn panels_folded<A: ToBf16, S: Send>(
-    a: Strided<A>,
-    b: &PackedRhs,
-    init: impl Fn() -> S + Sync,
-    fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
-) -> Option<Vec<S>> {
-    if !super::avx512_bf16::supported() {
-        return None;
-    }
     let (m, n) = (a.rows, b.n);
+    let part = b.part();
+    // The columns a thread takes at a time: a block of the tiles, or a panel of the AVX512_BF16
+    // kernel.
+    let (width, runs) = match kernel {
+        Bf16Kernel::Amx => (BLOCK, available() && part.steps <= LONG_STEPS),
+        Bf16Kernel::Avx512Bf16 => (FOLD_COLS, super::avx512_bf16::supported()),
+    };
+    if !runs || b.k != a.cols || m * n == 0 {
+        return None;
+    }
     let lda = round_up(a.cols.max(1), K_STEP);
     let a = &pack_rows(&a, lda);
-    let panels = n.div_ceil(FOLD_COLS);
-    let threads = rayon::current_num_threads().min(panels).max(1);
-    let per_thread = panels.div_ceil(threads);
+    let units = n.div_ceil(width);
+    let threads = rayon::current_num_threads().min(units).max(1);
+    let per_thread = units.div_ceil(threads);
     let states = (0..threads)
         .into_par_iter()
         .map(|t| {
             let mut state = init();
-            let mut sums = vec![0f32; FOLD_ROWS * FOLD_COLS];
-            for panel in t * per_thread..((t + 1) * per_thread).min(panels) {
-                let first_col = panel * FOLD_COLS;
-                let cols = FOLD_COLS.min(n - first_col);
-                let part = b.part_from(first_col);
-                for first_row in (0..m).step_by(FOLD_ROWS) {
-                    let rows = FOLD_ROWS.min(m - first_row);
-                    // SAFETY: the CPU has AVX512_BF16; `sums` (this thread's) holds `rows` rows
-                    // of FOLD_COLS ≥ `cols` f32; a's rows are padded to whole blocks of 32 past
-                    // `first_row`, a multiple of 32.
-                    unsafe {
-                        super::avx512_bf16::compute(
-                            (&a[first_row * lda..], lda),
-                            std::slice::from_ref(&part),
-                            (rows, cols),
-                            0..cols.div_ceil(BLOCK),
-                            sums.as_mut_ptr(),
-                            FOLD_COLS,
-                        )
-                    };
-                    let block = ProductBlock {
-                        first_row,
-                        first_col,
-                        values: &mut sums,
-                        stride: FOLD_COLS,
-                        rows,
-                        cols,
-                    };
-                    fold(&mut state, block);
+            let mut into_state = |block: ProductBlock<'_>| fold(&mut state, block);
+            let own = t * per_thread..((t + 1) * per_thread).min(units);
+            let folding = Folding { a, lda, b, m, n };
+            // SAFETY: the CPU runs `kernel` (checked above); k fits the tiles' one pass.
+            unsafe {
+                match kernel {
+                    Bf16Kernel::Amx => folding.tiles(own, &mut into_state),
+                    Bf16Kernel::Avx512Bf16 => folding.panels(own, &mut into_state),
                 }
             }
             state
@@ -721,59 +683,83 @@ fn panels_folded<A: ToBf16, S: Send>(
     Some(states)
 }
 
-/// [`product_folded`] on AMX tiles: each thread folds the 32 × 32 blocks of its columns as they
-/// leave the tiles. None where AMX is not available or k is long enough to run in chunks.
-#[cfg(target_arch = "x86_64")]
-fn tiles_folded<A: ToBf16, S: Send>(
-    a: Strided<A>,
-    b: &PackedRhs,
-    init: impl Fn() -> S + Sync,
-    fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
-) -> Option<Vec<S>> {
-    let (m, n) = (a.rows, b.n);
-    let part = b.part();
-    if !available() || part.steps > LONG_STEPS {
-        return None;
-    }
-    let lda = round_up(a.cols.max(1), K_STEP);
-    let a = &pack_rows(&a, lda);
-    let col_blocks = round_up(n, BLOCK) / BLOCK;
-    let threads = rayon::current_num_threads().min(col_blocks).max(1);
-    let per_thread = col_blocks.div_ceil(threads);
-    let states = (0..threads)
-        .into_par_iter()
-        .map(|t| {
-            let mut state = init();
-            let mut into_state = |block: ProductBlock<'_>| fold(&mut state, block);
-            let pass = Pass {
-                a,
-                lda,
-                parts: std::slice::from_ref(&part),
-                m,
-                n,
-                out: std::ptr::null_mut(),
-                ldo: 0,
-            };
-            let blocks = t * per_thread..((t + 1) * per_thread).min(col_blocks);
-            // SAFETY: AMX is available; the pass folds every block instead of writing `out`.
-            unsafe {
-                with_tiles(|| pass.run(blocks, Epilogue::Fold(&mut into_state)));
-            }
-            state
-        })
-        .collect();
-    Some(states)
+/// Output rows and columns of each panel the AVX512_BF16 kernel computes before it is folded: its
+/// sums (64 KB) stay in L2 with the panel's columns of b (590 KB at k = 576) while they are folded.
+const FOLD_ROWS: usize = 32;
+const FOLD_COLS: usize = 512;
+
+/// The operands of a [`product_folded`]: a's rows packed (rows of `lda`), and b.
+struct Folding<'p> {
+    a: &'p [u16],
+    lda: usize,
+    b: &'p PackedRhs,
+    m: usize,
+    n: usize,
 }
 
-/// [`tiles_folded`] off x86-64, where there are no tiles.
-#[cfg(not(target_arch = "x86_64"))]
-fn tiles_folded<A: ToBf16, S: Send>(
-    _: Strided<A>,
-    _: &PackedRhs,
-    _: impl Fn() -> S + Sync,
-    _: impl Fn(&mut S, ProductBlock<'_>) + Sync,
-) -> Option<Vec<S>> {
-    None
+impl Folding<'_> {
+    /// The column blocks `blocks` on AMX tiles, each 32 × 32 block handed to `fold` as it leaves
+    /// the tiles.
+    ///
+    /// Safety: AMX is available and the product runs in one pass (k within [`LONG_STEPS`] steps).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles(&self, blocks: std::ops::Range<usize>, fold: &mut dyn FnMut(ProductBlock<'_>)) {
+        let pass = Pass {
+            a: self.a,
+            lda: self.lda,
+            parts: &[self.b.part()],
+            m: self.m,
+            n: self.n,
+            out: std::ptr::null_mut(),
+            ldo: 0,
+        };
+        // The pass folds every block instead of writing `out`.
+        with_tiles(|| pass.run(blocks, Epilogue::Fold(fold)));
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tiles(&self, _: std::ops::Range<usize>, _: &mut dyn FnMut(ProductBlock<'_>)) {
+        unreachable!("AMX is never available off x86-64")
+    }
+
+    /// The column panels `panels` ([`FOLD_COLS`] wide) on the AVX512_BF16 kernel, [`FOLD_ROWS`]
+    /// rows at a time into a buffer of this thread's, each handed to `fold` while in cache.
+    ///
+    /// Safety: the CPU has AVX512_BF16.
+    unsafe fn panels(
+        &self,
+        panels: std::ops::Range<usize>,
+        fold: &mut dyn FnMut(ProductBlock<'_>),
+    ) {
+        let (m, n, lda) = (self.m, self.n, self.lda);
+        let mut sums = vec![0f32; FOLD_ROWS * FOLD_COLS];
+        for panel in panels {
+            let first_col = panel * FOLD_COLS;
+            let cols = FOLD_COLS.min(n - first_col);
+            let part = self.b.part_from(first_col);
+            for first_row in (0..m).step_by(FOLD_ROWS) {
+                let rows = FOLD_ROWS.min(m - first_row);
+                // `sums` holds `rows` rows of FOLD_COLS ≥ `cols` f32; a's rows are padded to
+                // whole blocks of 32 past `first_row`, a multiple of 32.
+                super::avx512_bf16::compute(
+                    (&self.a[first_row * lda..], lda),
+                    std::slice::from_ref(&part),
+                    (rows, cols),
+                    0..cols.div_ceil(BLOCK),
+                    sums.as_mut_ptr(),
+                    FOLD_COLS,
+                );
+                fold(ProductBlock {
+                    first_row,
+                    first_col,
+                    values: &mut sums,
+                    stride: FOLD_COLS,
+                    rows,
+                    cols,
+                });
+            }
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
