@@ -190,15 +190,10 @@ pub(crate) fn product_parts(
         return;
     }
     let (row_blocks, col_blocks) = (round_up(m, BLOCK) / BLOCK, round_up(n, BLOCK) / BLOCK);
-    let threads = rayon::current_num_threads();
-    let by_rows = col_blocks < threads && row_blocks > 1;
-    let blocks = if by_rows { row_blocks } else { col_blocks };
-    let per_band = blocks.div_ceil(threads.max(1));
-    // No band is empty: 5 blocks on 4 threads are 3 bands of 2, 2 and 1.
-    let bands = blocks.div_ceil(per_band);
+    let by_rows = col_blocks < rayon::current_num_threads() && row_blocks > 1;
+    let bands = bands(if by_rows { row_blocks } else { col_blocks });
     let out_ptr = SendPtr(out.as_mut_ptr().cast());
-    let run_band = |band: usize| {
-        let own = band * per_band..((band + 1) * per_band).min(blocks);
+    let run_band = |own: std::ops::Range<usize>| {
         let (rows, cols) = match by_rows {
             true => (own.start * BLOCK..(own.end * BLOCK).min(m), 0..col_blocks),
             false => (0..m, own),
@@ -210,11 +205,20 @@ pub(crate) fn product_parts(
             run(kernel, a, parts, (rows.len(), n), cols, out, n)
         };
     };
-    if bands == 1 {
-        run_band(0);
-    } else {
-        (0..bands).into_par_iter().for_each(run_band);
+    match bands.as_slice() {
+        [only] => run_band(only.clone()),
+        _ => bands.into_par_iter().for_each(run_band),
     }
+}
+
+/// `units` (blocks or panels of a product) split into consecutive bands of whole units, one per
+/// thread of the pool at most and none empty: 5 units on 4 threads are 3 bands of 2, 2 and 1.
+fn bands(units: usize) -> Vec<std::ops::Range<usize>> {
+    let per_band = units.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    (0..units)
+        .step_by(per_band)
+        .map(|start| start..(start + per_band).min(units))
+        .collect()
 }
 
 /// The output columns of `col_blocks` on `kernel` (see [`compute`]); `out` has rows of `ldo`.
@@ -647,29 +651,24 @@ pub(crate) fn product_folded<A: ToBf16, S: Send>(
     init: impl Fn() -> S + Sync,
     fold: impl Fn(&mut S, ProductBlock<'_>) + Sync,
 ) -> Option<Vec<S>> {
-    let (m, n) = (a.rows, b.n);
-    let part = b.part();
+    let m = a.rows;
     // The columns a thread takes at a time: a block of the tiles, or a panel of the AVX512_BF16
     // kernel.
     let (width, runs) = match kernel {
-        Bf16Kernel::Amx => (BLOCK, available() && part.steps <= LONG_STEPS),
+        Bf16Kernel::Amx => (BLOCK, available() && b.part().steps <= LONG_STEPS),
         Bf16Kernel::Avx512Bf16 => (FOLD_COLS, super::avx512_bf16::supported()),
     };
-    if !runs || b.k != a.cols || m * n == 0 {
+    if !runs || b.k != a.cols || m * b.n == 0 {
         return None;
     }
     let lda = round_up(a.cols.max(1), K_STEP);
     let a = &pack_rows(&a, lda);
-    let units = n.div_ceil(width);
-    let threads = rayon::current_num_threads().min(units).max(1);
-    let per_thread = units.div_ceil(threads);
-    let states = (0..threads)
+    let states = bands(b.n.div_ceil(width))
         .into_par_iter()
-        .map(|t| {
+        .map(|own| {
             let mut state = init();
             let mut into_state = |block: ProductBlock<'_>| fold(&mut state, block);
-            let own = t * per_thread..((t + 1) * per_thread).min(units);
-            let folding = Folding { a, lda, b, m, n };
+            let folding = Folding { a, lda, b, m };
             // SAFETY: the CPU runs `kernel` (checked above); k fits the tiles' one pass.
             unsafe {
                 match kernel {
@@ -694,7 +693,6 @@ struct Folding<'p> {
     lda: usize,
     b: &'p PackedRhs,
     m: usize,
-    n: usize,
 }
 
 impl Folding<'_> {
@@ -709,7 +707,7 @@ impl Folding<'_> {
             lda: self.lda,
             parts: &[self.b.part()],
             m: self.m,
-            n: self.n,
+            n: self.b.n,
             out: std::ptr::null_mut(),
             ldo: 0,
         };
@@ -731,7 +729,7 @@ impl Folding<'_> {
         panels: std::ops::Range<usize>,
         fold: &mut dyn FnMut(ProductBlock<'_>),
     ) {
-        let (m, n, lda) = (self.m, self.n, self.lda);
+        let (m, n, lda) = (self.m, self.b.n, self.lda);
         let mut sums = vec![0f32; FOLD_ROWS * FOLD_COLS];
         for panel in panels {
             let first_col = panel * FOLD_COLS;
